@@ -1,0 +1,555 @@
+"""The command line: a thin layer over the store, the worker and the tools.
+
+Its output is a contract that scripts rely on: ``submit`` prints the job id alone, ``--json``
+prints the job's JSON shape, failures are one line on stderr and a non-zero exit.
+Commands that run no pipeline import no ML library, so they start fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+
+from spotrun.config import ConfigError, Settings
+from spotrun.jobs import Job, JobState, OnPreempt
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Run machine-learning jobs on preemptible / spot workers without losing work.",
+)
+token_app = typer.Typer(no_args_is_help=True, help="Manage API tokens.")
+app.add_typer(token_app, name="token")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_BAD_INPUT = 2
+EXIT_TIMEOUT = 3
+
+
+class _State:
+    home: str | None = None
+    database_url: str | None = None
+
+
+_state = _State()
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    typer.echo(f"spotrun: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def friendly(fn: F) -> F:
+    """Turn the errors a user can cause into one line on stderr and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from spotrun.pipelines.base import SubmitRefused
+        from spotrun.pipelines.registry import UnknownPipeline
+        from spotrun.store import DatabaseUnavailable, StoreError
+
+        try:
+            return fn(*args, **kwargs)
+        except DatabaseUnavailable as exc:
+            fail(str(exc), 1)
+        except (StoreError, ConfigError, UnknownPipeline, SubmitRefused) as exc:
+            fail(str(exc.args[0]) if exc.args else str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def settings() -> Settings:
+    return Settings.from_env(home=_state.home, database_url=_state.database_url)
+
+
+@contextlib.contextmanager
+def open_store(s: Settings | None = None) -> Iterator[Any]:
+    from spotrun.store import JobStore
+
+    s = s or settings()
+    store = JobStore.open(s.database_url)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@app.callback()
+def main_options(
+    home: Annotated[str | None, typer.Option(
+        "--home", help="Directory of the embedded database and checkpoints "
+        "[env SPOTRUN_HOME, default ./.spotrun]")] = None,
+    database_url: Annotated[str | None, typer.Option(
+        "--database-url", help="sqlite:///PATH or postgresql://... [env SPOTRUN_DATABASE_URL]",
+    )] = None,
+) -> None:
+    _state.home = home
+    _state.database_url = database_url
+
+
+def _echo_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, sort_keys=False))
+
+
+def parse_param(item: str) -> tuple[str, Any]:
+    """``key=value``: JSON for lists and objects, else the text (the schema coerces it)."""
+    if "=" not in item:
+        fail(f"bad param {item!r}: expected key=value")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        fail(f"bad param {item!r}: the key is empty")
+    if value[:1] in "[{":
+        try:
+            return key, json.loads(value)
+        except ValueError:
+            fail(f"bad param {key!r}: {value!r} is not valid JSON")
+    if value in ("null", "none"):
+        return key, None
+    return key, value
+
+
+# ---------------------------------------------------------------------- submit
+
+
+@app.command()
+@friendly
+def submit(
+    pipeline: Annotated[str, typer.Argument(help="Pipeline name (see `spotrun pipelines`)")],
+    param: Annotated[list[str] | None, typer.Option("-p", "--param",
+                                                    help="key=value, repeatable")] = None,
+    priority: Annotated[int, typer.Option(help="Higher runs first")] = 0,
+    max_retries: Annotated[int, typer.Option(
+        min=0, max=1000, help="Times a lost worker may send the job back to the queue")] = 4,
+    timeout: Annotated[float | None, typer.Option(
+        min=0.001, help="Time limit in seconds of running")] = None,
+    on_preempt: Annotated[OnPreempt, typer.Option(
+        help="On a preemption notice: resume from a checkpoint, restart, or fail")
+    ] = OnPreempt.RESUME,
+    pool: Annotated[str | None, typer.Option(help="Run only on workers of this pool")] = None,
+    checkpoint_every_steps: Annotated[int | None, typer.Option(min=1)] = None,
+    checkpoint_every_seconds: Annotated[float | None, typer.Option(min=0.01)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON")] = False,
+    wait_: Annotated[bool, typer.Option("--wait", help="Wait until the job ends")] = False,
+    wait_timeout: Annotated[float | None, typer.Option(
+        "--wait-timeout", help="With --wait: give up after S seconds (exit 3)")] = None,
+) -> None:
+    """Queue a job; print its id (or the job as JSON)."""
+    from spotrun.pipelines.registry import validate_submission
+
+    raw = dict(parse_param(p) for p in (param or []))
+    with open_store() as store:
+        _pipe, params, cuda = validate_submission(pipeline, raw, store)
+        job = store.submit(
+            pipeline, params, priority=priority, max_retries=max_retries,
+            on_preempt=on_preempt, timeout=timeout, requires_cuda=cuda, pool=pool,
+            checkpoint_every_steps=checkpoint_every_steps,
+            checkpoint_every_seconds=checkpoint_every_seconds,
+        )
+        if not wait_:
+            _echo_json(job.to_json()) if as_json else typer.echo(job.id)
+            return
+        if not as_json:
+            typer.echo(job.id)
+        final = _wait_for(store, job.id, wait_timeout)
+        if as_json:
+            _echo_json(final.to_json())
+        raise typer.Exit(_exit_code(final))
+
+
+# ------------------------------------------------------------------ show / jobs
+
+
+def _get(store: Any, job_id: str) -> Job:
+    from spotrun.store import JobNotFound
+
+    try:
+        job: Job = store.get(job_id)
+    except JobNotFound:
+        fail(f"no job with id {job_id!r}")
+    return job
+
+
+def _fmt_time(t: Any) -> str:
+    return str(t.astimezone().strftime("%H:%M:%S.%f")[:-3])
+
+
+def describe(job: Job) -> str:
+    """A job as a person reads it."""
+    lines = [f"job {job.id}  {job.pipeline}  {job.state.value}"]
+    detail = f"attempt {job.attempt}, preemptions {job.preemptions}, retries {job.retries}"
+    if job.worker:
+        detail += f", on worker {job.worker}"
+    lines.append(detail)
+    p = job.progress
+    if p.total:
+        pct = 100.0 * p.step / p.total
+        bar = "#" * int(pct / 5) + "." * (20 - int(pct / 5))
+        extra = " ".join(f"{k}={v}" for k, v in p.metrics.items())
+        lines.append(f"progress: [{bar}] {p.step}/{p.total} ({pct:.0f}%) {extra}".rstrip())
+    lines.append(f"params: {json.dumps(job.params, sort_keys=True)}")
+    if job.result is not None:
+        lines.append(f"result: {json.dumps(job.result, sort_keys=True)}")
+    if job.error:
+        lines.append(f"error: {job.error}")
+    if job.events:
+        lines.append("history:")
+        lines.extend(f"  {_fmt_time(e.at)}  {e.message}" for e in job.events)
+    return "\n".join(lines)
+
+
+@app.command()
+@friendly
+def show(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """A job's state, progress, result or error, and its history."""
+    with open_store() as store:
+        job = _get(store, job_id)
+    _echo_json(job.to_json()) if as_json else typer.echo(describe(job))
+
+
+@app.command("jobs")
+@friendly
+def list_jobs(
+    state: Annotated[JobState | None, typer.Option(help="Only jobs in this state")] = None,
+    pipeline: Annotated[str | None, typer.Option(help="Only jobs of this pipeline")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="At most N jobs")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List jobs, newest first."""
+    with open_store() as store:
+        found = store.list_jobs(state=state, pipeline=pipeline, limit=limit)
+    if as_json:
+        _echo_json([j.to_json(with_events=False) for j in found])
+        return
+    for j in found:
+        prog = f"{j.progress.step}/{j.progress.total}" if j.progress.total else ""
+        typer.echo(f"{j.id}  {j.state.value:<9}  {j.pipeline:<14}  {prog:>9}  "
+                   f"{j.worker or ''}")
+
+
+@app.command()
+@friendly
+def cancel(job_id: str) -> None:
+    """Cancel a job: at once if queued, at its next step if running."""
+    with open_store() as store:
+        _get(store, job_id)
+        job = store.cancel(job_id)
+    if job.state is JobState.CANCELLED:
+        typer.echo(f"job {job_id} cancelled")
+    elif job.state is JobState.RUNNING:
+        typer.echo(f"job {job_id} will stop at its next step")
+    else:
+        typer.echo(f"job {job_id} had already ended ({job.state.value})")
+
+
+def _exit_code(job: Job) -> int:
+    return 0 if job.state is JobState.SUCCEEDED else 1
+
+
+def _wait_for(store: Any, job_id: str, timeout: float | None) -> Job:
+    give_up = None if timeout is None else time.monotonic() + timeout
+    while True:
+        job: Job = store.get(job_id, with_events=False)
+        if job.state.is_final:
+            return store.get(job_id)  # type: ignore[no-any-return]
+        if give_up is not None and time.monotonic() >= give_up:
+            typer.echo(f"spotrun: job {job_id} still {job.state.value} after {timeout:g} s",
+                       err=True)
+            raise typer.Exit(EXIT_TIMEOUT)
+        time.sleep(0.2)
+
+
+@app.command()
+@friendly
+def wait(
+    job_id: str,
+    timeout: Annotated[float | None, typer.Option(help="Give up after S seconds (exit 3)")
+                       ] = None,
+) -> None:
+    """Wait until a job ends: exit 0 succeeded, 1 failed/cancelled/unknown, 3 timed out."""
+    from spotrun.store import JobNotFound
+
+    with open_store() as store:
+        try:
+            store.get(job_id, with_events=False)
+        except JobNotFound:
+            fail(f"no job with id {job_id!r}", 1)
+        job = _wait_for(store, job_id, timeout)
+    typer.echo(f"job {job_id} {job.state.value}" + (f": {job.error}" if job.error else ""))
+    raise typer.Exit(_exit_code(job))
+
+
+@app.command()
+@friendly
+def logs(job_id: str) -> None:
+    """The log lines a job's pipeline wrote."""
+    from spotrun.store import JobNotFound
+
+    with open_store() as store:
+        try:
+            lines = store.logs(job_id)
+        except JobNotFound:
+            fail(f"no job with id {job_id!r}")
+    for line in lines:
+        typer.echo(f"{_fmt_time(line.at)} [attempt {line.attempt}] {line.level:<7} "
+                   f"{line.message}")
+
+
+@app.command()
+@friendly
+def workers(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="Include stopped and gone workers")
+                    ] = False,
+) -> None:
+    """Registered workers."""
+    with open_store() as store:
+        store.mark_gone_workers()
+        found = store.list_workers(include_stopped=all_)
+    if as_json:
+        _echo_json([w.to_json() for w in found])
+        return
+    for w in found:
+        typer.echo(f"{w.name:<20} {w.state:<8} pool={w.pool:<9} {w.host}:{w.pid}  "
+                   f"job={w.current_job or '-'}")
+
+
+@app.command()
+@friendly
+def pipelines(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The pipelines this installation knows, with their params."""
+    from spotrun.pipelines.registry import registry
+
+    pipes = registry()
+    if as_json:
+        _echo_json([{"name": p.name, "description": p.description, "params": p.schema()}
+                    for p in pipes.values()])
+        return
+    for p in pipes.values():
+        typer.echo(f"{p.name}: {p.description}")
+        for name, prop in p.schema().get("properties", {}).items():
+            default = f" (default {prop['default']})" if "default" in prop else ""
+            typer.echo(f"    {name}{default}: {prop.get('description', '')}".rstrip(": "))
+
+
+# ---------------------------------------------------------------------- worker
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(
+        level=level, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _preload_ml() -> None:
+    # Import the ML stack while the worker waits for its first job, so that resuming a
+    # handed-back job does not pay seconds of imports.
+    import importlib.util
+    import threading
+
+    if importlib.util.find_spec("torch") is None:
+        return
+
+    def load() -> None:
+        with contextlib.suppress(Exception):
+            import spotrun.pipelines.digits  # noqa: F401
+
+    threading.Thread(target=load, name="spotrun-preload", daemon=True).start()
+
+
+@app.command()
+@friendly
+def worker(
+    name: Annotated[str | None, typer.Option(help="Worker name [default: host-pid]")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, max=256, help="Jobs at once")] = 1,
+    lease_seconds: Annotated[float | None, typer.Option(
+        min=0.2, help="Lease length [env SPOTRUN_LEASE_SECONDS, default 10]")] = None,
+    heartbeat_seconds: Annotated[float | None, typer.Option(
+        min=0.05, help="Heartbeat period [env SPOTRUN_HEARTBEAT_SECONDS, default 2]")] = None,
+    grace_seconds: Annotated[float | None, typer.Option(
+        min=0.5, help="Budget after a notice [env SPOTRUN_GRACE_SECONDS, default 15]")] = None,
+    pool: Annotated[str | None, typer.Option(help="spot or on-demand [env SPOTRUN_POOL]")
+                    ] = None,
+    max_jobs: Annotated[int | None, typer.Option(min=1, help="Exit after N jobs")] = None,
+    preload: Annotated[bool, typer.Option(help="Import the ML libraries at start")] = True,
+) -> None:
+    """Run jobs until stopped. SIGTERM/SIGINT: hand the job back and exit 0."""
+    from spotrun.shutdown import ShutdownCoordinator
+    from spotrun.worker import Worker
+
+    s = settings()
+    changes: dict[str, Any] = {}
+    if lease_seconds is not None:
+        changes["lease_seconds"] = lease_seconds
+    if heartbeat_seconds is not None:
+        changes["heartbeat_seconds"] = heartbeat_seconds
+    if grace_seconds is not None:
+        changes["grace_seconds"] = grace_seconds
+    if pool is not None:
+        changes["pool"] = pool
+    if changes:
+        s = s.with_(**changes)
+    setup_logging()
+    coordinator = ShutdownCoordinator(grace_seconds=s.grace_seconds,
+                                      safety_margin=s.safety_margin_seconds)
+    coordinator.install_signal_handlers()
+    if preload:
+        _preload_ml()
+    w = Worker(s, name=name, concurrency=concurrency, coordinator=coordinator,
+               max_jobs=max_jobs)
+    _start_watchers(s, coordinator)
+    code = w.run()
+    logging.shutdown()
+    # Pipelines stuck in a C call live on daemon threads; do not wait for them.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _start_watchers(s: Settings, coordinator: Any) -> None:
+    try:
+        from spotrun import watchers
+    except ImportError:  # pragma: no cover - the module ships with the package
+        return
+    watchers.start_from_env(coordinator)
+
+
+# --------------------------------------------------------------------- preempt
+
+
+def _is_spotrun_process(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"spotrun" in cmdline
+
+
+@app.command()
+@friendly
+def preempt(
+    worker_name: Annotated[str | None, typer.Argument(
+        metavar="WORKER", help="Worker name or id")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every live worker on this host")
+                    ] = False,
+    hard: Annotated[bool, typer.Option("--hard", help="SIGKILL at once (no notice)")] = False,
+    grace_seconds: Annotated[float | None, typer.Option(
+        help="Seconds before SIGKILL [default SPOTRUN_GRACE_SECONDS]")] = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Send the signal and return")
+                       ] = False,
+) -> None:
+    """Simulate a preemption: SIGTERM a local worker, then SIGKILL after the grace period."""
+    if not worker_name and not all_:
+        fail("name a worker, or use --all")
+    s = settings()
+    host = socket.gethostname()
+    with open_store(s) as store:
+        if all_:
+            targets = [w for w in store.list_workers(include_stopped=False) if w.host == host]
+            if not targets:
+                fail("no live workers on this host")
+        else:
+            assert worker_name is not None
+            found = [w for w in store.find_workers(worker_name)
+                     if w.state in ("idle", "busy", "stopping")]
+            if not found:
+                fail(f"no live worker named {worker_name!r}")
+            targets = found[:1]
+    grace = s.grace_seconds if grace_seconds is None else grace_seconds
+    for w in targets:
+        if w.host != host:
+            fail(f"worker {w.name} runs on host {w.host}, not here ({host}); run "
+                 "`spotrun preempt` on that host")
+        if not _is_spotrun_process(w.pid):
+            typer.echo(f"worker {w.name} (pid {w.pid}) is not running any more")
+            continue
+        sig = signal.SIGKILL if hard else signal.SIGTERM
+        os.kill(w.pid, sig)
+        typer.echo(f"sent {sig.name} to worker {w.name} (pid {w.pid})")
+    if hard or no_wait:
+        return
+    give_up = time.monotonic() + grace
+    for w in targets:
+        while _is_spotrun_process(w.pid) and time.monotonic() < give_up:
+            time.sleep(0.05)
+        if _is_spotrun_process(w.pid):
+            os.kill(w.pid, signal.SIGKILL)
+            typer.echo(f"worker {w.name} still ran after {grace:g} s: sent SIGKILL")
+        else:
+            typer.echo(f"worker {w.name} exited")
+
+
+# ------------------------------------------------------------------------ demo
+
+
+@app.command()
+@friendly
+def demo(
+    epochs: Annotated[int, typer.Option(min=1, max=100)] = 10,
+    step_delay: Annotated[float, typer.Option(min=0, max=1)] = 0.02,
+) -> None:
+    """Tell the whole story: train, preempt the worker midway, resume elsewhere, compare."""
+    from spotrun import demo as demo_mod
+
+    raise typer.Exit(demo_mod.run_demo(settings(), epochs=epochs, step_delay=step_delay,
+                                       echo=typer.echo))
+
+
+# ---------------------------------------------------------------------- tokens
+
+
+@token_app.command("create")
+@friendly
+def token_create(name: str, admin: Annotated[bool, typer.Option("--admin")] = False) -> None:
+    """Create an API token; it is printed once, alone on the last line."""
+    with open_store() as store:
+        token = store.create_token(name, admin=admin)
+    typer.echo(f"created {'admin ' if admin else ''}token {name!r}; keep it, it is not shown "
+               "again:", err=True)
+    typer.echo(token)
+
+
+@token_app.command("list")
+@friendly
+def token_list() -> None:
+    """API tokens (names only; the tokens themselves are stored hashed)."""
+    with open_store() as store:
+        tokens = store.list_tokens()
+    for t in tokens:
+        typer.echo(f"{t.name:<20} {'admin' if t.is_admin else 'user':<6} "
+                   f"{'revoked' if t.revoked else 'active'}  created {t.created_at:%Y-%m-%d}")
+
+
+@token_app.command("revoke")
+@friendly
+def token_revoke(name: str) -> None:
+    """Revoke an API token."""
+    with open_store() as store:
+        store.revoke_token(name)
+    typer.echo(f"token {name!r} revoked")
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:
+        typer.echo(f"spotrun: {exc}", err=True)
+        sys.exit(EXIT_BAD_INPUT)

@@ -1,0 +1,76 @@
+"""Settings from the environment, with the defaults that matter for spot workers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A setting has a value spotrun cannot use; the message names it."""
+
+
+def _float(name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the data lives and how long leases and notices last."""
+
+    home: Path
+    database_url: str
+    checkpoint_url: str
+    heartbeat_seconds: float = 2.0
+    lease_seconds: float = 10.0
+    grace_seconds: float = 15.0
+    safety_margin_seconds: float = 1.0
+    checkpoint_every_steps: int = 0
+    checkpoint_every_seconds: float = 30.0
+    pool: str = "spot"
+
+    @classmethod
+    def from_env(
+        cls, *, home: str | None = None, database_url: str | None = None
+    ) -> Settings:
+        home_path = Path(home or os.environ.get("SPOTRUN_HOME") or ".spotrun").absolute()
+        url = database_url or os.environ.get("SPOTRUN_DATABASE_URL") or ""
+        if not url:
+            url = f"sqlite:///{home_path / 'spotrun.db'}"
+        ckpt = os.environ.get("SPOTRUN_CHECKPOINT_URL") or str(home_path / "checkpoints")
+        settings = cls(
+            home=home_path,
+            database_url=url,
+            checkpoint_url=ckpt,
+            heartbeat_seconds=_float("SPOTRUN_HEARTBEAT_SECONDS", 2.0, minimum=0.05),
+            lease_seconds=_float("SPOTRUN_LEASE_SECONDS", 10.0, minimum=0.2),
+            grace_seconds=_float("SPOTRUN_GRACE_SECONDS", 15.0, minimum=0.5),
+            safety_margin_seconds=_float("SPOTRUN_SAFETY_MARGIN_SECONDS", 1.0),
+            checkpoint_every_steps=int(_float("SPOTRUN_CHECKPOINT_EVERY_STEPS", 0)),
+            checkpoint_every_seconds=_float("SPOTRUN_CHECKPOINT_EVERY_SECONDS", 30.0),
+            pool=os.environ.get("SPOTRUN_POOL") or "spot",
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise ConfigError(
+                f"heartbeat ({self.heartbeat_seconds:g} s) must be shorter than the lease "
+                f"({self.lease_seconds:g} s), or leases expire between heartbeats"
+            )
+
+    def with_(self, **changes: object) -> Settings:
+        new = replace(self, **changes)  # type: ignore[arg-type]
+        new.check()
+        return new

@@ -1,0 +1,141 @@
+"""The public API for pipeline authors.
+
+A pipeline is a named function that receives a :class:`JobContext` and returns a JSON-able
+result. Between steps it reports ``ctx.progress(step, total, **metrics)`` (a step boundary:
+the worker may checkpoint here) and polls ``ctx.should_stop()``; when that is true it calls
+``ctx.stop()``, which unwinds the pipeline. A pipeline that can resume gives the worker a
+state provider with ``ctx.set_state(fn)`` and reads ``ctx.resume`` at start.
+
+Nothing here imports an ML library: commands that run no pipeline must start fast.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from spotrun.checkpoints import Loaded, Saved
+
+
+class Params(BaseModel):
+    """Base class for a pipeline's params: unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class JobStopped(Exception):  # noqa: N818 - it is a control-flow signal, not an error
+    """Raised by :meth:`JobContext.stop` to unwind a pipeline at a step boundary."""
+
+
+class SubmitRefused(ValueError):
+    """A submit-time check failed; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class State:
+    """What a pipeline hands over to be checkpointed: files (safetensors, JSON) by name."""
+
+    step: int
+    files: Mapping[str, bytes]
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Driver(Protocol):
+    """What the worker provides to a running pipeline (implemented by the worker)."""
+
+    def report(self, step: int, total: int | None, metrics: dict[str, Any]) -> None: ...
+
+    def stop_requested(self) -> bool: ...
+
+    def checkpoint_due(self, step: int) -> bool: ...
+
+    def checkpoint(self, state: State) -> None: ...
+
+    def save_model(self, files: Mapping[str, bytes], meta: Mapping[str, Any]) -> Saved: ...
+
+    def load_model(self, job_id: str) -> Loaded: ...
+
+
+class JobContext:
+    """What a running pipeline sees of its job."""
+
+    def __init__(self, *, job_id: str, attempt: int, params: BaseModel, driver: Driver,
+                 resume: Loaded | None = None, logger: logging.Logger | None = None,
+                 worker: str = "", has_cuda: bool = False) -> None:
+        self.job_id = job_id
+        self.attempt = attempt
+        self.params = params
+        self.resume = resume
+        self.worker = worker
+        self.has_cuda = has_cuda
+        self.log = logger or logging.getLogger(f"spotrun.job.{job_id}")
+        self._driver = driver
+        self._state_fn: Callable[[], State] | None = None
+
+    def progress(self, step: int, total: int | None = None, **metrics: Any) -> None:
+        """Report progress at a step boundary; the worker may checkpoint here."""
+        self._driver.report(step, total, metrics)
+        if self._state_fn is not None and self._driver.checkpoint_due(step):
+            self._driver.checkpoint(self._state_fn())
+
+    def should_stop(self) -> bool:
+        """True once the job must stop: preemption notice, cancel, time limit, lost lease."""
+        return self._driver.stop_requested()
+
+    def stop(self) -> NoReturn:
+        """Unwind the pipeline now (call it when :meth:`should_stop` is true)."""
+        raise JobStopped()
+
+    def set_state(self, fn: Callable[[], State]) -> None:
+        """Give the worker a function that captures the state to checkpoint."""
+        self._state_fn = fn
+
+    def save_model(self, files: Mapping[str, bytes], meta: Mapping[str, Any]) -> str:
+        """Store the final model where any worker or host can load it; return its path."""
+        return self._driver.save_model(files, meta).path
+
+    def load_model(self, job_id: str) -> Loaded:
+        """Load and verify the final model of another job."""
+        return self._driver.load_model(job_id)
+
+
+Runner = Callable[[JobContext], Any]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A named, validated unit of work."""
+
+    name: str
+    params: type[BaseModel]
+    run: Runner
+    description: str = ""
+    # Whether a job with these params may only run on a worker with CUDA.
+    requires_cuda: Callable[[BaseModel], bool] = field(default=lambda p: False)
+    # Extra submit-time checks that need the store (e.g. a model exists).
+    check: Callable[[BaseModel, Any], None] | None = None
+
+    def validate(self, raw: Mapping[str, Any]) -> BaseModel:
+        return self.params.model_validate(dict(raw))
+
+    def schema(self) -> dict[str, Any]:
+        return self.params.model_json_schema()
+
+
+def pipeline(name: str, *, params: type[BaseModel], description: str = "",
+             requires_cuda: Callable[[BaseModel], bool] | None = None,
+             check: Callable[[BaseModel, Any], None] | None = None
+             ) -> Callable[[Runner], Pipeline]:
+    """Decorator that turns a function of a :class:`JobContext` into a :class:`Pipeline`."""
+
+    def wrap(fn: Runner) -> Pipeline:
+        return Pipeline(name=name, params=params, run=fn,
+                        description=description or (fn.__doc__ or "").strip().split("\n")[0],
+                        requires_cuda=requires_cuda or (lambda p: False), check=check)
+
+    return wrap

@@ -1,0 +1,129 @@
+"""The tables. Alembic migrations under spotrun/migrations must produce exactly this."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+# Times are seconds since the epoch by the database's clock, so that leases are judged by
+# one clock however skewed the workers' hosts are.
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("pipeline", sa.String(100), nullable=False),
+    sa.Column("params", sa.Text, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("attempt", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("preemptions", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("retries", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("max_retries", sa.Integer, nullable=False, server_default="4"),
+    sa.Column("on_preempt", sa.String(16), nullable=False, server_default="resume"),
+    sa.Column("timeout_seconds", sa.Float, nullable=True),
+    sa.Column("requires_cuda", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("pool", sa.String(32), nullable=True),
+    sa.Column("worker_id", sa.String(32), nullable=True),
+    sa.Column("worker_name", sa.String(200), nullable=True),
+    sa.Column("lease_expires_at", sa.Float, nullable=True),
+    sa.Column("progress_step", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("progress_total", sa.Integer, nullable=True),
+    sa.Column("progress_metrics", sa.Text, nullable=True),
+    sa.Column("result", sa.Text, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("error_traceback", sa.Text, nullable=True),
+    sa.Column("checkpoint", sa.Text, nullable=True),
+    sa.Column("checkpoint_step", sa.Integer, nullable=True),
+    sa.Column("checkpoint_prev", sa.Text, nullable=True),
+    sa.Column("checkpoint_prev_step", sa.Integer, nullable=True),
+    sa.Column("checkpoint_every_steps", sa.Integer, nullable=True),
+    sa.Column("checkpoint_every_seconds", sa.Float, nullable=True),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("run_seconds", sa.Float, nullable=False, server_default="0"),
+    sa.Column("owner", sa.String(100), nullable=True),
+    sa.Column("idempotency_key", sa.String(200), nullable=True),
+    sa.Column("callback_url", sa.Text, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=True),
+    sa.Column("finished_at", sa.Float, nullable=True),
+    sa.UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
+)
+
+# The claim query walks this index: only queued jobs, in claim order.
+sa.Index(
+    "ix_jobs_queued",
+    jobs.c.priority.desc(),
+    jobs.c.created_at,
+    jobs.c.id,
+    postgresql_where=sa.text("state = 'queued'"),
+    sqlite_where=sa.text("state = 'queued'"),
+)
+# The sweep looks at running jobs only.
+sa.Index(
+    "ix_jobs_running_lease",
+    jobs.c.lease_expires_at,
+    postgresql_where=sa.text("state = 'running'"),
+    sqlite_where=sa.text("state = 'running'"),
+)
+sa.Index("ix_jobs_state_created", jobs.c.state, jobs.c.created_at)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "job_id", sa.String(32), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("worker", sa.String(200), nullable=True),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("data", sa.Text, nullable=True),
+)
+sa.Index("ix_events_job", events.c.job_id, events.c.id)
+
+job_logs = sa.Table(
+    "job_logs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "job_id", sa.String(32), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("level", sa.String(16), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+)
+sa.Index("ix_job_logs_job", job_logs.c.job_id, job_logs.c.id)
+
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("pool", sa.String(32), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("has_cuda", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("current_job", sa.String(32), nullable=True),
+    sa.Column("lease_seconds", sa.Float, nullable=False),
+    sa.Column("price_per_hour", sa.Float, nullable=True),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("last_heartbeat", sa.Float, nullable=False),
+    sa.Column("stopped_at", sa.Float, nullable=True),
+)
+sa.Index("ix_workers_name", workers.c.name)
+
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("is_admin", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float, nullable=True),
+)

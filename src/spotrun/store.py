@@ -1,0 +1,1016 @@
+"""The job store: the only code that speaks SQL.
+
+One SQLAlchemy Core implementation runs on SQLite (the embedded default) and PostgreSQL.
+It is dialect-specific only where it must be: the claim (``FOR UPDATE SKIP LOCKED`` on
+PostgreSQL, one ``BEGIN IMMEDIATE`` transaction on SQLite), the database clock, and
+wake-ups (LISTEN/NOTIFY on PostgreSQL, ``PRAGMA data_version`` on SQLite).
+
+Every write a worker makes to a job goes through :meth:`JobStore._fenced`, which conditions
+it on (job id, attempt, state running) and raises :class:`LeaseLost` when no row matched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.engine import Connection, Engine, make_url
+
+from spotrun import schema
+from spotrun.jobs import (
+    Event,
+    EventKind,
+    Job,
+    JobState,
+    LogLine,
+    OnPreempt,
+    Progress,
+    Worker,
+    from_epoch,
+)
+from spotrun.schema import api_tokens, events, job_logs, jobs, workers
+
+NOTIFY_CHANNEL = "spotrun_jobs"
+_MIGRATION_LOCK_KEY = 0x5370_6F74  # "Spot": the advisory lock that serialises migrations
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked; the message is for the user."""
+
+
+class DatabaseUnavailable(StoreError):
+    """The database cannot be reached."""
+
+
+class JobNotFound(StoreError):
+    pass
+
+
+class LeaseLost(StoreError):
+    """A fenced write was refused: this attempt no longer holds the job's lease."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Proof of holding a job: every worker write carries it."""
+
+    job_id: str
+    attempt: int
+    worker_id: str
+    worker_name: str
+
+
+@dataclass(frozen=True)
+class Token:
+    name: str
+    is_admin: bool
+    created_at: dt.datetime
+    revoked: bool
+
+
+def normalize_url(url: str) -> str:
+    """Accept plain ``postgresql://`` URLs and use psycopg 3 for them."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def redact(url: str) -> str:
+    """The URL with its password hidden, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable database URL>"
+
+
+def new_id() -> str:
+    """A job id: time-ordered (so ids sort like submissions), 16 hex digits of randomness."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(8)}"
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class JobStore:
+    """Durable queue of jobs with leases, fencing, events, logs, workers and API tokens."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self.is_postgres = self.dialect == "postgresql"
+        if self.is_postgres:
+            self._now: sa.ColumnElement[float] = sa.cast(
+                sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Float
+            )
+        else:
+            self._now = sa.literal_column("((julianday('now') - 2440587.5) * 86400.0)", sa.Float)
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, url: str, *, migrate: bool = True, pool_size: int = 5) -> JobStore:
+        """Connect, and create or upgrade the schema (safe when many processes start)."""
+        url = normalize_url(url)
+        engine = create_engine(url, pool_size=pool_size)
+        store = cls(engine)
+        try:
+            if migrate:
+                store.migrate()
+            else:
+                with engine.connect():
+                    pass
+        except sa.exc.OperationalError as exc:
+            engine.dispose()
+            raise DatabaseUnavailable(
+                f"cannot reach the database at {redact(url)}: {_first_line(exc)}"
+            ) from None
+        return store
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision, under a lock that serialises starters."""
+        from spotrun import migrations
+
+        head = migrations.head_revision()
+        if self._current_revision() == head:
+            return
+        if self.is_postgres:
+            with self.engine.connect() as conn, conn.begin():
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY)))
+                migrations.upgrade(conn)
+        else:
+            with self._sqlite_migration_lock(), self.engine.connect() as conn:
+                migrations.upgrade(conn)
+                conn.commit()
+
+    @contextlib.contextmanager
+    def _sqlite_migration_lock(self) -> Iterator[None]:
+        # SQLite's own write lock does not cover Alembic's reads of the schema, so a file
+        # lock beside the database serialises the processes that start at once.
+        db = self.engine.url.database
+        if not db or db == ":memory:":
+            yield
+            return
+        with open(f"{db}.migrate-lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _current_revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            if not sa.inspect(conn).has_table("alembic_version"):
+                return None
+            return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+
+    # ------------------------------------------------------------- transactions
+
+    @contextlib.contextmanager
+    def _tx(self, *, write: bool = True) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            if write and not self.is_postgres:
+                # Take SQLite's write lock up front: a deferred transaction that later
+                # writes can fail with "database is locked" instead of waiting.
+                conn = conn.execution_options(sqlite_begin="BEGIN IMMEDIATE")
+            with conn.begin():
+                yield conn
+
+    def now(self) -> float:
+        """The database's clock, in seconds since the epoch."""
+        with self.engine.connect() as conn:
+            return float(conn.execute(sa.select(self._now)).scalar_one())
+
+    def _notify(self, conn: Connection, payload: str) -> None:
+        if self.is_postgres:
+            conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, payload)))
+
+    def _event(
+        self,
+        conn: Connection,
+        job_id: str,
+        kind: str,
+        message: str,
+        *,
+        worker: str | None,
+        attempt: int,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        conn.execute(
+            events.insert().values(
+                job_id=job_id,
+                at=self._now,
+                kind=kind,
+                worker=worker,
+                attempt=attempt,
+                message=message,
+                data=None if data is None else _dumps(data),
+            )
+        )
+
+    # ------------------------------------------------------------------ submit
+
+    def submit(
+        self,
+        pipeline: str,
+        params: dict[str, Any],
+        *,
+        priority: int = 0,
+        max_retries: int = 4,
+        on_preempt: OnPreempt = OnPreempt.RESUME,
+        timeout: float | None = None,
+        requires_cuda: bool = False,
+        pool: str | None = None,
+        owner: str | None = None,
+        idempotency_key: str | None = None,
+        callback_url: str | None = None,
+        checkpoint_every_steps: int | None = None,
+        checkpoint_every_seconds: float | None = None,
+    ) -> Job:
+        """Queue a job whose params were already validated; return it as stored."""
+        job_id = new_id()
+        with self._tx() as conn:
+            if idempotency_key is not None:
+                existing = conn.execute(
+                    sa.select(jobs.c.id).where(
+                        jobs.c.idempotency_key == idempotency_key,
+                        jobs.c.owner.is_(None) if owner is None else jobs.c.owner == owner,
+                    )
+                ).scalar()
+                if existing is not None:
+                    job_id = existing
+                    return self._get(conn, job_id)
+            conn.execute(
+                jobs.insert().values(
+                    id=job_id,
+                    pipeline=pipeline,
+                    params=_dumps(params),
+                    state=JobState.QUEUED.value,
+                    priority=priority,
+                    max_retries=max_retries,
+                    on_preempt=on_preempt.value,
+                    timeout_seconds=timeout,
+                    requires_cuda=requires_cuda,
+                    pool=pool,
+                    owner=owner,
+                    idempotency_key=idempotency_key,
+                    callback_url=callback_url,
+                    checkpoint_every_steps=checkpoint_every_steps,
+                    checkpoint_every_seconds=checkpoint_every_seconds,
+                    created_at=self._now,
+                    updated_at=self._now,
+                )
+            )
+            self._event(
+                conn, job_id, EventKind.SUBMITTED, "queued", worker=None, attempt=0
+            )
+            self._notify(conn, job_id)
+            return self._get(conn, job_id)
+
+    # ------------------------------------------------------------------- reads
+
+    def get(self, job_id: str, *, with_events: bool = True) -> Job:
+        with self._tx(write=False) as conn:
+            return self._get(conn, job_id, with_events=with_events)
+
+    def _get(self, conn: Connection, job_id: str, *, with_events: bool = True) -> Job:
+        row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
+        if row is None:
+            raise JobNotFound(f"no job with id {job_id!r}")
+        evs: tuple[Event, ...] = ()
+        if with_events:
+            evs = tuple(self._events(conn, job_id))
+        return _job_from_row(row, evs)
+
+    def find(self, job_id: str) -> Job | None:
+        try:
+            return self.get(job_id)
+        except JobNotFound:
+            return None
+
+    def list_jobs(
+        self,
+        *,
+        state: JobState | None = None,
+        pipeline: str | None = None,
+        owner: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+        newest_first: bool = True,
+    ) -> list[Job]:
+        query = sa.select(jobs)
+        if state is not None:
+            query = query.where(jobs.c.state == state.value)
+        if pipeline is not None:
+            query = query.where(jobs.c.pipeline == pipeline)
+        if owner is not None:
+            query = query.where(jobs.c.owner == owner)
+        order = (jobs.c.created_at.desc(), jobs.c.id.desc()) if newest_first else (
+            jobs.c.created_at, jobs.c.id)
+        query = query.order_by(*order).offset(offset)
+        if limit is not None:
+            query = query.limit(limit)
+        with self._tx(write=False) as conn:
+            return [_job_from_row(r, ()) for r in conn.execute(query).mappings()]
+
+    def count_by_state(self) -> dict[str, int]:
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)
+            ).all()
+        counts = {s.value: 0 for s in JobState}
+        counts.update({state: int(n) for state, n in rows})
+        return counts
+
+    def events(self, job_id: str, *, after_id: int = 0) -> list[Event]:
+        with self._tx(write=False) as conn:
+            return list(self._events(conn, job_id, after_id=after_id))
+
+    def _events(self, conn: Connection, job_id: str, *, after_id: int = 0) -> Iterator[Event]:
+        rows = conn.execute(
+            sa.select(events)
+            .where(events.c.job_id == job_id, events.c.id > after_id)
+            .order_by(events.c.id)
+        ).mappings()
+        for r in rows:
+            yield Event(
+                at=from_epoch(r["at"]),
+                kind=r["kind"],
+                worker=r["worker"],
+                attempt=r["attempt"],
+                message=r["message"],
+            )
+
+    def logs(self, job_id: str) -> list[LogLine]:
+        with self._tx(write=False) as conn:
+            self._get(conn, job_id, with_events=False)
+            rows = conn.execute(
+                sa.select(job_logs).where(job_logs.c.job_id == job_id).order_by(job_logs.c.id)
+            ).mappings()
+            return [
+                LogLine(from_epoch(r["at"]), r["attempt"], r["level"], r["message"])
+                for r in rows
+            ]
+
+    def change_marker(self) -> tuple[int, float]:
+        """A cheap value that changes whenever any job changes (for live views)."""
+        with self._tx(write=False) as conn:
+            row = conn.execute(
+                sa.select(sa.func.count(), sa.func.max(jobs.c.updated_at))
+            ).one()
+            return int(row[0]), float(row[1] or 0.0)
+
+    # ------------------------------------------------------------------- claim
+
+    def claim(
+        self,
+        *,
+        worker_id: str,
+        worker_name: str,
+        lease_seconds: float,
+        has_cuda: bool = False,
+        pool: str | None = None,
+    ) -> tuple[Lease, Job] | None:
+        """Take the next queued job in (priority, first-in) order, with a fresh lease."""
+        cond = [sa.text("jobs.state = 'queued'")]
+        if not has_cuda:
+            cond.append(jobs.c.requires_cuda == sa.false())
+        if pool is not None:
+            cond.append(sa.or_(jobs.c.pool.is_(None), jobs.c.pool == pool))
+        pick = (
+            sa.select(jobs.c.id)
+            .where(*cond)
+            .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
+            .limit(1)
+        )
+        if self.is_postgres:
+            pick = pick.with_for_update(skip_locked=True)
+        stmt = (
+            jobs.update()
+            .where(jobs.c.id == pick.scalar_subquery(), sa.text("jobs.state = 'queued'"))
+            .values(
+                state=JobState.RUNNING.value,
+                attempt=jobs.c.attempt + 1,
+                worker_id=worker_id,
+                worker_name=worker_name,
+                lease_expires_at=self._now + lease_seconds,
+                started_at=sa.func.coalesce(jobs.c.started_at, self._now),
+                updated_at=self._now,
+            )
+            .returning(*jobs.c)
+        )
+        with self._tx() as conn:
+            row = conn.execute(stmt).mappings().first()
+            if row is None:
+                return None
+            job = _job_from_row(row, ())
+            if job.checkpoint_step is not None and job.checkpoint:
+                kind, msg = EventKind.RESUMED, (
+                    f"resumed on {worker_name} from step {job.checkpoint_step}"
+                    + (f"/{job.progress.total}" if job.progress.total else "")
+                )
+            elif job.attempt > 1:
+                kind, msg = EventKind.STARTED, (
+                    f"restarted on {worker_name} from the beginning (attempt {job.attempt})"
+                )
+            else:
+                kind, msg = EventKind.STARTED, f"started on {worker_name}"
+            self._event(conn, job.id, kind, msg, worker=worker_name, attempt=job.attempt)
+            conn.execute(
+                workers.update()
+                .where(workers.c.id == worker_id)
+                .values(state="busy", current_job=job.id, last_heartbeat=self._now)
+            )
+        return Lease(job.id, job.attempt, worker_id, worker_name), job
+
+    # -------------------------------------------------------- fenced job writes
+
+    def _fenced(self, lease: Lease) -> sa.ColumnElement[bool]:
+        return sa.and_(
+            jobs.c.id == lease.job_id,
+            jobs.c.attempt == lease.attempt,
+            jobs.c.state == JobState.RUNNING.value,
+        )
+
+    def _refused(self, conn: Connection, lease: Lease, what: str) -> LeaseLost:
+        row = conn.execute(
+            sa.select(jobs.c.state, jobs.c.attempt, jobs.c.worker_name).where(
+                jobs.c.id == lease.job_id
+            )
+        ).first()
+        if row is None:
+            now = "is gone"
+        else:
+            now = f"is now {row.state} at attempt {row.attempt}"
+            if row.worker_name:
+                now += f" on {row.worker_name}"
+        return LeaseLost(
+            f"{what} of job {lease.job_id} refused: attempt {lease.attempt} no longer holds "
+            f"the lease (the job {now})"
+        )
+
+    def heartbeat(self, worker_id: str, leases: Sequence[Lease], lease_seconds: float
+                  ) -> dict[str, bool | None]:
+        """Renew the worker's leases. Per job: cancel requested (bool), or None if lost."""
+        out: dict[str, bool | None] = {}
+        with self._tx() as conn:
+            for lease in leases:
+                row = conn.execute(
+                    jobs.update()
+                    .where(self._fenced(lease))
+                    .values(lease_expires_at=self._now + lease_seconds)
+                    .returning(jobs.c.cancel_requested)
+                ).first()
+                out[lease.job_id] = None if row is None else bool(row[0])
+            conn.execute(
+                workers.update()
+                .where(workers.c.id == worker_id)
+                .values(last_heartbeat=self._now)
+            )
+        return out
+
+    def save_progress(
+        self,
+        lease: Lease,
+        step: int,
+        total: int | None,
+        metrics: dict[str, Any],
+        logs: Sequence[tuple[float, str, str]] = (),
+    ) -> bool:
+        """Record progress (and buffered log lines); return whether a cancel was asked."""
+        with self._tx() as conn:
+            row = conn.execute(
+                jobs.update()
+                .where(self._fenced(lease))
+                .values(
+                    progress_step=step,
+                    progress_total=total,
+                    progress_metrics=_dumps(metrics) if metrics else None,
+                    updated_at=self._now,
+                )
+                .returning(jobs.c.cancel_requested)
+            ).first()
+            if row is None:
+                raise self._refused(conn, lease, "progress")
+            if logs:
+                conn.execute(
+                    job_logs.insert(),
+                    [
+                        {"job_id": lease.job_id, "attempt": lease.attempt, "at": at,
+                         "level": level, "message": msg}
+                        for at, level, msg in logs
+                    ],
+                )
+            return bool(row[0])
+
+    def add_event(self, lease: Lease, kind: str, message: str) -> None:
+        """Append an event on behalf of the lease holder (refused for a zombie)."""
+        with self._tx() as conn:
+            n = conn.execute(
+                jobs.update().where(self._fenced(lease)).values(updated_at=self._now)
+            ).rowcount
+            if n != 1:
+                raise self._refused(conn, lease, "event")
+            self._event(conn, lease.job_id, kind, message, worker=lease.worker_name,
+                        attempt=lease.attempt)
+
+    def commit_checkpoint(
+        self, lease: Lease, path: str, step: int, *, message: str | None = None
+    ) -> str | None:
+        """Point the job at a committed checkpoint; return the pointer that fell off."""
+        with self._tx() as conn:
+            row = conn.execute(
+                sa.select(jobs.c.checkpoint, jobs.c.checkpoint_step, jobs.c.checkpoint_prev)
+                .where(self._fenced(lease))
+            ).first()
+            if row is None:
+                raise self._refused(conn, lease, "checkpoint pointer")
+            n = conn.execute(
+                jobs.update()
+                .where(self._fenced(lease))
+                .values(
+                    checkpoint=path,
+                    checkpoint_step=step,
+                    checkpoint_prev=row.checkpoint,
+                    checkpoint_prev_step=row.checkpoint_step,
+                    updated_at=self._now,
+                )
+            ).rowcount
+            if n != 1:
+                raise self._refused(conn, lease, "checkpoint pointer")
+            if message:
+                self._event(conn, lease.job_id, EventKind.CHECKPOINT, message,
+                            worker=lease.worker_name, attempt=lease.attempt)
+            dropped: str | None = row.checkpoint_prev
+            return dropped
+
+    def drop_checkpoint_pointer(self, lease: Lease, path: str) -> None:
+        """Forget a pointer found corrupt, so that no later attempt tries it again."""
+        with self._tx() as conn:
+            row = conn.execute(
+                sa.select(jobs.c.checkpoint, jobs.c.checkpoint_prev, jobs.c.checkpoint_prev_step)
+                .where(self._fenced(lease))
+            ).first()
+            if row is None:
+                raise self._refused(conn, lease, "checkpoint pointer")
+            values: dict[str, Any] = {}
+            if row.checkpoint == path:
+                values = {"checkpoint": row.checkpoint_prev,
+                          "checkpoint_step": row.checkpoint_prev_step,
+                          "checkpoint_prev": None, "checkpoint_prev_step": None}
+            elif row.checkpoint_prev == path:
+                values = {"checkpoint_prev": None, "checkpoint_prev_step": None}
+            if values:
+                conn.execute(jobs.update().where(self._fenced(lease)).values(**values))
+
+    def hand_back(
+        self,
+        lease: Lease,
+        message: str,
+        *,
+        preempted: bool = True,
+        keep_checkpoint: bool = True,
+        run_seconds: float = 0.0,
+    ) -> None:
+        """Return a running job to the queue (a preemption, or a worker stopping)."""
+        values: dict[str, Any] = {
+            "state": JobState.QUEUED.value,
+            "worker_id": None,
+            "worker_name": None,
+            "lease_expires_at": None,
+            "updated_at": self._now,
+            "run_seconds": jobs.c.run_seconds + run_seconds,
+        }
+        if preempted:
+            values["preemptions"] = jobs.c.preemptions + 1
+        if not keep_checkpoint:
+            values.update(checkpoint=None, checkpoint_step=None, checkpoint_prev=None,
+                          checkpoint_prev_step=None)
+        with self._tx() as conn:
+            n = conn.execute(jobs.update().where(self._fenced(lease)).values(**values)).rowcount
+            if n != 1:
+                raise self._refused(conn, lease, "hand-back")
+            kind = EventKind.PREEMPTED if preempted else EventKind.HANDED_BACK
+            self._event(conn, lease.job_id, kind, message, worker=lease.worker_name,
+                        attempt=lease.attempt)
+            self._release_worker(conn, lease)
+            self._notify(conn, lease.job_id)
+
+    def complete(self, lease: Lease, result: Any, *, run_seconds: float = 0.0,
+                 message: str = "succeeded") -> None:
+        self._finish(lease, JobState.SUCCEEDED, EventKind.SUCCEEDED, message,
+                     result=_dumps(result), run_seconds=run_seconds)
+
+    def fail(self, lease: Lease, error: str, traceback: str | None = None, *,
+             run_seconds: float = 0.0) -> None:
+        self._finish(lease, JobState.FAILED, EventKind.FAILED, f"failed: {error}",
+                     error=error, error_traceback=traceback, run_seconds=run_seconds)
+
+    def finish_cancelled(self, lease: Lease, *, run_seconds: float = 0.0) -> None:
+        self._finish(lease, JobState.CANCELLED, EventKind.CANCELLED,
+                     "cancelled at the user's request", error="cancelled",
+                     run_seconds=run_seconds)
+
+    def _finish(self, lease: Lease, state: JobState, kind: str, message: str, *,
+                run_seconds: float, **values: Any) -> None:
+        with self._tx() as conn:
+            n = conn.execute(
+                jobs.update()
+                .where(self._fenced(lease))
+                .values(
+                    state=state.value,
+                    lease_expires_at=None,
+                    finished_at=self._now,
+                    updated_at=self._now,
+                    run_seconds=jobs.c.run_seconds + run_seconds,
+                    **values,
+                )
+            ).rowcount
+            if n != 1:
+                raise self._refused(conn, lease, f"{state.value} result")
+            self._event(conn, lease.job_id, kind, message, worker=lease.worker_name,
+                        attempt=lease.attempt)
+            self._release_worker(conn, lease)
+            self._notify(conn, lease.job_id)
+
+    def _release_worker(self, conn: Connection, lease: Lease) -> None:
+        conn.execute(
+            workers.update()
+            .where(workers.c.id == lease.worker_id, workers.c.current_job == lease.job_id)
+            .values(current_job=None,
+                    state=sa.case((workers.c.state == "busy", "idle"), else_=workers.c.state))
+        )
+
+    # ------------------------------------------------------------------ cancel
+
+    def cancel(self, job_id: str, *, owner: str | None = None) -> Job:
+        """Cancel a queued job now, or ask a running one to stop at its next step."""
+        with self._tx() as conn:
+            job = self._get(conn, job_id, with_events=False)
+            if owner is not None and job.owner != owner:
+                raise JobNotFound(f"no job with id {job_id!r}")
+            if job.state is JobState.QUEUED:
+                conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == job_id, jobs.c.state == JobState.QUEUED.value)
+                    .values(state=JobState.CANCELLED.value, error="cancelled",
+                            finished_at=self._now, updated_at=self._now)
+                )
+                self._event(conn, job_id, EventKind.CANCELLED,
+                            "cancelled at the user's request before it started",
+                            worker=None, attempt=job.attempt)
+                self._notify(conn, job_id)
+            elif job.state is JobState.RUNNING and not job.cancel_requested:
+                conn.execute(
+                    jobs.update().where(jobs.c.id == job_id)
+                    .values(cancel_requested=True, updated_at=self._now)
+                )
+                self._event(conn, job_id, EventKind.CANCEL_REQUESTED,
+                            "cancel requested; the job stops at its next step",
+                            worker=None, attempt=job.attempt)
+            return self._get(conn, job_id)
+
+    # ------------------------------------------------------------------- sweep
+
+    def sweep_expired(self) -> list[str]:
+        """Put jobs whose lease expired back in the queue (or end them); mark workers gone.
+
+        Returns the ids of the jobs it moved. Any live worker may call it.
+        """
+        expired = sa.and_(sa.text("jobs.state = 'running'"), jobs.c.lease_expires_at < self._now)
+        with self._tx(write=False) as conn:
+            any_expired = conn.execute(sa.select(jobs.c.id).where(expired).limit(1)).first()
+        moved: list[str] = []
+        if any_expired is not None:
+            pick = sa.select(jobs).where(expired)
+            if self.is_postgres:
+                pick = pick.with_for_update(skip_locked=True)
+            with self._tx() as conn:
+                for row in conn.execute(pick).mappings().all():
+                    self._expire(conn, row)
+                    moved.append(row["id"])
+        self.mark_gone_workers()
+        return moved
+
+    def _expire(self, conn: Connection, row: Any) -> None:
+        job = _job_from_row(row, ())
+        who = job.worker or "?"
+        where = job.progress.describe()
+        lease = Lease(job.id, job.attempt, job.worker_id or "", who)
+        cond = self._fenced(lease)
+        if job.cancel_requested:
+            conn.execute(jobs.update().where(cond).values(
+                state=JobState.CANCELLED.value, error="cancelled", lease_expires_at=None,
+                finished_at=self._now, updated_at=self._now))
+            msg = f"lease of worker {who} expired at {where}; cancelled as requested"
+            kind = EventKind.CANCELLED
+        elif job.retries + 1 > job.max_retries:
+            error = (f"lost its worker {job.retries + 1} times (last: lease of worker {who} "
+                     f"expired at {where}); giving up after max_retries={job.max_retries}")
+            conn.execute(jobs.update().where(cond).values(
+                state=JobState.FAILED.value, retries=jobs.c.retries + 1, error=error,
+                lease_expires_at=None, finished_at=self._now, updated_at=self._now))
+            msg, kind = f"failed: {error}", EventKind.FAILED
+        else:
+            conn.execute(jobs.update().where(cond).values(
+                state=JobState.QUEUED.value, retries=jobs.c.retries + 1, worker_id=None,
+                worker_name=None, lease_expires_at=None, updated_at=self._now))
+            msg = f"lease of worker {who} expired at {where}; back in the queue"
+            kind = EventKind.LEASE_EXPIRED
+        self._event(conn, job.id, kind, msg, worker=job.worker, attempt=job.attempt)
+        self._notify(conn, job.id)
+
+    def mark_gone_workers(self) -> int:
+        """Workers whose heartbeat is older than their own lease length are marked gone."""
+        stale = workers.c.last_heartbeat + workers.c.lease_seconds < self._now
+        live = workers.c.state.in_(("idle", "busy", "stopping"))
+        with self._tx(write=False) as conn:
+            if conn.execute(sa.select(workers.c.id).where(live, stale).limit(1)).first() is None:
+                return 0
+        with self._tx() as conn:
+            return conn.execute(
+                workers.update().where(live, stale).values(state="gone", current_job=None)
+            ).rowcount
+
+    # ----------------------------------------------------------------- workers
+
+    def register_worker(self, *, name: str, host: str, pid: int, pool: str,
+                        has_cuda: bool, lease_seconds: float,
+                        price_per_hour: float | None = None) -> str:
+        worker_id = secrets.token_hex(8)
+        with self._tx() as conn:
+            conn.execute(workers.insert().values(
+                id=worker_id, name=name, host=host, pid=pid, pool=pool, state="idle",
+                has_cuda=has_cuda, lease_seconds=lease_seconds, price_per_hour=price_per_hour,
+                started_at=self._now,
+                last_heartbeat=self._now))
+        return worker_id
+
+    def set_worker_state(self, worker_id: str, state: str) -> None:
+        values: dict[str, Any] = {"state": state, "last_heartbeat": self._now}
+        if state in ("stopped", "gone"):
+            values.update(stopped_at=self._now, current_job=None)
+        with self._tx() as conn:
+            conn.execute(workers.update().where(workers.c.id == worker_id).values(**values))
+
+    def list_workers(self, *, include_stopped: bool = True) -> list[Worker]:
+        query = sa.select(workers).order_by(workers.c.started_at, workers.c.name)
+        if not include_stopped:
+            query = query.where(workers.c.state.in_(("idle", "busy", "stopping")))
+        with self._tx(write=False) as conn:
+            return [_worker_from_row(r) for r in conn.execute(query).mappings()]
+
+    def find_workers(self, name_or_id: str) -> list[Worker]:
+        """Live workers with this id or name (a name may be reused by later processes)."""
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                sa.select(workers)
+                .where(sa.or_(workers.c.id == name_or_id, workers.c.name == name_or_id))
+                .order_by(workers.c.started_at.desc())
+            ).mappings().all()
+        return [_worker_from_row(r) for r in rows]
+
+    # ------------------------------------------------------------------ tokens
+
+    def create_token(self, name: str, *, admin: bool = False) -> str:
+        """Create an API token; only its hash is stored, the token is returned once."""
+        token = "spr_" + secrets.token_urlsafe(32)
+        with self._tx() as conn:
+            if conn.execute(sa.select(api_tokens.c.name).where(api_tokens.c.name == name)
+                            ).first() is not None:
+                raise StoreError(f"a token named {name!r} exists already")
+            conn.execute(api_tokens.insert().values(
+                name=name, token_hash=hash_token(token), is_admin=admin, created_at=self._now))
+        return token
+
+    def list_tokens(self) -> list[Token]:
+        with self._tx(write=False) as conn:
+            rows = conn.execute(sa.select(api_tokens).order_by(api_tokens.c.name)).mappings()
+            return [Token(r["name"], bool(r["is_admin"]), from_epoch(r["created_at"]),
+                          r["revoked_at"] is not None) for r in rows]
+
+    def revoke_token(self, name: str) -> None:
+        with self._tx() as conn:
+            n = conn.execute(api_tokens.update().where(
+                api_tokens.c.name == name, api_tokens.c.revoked_at.is_(None)
+            ).values(revoked_at=self._now)).rowcount
+            if n != 1:
+                raise StoreError(f"no active token named {name!r}")
+
+    def verify_token(self, token: str) -> Token | None:
+        with self._tx(write=False) as conn:
+            r = conn.execute(sa.select(api_tokens).where(
+                api_tokens.c.token_hash == hash_token(token),
+                api_tokens.c.revoked_at.is_(None))).mappings().first()
+        if r is None:
+            return None
+        return Token(r["name"], bool(r["is_admin"]), from_epoch(r["created_at"]), False)
+
+
+# ---------------------------------------------------------------------- helpers
+
+def _job_from_row(row: Any, evs: tuple[Event, ...]) -> JobRecord:
+    metrics = _loads(row["progress_metrics"]) or {}
+    return JobRecord(
+        id=row["id"],
+        pipeline=row["pipeline"],
+        params=_loads(row["params"]),
+        state=JobState(row["state"]),
+        priority=row["priority"],
+        attempt=row["attempt"],
+        preemptions=row["preemptions"],
+        retries=row["retries"],
+        max_retries=row["max_retries"],
+        on_preempt=OnPreempt(row["on_preempt"]),
+        timeout=row["timeout_seconds"],
+        worker_id=row["worker_id"],
+        worker=row["worker_name"],
+        lease_expires_at=None if row["lease_expires_at"] is None
+        else from_epoch(row["lease_expires_at"]),
+        progress=Progress(row["progress_step"], row["progress_total"], metrics),
+        result=_loads(row["result"]),
+        error=row["error"],
+        error_traceback=row["error_traceback"],
+        checkpoint=row["checkpoint"],
+        checkpoint_prev=row["checkpoint_prev"],
+        requires_cuda=bool(row["requires_cuda"]),
+        cancel_requested=bool(row["cancel_requested"]),
+        run_seconds=float(row["run_seconds"] or 0.0),
+        owner=row["owner"],
+        created_at=from_epoch(row["created_at"]),
+        updated_at=from_epoch(row["updated_at"]),
+        events=evs,
+        checkpoint_step=row["checkpoint_step"],
+        checkpoint_prev_step=row["checkpoint_prev_step"],
+        checkpoint_every_steps=row["checkpoint_every_steps"],
+        checkpoint_every_seconds=row["checkpoint_every_seconds"],
+        callback_url=row["callback_url"],
+        pool=row["pool"],
+    )
+
+
+@dataclass(frozen=True)
+class JobRecord(Job):
+    """A job with the fields that only workers and operators need."""
+
+    checkpoint_step: int | None = None
+    checkpoint_prev_step: int | None = None
+    checkpoint_every_steps: int | None = None
+    checkpoint_every_seconds: float | None = None
+    callback_url: str | None = None
+    pool: str | None = None
+
+
+def _worker_from_row(r: Any) -> Worker:
+    return Worker(
+        id=r["id"], name=r["name"], host=r["host"], pid=r["pid"], pool=r["pool"],
+        state=r["state"], has_cuda=bool(r["has_cuda"]), current_job=r["current_job"],
+        started_at=from_epoch(r["started_at"]), last_heartbeat=from_epoch(r["last_heartbeat"]),
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()
+    return text[0] if text else type(orig).__name__
+
+
+def create_engine(url: str, *, pool_size: int = 5) -> Engine:
+    """An engine tuned for the queue: WAL and a busy timeout on SQLite, pre-ping on PG."""
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite":
+        if u.database and u.database != ":memory:":
+            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(
+            u, connect_args={"timeout": 30.0, "check_same_thread": False},
+            pool_size=pool_size, max_overflow=10,
+        )
+
+        @sa_event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy's begin event, not the driver, decide how transactions begin.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @sa_event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            conn.exec_driver_sql(conn.get_execution_options().get("sqlite_begin", "BEGIN"))
+
+        return engine
+    if u.get_backend_name() == "postgresql":
+        return sa.create_engine(
+            u, pool_pre_ping=True, pool_size=pool_size, max_overflow=10,
+            connect_args={"connect_timeout": 5},
+        )
+    raise StoreError(
+        f"unsupported database URL {redact(url)}: use sqlite:///PATH or postgresql://..."
+    )
+
+
+class Waker:
+    """Wakes an idle worker when the queue may have changed, instead of a busy poll.
+
+    PostgreSQL: LISTEN on a dedicated connection. SQLite: ``PRAGMA data_version``, which
+    changes when another connection commits, checked every few milliseconds.
+    """
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self._pg: Any = None
+        self._sqlite: Any = None
+        self._last_version: int | None = None
+        self._lock = threading.Lock()
+
+    def _open(self) -> None:
+        if self.store.is_postgres:
+            import psycopg
+
+            u = self.store.engine.url
+            self._pg = psycopg.connect(
+                host=u.host or "localhost", port=u.port or 5432, user=u.username,
+                password=u.password, dbname=u.database, autocommit=True, connect_timeout=5,
+            )
+            self._pg.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        else:
+            import sqlite3
+
+            self._sqlite = sqlite3.connect(
+                self.store.engine.url.database or ":memory:", timeout=30,
+                check_same_thread=False, isolation_level=None,
+            )
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to ``timeout`` s; True if something may have changed."""
+        try:
+            if self._pg is None and self._sqlite is None:
+                self._open()
+            if self._pg is not None:
+                got = False
+                for _ in self._pg.notifies(timeout=timeout, stop_after=1):
+                    got = True
+                return got
+            deadline = time.monotonic() + timeout
+            while True:
+                version = self._sqlite.execute("PRAGMA data_version").fetchone()[0]
+                if self._last_version is not None and version != self._last_version:
+                    self._last_version = version
+                    return True
+                self._last_version = version
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                time.sleep(min(0.005, left))
+        except Exception:
+            self.close()
+            time.sleep(min(timeout, 0.5))
+            return True
+
+    def close(self) -> None:
+        for conn in (self._pg, self._sqlite):
+            with contextlib.suppress(Exception):
+                if conn is not None:
+                    conn.close()
+        self._pg = self._sqlite = None
+
+
+def open_store(url: str, **kwargs: Any) -> JobStore:
+    return JobStore.open(url, **kwargs)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,647 @@
+"""The worker: claim, run, heartbeat, checkpoint, hand back, complete.
+
+Threads of a worker process:
+
+- the main thread: the claim loop, and on a notice the stop path with its deadline;
+- one runner thread per running job: the pipeline runs there (so the main thread never
+  sits inside a long C call and always hears a notice in time);
+- the reporter thread: renews leases, flushes progress and logs, sweeps expired leases.
+  It has its own engine, so a long step or a busy pipeline connection cannot starve it.
+
+The worker talks to the store, the checkpoint store and the shutdown coordinator; it never
+speaks SQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import importlib.util
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+
+from spotrun.checkpoints import CheckpointCorrupt, CheckpointStore, Loaded, Saved
+from spotrun.config import Settings
+from spotrun.jobs import EventKind, OnPreempt
+from spotrun.pipelines.base import JobContext, JobStopped, State
+from spotrun.shutdown import Notice, ShutdownCoordinator
+from spotrun.store import JobRecord, JobStore, Lease, LeaseLost, Waker
+
+log = logging.getLogger("spotrun.worker")
+
+T = TypeVar("T")
+
+LOG_LINES_PER_ATTEMPT = 2000
+LOG_BYTES_PER_ATTEMPT = 256_000
+PROGRESS_FLUSH_SECONDS = 0.5
+
+
+class StopReason(enum.Enum):
+    PREEMPTED = "preempted"  # a notice: SIGTERM or a cloud's metadata service
+    SHUTDOWN = "shutdown"  # the operator stopped the worker (SIGINT)
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed out"
+    LEASE_LOST = "lease lost"
+
+
+def detect_cuda() -> bool:
+    """Whether this worker can run CUDA jobs, without importing torch on CPU machines."""
+    forced = os.environ.get("SPOTRUN_WORKER_CUDA")
+    if forced:
+        return forced.lower() in ("1", "true", "yes")
+    if not os.path.exists("/dev/nvidiactl") or importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _is_db_error(exc: BaseException) -> bool:
+    return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError) or (
+        isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated)
+
+
+class _Retrier:
+    """Retries database calls with backoff, logging an outage once and its end once."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.down_since: float | None = None
+
+    def call(self, fn: Callable[[], T], *, give_up_at: float | None = None) -> T:
+        delay = 0.1
+        while True:
+            try:
+                value = fn()
+            except Exception as exc:
+                if not _is_db_error(exc):
+                    raise
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
+                    log.warning("%s: database unreachable (%s); retrying with backoff",
+                                self.what, str(exc).splitlines()[0][:200])
+                if give_up_at is not None and time.monotonic() + delay > give_up_at:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if self.down_since is not None:
+                log.warning("%s: database reachable again after %.1f s", self.what,
+                            time.monotonic() - self.down_since)
+                self.down_since = None
+            return value
+
+
+class _JobLogHandler(logging.Handler):
+    """Buffers a job's log lines, bounded in size, until the reporter writes them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[tuple[float, str, str]] = []
+        self.count = 0
+        self.nbytes = 0
+        self.truncated = False
+        self._lock2 = threading.Lock()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = self.format(record)
+        with self._lock2:
+            if self.truncated:
+                return
+            if self.count >= LOG_LINES_PER_ATTEMPT or self.nbytes + len(msg) > \
+                    LOG_BYTES_PER_ATTEMPT:
+                self.truncated = True
+                self.lines.append((record.created, "WARNING",
+                                   "log truncated: this attempt wrote more than the "
+                                   f"{LOG_LINES_PER_ATTEMPT} lines / "
+                                   f"{LOG_BYTES_PER_ATTEMPT // 1000} kB kept per attempt"))
+                return
+            self.count += 1
+            self.nbytes += len(msg)
+            self.lines.append((record.created, record.levelname, msg))
+
+    def take(self) -> list[tuple[float, str, str]]:
+        with self._lock2:
+            lines, self.lines = self.lines, []
+        return lines
+
+
+@dataclass
+class _Checkpointed:
+    step: int
+    path: str
+    seconds: float
+
+
+class JobRunner:
+    """Runs one claimed job on its own thread; implements the pipeline's Driver."""
+
+    def __init__(self, worker: Worker, lease: Lease, job: JobRecord) -> None:
+        self.worker = worker
+        self.store = worker.store
+        self.lease = lease
+        self.job = job
+        self.started = time.monotonic()
+        self.step = job.progress.step
+        self.total = job.progress.total
+        self.metrics: dict[str, Any] = {}
+        self.dirty = False
+        self.last_flush = 0.0
+        self.stop_reason: StopReason | None = None
+        self.stop_detail = ""
+        self.notice_checkpoint: _Checkpointed | None = None
+        self.last_checkpoint_step: int | None = job.checkpoint_step
+        self.last_checkpoint_mono = time.monotonic()
+        self.abandoned = False  # the main thread handed the job back without us
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+        self.logs = _JobLogHandler()
+        self.logger = logging.getLogger(f"spotrun.job.{job.id}")
+        self.thread = threading.Thread(target=self._main, name=f"spotrun-job-{job.id}",
+                                       daemon=True)
+        self.every_steps = job.checkpoint_every_steps
+        if self.every_steps is None:
+            self.every_steps = worker.settings.checkpoint_every_steps
+        self.every_seconds = job.checkpoint_every_seconds
+        if self.every_seconds is None:
+            self.every_seconds = worker.settings.checkpoint_every_seconds
+
+    # ------------------------------------------------------------- Driver API
+
+    def report(self, step: int, total: int | None, metrics: dict[str, Any]) -> None:
+        with self.lock:
+            self.step, self.total, self.metrics, self.dirty = step, total, metrics, True
+
+    def stop_requested(self) -> bool:
+        return self.stop_reason is not None
+
+    def checkpoint_due(self, step: int) -> bool:
+        if self.stop_reason is StopReason.PREEMPTED:
+            return (self.job.on_preempt is OnPreempt.RESUME and self.notice_checkpoint is None
+                    and not self.abandoned)
+        if self.stop_reason is not None or step == self.last_checkpoint_step or step == 0:
+            return False
+        if self.every_steps and self.last_checkpoint_step is not None and \
+                step - self.last_checkpoint_step >= self.every_steps:
+            return True
+        if self.every_steps and self.last_checkpoint_step is None and step >= self.every_steps:
+            return True
+        return bool(self.every_seconds) and \
+            time.monotonic() - self.last_checkpoint_mono >= self.every_seconds
+
+    def checkpoint(self, state: State) -> None:
+        """Save and commit a checkpoint, then move the job's pointer (a fenced write)."""
+        notice = self.stop_reason is StopReason.PREEMPTED
+        start = time.perf_counter()
+        saved = self.worker.checkpoints.save(self.lease.job_id, self.lease.attempt,
+                                             state.step, state.files, state.meta)
+        # The pointer moves only after the manifest is written; a refused write means a
+        # newer attempt owns the job, and our files are left for its cleanup.
+        message = None if notice else (
+            f"checkpoint at step {state.step} saved in {saved.seconds:.2f} s")
+        dropped = self.worker.db.call(lambda: self.store.commit_checkpoint(
+            self.lease, saved.path, state.step, message=message))
+        elapsed = time.perf_counter() - start
+        self.last_checkpoint_step = state.step
+        self.last_checkpoint_mono = time.monotonic()
+        if notice:
+            self.notice_checkpoint = _Checkpointed(state.step, saved.path, elapsed)
+        if dropped and dropped != saved.path:
+            with contextlib.suppress(Exception):
+                self.worker.checkpoints.delete(dropped)
+
+    def save_model(self, files: Mapping[str, bytes], meta: Mapping[str, Any]) -> Saved:
+        return self.worker.checkpoints.save_model(self.lease.job_id, files, meta)
+
+    def load_model(self, job_id: str) -> Loaded:
+        return self.worker.checkpoints.load_model(job_id)
+
+    # ------------------------------------------------------------------ control
+
+    def request_stop(self, reason: StopReason, detail: str = "") -> None:
+        with self.lock:
+            if self.stop_reason is None:
+                self.stop_reason, self.stop_detail = reason, detail
+                if reason is not StopReason.PREEMPTED:
+                    log.info("job %s: stopping (%s) %s", self.job.id, reason.value, detail)
+
+    def run_seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def where(self) -> str:
+        return f"step {self.step}/{self.total}" if self.total else f"step {self.step}"
+
+    def start(self) -> None:
+        self.thread.start()
+
+    # -------------------------------------------------------------------- body
+
+    def _main(self) -> None:
+        self.logger.addHandler(self.logs)
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
+        try:
+            self._run()
+        except LeaseLost as exc:
+            log.warning("job %s: %s; stopping it", self.job.id, exc)
+        except Exception as exc:
+            # A fault of this worker, not of the pipeline: end the job rather than let
+            # its lease expire and loop through every worker with the same fault.
+            log.exception("job %s: worker error", self.job.id)
+            with contextlib.suppress(Exception):
+                self.store.fail(self.lease, f"worker {self.lease.worker_name} could not run "
+                                f"the job: {type(exc).__name__}: {exc}",
+                                traceback.format_exc(), run_seconds=self.run_seconds())
+        finally:
+            self.logger.removeHandler(self.logs)
+            self.done.set()
+            self.worker.wake()
+
+    def _run(self) -> None:
+        from spotrun.pipelines.registry import get as get_pipeline
+
+        pipe = get_pipeline(self.job.pipeline)
+        params = pipe.validate(self.job.params)
+        resume = self._load_resume()
+        ctx = JobContext(job_id=self.job.id, attempt=self.lease.attempt, params=params,
+                         driver=self, resume=resume, logger=self.logger,
+                         worker=self.lease.worker_name, has_cuda=self.worker.has_cuda)
+        try:
+            result = pipe.run(ctx)
+        except JobStopped:
+            self._stopped()
+            return
+        except Exception as exc:
+            if self.stop_reason is StopReason.LEASE_LOST or self.abandoned:
+                log.warning("job %s: pipeline ended after its lease was lost: %r",
+                            self.job.id, exc)
+                return
+            self._flush()
+            self.worker.db.call(lambda: self.store.fail(
+                self.lease, f"{type(exc).__name__}: {exc}", traceback.format_exc(),
+                run_seconds=self.run_seconds()))
+            self._cleanup()
+            return
+        if self.abandoned or self.stop_reason is StopReason.LEASE_LOST:
+            return
+        self._flush()
+        self.worker.db.call(lambda: self.store.complete(
+            self.lease, result, run_seconds=self.run_seconds()))
+        self._cleanup()
+
+    def _load_resume(self) -> Loaded | None:
+        job = self.job
+        candidates = [(job.checkpoint, job.checkpoint_step),
+                      (job.checkpoint_prev, job.checkpoint_prev_step)]
+        for i, (path, step) in enumerate(candidates):
+            if not path:
+                continue
+            try:
+                return self.worker.checkpoints.load(path)
+            except CheckpointCorrupt as exc:
+                nxt = candidates[i + 1] if i + 1 < len(candidates) else (None, None)
+                fallback = (f"resuming from the previous checkpoint at step {nxt[1]}"
+                            if nxt[0] else "starting from the beginning")
+                self.worker.db.call(lambda p=path: self.store.drop_checkpoint_pointer(
+                    self.lease, p))
+                self.worker.db.call(lambda s=step, e=exc, f=fallback: self.store.add_event(
+                    self.lease, EventKind.CHECKPOINT_CORRUPT,
+                    f"checkpoint at step {s} is unusable: {e}; {f}"))
+        return None
+
+    def _stopped(self) -> None:
+        reason = self.stop_reason
+        if reason is None:
+            # The pipeline stopped on its own without a request: treat it as a failure.
+            self.worker.db.call(lambda: self.store.fail(
+                self.lease, "the pipeline stopped without being asked to",
+                run_seconds=self.run_seconds()))
+            self._cleanup()
+            return
+        if self.abandoned or reason is StopReason.LEASE_LOST:
+            return
+        self._flush()
+        name, where = self.lease.worker_name, self.where()
+        if reason is StopReason.CANCELLED:
+            self.worker.db.call(lambda: self.store.finish_cancelled(
+                self.lease, run_seconds=self.run_seconds()))
+            self._cleanup()
+        elif reason is StopReason.TIMED_OUT:
+            self.worker.db.call(lambda: self.store.fail(
+                self.lease, f"stopped at {where}: {self.stop_detail}",
+                run_seconds=self.run_seconds()))
+            self._cleanup()
+        elif reason is StopReason.SHUTDOWN:
+            self.worker.db.call(lambda: self.store.hand_back(
+                self.lease, f"worker {name} was stopped at {where}; "
+                + self._checkpoint_words(), preempted=False,
+                run_seconds=self.run_seconds()), give_up_at=self.worker.deadline())
+        else:
+            self._hand_back_preempted(where)
+
+    def _checkpoint_words(self) -> str:
+        ck = self.notice_checkpoint
+        if ck is not None:
+            return f"checkpoint saved in {ck.seconds:.2f} s"
+        if self.last_checkpoint_step is not None:
+            return f"will resume from the checkpoint at step {self.last_checkpoint_step}"
+        return "no checkpoint, the next attempt starts from the beginning"
+
+    def _hand_back_preempted(self, where: str) -> None:
+        name, policy = self.lease.worker_name, self.job.on_preempt
+        give_up = self.worker.deadline()
+        if policy is OnPreempt.FAIL:
+            self.worker.db.call(lambda: self.store.fail(
+                self.lease, f"the machine running this job ({name}) was preempted at {where}; "
+                "this job asked not to be resumed (on_preempt=fail), so it was stopped",
+                run_seconds=self.run_seconds()), give_up_at=give_up)
+            self._cleanup()
+        elif policy is OnPreempt.RESTART:
+            self.worker.db.call(lambda: self.store.hand_back(
+                self.lease, f"preempted on {name} at {where}; it will restart from the "
+                "beginning (on_preempt=restart)", keep_checkpoint=False,
+                run_seconds=self.run_seconds()), give_up_at=give_up)
+            self._cleanup()
+        else:
+            self.worker.db.call(lambda: self.store.hand_back(
+                self.lease, f"preempted on {name} at {where}; " + self._checkpoint_words(),
+                run_seconds=self.run_seconds()), give_up_at=give_up)
+
+    def _flush(self) -> None:
+        """Write the last progress and log lines (fenced)."""
+        with self.lock:
+            step, total, metrics = self.step, self.total, dict(self.metrics)
+            self.dirty = False
+        lines = self.logs.take()
+        self.worker.db.call(lambda: self.store.save_progress(
+            self.lease, step, total, metrics, lines))
+
+    def _cleanup(self) -> None:
+        with contextlib.suppress(Exception):
+            self.worker.checkpoints.delete_job(self.lease.job_id)
+
+
+class Worker:
+    """A worker process's main loop. ``run()`` returns the process's exit code."""
+
+    def __init__(self, settings: Settings, *, name: str | None = None, concurrency: int = 1,
+                 coordinator: ShutdownCoordinator | None = None, pool: str | None = None,
+                 store: JobStore | None = None, max_jobs: int | None = None) -> None:
+        self.settings = settings
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.concurrency = max(1, concurrency)
+        self.pool = pool or settings.pool
+        self.max_jobs = max_jobs
+        self.store = store or JobStore.open(settings.database_url,
+                                            pool_size=self.concurrency + 2)
+        # The reporter's own engine: its heartbeats never wait on a pipeline's connection.
+        self.hb_store = JobStore(self._engine_like(self.store))
+        self.checkpoints = CheckpointStore(settings.checkpoint_url)
+        self.coordinator = coordinator or ShutdownCoordinator(
+            grace_seconds=settings.grace_seconds, safety_margin=settings.safety_margin_seconds)
+        self.has_cuda = detect_cuda()
+        self.db = _Retrier(f"worker {self.name}")
+        self.runners: dict[str, JobRunner] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop_reporter = threading.Event()
+        self.worker_id = ""
+        self.claimed = 0
+
+    @staticmethod
+    def _engine_like(store: JobStore) -> sa.Engine:
+        from spotrun.store import create_engine
+
+        return create_engine(store.engine.url.render_as_string(hide_password=False),
+                             pool_size=1)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def deadline(self) -> float | None:
+        n = self.coordinator.notice
+        return None if n is None else n.deadline_mono
+
+    # --------------------------------------------------------------------- run
+
+    def run(self) -> int:
+        self.worker_id = self.db.call(lambda: self.store.register_worker(
+            name=self.name, host=socket.gethostname(), pid=os.getpid(), pool=self.pool,
+            has_cuda=self.has_cuda, lease_seconds=self.settings.lease_seconds))
+        log.info("worker %s (%s) ready: pool %s, lease %.1f s, heartbeat %.1f s%s",
+                 self.name, self.worker_id, self.pool, self.settings.lease_seconds,
+                 self.settings.heartbeat_seconds, ", CUDA" if self.has_cuda else "")
+        self.coordinator.on_notice(self._on_notice)
+        reporter = threading.Thread(target=self._report_loop, name="spotrun-reporter",
+                                    daemon=True)
+        reporter.start()
+        waker = Waker(self.store)
+        try:
+            self._claim_loop(waker)
+        finally:
+            waker.close()
+        return self._stop()
+
+    def _claim_loop(self, waker: Waker) -> None:
+        while not self.coordinator.stopping:
+            if self.max_jobs is not None and self.claimed >= self.max_jobs and \
+                    not self.runners:
+                return
+            self._reap()
+            if len(self.runners) >= self.concurrency or (
+                    self.max_jobs is not None and self.claimed >= self.max_jobs):
+                self._wake.wait(0.1)
+                self._wake.clear()
+                continue
+            try:
+                claimed = self.db.call(self._claim_one, give_up_at=time.monotonic() + 2)
+            except Exception as exc:
+                if not _is_db_error(exc):
+                    raise
+                claimed = False
+            if not claimed:
+                waker.wait(0.1 if self.db.down_since is None else 1.0)
+
+    def _claim_one(self) -> bool:
+        if self.coordinator.stopping:
+            return False
+        got = self.store.claim(worker_id=self.worker_id, worker_name=self.name,
+                               lease_seconds=self.settings.lease_seconds,
+                               has_cuda=self.has_cuda, pool=self.pool)
+        if got is None:
+            return False
+        lease, job = got
+        runner = JobRunner(self, lease, job)  # type: ignore[arg-type]
+        with self._lock:
+            self.runners[job.id] = runner
+        self.claimed += 1
+        if self.coordinator.stopping:
+            # A notice arrived while we claimed: the runner hands the job straight back.
+            runner.request_stop(self._reason_for(self.coordinator.notice))
+        runner.start()
+        return True
+
+    def _reap(self) -> None:
+        with self._lock:
+            for job_id in [j for j, r in self.runners.items() if r.done.is_set()]:
+                del self.runners[job_id]
+
+    # ------------------------------------------------------------------ notice
+
+    @staticmethod
+    def _reason_for(notice: Notice | None) -> StopReason:
+        if notice is not None and notice.source == "signal" and notice.reason == "SIGINT":
+            return StopReason.SHUTDOWN
+        return StopReason.PREEMPTED
+
+    def _on_notice(self, notice: Notice) -> None:
+        # Called from the thread that heard the notice: only raise flags here.
+        reason = self._reason_for(notice)
+        with self._lock:
+            runners = list(self.runners.values())
+        for r in runners:
+            r.request_stop(reason, notice.reason)
+        self.wake()
+
+    def _stop(self) -> int:
+        """Wait for the runners to hand back, up to the deadline; then hooks; exit code."""
+        notice = self.coordinator.notice
+        code = 0
+        if notice is not None:
+            self.db.call(lambda: self.store.set_worker_state(self.worker_id, "stopping"),
+                         give_up_at=notice.deadline_mono)
+            with self._lock:
+                runners = list(self.runners.values())
+            for r in runners:
+                r.done.wait(max(0.0, notice.deadline_mono - time.monotonic()))
+            for r in runners:
+                if not r.done.is_set():
+                    code |= self._force_hand_back(r)
+        else:
+            with self._lock:
+                runners = list(self.runners.values())
+            for r in runners:
+                r.done.wait()
+        self._stop_reporter.set()
+        if notice is not None:
+            outcome = self.coordinator.run_hooks()
+            if outcome:
+                log.info("shutdown hooks: %s", ", ".join(f"{k} {v}" for k, v in
+                                                          outcome.items()))
+        try:
+            self.db.call(lambda: self.store.set_worker_state(self.worker_id, "stopped"),
+                         give_up_at=time.monotonic() + 1.0)
+        except Exception:
+            log.warning("could not mark worker %s stopped", self.name)
+        if notice is not None:
+            log.info("worker %s exits %.2f s after the notice (%s)", self.name,
+                     time.monotonic() - notice.received_mono, notice.reason)
+        return code
+
+    def _force_hand_back(self, r: JobRunner) -> int:
+        """The pipeline did not reach a step boundary in time: hand back without it."""
+        r.abandoned = True
+        ck = r.last_checkpoint_step
+        resume = (f"it will resume from the checkpoint at step {ck}" if ck is not None
+                  and r.job.on_preempt is OnPreempt.RESUME
+                  else "the next attempt starts from the beginning")
+        try:
+            self.db.call(lambda: self.hb_store.hand_back(
+                r.lease, f"preempted on {self.name} at {r.where()} before the step in flight "
+                f"finished; {resume}", keep_checkpoint=r.job.on_preempt is OnPreempt.RESUME,
+                run_seconds=r.run_seconds()), give_up_at=time.monotonic() + 1.0)
+            return 0
+        except LeaseLost as exc:
+            log.warning("job %s: %s", r.job.id, exc)
+            return 0
+        except Exception as exc:
+            log.error("job %s: could not hand back before the deadline (%s); its lease "
+                      "will expire and bring it back", r.job.id, exc)
+            return 1
+
+    # ---------------------------------------------------------------- reporter
+
+    def _report_loop(self) -> None:
+        hb = _Retrier(f"heartbeat of {self.name}")
+        next_beat = 0.0
+        tick = min(0.25, self.settings.heartbeat_seconds / 2)
+        while not self._stop_reporter.wait(tick):
+            now = time.monotonic()
+            with self._lock:
+                runners = [r for r in self.runners.values()
+                           if not r.done.is_set() and not r.abandoned]
+            try:
+                for r in runners:
+                    self._check_timeout(r)
+                    if r.dirty and now - r.last_flush >= PROGRESS_FLUSH_SECONDS:
+                        self._flush_progress(r)
+                if now >= next_beat:
+                    next_beat = now + self.settings.heartbeat_seconds
+                    self._beat(runners)
+                    self.hb_store.sweep_expired()
+                if hb.down_since is not None:
+                    log.warning("heartbeat of %s: database reachable again", self.name)
+                    hb.down_since = None
+            except Exception as exc:
+                if not _is_db_error(exc):
+                    log.exception("reporter error")
+                    continue
+                if hb.down_since is None:
+                    hb.down_since = now
+                    log.warning("heartbeat of %s: database unreachable (%s); retrying",
+                                self.name, str(exc).splitlines()[0][:200])
+
+    def _check_timeout(self, r: JobRunner) -> None:
+        limit = r.job.timeout
+        if limit and r.stop_reason is None and r.job.run_seconds + r.run_seconds() > limit:
+            r.request_stop(StopReason.TIMED_OUT,
+                           f"the job ran longer than its time limit of {limit:g} s")
+
+    def _flush_progress(self, r: JobRunner) -> None:
+        with r.lock:
+            step, total, metrics = r.step, r.total, dict(r.metrics)
+            r.dirty = False
+        r.last_flush = time.monotonic()
+        try:
+            cancel = self.hb_store.save_progress(r.lease, step, total, metrics, r.logs.take())
+        except LeaseLost as exc:
+            r.request_stop(StopReason.LEASE_LOST, str(exc))
+            log.warning("job %s: %s; stopping it", r.job.id, exc)
+            return
+        if cancel:
+            r.request_stop(StopReason.CANCELLED, "cancel requested")
+
+    def _beat(self, runners: list[JobRunner]) -> None:
+        status = self.hb_store.heartbeat(self.worker_id, [r.lease for r in runners],
+                                         self.settings.lease_seconds)
+        for r in runners:
+            st = status.get(r.job.id)
+            if st is None:
+                msg = (f"heartbeat of job {r.job.id} refused: attempt {r.lease.attempt} no "
+                       "longer holds the lease")
+                log.warning("%s; stopping it", msg)
+                r.request_stop(StopReason.LEASE_LOST, msg)
+            elif st:
+                r.request_stop(StopReason.CANCELLED, "cancel requested")
+
+
+@contextlib.contextmanager
+def running_worker(worker: Worker) -> Iterator[threading.Thread]:
+    """Run a worker on a thread (for embedding and tests); stop it on exit."""
+    t = threading.Thread(target=worker.run, daemon=True)
+    t.start()
+    try:
+        yield t
+    finally:
+        worker.coordinator.notify("SIGINT", source="signal")
+        t.join(30)
