@@ -392,7 +392,7 @@ def worker(
     preload: Annotated[bool, typer.Option(help="Import the ML libraries at start")] = True,
 ) -> None:
     """Run jobs until stopped. SIGTERM/SIGINT: hand the job back and exit 0."""
-    from spotrun.shutdown import ShutdownCoordinator
+    from spotrun import shutdown
     from spotrun.worker import Worker
 
     s = settings()
@@ -408,9 +408,10 @@ def worker(
     if changes:
         s = s.with_(**changes)
     setup_logging()
-    coordinator = ShutdownCoordinator(grace_seconds=s.grace_seconds,
-                                      safety_margin=s.safety_margin_seconds)
+    coordinator = shutdown.coordinator(grace_seconds=s.grace_seconds,
+                                       safety_margin=s.safety_margin_seconds)
     coordinator.install_signal_handlers()
+    _import_plugins()
     if preload:
         _preload_ml()
     w = Worker(s, name=name, concurrency=concurrency, coordinator=coordinator,
@@ -422,6 +423,19 @@ def worker(
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _import_plugins() -> None:
+    """Import the modules named in SPOTRUN_IMPORT (comma-separated), e.g. to register
+    shutdown hooks with ``spotrun.shutdown.register``."""
+    import importlib
+
+    for name in filter(None, (m.strip() for m in os.environ.get("SPOTRUN_IMPORT", "").split(
+            ","))):
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            fail(f"SPOTRUN_IMPORT: cannot import {name!r}: {type(exc).__name__}: {exc}")
 
 
 def _start_watchers(s: Settings, coordinator: Any) -> None:

@@ -53,6 +53,11 @@ class StopReason(enum.Enum):
     LEASE_LOST = "lease lost"
 
 
+def seconds(x: float) -> str:
+    """A duration as people read it: 0.004 s, 0.12 s, 3.4 s."""
+    return f"{x:.3f} s" if x < 0.1 else f"{x:.2f} s" if x < 10 else f"{x:.1f} s"
+
+
 def detect_cuda() -> bool:
     """Whether this worker can run CUDA jobs, without importing torch on CPU machines."""
     forced = os.environ.get("SPOTRUN_WORKER_CUDA")
@@ -208,7 +213,7 @@ class JobRunner:
         # The pointer moves only after the manifest is written; a refused write means a
         # newer attempt owns the job, and our files are left for its cleanup.
         message = None if notice else (
-            f"checkpoint at step {state.step} saved in {saved.seconds:.2f} s")
+            f"checkpoint at step {state.step} saved in {seconds(saved.seconds)}")
         dropped = self.worker.db.call(lambda: self.store.commit_checkpoint(
             self.lease, saved.path, state.step, message=message))
         elapsed = time.perf_counter() - start
@@ -352,7 +357,7 @@ class JobRunner:
     def _checkpoint_words(self) -> str:
         ck = self.notice_checkpoint
         if ck is not None:
-            return f"checkpoint saved in {ck.seconds:.2f} s"
+            return f"checkpoint saved in {seconds(ck.seconds)}"
         if self.last_checkpoint_step is not None:
             return f"will resume from the checkpoint at step {self.last_checkpoint_step}"
         return "no checkpoint, the next attempt starts from the beginning"
