@@ -561,6 +561,69 @@ def token_revoke(name: str) -> None:
     typer.echo(f"token {name!r} revoked")
 
 
+# ------------------------------------------------------------------ operations
+
+
+@app.command()
+@friendly
+def doctor(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Check this deployment: signal path, database, checkpoint store, GPUs, notices."""
+    from spotrun import doctor as doctor_mod
+
+    raise typer.Exit(doctor_mod.main(settings(), as_json=as_json, echo=typer.echo))
+
+
+@app.command()
+@friendly
+def server(
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on")] = 8000,
+) -> None:
+    """Serve the HTTP API and the dashboard."""
+    from spotrun import serve
+
+    raise typer.Exit(serve.serve(settings(), host=host, port=port, echo=typer.echo))
+
+
+@app.command()
+@friendly
+def up(
+    workers_: Annotated[int, typer.Option("--workers", min=0, max=64,
+                                          help="Local workers to start")] = 2,
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on")] = 8000,
+) -> None:
+    """The API, the dashboard and N local workers in one process tree (Ctrl-C stops all)."""
+    from spotrun import serve
+
+    raise typer.Exit(serve.up(settings(), workers=workers_, host=host, port=port,
+                              echo=typer.echo))
+
+
+@app.command()
+@friendly
+def chaos(
+    workers_: Annotated[int, typer.Option("--workers", min=1, max=64)] = 4,
+    jobs_: Annotated[int, typer.Option("--jobs", min=1, max=100_000)] = 40,
+    duration: Annotated[float, typer.Option(min=1, help="Seconds of chaos")] = 60,
+    sigterm_rate: Annotated[float, typer.Option(min=0, help="SIGTERMs per second")] = 0.1,
+    sigkill_rate: Annotated[float, typer.Option(min=0, help="SIGKILLs per second")] = 0.05,
+    freeze_rate: Annotated[float, typer.Option(
+        min=0, help="SIGSTOP-past-the-lease freezes per second")] = 0.03,
+    db_restart: Annotated[bool, typer.Option(
+        "--db-restart", help="Run a private PostgreSQL and restart it mid-drill")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the drill's randomness")] = 0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """A chaos drill: kill workers every way a cloud can, then check nothing was lost."""
+    from spotrun import chaos as chaos_mod
+
+    raise typer.Exit(chaos_mod.main(
+        settings(), workers=workers_, jobs=jobs_, duration=duration,
+        sigterm_rate=sigterm_rate, sigkill_rate=sigkill_rate, freeze_rate=freeze_rate,
+        db_restart=db_restart, seed=seed, as_json=as_json, echo=typer.echo))
+
+
 def main() -> None:
     try:
         app()

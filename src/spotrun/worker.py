@@ -168,6 +168,7 @@ class JobRunner:
         self.last_checkpoint_step: int | None = job.checkpoint_step
         self.last_checkpoint_mono = time.monotonic()
         self.abandoned = False  # the main thread handed the job back without us
+        self.early_checkpoint = False  # an advisory asked for a checkpoint now
         self.done = threading.Event()
         self.lock = threading.Lock()
         self.logs = _JobLogHandler()
@@ -196,6 +197,9 @@ class JobRunner:
                     and not self.abandoned)
         if self.stop_reason is not None or step == self.last_checkpoint_step or step == 0:
             return False
+        if self.early_checkpoint:
+            self.early_checkpoint = False
+            return True
         if self.every_steps and self.last_checkpoint_step is not None and \
                 step - self.last_checkpoint_step >= self.every_steps:
             return True
@@ -447,6 +451,7 @@ class Worker:
                  self.name, self.worker_id, self.pool, self.settings.lease_seconds,
                  self.settings.heartbeat_seconds, ", CUDA" if self.has_cuda else "")
         self.coordinator.on_notice(self._on_notice)
+        self.coordinator.on_advisory(self._on_advisory)
         reporter = threading.Thread(target=self._report_loop, name="spotrun-reporter",
                                     daemon=True)
         reporter.start()
@@ -517,6 +522,14 @@ class Worker:
         for r in runners:
             r.request_stop(reason, notice.reason)
         self.wake()
+
+    def _on_advisory(self, reason: str) -> None:
+        # Elevated risk (e.g. an AWS rebalance recommendation): checkpoint at the next
+        # step boundary, and keep working.
+        with self._lock:
+            runners = list(self.runners.values())
+        for r in runners:
+            r.early_checkpoint = True
 
     def _stop(self) -> int:
         """Wait for the runners to hand back, up to the deadline; then hooks; exit code."""
