@@ -516,6 +516,7 @@ class JobStore:
             ).first()
             if row is None:
                 raise self._refused(conn, lease, "progress")
+            self._notify(conn, lease.job_id)
             if logs:
                 conn.execute(
                     job_logs.insert(),
@@ -793,6 +794,34 @@ class JobStore:
                 .order_by(workers.c.started_at.desc())
             ).mappings().all()
         return [_worker_from_row(r) for r in rows]
+
+    def add_note(self, job_id: str, message: str, *, kind: str = EventKind.NOTE) -> None:
+        """Append an event that changes nothing (e.g. a callback could not be delivered)."""
+        with self._tx() as conn:
+            row = conn.execute(sa.select(jobs.c.attempt).where(jobs.c.id == job_id)).first()
+            if row is None:
+                raise JobNotFound(f"no job with id {job_id!r}")
+            self._event(conn, job_id, kind, message, worker=None, attempt=row.attempt)
+
+    def events_after(self, event_id: int, *, limit: int = 500
+                     ) -> list[tuple[int, str, str, str | None]]:
+        """Events of every job after ``event_id``: (event id, job id, kind, callback URL).
+
+        For followers of the whole queue (callbacks, live views), in order.
+        """
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                sa.select(events.c.id, events.c.job_id, events.c.kind, jobs.c.callback_url)
+                .join(jobs, jobs.c.id == events.c.job_id)
+                .where(events.c.id > event_id)
+                .order_by(events.c.id)
+                .limit(limit)
+            ).all()
+        return [(int(r[0]), str(r[1]), str(r[2]), r[3]) for r in rows]
+
+    def last_event_id(self) -> int:
+        with self._tx(write=False) as conn:
+            return int(conn.execute(sa.select(sa.func.max(events.c.id))).scalar() or 0)
 
     # ------------------------------------------------------------------ tokens
 
