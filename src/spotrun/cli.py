@@ -412,11 +412,19 @@ def worker(
                                        safety_margin=s.safety_margin_seconds)
     coordinator.install_signal_handlers()
     _import_plugins()
+    from spotrun import watchers
+
+    # Check the notice sources before anything starts, so a typo is one line, not a worker
+    # that never hears its cloud.
+    cloud_watchers = watchers.watchers_from_env(coordinator)
     if preload:
         _preload_ml()
     w = Worker(s, name=name, concurrency=concurrency, coordinator=coordinator,
                max_jobs=max_jobs)
-    _start_watchers(s, coordinator)
+    for watcher in cloud_watchers:
+        watcher.start()
+    logging.getLogger("spotrun.watchers").info("preemption sources: signals%s", "".join(
+        f", {cw.source} ({cw.endpoint})" for cw in cloud_watchers))
     code = w.run()
     logging.shutdown()
     # Pipelines stuck in a C call live on daemon threads; do not wait for them.
@@ -436,14 +444,6 @@ def _import_plugins() -> None:
             importlib.import_module(name)
         except Exception as exc:
             fail(f"SPOTRUN_IMPORT: cannot import {name!r}: {type(exc).__name__}: {exc}")
-
-
-def _start_watchers(s: Settings, coordinator: Any) -> None:
-    try:
-        from spotrun import watchers
-    except ImportError:  # pragma: no cover - the module ships with the package
-        return
-    watchers.start_from_env(coordinator)
 
 
 # --------------------------------------------------------------------- preempt
@@ -622,6 +622,84 @@ def chaos(
         settings(), workers=workers_, jobs=jobs_, duration=duration,
         sigterm_rate=sigterm_rate, sigkill_rate=sigkill_rate, freeze_rate=freeze_rate,
         db_restart=db_restart, seed=seed, as_json=as_json, echo=typer.echo))
+
+
+@app.command()
+@friendly
+def cost(
+    since: Annotated[str | None, typer.Option(
+        help="Only jobs created since this ISO date/time, or a duration like 24h, 7d")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    per_job: Annotated[bool, typer.Option("--per-job", help="A line per job")] = False,
+) -> None:
+    """What the jobs cost on spot and on-demand workers, and what spot saved.
+
+    Prices: the worker's own price, else SPOTRUN_PRICES by pool (e.g.
+    "spot=0.35,on-demand=1.20"); SPOTRUN_ON_DEMAND_PRICE sets the reference.
+    """
+    from spotrun import cost as cost_mod
+
+    raise typer.Exit(cost_mod.main(settings(), since=since, as_json=as_json, per_job=per_job,
+                                   echo=typer.echo))
+
+
+@app.command()
+@friendly
+def simulate(
+    workers_: Annotated[int | None, typer.Option(
+        "--workers", help="Workers, 1 to 10000 [default 100]")] = None,
+    spot_fraction: Annotated[float | None, typer.Option(
+        help="Share of the workers on spot VMs [default 1]")] = None,
+    zones: Annotated[int | None, typer.Option(help="Zones the spot VMs spread over [3]")
+                     ] = None,
+    job_minutes: Annotated[float | None, typer.Option(help="Length of a job [5]")] = None,
+    arrival_rate: Annotated[float | None, typer.Option(
+        help="Jobs per hour (Poisson) [70 % of the fleet's capacity]")] = None,
+    hours: Annotated[float | None, typer.Option(help="Hours of arrivals [8]")] = None,
+    preemption_rate: Annotated[float | None, typer.Option(
+        help="Preemptions per spot VM per hour, 0.05 = 5 %/h [0.05]")] = None,
+    wave_at: Annotated[float | None, typer.Option(
+        help="Hour at which zone 0 loses --wave-fraction of its spot VMs at once")] = None,
+    wave_fraction: Annotated[float | None, typer.Option(help="[0.5]")] = None,
+    notice_seconds: Annotated[float | None, typer.Option(
+        help="Preemption notice before the VM dies [30]")] = None,
+    notice_miss: Annotated[float | None, typer.Option(
+        help="Share of preemptions without a usable notice [0.05]")] = None,
+    replace_seconds: Annotated[float | None, typer.Option(
+        help="VM death to its replacement's first claim [120]")] = None,
+    checkpoint_seconds: Annotated[float | None, typer.Option(help="One checkpoint [2]")
+                                  ] = None,
+    notice_checkpoint_seconds: Annotated[float | None, typer.Option(
+        help="Notice to hand-back [= --checkpoint-seconds]")] = None,
+    restart_seconds: Annotated[float | None, typer.Option(
+        help="Claim to first step of a resumed job [20]")] = None,
+    checkpoint_interval: Annotated[float | None, typer.Option(
+        help="Seconds of work between checkpoints [Young/Daly sqrt(2 C M)]")] = None,
+    max_preemptions: Annotated[int | None, typer.Option(
+        help="Escalation: a job preempted more often goes to on-demand [2]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the randomness [0]")] = None,
+    policy: Annotated[list[str] | None, typer.Option(
+        "--policy", help="Only this policy (repeatable) [all four]")] = None,
+    calibrate: Annotated[str | None, typer.Option(
+        help="Take checkpoint, notice and restart times from a `spotrun chaos --json` "
+        "report")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Simulate a fleet of spot and on-demand workers under each checkpoint policy.
+
+    Prices: SPOTRUN_PRICES ("spot=0.35,on-demand=1.20") and SPOTRUN_ON_DEMAND_PRICE.
+    """
+    from spotrun import simulate as simulate_mod
+
+    raise typer.Exit(simulate_mod.main(
+        as_json=as_json, calibrate=calibrate, policies=policy, echo=typer.echo,
+        workers=workers_, spot_fraction=spot_fraction, zones=zones, job_minutes=job_minutes,
+        arrival_rate=arrival_rate, hours=hours, preemption_rate=preemption_rate,
+        wave_at=wave_at, wave_fraction=wave_fraction, notice_seconds=notice_seconds,
+        notice_miss=notice_miss,
+        replace_seconds=replace_seconds, checkpoint_seconds=checkpoint_seconds,
+        notice_checkpoint_seconds=notice_checkpoint_seconds, restart_seconds=restart_seconds,
+        checkpoint_interval=checkpoint_interval, max_preemptions=max_preemptions, seed=seed))
 
 
 def main() -> None:

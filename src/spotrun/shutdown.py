@@ -116,8 +116,10 @@ class ShutdownCoordinator:
             listeners = list(self._listeners)
         self._event.set()
         if old is None:
-            log.warning("shutdown notice: %s; %.1f s to hand work back", reason,
-                        notice.deadline_mono - now_mono)
+            by = (f"deadline given by {source}" if deadline is not None
+                  and deadline - now_wall < self.grace_seconds else "grace period")
+            log.warning("shutdown notice: %s; %.1f s to hand work back (%s)", reason,
+                        max(0.0, notice.deadline_mono - now_mono), by)
         for fn in listeners:
             try:
                 fn(notice)

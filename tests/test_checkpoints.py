@@ -1,0 +1,90 @@
+"""Checkpoints: committed by the manifest, verified on load, never unpickled."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+from spotrun.checkpoints import MANIFEST, CheckpointCorrupt, CheckpointStore
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "spotrun"
+
+
+def test_round_trip_and_layout(tmp_path: Path) -> None:
+    store = CheckpointStore(str(tmp_path))
+    saved = store.save("job1", 2, 340, {"a.bin": b"x" * 1000, "state.json": b"{}"},
+                       {"note": "hi"})
+    assert saved.path == "jobs/job1/a0002-s000000340"
+    assert saved.nbytes == 1002
+    loaded = store.load(saved.path)
+    assert loaded.step == 340 and loaded.files["a.bin"] == b"x" * 1000
+    assert loaded.meta == {"note": "hi"}
+    manifest = json.loads((tmp_path / saved.path / MANIFEST).read_text())
+    assert manifest["files"]["a.bin"]["size"] == 1000
+    assert manifest["attempt"] == 2 and manifest["job"] == "job1"
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("flip", "sha256"),
+    ("truncate", "truncated"),
+    ("no-manifest", "manifest is missing"),
+    ("bad-manifest", "not valid JSON"),
+    ("missing-file", "missing"),
+])
+def test_damage_is_detected_not_loaded(tmp_path: Path, damage: str, reason: str) -> None:
+    store = CheckpointStore(str(tmp_path))
+    saved = store.save("job1", 1, 10, {"t.bin": bytes(range(256)) * 10})
+    directory = tmp_path / saved.path
+    data = directory / "t.bin"
+    if damage == "flip":
+        raw = bytearray(data.read_bytes())
+        raw[100] ^= 0xFF
+        data.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        data.write_bytes(data.read_bytes()[:-7])
+    elif damage == "no-manifest":
+        (directory / MANIFEST).unlink()
+    elif damage == "bad-manifest":
+        (directory / MANIFEST).write_text("{not json")
+    else:
+        data.unlink()
+    with pytest.raises(CheckpointCorrupt, match=reason):
+        store.load(saved.path)
+
+
+def test_delete_and_delete_job(tmp_path: Path) -> None:
+    store = CheckpointStore(str(tmp_path))
+    a = store.save("job1", 1, 1, {"x": b"1"})
+    b = store.save("job1", 1, 2, {"x": b"2"})
+    store.delete(a.path)
+    assert not store.exists(a.path) and store.exists(b.path)
+    model = store.save_model("job1", {"m": b"w"})
+    store.delete_job("job1")
+    assert not store.exists(b.path)
+    assert store.load_model("job1").files == {"m": b"w"}
+    assert model.path == "models/job1"
+
+
+def test_bad_file_names_are_refused(tmp_path: Path) -> None:
+    store = CheckpointStore(str(tmp_path))
+    for name in (MANIFEST, "../escape", ".hidden"):
+        with pytest.raises(ValueError):
+            store.save("j", 1, 1, {name: b""})
+
+
+def test_nothing_in_the_package_unpickles() -> None:
+    """Invariant 7: no pickle, and torch.load only ever with weights_only=True."""
+    for path in SRC.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names] + [getattr(node, "module", "") or ""]
+                assert not any(n in ("pickle", "cPickle", "dill") for n in names), path
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr == "load" and getattr(node.func.value, "id", "") == "torch":
+                kw = {k.arg: k.value for k in node.keywords}
+                assert isinstance(kw.get("weights_only"), ast.Constant) and \
+                    kw["weights_only"].value is True, path

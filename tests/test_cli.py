@@ -1,0 +1,108 @@
+"""The command line as scripts use it: output contract, one-line errors, fast start."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+
+from conftest import Env
+
+
+@pytest.fixture
+def cli_env(env_factory: Callable[..., Env], sqlite_url: str) -> Env:
+    return env_factory(sqlite_url)
+
+
+def test_submit_prints_the_id_and_show_json_has_the_contract(cli_env: Env) -> None:
+    out = cli_env.cli("submit", "sleep", "-p", "seconds=0.5", "-p", "steps=5",
+                      "--priority", "3", "--max-retries", "2").stdout
+    job_id = out.strip()
+    assert "\n" not in job_id and len(job_id) > 10
+    shown = json.loads(cli_env.cli("show", job_id, "--json").stdout)
+    for key in ("id", "pipeline", "params", "state", "attempt", "preemptions", "retries",
+                "worker", "progress", "result", "error", "created_at", "updated_at",
+                "events"):
+        assert key in shown
+    assert shown["id"] == job_id and isinstance(shown["id"], str)
+    assert shown["params"] == {"seconds": 0.5, "steps": 5, "state_mb": 0.0, "fail": False}
+    assert shown["state"] == "queued" and shown["worker"] is None
+    assert shown["events"][0]["message"] == "queued"
+    listed = json.loads(cli_env.cli("jobs", "--json").stdout)
+    assert [j["id"] for j in listed] == [job_id]
+    as_json = json.loads(cli_env.cli("submit", "sleep", "--json").stdout)
+    assert as_json["pipeline"] == "sleep"
+    assert len(json.loads(cli_env.cli("jobs", "--json", "--limit", "1").stdout)) == 1
+    assert "seconds" in cli_env.cli("pipelines").stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["submit", "nope"], "unknown pipeline 'nope'; known pipelines: digits-infer, "
+                         "digits-train, sleep"),
+    (["submit", "digits-train", "-p", "colour=red"], "unknown param 'colour'"),
+    (["submit", "digits-train", "-p", "epochs=many"], "param 'epochs'"),
+    (["submit", "digits-train", "-p", "epochs=0"], "param 'epochs': Input should be "
+                                                   "greater than or equal to 1"),
+    (["submit", "digits-train", "-p", "device=tpu"], "param 'device'"),
+    (["submit", "sleep", "-p", "seconds"], "bad param 'seconds': expected key=value"),
+    (["submit", "digits-infer", "-p", "model=missing"], "no job with id 'missing'"),
+    (["submit", "digits-infer"], "param 'model' is required"),
+    (["show", "nope"], "no job with id 'nope'"),
+    (["cancel", "nope"], "no job with id 'nope'"),
+    (["logs", "nope"], "no job with id 'nope'"),
+])
+def test_bad_input_is_one_line_and_creates_nothing(cli_env: Env, args: list[str],
+                                                   message: str) -> None:
+    proc = cli_env.cli(*args, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert message in proc.stderr
+    assert json.loads(cli_env.cli("jobs", "--json").stdout) == []
+
+
+def test_wait_exit_codes(cli_env: Env) -> None:
+    assert cli_env.cli("wait", "nope", check=False).returncode == 1
+    job_id = cli_env.cli("submit", "sleep").stdout.strip()
+    proc = cli_env.cli("wait", job_id, "--timeout", "0.3", check=False)
+    assert proc.returncode == 3
+    cli_env.cli("cancel", job_id)
+    proc = cli_env.cli("wait", job_id, check=False)
+    assert proc.returncode == 1 and "cancelled" in proc.stdout
+
+
+def test_unreachable_database_is_one_line(cli_env: Env) -> None:
+    proc = cli_env.cli("--database-url", "postgresql://u:s3cret@127.0.0.1:1/x", "jobs",
+                       check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("spotrun: cannot reach the database at "
+                                  "postgresql+psycopg://u:***@127.0.0.1:1/x")
+    assert "s3cret" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_bad_settings_are_one_line(cli_env: Env) -> None:
+    proc = subprocess.run([sys.executable, "-m", "spotrun", "jobs"], capture_output=True,
+                          text=True, env={**cli_env.vars, "SPOTRUN_LEASE_SECONDS": "soon"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "spotrun: SPOTRUN_LEASE_SECONDS='soon' is not a number"
+
+
+def test_commands_that_run_no_pipeline_import_no_ml_library(cli_env: Env) -> None:
+    code = (
+        "import sys\n"
+        "from spotrun.cli import app\n"
+        "for args in (['submit', 'digits-train', '-p', 'epochs=1'], ['jobs'], "
+        "['pipelines']):\n"
+        "    try:\n"
+        "        app(args)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = [m for m in ('torch', 'sklearn', 'safetensors', 'fastapi') "
+        "if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=cli_env.vars, timeout=60)
+    assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr

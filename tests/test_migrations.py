@@ -1,0 +1,55 @@
+"""The migrations build exactly the schema the code declares, safely when many start."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from spotrun import migrations
+from spotrun.schema import metadata
+from spotrun.store import JobStore, normalize_url
+
+
+def test_migrations_and_metadata_agree(db_url: str) -> None:
+    engine = sa.create_engine(normalize_url(db_url))
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        diff = compare_metadata(ctx, metadata)
+        version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+    engine.dispose()
+    assert diff == []
+    assert version == migrations.head_revision()
+
+
+def test_many_processes_opening_a_new_database_at_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    code = ("import sys; from spotrun.store import JobStore; "
+            "JobStore.open(sys.argv[1]).submit('sleep', {'seconds': 0})")
+    procs = [subprocess.Popen([sys.executable, "-c", code, url], stderr=subprocess.PIPE)
+             for _ in range(6)]
+    errors = [p.communicate(timeout=60)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, errors
+    store = JobStore.open(url)
+    assert len(store.list_jobs()) == 6
+    store.close()
+
+
+def test_many_processes_migrating_postgres_at_once(pg_url: str) -> None:
+    # Start from an empty database: drop what the template gave us.
+    engine = sa.create_engine(normalize_url(pg_url))
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    engine.dispose()
+    code = ("import sys; from spotrun.store import JobStore; "
+            "JobStore.open(sys.argv[1]).submit('sleep', {'seconds': 0})")
+    procs = [subprocess.Popen([sys.executable, "-c", code, pg_url], stderr=subprocess.PIPE)
+             for _ in range(6)]
+    errors = [p.communicate(timeout=60)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, errors
+    store = JobStore.open(pg_url)
+    assert len(store.list_jobs()) == 6
+    store.close()

@@ -1,0 +1,228 @@
+"""The store's contract, run on SQLite and on PostgreSQL alike."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from spotrun.jobs import EventKind, JobState, OnPreempt
+from spotrun.store import JobNotFound, JobStore, Lease, LeaseLost
+
+
+def _worker(store: JobStore, name: str = "w1", lease: float = 10.0) -> str:
+    return store.register_worker(name=name, host="h", pid=1, pool="spot", has_cuda=False,
+                                 lease_seconds=lease)
+
+
+def _claim(store: JobStore, wid: str, name: str = "w1", lease: float = 10.0,
+           **kw: object) -> tuple[Lease, object]:
+    got = store.claim(worker_id=wid, worker_name=name, lease_seconds=lease, **kw)  # type: ignore[arg-type]
+    assert got is not None
+    return got
+
+
+def _expire_now(store: JobStore, job_id: str) -> None:
+    # Move the lease into the past by the database's clock, as time passing would.
+    from spotrun.schema import jobs
+
+    with store.engine.begin() as conn:
+        conn.execute(jobs.update().where(jobs.c.id == job_id)
+                     .values(lease_expires_at=jobs.c.lease_expires_at - 3600))
+
+
+def test_claim_order_is_priority_then_first_in(store: JobStore) -> None:
+    a = store.submit("sleep", {"seconds": 0})
+    b = store.submit("sleep", {"seconds": 0}, priority=5)
+    c = store.submit("sleep", {"seconds": 0})
+    wid = _worker(store)
+    order = [_claim(store, wid)[0].job_id for _ in range(3)]
+    assert order == [b.id, a.id, c.id]
+    assert store.claim(worker_id=wid, worker_name="w1", lease_seconds=10) is None
+
+
+def test_claim_takes_a_lease_and_attempt_is_the_fencing_token(store: JobStore) -> None:
+    job = store.submit("sleep", {"seconds": 0})
+    assert job.state is JobState.QUEUED and job.attempt == 0
+    wid = _worker(store)
+    lease, claimed = _claim(store, wid)
+    got = store.get(job.id)
+    assert lease.attempt == 1 and got.attempt == 1
+    assert got.state is JobState.RUNNING and got.worker == "w1"
+    assert got.lease_expires_at is not None
+    assert [e.message for e in got.events] == ["queued", "started on w1"]
+
+
+def test_stale_attempt_cannot_write_after_the_job_moved_on(store: JobStore) -> None:
+    job = store.submit("sleep", {"seconds": 0})
+    w1, w2 = _worker(store, "w1"), _worker(store, "w2")
+    old, _ = _claim(store, w1, "w1")
+    _expire_now(store, job.id)
+    assert store.sweep_expired() == [job.id]
+    new, _ = _claim(store, w2, "w2")
+    assert new.attempt == old.attempt + 1
+    for write in (
+        lambda: store.save_progress(old, 5, 10, {}),
+        lambda: store.complete(old, {"zombie": True}),
+        lambda: store.fail(old, "zombie"),
+        lambda: store.hand_back(old, "zombie"),
+        lambda: store.commit_checkpoint(old, "jobs/x/a1", 3),
+        lambda: store.add_event(old, EventKind.NOTE, "zombie"),
+    ):
+        with pytest.raises(LeaseLost, match="no longer holds the lease"):
+            write()
+    assert store.heartbeat(w1, [old], 10) == {job.id: None}
+    store.complete(new, {"ok": 1})
+    final = store.get(job.id)
+    assert final.state is JobState.SUCCEEDED and final.result == {"ok": 1}
+    assert final.attempt == 2 and final.worker == "w2"
+
+
+def test_expiry_requeues_with_an_event_and_counts_a_retry(store: JobStore) -> None:
+    job = store.submit("sleep", {"seconds": 0})
+    wid = _worker(store)
+    lease, _ = _claim(store, wid)
+    store.save_progress(lease, 120, 900, {})
+    assert store.sweep_expired() == []  # lease still valid
+    _expire_now(store, job.id)
+    assert store.sweep_expired() == [job.id]
+    got = store.get(job.id)
+    assert got.state is JobState.QUEUED and got.retries == 1 and got.worker is None
+    assert got.events[-1].kind == EventKind.LEASE_EXPIRED
+    assert got.events[-1].message == (
+        "lease of worker w1 expired at step 120/900; back in the queue")
+
+
+def test_lost_workers_are_capped_by_max_retries(store: JobStore) -> None:
+    job = store.submit("sleep", {"seconds": 0}, max_retries=2)
+    wid = _worker(store)
+    for _ in range(3):
+        _claim(store, wid)
+        _expire_now(store, job.id)
+        store.sweep_expired()
+    got = store.get(job.id)
+    assert got.state is JobState.FAILED and got.retries == 3
+    assert got.error is not None and "giving up after max_retries=2" in got.error
+
+
+def test_preemption_hand_back_uses_no_retry(store: JobStore) -> None:
+    job = store.submit("sleep", {"seconds": 0}, max_retries=0)
+    wid = _worker(store)
+    for _ in range(3):
+        lease, _ = _claim(store, wid)
+        store.hand_back(lease, "preempted on w1 at step 3/10; checkpoint saved in 0.01 s")
+    got = store.get(job.id)
+    assert got.state is JobState.QUEUED and got.preemptions == 3 and got.retries == 0
+    assert got.attempt == 3
+
+
+def test_heartbeat_renews_the_lease_by_the_database_clock(store: JobStore) -> None:
+    job = store.submit("sleep", {"seconds": 0})
+    wid = _worker(store)
+    lease, _ = _claim(store, wid, lease=0.5)
+    time.sleep(0.3)
+    assert store.heartbeat(wid, [lease], 0.5) == {job.id: False}
+    time.sleep(0.3)
+    assert store.sweep_expired() == []  # renewed, so 0.6 s after the claim it still holds
+    time.sleep(0.6)
+    assert store.sweep_expired() == [job.id]
+
+
+def test_cancel_queued_and_running(store: JobStore) -> None:
+    queued = store.submit("sleep", {"seconds": 0})
+    running = store.submit("sleep", {"seconds": 0})
+    wid = _worker(store)
+    store.cancel(queued.id)
+    lease, _ = _claim(store, wid)
+    assert lease.job_id == running.id
+    assert store.get(queued.id).state is JobState.CANCELLED
+    after = store.cancel(running.id)
+    assert after.state is JobState.RUNNING and after.cancel_requested
+    assert store.save_progress(lease, 1, 10, {}) is True  # the worker learns of it
+    store.finish_cancelled(lease)
+    assert store.get(running.id).state is JobState.CANCELLED
+    with pytest.raises(JobNotFound):
+        store.cancel("nope")
+
+
+def test_owner_scoping_and_idempotency(store: JobStore) -> None:
+    a = store.submit("sleep", {"seconds": 0}, owner="alice", idempotency_key="k1")
+    again = store.submit("sleep", {"seconds": 0}, owner="alice", idempotency_key="k1")
+    other = store.submit("sleep", {"seconds": 0}, owner="bob", idempotency_key="k1")
+    assert again.id == a.id and other.id != a.id
+    assert [j.id for j in store.list_jobs(owner="alice")] == [a.id]
+    with pytest.raises(JobNotFound):
+        store.cancel(a.id, owner="bob")
+
+
+def test_checkpoint_pointers_keep_the_last_two(store: JobStore) -> None:
+    job = store.submit("sleep", {"seconds": 0})
+    wid = _worker(store)
+    lease, _ = _claim(store, wid)
+    assert store.commit_checkpoint(lease, "c1", 1) is None
+    assert store.commit_checkpoint(lease, "c2", 2) is None
+    assert store.commit_checkpoint(lease, "c3", 3) == "c1"
+    got = store.get(job.id)
+    assert (got.checkpoint, got.checkpoint_prev) == ("c3", "c2")
+    store.drop_checkpoint_pointer(lease, "c3")
+    got = store.get(job.id)
+    assert (got.checkpoint, got.checkpoint_prev) == ("c2", None)
+    store.hand_back(lease, "preempted", keep_checkpoint=True)
+    lease2, claimed = _claim(store, wid)
+    assert claimed.checkpoint == "c2"  # type: ignore[attr-defined]
+    assert store.get(job.id).events[-1].message == "resumed on w1 from step 2"
+
+
+def test_restart_policy_drops_the_checkpoint(store: JobStore) -> None:
+    job = store.submit("sleep", {"seconds": 0}, on_preempt=OnPreempt.RESTART)
+    wid = _worker(store)
+    lease, _ = _claim(store, wid)
+    store.commit_checkpoint(lease, "c1", 1)
+    store.hand_back(lease, "preempted", keep_checkpoint=False)
+    assert store.get(job.id).checkpoint is None
+
+
+def test_concurrent_claims_never_hand_out_a_job_twice(store: JobStore) -> None:
+    n = 120
+    ids = {store.submit("sleep", {"seconds": 0}).id for _ in range(n)}
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def claim_all(i: int) -> None:
+        s = JobStore(store.engine)
+        wid = _worker(s, f"t{i}")
+        while True:
+            got = s.claim(worker_id=wid, worker_name=f"t{i}", lease_seconds=10)
+            if got is None:
+                return
+            with lock:
+                claimed.append(got[0].job_id)
+
+    threads = [threading.Thread(target=claim_all, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == sorted(ids)
+
+
+def test_worker_marked_gone_when_its_heartbeat_stops(store: JobStore) -> None:
+    wid = _worker(store, lease=0.2)
+    assert store.list_workers()[0].state == "idle"
+    time.sleep(0.4)
+    store.mark_gone_workers()
+    assert [(w.id, w.state) for w in store.list_workers()] == [(wid, "gone")]
+
+
+def test_tokens_are_stored_hashed(store: JobStore) -> None:
+    token = store.create_token("alice")
+    with store.engine.connect() as conn:
+        stored = conn.execute(sa.text("SELECT token_hash FROM api_tokens")).scalar()
+    assert token not in str(stored)
+    who = store.verify_token(token)
+    assert who is not None and who.name == "alice" and not who.is_admin
+    store.revoke_token("alice")
+    assert store.verify_token(token) is None
+    assert store.verify_token("spr_wrong") is None
