@@ -117,7 +117,7 @@ def test_notice_heard_while_the_main_thread_is_inside_a_long_c_call() -> None:
         proc.send_signal(signal.SIGTERM)
         line = proc.stdout.readline().strip()
         assert line == "notice SIGTERM"
-        assert time.monotonic() - sent < 2
+        assert time.monotonic() - sent < 5
     finally:
         proc.kill()
         proc.wait()

@@ -156,7 +156,7 @@ class JobStore:
         from spotrun import migrations
 
         head = migrations.head_revision()
-        if self._current_revision() == head:
+        if self.current_revision() == head:
             return
         if self.is_postgres:
             with self.engine.connect() as conn, conn.begin():
@@ -182,7 +182,8 @@ class JobStore:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def _current_revision(self) -> str | None:
+    def current_revision(self) -> str | None:
+        """The schema revision the database is at (None before the first migration)."""
         with self.engine.connect() as conn:
             if not sa.inspect(conn).has_table("alembic_version"):
                 return None
@@ -859,6 +860,32 @@ class JobStore:
             return None
         return Token(r["name"], bool(r["is_admin"]), from_epoch(r["created_at"]), False)
 
+    def jobs_updated_since(self, since: float, *, limit: int = 1000) -> list[Job]:
+        """Jobs whose row changed at or after ``since`` (database clock), oldest change first.
+
+        For live views: they follow a watermark instead of re-reading every job.
+        """
+        query = (sa.select(jobs).where(jobs.c.updated_at >= since)
+                 .order_by(jobs.c.updated_at, jobs.c.id).limit(limit))
+        with self._tx(write=False) as conn:
+            return [_job_from_row(r, ()) for r in conn.execute(query).mappings()]
+
+    def preemption_handoffs(self) -> list[float | None]:
+        """For each preemption hand-back ("preempted" event): the seconds until the job
+        started or resumed on a worker again, or None while it has not (yet)."""
+        later = events.alias("later")
+        next_start = (
+            sa.select(sa.func.min(later.c.at))
+            .where(later.c.job_id == events.c.job_id, later.c.id > events.c.id,
+                   later.c.kind.in_((EventKind.STARTED.value, EventKind.RESUMED.value)))
+            .scalar_subquery()
+        )
+        query = sa.select(events.c.at, next_start).where(
+            events.c.kind == EventKind.PREEMPTED.value)
+        with self._tx(write=False) as conn:
+            return [None if r[1] is None else max(0.0, float(r[1]) - float(r[0]))
+                    for r in conn.execute(query).all()]
+
 
 # ---------------------------------------------------------------------- helpers
 
@@ -919,6 +946,7 @@ def _worker_from_row(r: Any) -> Worker:
         id=r["id"], name=r["name"], host=r["host"], pid=r["pid"], pool=r["pool"],
         state=r["state"], has_cuda=bool(r["has_cuda"]), current_job=r["current_job"],
         started_at=from_epoch(r["started_at"]), last_heartbeat=from_epoch(r["last_heartbeat"]),
+        price_per_hour=r["price_per_hour"],
     )
 
 

@@ -1,0 +1,61 @@
+# syntax=docker/dockerfile:1
+#
+# The spotrun image: the API server and the workers (CMD picks which).
+#
+#   docker build -t spotrun .                                   # CPU torch (default)
+#   docker build -t spotrun-gpu \
+#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+#
+# Build arguments:
+#   TORCH_VERSION    the torch release to install (must satisfy the ml extra in
+#                    pyproject.toml).
+#   TORCH_INDEX_URL  the wheel index torch comes from. The default CPU index gives a wheel
+#                    of ~200 MB; a CUDA index (cu126, cu128, ...) gives one that bundles the
+#                    CUDA runtime, so the base image stays python:slim and only the node
+#                    needs the NVIDIA driver (GKE installs it on GPU node pools).
+#   PYTHON_IMAGE     the base image of both stages.
+#
+# Signals: tini is PID 1 and forwards SIGTERM to spotrun, its only child; spotrun turns the
+# notice into a checkpoint and a hand-back. Never wrap the command in `sh -c`: a shell as
+# PID 1 does not pass SIGTERM on, and the worker would be SIGKILLed without a word.
+
+ARG PYTHON_IMAGE=python:3.11-slim
+
+FROM ${PYTHON_IMAGE} AS build
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/spotrun/bin:$PATH
+RUN python -m venv /opt/spotrun
+# torch first, from its own index and in its own layer: it is by far the largest download
+# and changes far less often than spotrun's code.
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+COPY . /src
+RUN pip install "/src[ml,s3,gcs]" \
+    && python -c "import spotrun.cli, torch, gcsfs, s3fs"
+
+FROM ${PYTHON_IMAGE}
+# tini: a PID 1 that forwards signals and reaps zombies (DataLoader workers leave some).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tini \
+    && rm -rf /var/lib/apt/lists/*
+# A numeric, non-root user, so that Kubernetes' runAsNonRoot can verify it.
+RUN groupadd --system --gid 10001 spotrun \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/spotrun \
+       --no-create-home --shell /usr/sbin/nologin spotrun \
+    && mkdir -p /var/lib/spotrun \
+    && chown 10001:10001 /var/lib/spotrun
+COPY --from=build /opt/spotrun /opt/spotrun
+# SPOTRUN_HOME holds the embedded SQLite database and local checkpoints: writable by the
+# user (in Kubernetes an emptyDir is mounted there, the root filesystem stays read-only).
+ENV PATH=/opt/spotrun/bin:$PATH \
+    SPOTRUN_HOME=/var/lib/spotrun \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+USER 10001:10001
+WORKDIR /var/lib/spotrun
+EXPOSE 8000
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["tini", "--", "spotrun"]
+CMD ["worker"]
