@@ -47,7 +47,7 @@ def test_claim_takes_a_lease_and_attempt_is_the_fencing_token(store: JobStore) -
     job = store.submit("sleep", {"seconds": 0})
     assert job.state is JobState.QUEUED and job.attempt == 0
     wid = _worker(store)
-    lease, claimed = _claim(store, wid)
+    lease, _claimed = _claim(store, wid)
     got = store.get(job.id)
     assert lease.attempt == 1 and got.attempt == 1
     assert got.state is JobState.RUNNING and got.worker == "w1"
@@ -170,7 +170,7 @@ def test_checkpoint_pointers_keep_the_last_two(store: JobStore) -> None:
     got = store.get(job.id)
     assert (got.checkpoint, got.checkpoint_prev) == ("c2", None)
     store.hand_back(lease, "preempted", keep_checkpoint=True)
-    lease2, claimed = _claim(store, wid)
+    _lease2, claimed = _claim(store, wid)
     assert claimed.checkpoint == "c2"  # type: ignore[attr-defined]
     assert store.get(job.id).events[-1].message == "resumed on w1 from step 2"
 

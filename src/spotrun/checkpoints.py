@@ -13,6 +13,7 @@ worker leaves behind can never be taken for the lease holder's. Nothing here unp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -175,21 +176,15 @@ class CheckpointStore:
     def delete(self, rel: str) -> None:
         """Delete one checkpoint: its manifest first, so it is never half-visible."""
         directory = self._abs(rel)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(f"{directory}/{MANIFEST}")
-        except FileNotFoundError:
-            pass
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.fs.rm(directory, recursive=True)
-        except FileNotFoundError:
-            pass
 
     def delete_job(self, job_id: str) -> None:
         """Delete every checkpoint of an ended job (its model under models/ stays)."""
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self._abs(f"jobs/{job_id}"), recursive=True)
-        except FileNotFoundError:
-            pass
 
     def probe(self) -> float:
         """Round-trip a small object; return the seconds it took (raises on failure)."""

@@ -170,6 +170,7 @@ class Worker:
     current_job: str | None
     started_at: dt.datetime
     last_heartbeat: dt.datetime
+    price_per_hour: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {

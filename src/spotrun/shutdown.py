@@ -234,7 +234,8 @@ class ShutdownCoordinator:
                 continue
             box: list[BaseException | None] = []
 
-            def call(h: _Hook = hook, t: float = left) -> None:
+            def call(h: _Hook = hook, t: float = left,
+                     box: list[BaseException | None] = box) -> None:
                 try:
                     h.fn(t)
                     box.append(None)
@@ -274,12 +275,14 @@ _coordinator: ShutdownCoordinator | None = None
 _coordinator_lock = threading.Lock()
 
 
-def coordinator(**kwargs: float) -> ShutdownCoordinator:
-    """The process-wide coordinator (created on first use)."""
+def coordinator(*, grace_seconds: float = 15.0, safety_margin: float = 1.0
+                ) -> ShutdownCoordinator:
+    """The process-wide coordinator (created on first use, with these settings)."""
     global _coordinator
     with _coordinator_lock:
         if _coordinator is None:
-            _coordinator = ShutdownCoordinator(**kwargs)
+            _coordinator = ShutdownCoordinator(grace_seconds=grace_seconds,
+                                               safety_margin=safety_margin)
         return _coordinator
 
 

@@ -29,7 +29,6 @@ import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Connection, Engine, make_url
 
-from spotrun import schema
 from spotrun.jobs import (
     Event,
     EventKind,
@@ -397,7 +396,8 @@ class JobStore:
         pool: str | None = None,
     ) -> tuple[Lease, Job] | None:
         """Take the next queued job in (priority, first-in) order, with a fresh lease."""
-        cond = [sa.text("jobs.state = 'queued'")]
+        # The state test is literal so that PostgreSQL matches the partial index.
+        cond: list[sa.ColumnElement[bool] | sa.TextClause] = [sa.text("jobs.state = 'queued'")]
         if not has_cuda:
             cond.append(jobs.c.requires_cuda == sa.false())
         if pool is not None:
@@ -1057,10 +1057,6 @@ class Waker:
                 if conn is not None:
                     conn.close()
         self._pg = self._sqlite = None
-
-
-def open_store(url: str, **kwargs: Any) -> JobStore:
-    return JobStore.open(url, **kwargs)
 
 
 def pid_alive(pid: int) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import importlib.util
 import logging
 import os
@@ -23,7 +24,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -178,9 +179,9 @@ class JobRunner:
         self.every_steps = job.checkpoint_every_steps
         if self.every_steps is None:
             self.every_steps = worker.settings.checkpoint_every_steps
-        self.every_seconds = job.checkpoint_every_seconds
-        if self.every_seconds is None:
-            self.every_seconds = worker.settings.checkpoint_every_seconds
+        self.every_seconds: float = (worker.settings.checkpoint_every_seconds
+                                     if job.checkpoint_every_seconds is None
+                                     else job.checkpoint_every_seconds)
 
     # ------------------------------------------------------------- Driver API
 
@@ -295,10 +296,10 @@ class JobRunner:
                 log.warning("job %s: pipeline ended after its lease was lost: %r",
                             self.job.id, exc)
                 return
+            error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
             self._flush()
             self.worker.db.call(lambda: self.store.fail(
-                self.lease, f"{type(exc).__name__}: {exc}", traceback.format_exc(),
-                run_seconds=self.run_seconds()))
+                self.lease, error, tb, run_seconds=self.run_seconds()))
             self._cleanup()
             return
         if self.abandoned or self.stop_reason is StopReason.LEASE_LOST:
@@ -321,11 +322,11 @@ class JobRunner:
                 nxt = candidates[i + 1] if i + 1 < len(candidates) else (None, None)
                 fallback = (f"resuming from the previous checkpoint at step {nxt[1]}"
                             if nxt[0] else "starting from the beginning")
-                self.worker.db.call(lambda p=path: self.store.drop_checkpoint_pointer(
-                    self.lease, p))
-                self.worker.db.call(lambda s=step, e=exc, f=fallback: self.store.add_event(
-                    self.lease, EventKind.CHECKPOINT_CORRUPT,
-                    f"checkpoint at step {s} is unusable: {e}; {f}"))
+                message = f"checkpoint at step {step} is unusable: {exc}; {fallback}"
+                self.worker.db.call(functools.partial(
+                    self.store.drop_checkpoint_pointer, self.lease, path))
+                self.worker.db.call(functools.partial(
+                    self.store.add_event, self.lease, EventKind.CHECKPOINT_CORRUPT, message))
         return None
 
     def _stopped(self) -> None:
@@ -651,15 +652,3 @@ class Worker:
                 r.request_stop(StopReason.LEASE_LOST, msg)
             elif st:
                 r.request_stop(StopReason.CANCELLED, "cancel requested")
-
-
-@contextlib.contextmanager
-def running_worker(worker: Worker) -> Iterator[threading.Thread]:
-    """Run a worker on a thread (for embedding and tests); stop it on exit."""
-    t = threading.Thread(target=worker.run, daemon=True)
-    t.start()
-    try:
-        yield t
-    finally:
-        worker.coordinator.notify("SIGINT", source="signal")
-        t.join(30)

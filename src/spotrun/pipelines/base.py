@@ -28,7 +28,7 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class JobStopped(Exception):  # noqa: N818 - it is a control-flow signal, not an error
+class JobStopped(Exception):
     """Raised by :meth:`JobContext.stop` to unwind a pipeline at a step boundary."""
 
 

@@ -35,7 +35,7 @@ def _requires_cuda(p: BaseModel) -> bool:
           description="Train a digit classifier (8x8 images) with PyTorch")
 def run(ctx: JobContext) -> dict[str, Any]:
     import torch
-    import torch.nn.functional as F  # noqa: N812
+    import torch.nn.functional as F
 
     from spotrun.pipelines import digits
 
@@ -82,7 +82,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         idx = order[batch * p.batch_size:(batch + 1) * p.batch_size].to(device)
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(net(x_train[idx]), y_train[idx])
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
         step += 1
         if p.step_delay:
@@ -105,8 +105,6 @@ def run(ctx: JobContext) -> dict[str, Any]:
 
 
 def _restore(ctx: JobContext, net: Any, opt: Any, device: Any) -> int:
-    import torch
-
     from spotrun.pipelines import digits
 
     assert ctx.resume is not None
@@ -121,7 +119,6 @@ def _restore(ctx: JobContext, net: Any, opt: Any, device: Any) -> int:
             state.setdefault(int(i), {})[name] = value.to(device) if name != "step" else value
     sd["state"] = state
     opt.load_state_dict(sd)
-    del torch
     return int(meta["step"])
 
 
