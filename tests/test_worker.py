@@ -355,3 +355,33 @@ def test_idle_worker_exits_at_once_and_a_second_signal_exits_now(
     w2.signal(signal.SIGTERM)
     assert w2.wait(5) == 128 + signal.SIGTERM
     st.close()
+
+
+def test_a_job_preempted_past_its_limit_finishes_on_demand(
+        env_factory: Callable[..., Env], sqlite_url: str) -> None:
+    env = env_factory(sqlite_url)
+    st = env.store()
+    job_id = submit(env, "sleep", "seconds=12", "steps=120",
+                    extra=("--max-preemptions", "1"))
+    spot = env.worker("s1", "--pool", "spot")
+    running_on(st, job_id, min_step=5)
+    spot.signal(signal.SIGTERM)
+    exits_within(spot, 5)
+    assert st.get(job_id).pool is None  # type: ignore[attr-defined]
+    spot = env.worker("s2", "--pool", "spot")
+    running_on(st, job_id, min_step=15)
+    spot.signal(signal.SIGTERM)
+    exits_within(spot, 5)
+    job = st.get(job_id)
+    assert job.state is JobState.QUEUED and job.preemptions == 2
+    assert messages(job)[-1] == ("moved to the on-demand pool: preempted 2 times, more than "
+                                 "its limit of 1 (max_preemptions)")
+    spot = env.worker("s3", "--pool", "spot")
+    spot.wait_ready()
+    time.sleep(1.0)
+    assert st.get(job_id).state is JobState.QUEUED  # spot workers leave it alone
+    env.worker("od1", "--pool", "on-demand")
+    job = final(st, job_id, 60)
+    assert job.state is JobState.SUCCEEDED and job.worker == "od1", messages(job)
+    assert any(m.startswith("resumed on od1 from step") for m in messages(job))
+    st.close()

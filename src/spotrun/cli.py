@@ -17,7 +17,6 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
@@ -143,8 +142,16 @@ def submit(
         help="On a preemption notice: resume from a checkpoint, restart, or fail")
     ] = OnPreempt.RESUME,
     pool: Annotated[str | None, typer.Option(help="Run only on workers of this pool")] = None,
-    checkpoint_every_steps: Annotated[int | None, typer.Option(min=1)] = None,
-    checkpoint_every_seconds: Annotated[float | None, typer.Option(min=0.01)] = None,
+    checkpoint_every_steps: Annotated[int | None, typer.Option(
+        min=1, help="Checkpoint every N steps")] = None,
+    checkpoint_every_seconds: Annotated[float | None, typer.Option(
+        min=0.01, help="Checkpoint every S seconds [default: Young/Daly]")] = None,
+    max_preemptions: Annotated[int | None, typer.Option(
+        min=0, help="Move to on-demand workers after N preemptions "
+        "[env SPOTRUN_MAX_PREEMPTIONS, default 5]")] = None,
+    deadline: Annotated[float | None, typer.Option(
+        min=1, help="Seconds from now by which the job should be done; it moves to "
+        "on-demand workers when spot progress cannot make it")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON")] = False,
     wait_: Annotated[bool, typer.Option("--wait", help="Wait until the job ends")] = False,
     wait_timeout: Annotated[float | None, typer.Option(
@@ -161,6 +168,8 @@ def submit(
             on_preempt=on_preempt, timeout=timeout, requires_cuda=cuda, pool=pool,
             checkpoint_every_steps=checkpoint_every_steps,
             checkpoint_every_seconds=checkpoint_every_seconds,
+            max_preemptions=max_preemptions,
+            deadline=None if deadline is None else store.now() + deadline,
         )
         if not wait_:
             _echo_json(job.to_json()) if as_json else typer.echo(job.id)
@@ -388,6 +397,8 @@ def worker(
         min=0.5, help="Budget after a notice [env SPOTRUN_GRACE_SECONDS, default 15]")] = None,
     pool: Annotated[str | None, typer.Option(help="spot or on-demand [env SPOTRUN_POOL]")
                     ] = None,
+    price_per_hour: Annotated[float | None, typer.Option(
+        min=0, help="What this worker costs per hour [env SPOTRUN_PRICE_PER_HOUR]")] = None,
     max_jobs: Annotated[int | None, typer.Option(min=1, help="Exit after N jobs")] = None,
     preload: Annotated[bool, typer.Option(help="Import the ML libraries at start")] = True,
 ) -> None:
@@ -405,6 +416,8 @@ def worker(
         changes["grace_seconds"] = grace_seconds
     if pool is not None:
         changes["pool"] = pool
+    if price_per_hour is not None:
+        changes["price_per_hour"] = price_per_hour
     if changes:
         s = s.with_(**changes)
     setup_logging()
@@ -449,14 +462,6 @@ def _import_plugins() -> None:
 # --------------------------------------------------------------------- preempt
 
 
-def _is_spotrun_process(pid: int) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"spotrun" in cmdline
-
-
 @app.command()
 @friendly
 def preempt(
@@ -471,6 +476,8 @@ def preempt(
                        ] = False,
 ) -> None:
     """Simulate a preemption: SIGTERM a local worker, then SIGKILL after the grace period."""
+    from spotrun.local import is_spotrun_process
+
     if not worker_name and not all_:
         fail("name a worker, or use --all")
     s = settings()
@@ -492,7 +499,7 @@ def preempt(
         if w.host != host:
             fail(f"worker {w.name} runs on host {w.host}, not here ({host}); run "
                  "`spotrun preempt` on that host")
-        if not _is_spotrun_process(w.pid):
+        if not is_spotrun_process(w.pid):
             typer.echo(f"worker {w.name} (pid {w.pid}) is not running any more")
             continue
         sig = signal.SIGKILL if hard else signal.SIGTERM
@@ -502,9 +509,9 @@ def preempt(
         return
     give_up = time.monotonic() + grace
     for w in targets:
-        while _is_spotrun_process(w.pid) and time.monotonic() < give_up:
+        while is_spotrun_process(w.pid) and time.monotonic() < give_up:
             time.sleep(0.05)
-        if _is_spotrun_process(w.pid):
+        if is_spotrun_process(w.pid):
             os.kill(w.pid, signal.SIGKILL)
             typer.echo(f"worker {w.name} still ran after {grace:g} s: sent SIGKILL")
         else:

@@ -36,8 +36,13 @@ class Settings:
     grace_seconds: float = 15.0
     safety_margin_seconds: float = 1.0
     checkpoint_every_steps: int = 0
-    checkpoint_every_seconds: float = 30.0
+    # None: the Young/Daly interval within [min, max] (see spotrun.policy).
+    checkpoint_every_seconds: float | None = None
+    checkpoint_min_seconds: float = 10.0
+    checkpoint_max_seconds: float = 600.0
+    max_preemptions: int = 5
     pool: str = "spot"
+    price_per_hour: float | None = None
 
     @classmethod
     def from_env(
@@ -57,13 +62,24 @@ class Settings:
             grace_seconds=_float("SPOTRUN_GRACE_SECONDS", 15.0, minimum=0.5),
             safety_margin_seconds=_float("SPOTRUN_SAFETY_MARGIN_SECONDS", 1.0),
             checkpoint_every_steps=int(_float("SPOTRUN_CHECKPOINT_EVERY_STEPS", 0)),
-            checkpoint_every_seconds=_float("SPOTRUN_CHECKPOINT_EVERY_SECONDS", 30.0),
+            checkpoint_every_seconds=(
+                _float("SPOTRUN_CHECKPOINT_EVERY_SECONDS", 0.0, minimum=0.01)
+                if os.environ.get("SPOTRUN_CHECKPOINT_EVERY_SECONDS") else None),
+            checkpoint_min_seconds=_float("SPOTRUN_CHECKPOINT_MIN_SECONDS", 10.0),
+            checkpoint_max_seconds=_float("SPOTRUN_CHECKPOINT_MAX_SECONDS", 600.0),
+            max_preemptions=int(_float("SPOTRUN_MAX_PREEMPTIONS", 5.0)),
             pool=os.environ.get("SPOTRUN_POOL") or "spot",
+            price_per_hour=(_float("SPOTRUN_PRICE_PER_HOUR", 0.0)
+                            if os.environ.get("SPOTRUN_PRICE_PER_HOUR") else None),
         )
         settings.check()
         return settings
 
     def check(self) -> None:
+        if self.checkpoint_min_seconds > self.checkpoint_max_seconds:
+            raise ConfigError(
+                f"SPOTRUN_CHECKPOINT_MIN_SECONDS ({self.checkpoint_min_seconds:g}) is above "
+                f"SPOTRUN_CHECKPOINT_MAX_SECONDS ({self.checkpoint_max_seconds:g})")
         if self.heartbeat_seconds >= self.lease_seconds:
             raise ConfigError(
                 f"heartbeat ({self.heartbeat_seconds:g} s) must be shorter than the lease "

@@ -58,6 +58,7 @@ class EventKind(enum.StrEnum):
     PREEMPTED = "preempted"
     HANDED_BACK = "handed_back"
     LEASE_EXPIRED = "lease_expired"
+    ESCALATED = "escalated"
     CANCEL_REQUESTED = "cancel_requested"
     CANCELLED = "cancelled"
     SUCCEEDED = "succeeded"

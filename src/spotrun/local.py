@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from spotrun.checkpoints import CheckpointStore, Loaded, Saved
@@ -32,6 +33,14 @@ class _InlineDriver:
 
     def load_model(self, job_id: str) -> Loaded:
         return self.store.load_model(job_id)
+
+
+def is_spotrun_process(pid: int) -> bool:
+    """Whether ``pid`` is a live process of this machine whose command line names spotrun."""
+    try:
+        return b"spotrun" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def run_inline(pipeline: str, params: Mapping[str, Any], *,

@@ -48,6 +48,10 @@ jobs = sa.Table(
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("started_at", sa.Float, nullable=True),
     sa.Column("finished_at", sa.Float, nullable=True),
+    # Escalation to on-demand: past this many preemptions, or when the deadline (epoch
+    # seconds) can no longer be met at the progress rate seen so far.
+    sa.Column("max_preemptions", sa.Integer, nullable=True),
+    sa.Column("deadline", sa.Float, nullable=True),
     sa.UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
 )
 

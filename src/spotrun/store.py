@@ -101,7 +101,21 @@ def new_id() -> str:
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    """JSON text; NaN and infinities (a diverged loss) become null, as JSON has none."""
+    try:
+        return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(value), separators=(",", ":"), sort_keys=True)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _loads(text: str | None) -> Any:
@@ -250,8 +264,13 @@ class JobStore:
         callback_url: str | None = None,
         checkpoint_every_steps: int | None = None,
         checkpoint_every_seconds: float | None = None,
+        max_preemptions: int | None = None,
+        deadline: float | None = None,
     ) -> Job:
-        """Queue a job whose params were already validated; return it as stored."""
+        """Queue a job whose params were already validated; return it as stored.
+
+        ``deadline`` is in seconds since the epoch.
+        """
         job_id = new_id()
         with self._tx() as conn:
             if idempotency_key is not None:
@@ -281,6 +300,8 @@ class JobStore:
                     callback_url=callback_url,
                     checkpoint_every_steps=checkpoint_every_steps,
                     checkpoint_every_seconds=checkpoint_every_seconds,
+                    max_preemptions=max_preemptions,
+                    deadline=deadline,
                     created_at=self._now,
                     updated_at=self._now,
                 )
@@ -597,8 +618,14 @@ class JobStore:
         preempted: bool = True,
         keep_checkpoint: bool = True,
         run_seconds: float = 0.0,
+        escalate_to: str | None = None,
+        escalation: str = "",
     ) -> None:
-        """Return a running job to the queue (a preemption, or a worker stopping)."""
+        """Return a running job to the queue (a preemption, or a worker stopping).
+
+        With ``escalate_to``, the job may from now on run only on workers of that pool,
+        and ``escalation`` (why) goes into its history.
+        """
         values: dict[str, Any] = {
             "state": JobState.QUEUED.value,
             "worker_id": None,
@@ -612,6 +639,8 @@ class JobStore:
         if not keep_checkpoint:
             values.update(checkpoint=None, checkpoint_step=None, checkpoint_prev=None,
                           checkpoint_prev_step=None)
+        if escalate_to is not None:
+            values["pool"] = escalate_to
         with self._tx() as conn:
             n = conn.execute(jobs.update().where(self._fenced(lease)).values(**values)).rowcount
             if n != 1:
@@ -619,6 +648,9 @@ class JobStore:
             kind = EventKind.PREEMPTED if preempted else EventKind.HANDED_BACK
             self._event(conn, lease.job_id, kind, message, worker=lease.worker_name,
                         attempt=lease.attempt)
+            if escalate_to is not None:
+                self._event(conn, lease.job_id, EventKind.ESCALATED, escalation,
+                            worker=lease.worker_name, attempt=lease.attempt)
             self._release_worker(conn, lease)
             self._notify(conn, lease.job_id)
 
@@ -743,8 +775,29 @@ class JobStore:
                 worker_name=None, lease_expires_at=None, updated_at=self._now))
             msg = f"lease of worker {who} expired at {where}; back in the queue"
             kind = EventKind.LEASE_EXPIRED
+        self._release_worker(conn, lease)
         self._event(conn, job.id, kind, msg, worker=job.worker, attempt=job.attempt)
         self._notify(conn, job.id)
+
+    def pool_interruptions(self, pool: str) -> tuple[float, int]:
+        """(worker-seconds lived, jobs interrupted) in a pool: the observed preemption rate.
+
+        Interruptions are preemptions and expired leases of that pool's workers.
+        """
+        with self._tx(write=False) as conn:
+            lived = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(
+                    sa.func.coalesce(workers.c.stopped_at, workers.c.last_heartbeat)
+                    - workers.c.started_at), 0.0)).where(workers.c.pool == pool)
+            ).scalar_one()
+            names = sa.select(workers.c.name).where(workers.c.pool == pool)
+            hits = conn.execute(
+                sa.select(sa.func.count()).select_from(events).where(
+                    events.c.kind.in_((EventKind.PREEMPTED.value,
+                                       EventKind.LEASE_EXPIRED.value)),
+                    events.c.worker.in_(names))
+            ).scalar_one()
+        return float(lived), int(hits)
 
     def mark_gone_workers(self) -> int:
         """Workers whose heartbeat is older than their own lease length are marked gone."""
@@ -926,6 +979,10 @@ def _job_from_row(row: Any, evs: tuple[Event, ...]) -> JobRecord:
         checkpoint_every_seconds=row["checkpoint_every_seconds"],
         callback_url=row["callback_url"],
         pool=row["pool"],
+        max_preemptions=row["max_preemptions"],
+        deadline=row["deadline"],
+        started_at=None if row["started_at"] is None else float(row["started_at"]),
+        created_epoch=float(row["created_at"]),
     )
 
 
@@ -939,6 +996,10 @@ class JobRecord(Job):
     checkpoint_every_seconds: float | None = None
     callback_url: str | None = None
     pool: str | None = None
+    max_preemptions: int | None = None
+    deadline: float | None = None
+    started_at: float | None = None
+    created_epoch: float = 0.0
 
 
 def _worker_from_row(r: Any) -> Worker:

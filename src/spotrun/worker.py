@@ -34,8 +34,9 @@ from spotrun.checkpoints import CheckpointCorrupt, CheckpointStore, Loaded, Save
 from spotrun.config import Settings
 from spotrun.jobs import EventKind, OnPreempt
 from spotrun.pipelines.base import JobContext, JobStopped, State
+from spotrun.policy import ON_DEMAND
 from spotrun.shutdown import Notice, ShutdownCoordinator
-from spotrun.store import JobRecord, JobStore, Lease, LeaseLost, Waker
+from spotrun.store import DatabaseUnavailable, JobRecord, JobStore, Lease, LeaseLost, Waker
 
 log = logging.getLogger("spotrun.worker")
 
@@ -179,9 +180,13 @@ class JobRunner:
         self.every_steps = job.checkpoint_every_steps
         if self.every_steps is None:
             self.every_steps = worker.settings.checkpoint_every_steps
-        self.every_seconds: float = (worker.settings.checkpoint_every_seconds
-                                     if job.checkpoint_every_seconds is None
-                                     else job.checkpoint_every_seconds)
+        # A fixed period if the job or the worker's settings ask for one, else Young/Daly.
+        fixed = job.checkpoint_every_seconds
+        if fixed is None:
+            fixed = worker.settings.checkpoint_every_seconds
+        self.adaptive = fixed is None
+        self.every_seconds: float = fixed or worker.settings.checkpoint_max_seconds
+        self.checkpoint_cost: float | None = None
 
     # ------------------------------------------------------------- Driver API
 
@@ -222,6 +227,9 @@ class JobRunner:
         dropped = self.worker.db.call(lambda: self.store.commit_checkpoint(
             self.lease, saved.path, state.step, message=message))
         elapsed = time.perf_counter() - start
+        if self.checkpoint_cost is None and self.adaptive:
+            self.checkpoint_cost = elapsed
+            self._set_interval(explain=False)
         self.last_checkpoint_step = state.step
         self.last_checkpoint_mono = time.monotonic()
         if notice:
@@ -237,6 +245,21 @@ class JobRunner:
         return self.worker.checkpoints.load_model(job_id)
 
     # ------------------------------------------------------------------ control
+
+    def _set_interval(self, *, explain: bool) -> None:
+        """Young/Daly from this job's checkpoint cost and its pool's interruptions."""
+        from spotrun.policy import checkpoint_interval
+
+        s = self.worker.settings
+        lived, hits = self.worker.db.call(
+            lambda: self.store.pool_interruptions(self.worker.pool))
+        chosen = checkpoint_interval(checkpoint_seconds=self.checkpoint_cost,
+                                     lived_seconds=lived, interruptions=hits,
+                                     lo=s.checkpoint_min_seconds, hi=s.checkpoint_max_seconds)
+        self.every_seconds = chosen.seconds
+        if explain:
+            self.worker.db.call(functools.partial(
+                self.store.add_event, self.lease, EventKind.NOTE, chosen.explanation))
 
     def request_stop(self, reason: StopReason, detail: str = "") -> None:
         with self.lock:
@@ -283,6 +306,9 @@ class JobRunner:
         pipe = get_pipeline(self.job.pipeline)
         params = pipe.validate(self.job.params)
         resume = self._load_resume()
+        if self.adaptive:
+            # Explained once in the job's history, on its first attempt.
+            self._set_interval(explain=self.lease.attempt == 1)
         ctx = JobContext(job_id=self.job.id, attempt=self.lease.attempt, params=params,
                          driver=self, resume=resume, logger=self.logger,
                          worker=self.lease.worker_name, has_cuda=self.worker.has_cuda)
@@ -383,9 +409,27 @@ class JobRunner:
                 run_seconds=self.run_seconds()), give_up_at=give_up)
             self._cleanup()
         else:
+            why = self._escalation()
             self.worker.db.call(lambda: self.store.hand_back(
                 self.lease, f"preempted on {name} at {where}; " + self._checkpoint_words(),
-                run_seconds=self.run_seconds()), give_up_at=give_up)
+                run_seconds=self.run_seconds(), escalate_to=ON_DEMAND if why else None,
+                escalation=why or ""), give_up_at=give_up)
+
+    def _escalation(self) -> str | None:
+        from spotrun.policy import escalation_reason
+
+        job = self.job
+        limit = job.max_preemptions
+        if limit is None:
+            limit = self.worker.settings.max_preemptions
+        try:
+            now = self.store.now()
+        except Exception:
+            now = time.time()
+        return escalation_reason(
+            preemptions=job.preemptions + 1, max_preemptions=limit, deadline=job.deadline,
+            now=now, created=job.created_epoch, step=self.step, total=self.total,
+            pool=job.pool if job.pool else self.worker.pool)
 
     def _flush(self) -> None:
         """Write the last progress and log lines (fenced)."""
@@ -412,13 +456,12 @@ class Worker:
         self.concurrency = max(1, concurrency)
         self.pool = pool or settings.pool
         self.max_jobs = max_jobs
-        self.store = store or JobStore.open(settings.database_url,
-                                            pool_size=self.concurrency + 2)
+        self.coordinator = coordinator or ShutdownCoordinator(
+            grace_seconds=settings.grace_seconds, safety_margin=settings.safety_margin_seconds)
+        self.store = store or self._open_store(settings)
         # The reporter's own engine: its heartbeats never wait on a pipeline's connection.
         self.hb_store = JobStore(self._engine_like(self.store))
         self.checkpoints = CheckpointStore(settings.checkpoint_url)
-        self.coordinator = coordinator or ShutdownCoordinator(
-            grace_seconds=settings.grace_seconds, safety_margin=settings.safety_margin_seconds)
         self.has_cuda = detect_cuda()
         self.db = _Retrier(f"worker {self.name}")
         self.runners: dict[str, JobRunner] = {}
@@ -427,6 +470,21 @@ class Worker:
         self._stop_reporter = threading.Event()
         self.worker_id = ""
         self.claimed = 0
+
+    def _open_store(self, settings: Settings) -> JobStore:
+        """Wait for the database at start: a replacement may boot during an outage."""
+        delay, logged = 0.1, False
+        while True:
+            try:
+                return JobStore.open(settings.database_url, pool_size=self.concurrency + 2)
+            except DatabaseUnavailable as exc:
+                if self.coordinator.stopping:
+                    raise
+                if not logged:
+                    log.warning("%s; retrying with backoff", exc)
+                    logged = True
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     @staticmethod
     def _engine_like(store: JobStore) -> sa.Engine:
@@ -447,7 +505,8 @@ class Worker:
     def run(self) -> int:
         self.worker_id = self.db.call(lambda: self.store.register_worker(
             name=self.name, host=socket.gethostname(), pid=os.getpid(), pool=self.pool,
-            has_cuda=self.has_cuda, lease_seconds=self.settings.lease_seconds))
+            has_cuda=self.has_cuda, lease_seconds=self.settings.lease_seconds,
+            price_per_hour=self.settings.price_per_hour))
         log.info("worker %s (%s) ready: pool %s, lease %.1f s, heartbeat %.1f s%s",
                  self.name, self.worker_id, self.pool, self.settings.lease_seconds,
                  self.settings.heartbeat_seconds, ", CUDA" if self.has_cuda else "")
@@ -594,8 +653,12 @@ class Worker:
         hb = _Retrier(f"heartbeat of {self.name}")
         next_beat = 0.0
         tick = min(0.25, self.settings.heartbeat_seconds / 2)
+        # After an outage every lease may have lapsed; sweeping before the other workers
+        # had a full lease to beat again would requeue the jobs of live workers.
+        ok_since: float | None = time.monotonic()
         while not self._stop_reporter.wait(tick):
             now = time.monotonic()
+            touched = False
             with self._lock:
                 runners = [r for r in self.runners.values()
                            if not r.done.is_set() and not r.abandoned]
@@ -603,18 +666,24 @@ class Worker:
                 for r in runners:
                     self._check_timeout(r)
                     if r.dirty and now - r.last_flush >= PROGRESS_FLUSH_SECONDS:
+                        touched = True
                         self._flush_progress(r)
                 if now >= next_beat:
                     next_beat = now + self.settings.heartbeat_seconds
+                    touched = True
                     self._beat(runners)
-                    self.hb_store.sweep_expired()
-                if hb.down_since is not None:
+                    if ok_since is None:
+                        ok_since = now
+                    if now - ok_since >= self.settings.lease_seconds:
+                        self.hb_store.sweep_expired()
+                if touched and hb.down_since is not None:
                     log.warning("heartbeat of %s: database reachable again", self.name)
                     hb.down_since = None
             except Exception as exc:
                 if not _is_db_error(exc):
                     log.exception("reporter error")
                     continue
+                ok_since = None
                 if hb.down_since is None:
                     hb.down_since = now
                     log.warning("heartbeat of %s: database unreachable (%s); retrying",

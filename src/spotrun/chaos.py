@@ -1,0 +1,1507 @@
+"""``spotrun chaos``: kill workers every way a cloud can, then audit the store.
+
+The drill starts N real ``spotrun worker`` processes on a store, submits a mix of jobs
+(digits-train, digits-infer once a model exists, sleep), and for the chaos window sends
+SIGTERM (a notice; SIGKILL if the worker outlives the grace period), SIGKILL (no notice) and
+SIGSTOP past the lease, then SIGCONT (a frozen VM), restarting a private PostgreSQL on
+request. An autoscaler's part: every worker that exits is replaced. Once every job has
+ended it checks, from the store alone, that nothing was lost, nothing ran to completion
+twice, every result came from the lease holder and every digits-train result is
+bit-identical to an uninterrupted run; then it reports what the chaos cost.
+
+The schedule (jobs, their params and arrival times, the kills, the database restart) comes
+from ``random.Random(seed)`` before anything starts, so a seed always gives the same
+schedule; which process a kill lands on depends on which workers are up at that moment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import glob
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import pwd
+import random
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import sqlalchemy as sa
+
+from spotrun.config import Settings
+from spotrun.jobs import Event, EventKind, JobState
+from spotrun.store import DatabaseUnavailable, JobRecord, JobStore, StoreError, redact
+
+# Short leases so that a drill of a minute sees several expiries; the heartbeat leaves six
+# beats of slack per lease on a loaded machine.
+LEASE_SECONDS = 3.0
+HEARTBEAT_SECONDS = 0.5
+GRACE_SECONDS = 10.0
+# A freeze lasts past the lease by more than one sweep period, so a live worker's sweep has
+# certainly requeued the job when the frozen one wakes up as a zombie.
+FREEZE_PAST_LEASE = 2.0
+DB_OUTAGE_SECONDS = 2.0
+# A kill finds no victim while every worker is starting, frozen or already stopping; it
+# waits for one, this long at most past the window.
+KILL_LATE_SECONDS = 5.0
+# Kills alone must never fail a job: the drill checks the work survives them.
+MAX_RETRIES = 100
+TICK = 0.05
+POLL_SECONDS = 0.5
+TORCH_THREADS = "1"  # the same in workers and the reference run: bit-identity depends on it
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+Echo = Callable[[str], object]
+DB_ERRORS: tuple[type[BaseException], ...] = (sa.exc.OperationalError, sa.exc.InterfaceError,
+                                              sa.exc.DBAPIError, DatabaseUnavailable)
+
+
+class ChaosError(Exception):
+    """The drill cannot run as asked; the message is one line for the user."""
+
+
+# ----------------------------------------------------------------------- schedule
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    key: str  # "train-1", "infer-1", "sleep-1": names the job in the schedule and report
+    pipeline: str
+    params: dict[str, Any]
+    at: float | None  # seconds into the drill; None: once its model's job has succeeded
+    checkpoint_every_steps: int | None = None
+    priority: int = 0
+    model_of: str | None = None  # digits-infer: the key of the train job it uses
+
+
+@dataclass(frozen=True)
+class PlannedKill:
+    at: float
+    kind: str  # "sigterm" | "sigkill" | "freeze"
+    slot: int  # the worker slot it aims at (another live one if that one is not ready)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    seed: int
+    workers: int
+    duration: float
+    jobs: tuple[PlannedJob, ...]
+    kills: tuple[PlannedKill, ...]
+    db_restart_at: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        """12 hex digits that change whenever anything in the schedule does."""
+        text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def count(self, pipeline: str) -> int:
+        return sum(1 for j in self.jobs if j.pipeline == pipeline)
+
+
+KILL_KINDS = ("sigterm", "sigkill", "freeze")
+
+
+def make_schedule(*, seed: int, workers: int, jobs: int, duration: float,
+                  sigterm_rate: float, sigkill_rate: float, freeze_rate: float,
+                  db_restart: bool, with_torch: bool = True) -> Schedule:
+    """Everything the drill will do, drawn from ``random.Random(seed)`` alone."""
+    rng = random.Random(seed)
+    n_train = max(1, round(jobs * 0.15)) if with_torch else 0
+    n_infer = min(round(jobs * 0.10), jobs - n_train) if with_torch else 0
+    n_sleep = jobs - n_train - n_infer
+    planned: list[PlannedJob] = []
+    for i in range(n_train):
+        # Small and slowed down a little, so that each lasts a few seconds, checkpoints
+        # several times and is likely to be running when a kill lands.
+        params = {"epochs": rng.randint(2, 4), "batch_size": 32,
+                  "hidden": rng.choice((32, 64)), "seed": rng.randint(0, 3),
+                  "step_delay": rng.choice((0.01, 0.015, 0.02)), "device": "cpu"}
+        planned.append(PlannedJob(f"train-{i + 1}", "digits-train", params, 0.0,
+                                  checkpoint_every_steps=20, priority=1))
+    for i in range(n_infer):
+        planned.append(PlannedJob(f"infer-{i + 1}", "digits-infer", {"device": "cpu"}, None,
+                                  model_of=f"train-{i % n_train + 1}"))
+    # Sleep jobs arrive over the first three quarters of the window, like a service's
+    # stream of submissions, so that kills throughout the window find work to interrupt.
+    arrivals = sorted(round(rng.uniform(0, 0.75 * duration), 2) for _ in range(n_sleep))
+    for i, at in enumerate(arrivals):
+        params = {"seconds": round(rng.uniform(0.5, 3.0), 2), "steps": rng.randint(10, 30)}
+        planned.append(PlannedJob(f"sleep-{i + 1}", "sleep", params, at,
+                                  checkpoint_every_steps=5))
+    kills: list[PlannedKill] = []
+    lo, hi = 0.05 * duration, 0.95 * duration
+    for kind, rate in zip(KILL_KINDS, (sigterm_rate, sigkill_rate, freeze_rate), strict=True):
+        # The expected number, at least one when asked for at all, each in its own slice of
+        # the window: a short drill still exercises every kind, and kills do not bunch up.
+        n = max(1, round(rate * duration)) if rate > 0 else 0
+        for i in range(n):
+            at = lo + (i + rng.uniform(0.1, 0.9)) * (hi - lo) / n
+            kills.append(PlannedKill(round(at, 2), kind, rng.randrange(workers)))
+    restart_at = round(rng.uniform(0.3, 0.6) * duration, 2) if db_restart else None
+    if restart_at is not None and kills:
+        # The hard case of a restart is a worker replaced while the database is down: move
+        # the nearest SIGKILL (else the nearest kill) into the outage, so every drill with
+        # --db-restart boots a replacement worker against a database that is not there.
+        pool = [k for k in kills if k.kind == "sigkill"] or kills
+        nearest = min(pool, key=lambda k: abs(k.at - restart_at))
+        kills[kills.index(nearest)] = PlannedKill(round(restart_at + 0.5, 2), nearest.kind,
+                                                  nearest.slot)
+    kills.sort(key=lambda k: (k.at, k.kind))
+    return Schedule(seed, workers, duration, tuple(planned), tuple(kills), restart_at)
+
+
+# -------------------------------------------------------------- private PostgreSQL
+
+
+def find_postgres_bin() -> Path | None:
+    """The directory of the newest PostgreSQL server binaries (initdb, pg_ctl), if any."""
+    def version(d: str) -> int:
+        name = Path(d).parent.name
+        return int(name) if name.isdigit() else 0
+
+    for d in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True):
+        if os.access(Path(d) / "initdb", os.X_OK) and os.access(Path(d) / "pg_ctl", os.X_OK):
+            return Path(d)
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if initdb and pg_ctl and Path(initdb).parent == Path(pg_ctl).parent:
+        return Path(initdb).parent
+    return None
+
+
+class PrivatePostgres:
+    """A throw-away PostgreSQL in a temporary directory, on a free port, for one drill.
+
+    initdb refuses to run as root, so as root every server command runs as the ``postgres``
+    user through ``runuser``, in a directory that user owns.
+    """
+
+    def __init__(self, bindir: Path, run_as: list[str], owner: tuple[int, int] | None) -> None:
+        self.bindir = bindir
+        self.run_as = run_as
+        self.owner = owner
+        self.dir: Path | None = None
+        self.port = 0
+        self.running = False
+
+    @classmethod
+    def locate(cls) -> PrivatePostgres:
+        bindir = find_postgres_bin()
+        if bindir is None:
+            raise ChaosError("--db-restart runs a private PostgreSQL, but its server programs "
+                             "(initdb, pg_ctl) are not under /usr/lib/postgresql/*/bin nor on "
+                             "PATH; install the PostgreSQL server package")
+        if os.geteuid() != 0:
+            return cls(bindir, [], None)
+        runuser = shutil.which("runuser")
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pw = None
+        if runuser is None or pw is None:
+            raise ChaosError("--db-restart as root runs PostgreSQL as the 'postgres' user "
+                             "(initdb refuses root), but "
+                             + ("runuser is missing" if runuser is None
+                                else "there is no 'postgres' user"))
+        return cls(bindir, [runuser, "-u", "postgres", "--"], (pw.pw_uid, pw.pw_gid))
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        assert self.dir is not None
+        # Its own session: a Ctrl-C on the terminal must not reach the server, whose
+        # shutdown is the drill's to make.
+        return subprocess.run([*self.run_as, *args], cwd=self.dir, capture_output=True,
+                              text=True, timeout=timeout, start_new_session=True,
+                              stdin=subprocess.DEVNULL)
+
+    def create(self) -> str:
+        """initdb and start; return the database URL."""
+        self.dir = Path(tempfile.mkdtemp(prefix="spotrun-chaos-pg-"))
+        if self.owner is not None:
+            os.chown(self.dir, *self.owner)
+        data = str(self.dir / "data")
+        out = self._run(str(self.bindir / "initdb"), "-D", data, "-U", "postgres",
+                        "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync")
+        if out.returncode != 0:
+            raise ChaosError("initdb of the private PostgreSQL failed: "
+                             + _last_line(out.stderr or out.stdout))
+        for _ in range(3):  # a port found free can be taken before the server binds it
+            self.port = _free_port()
+            if self.start():
+                return self.url
+        raise ChaosError(f"the private PostgreSQL did not start: {self.log_tail()}")
+
+    def start(self) -> bool:
+        assert self.dir is not None
+        # fsync off: the drill restarts the server cleanly (a fast shutdown writes a
+        # checkpoint) and the machine does not crash, so durability on disk adds only time.
+        opts = (f"-p {self.port} -k {shlex.quote(str(self.dir))} "
+                "-c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300")
+        out = self._run(str(self.bindir / "pg_ctl"), "-D", str(self.dir / "data"),
+                        "-l", str(self.dir / "server.log"), "-o", opts, "-w", "-t", "60",
+                        "start")
+        self.running = out.returncode == 0
+        return self.running
+
+    def stop(self, mode: str = "fast") -> bool:
+        if self.dir is None:
+            return True
+        out = self._run(str(self.bindir / "pg_ctl"), "-D", str(self.dir / "data"),
+                        "-m", mode, "-w", "-t", "60", "stop")
+        if out.returncode == 0:
+            self.running = False
+        return out.returncode == 0
+
+    def log_tail(self) -> str:
+        if self.dir is None:
+            return ""
+        try:
+            lines = (self.dir / "server.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no server log"
+        return lines[-1] if lines else "empty server log"
+
+    def destroy(self) -> None:
+        if self.dir is None:
+            return
+        if self.running:
+            with contextlib.suppress(Exception):
+                self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir = None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no output"
+
+
+# ------------------------------------------------------------------------ workers
+
+
+class WorkerProc:
+    """One real ``spotrun worker`` process and what the drill did to it."""
+
+    def __init__(self, slot: int, generation: int, cmd: list[str], env: dict[str, str],
+                 log_dir: Path) -> None:
+        self.slot = slot
+        self.name = f"c{slot + 1}-{generation}"
+        self.log_path = log_dir / f"worker-{self.name}.log"
+        self.started = time.monotonic()
+        self.exited_at: float | None = None
+        self.exited_wall: float | None = None
+        self.exit_code: int | None = None
+        self.term_sent: float | None = None  # SIGTERM of a chaos kill (for notice-to-exit)
+        self.killed = False  # SIGKILLed by the drill
+        self.frozen_until: float | None = None
+        self.thaw_timer: threading.Timer | None = None
+        self.teardown = False  # stopped at the end of the drill, not by chaos
+        self.ever_ready = False
+        with open(self.log_path, "wb") as log:
+            # Its own session: the operator's Ctrl-C is for the drill, which stops its
+            # workers itself. ``setpriv --pdeathsig`` ends the worker should the drill
+            # itself be SIGKILLed, so no worker outlives it.
+            self.proc = subprocess.Popen([*_pdeathsig_prefix(), *cmd, "--name", self.name],
+                                         env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        # A thread waits on the process, so that exit times are exact, not a poll's tick.
+        self._waiter = threading.Thread(target=self._wait, name=f"wait-{self.name}",
+                                        daemon=True)
+        self._waiter.start()
+
+    def _wait(self) -> None:
+        code = self.proc.wait()
+        self.exited_wall = time.time()
+        self.exited_at = time.monotonic()
+        self.exit_code = code
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.exited_at is None
+
+    @property
+    def ready(self) -> bool:
+        if not self.ever_ready and self.alive:
+            with contextlib.suppress(OSError):
+                self.ever_ready = " ready: " in self.log_path.read_text(errors="replace")
+        return self.ever_ready and self.alive
+
+    @property
+    def targeted(self) -> bool:
+        """Already being stopped, killed or frozen: not a victim for another kill."""
+        return self.term_sent is not None or self.killed or self.frozen_until is not None
+
+    def signal(self, sig: int) -> None:
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, sig)
+
+    def join(self, timeout: float) -> bool:
+        self._waiter.join(timeout)
+        return not self._waiter.is_alive()
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+_PDEATHSIG: list[str] | None = None
+
+
+def _pdeathsig_prefix() -> list[str]:
+    global _PDEATHSIG
+    if _PDEATHSIG is None:
+        setpriv = shutil.which("setpriv")
+        ok = False
+        if setpriv:
+            with contextlib.suppress(Exception):
+                ok = subprocess.run([setpriv, "--pdeathsig", "KILL", "true"],
+                                    capture_output=True, timeout=10).returncode == 0
+        _PDEATHSIG = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv and ok else []
+    return _PDEATHSIG
+
+
+# ------------------------------------------------------------------------- records
+
+
+@dataclass
+class KillRecord:
+    at: float  # seconds into the drill
+    wall: float  # time.time(), to compare with the store's event times
+    kind: str
+    worker: str
+    job: str | None  # the job the store said the worker was running, if any
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "detail": self.detail}
+
+
+@dataclass
+class Report:
+    ok: bool
+    checks: list[Check]
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+    schedule: Schedule
+    notes: list[str] = field(default_factory=list)
+    kept_logs: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "checks": [c.to_json() for c in self.checks],
+                "metrics": self.metrics, "config": self.config, "notes": self.notes,
+                "kept_logs": self.kept_logs, "schedule": self.schedule.to_json()}
+
+
+# --------------------------------------------------------------------------- drill
+
+
+class Drill:
+    def __init__(self, settings: Settings, schedule: Schedule, *, pg: PrivatePostgres | None,
+                 echo: Echo | None) -> None:
+        self.settings = settings
+        self.schedule = schedule
+        self.pg = pg
+        self.echo = echo
+        self.n = schedule.workers
+        self.workspace = Path(tempfile.mkdtemp(prefix="spotrun-chaos-"))
+        self.log_dir = self.workspace / "logs"
+        self.log_dir.mkdir()
+        self.tag = secrets.token_hex(4)  # keeps this run's idempotency keys its own
+        self.url = settings.database_url
+        self.checkpoint_url = settings.checkpoint_url
+        self.store: JobStore | None = None
+        self.procs: list[WorkerProc] = []
+        self.slots: list[WorkerProc | None] = [None] * self.n
+        self.generation = [0] * self.n
+        self.ids: dict[str, str] = {}  # planned key -> job id
+        self.final: dict[str, JobState] = {}  # job id -> final state, as last polled
+        self.pending_kills = list(schedule.kills)
+        self.kills: list[KillRecord] = []
+        self.escalated: list[str] = []
+        self.unexpected: list[tuple[str, int | None, str]] = []
+        # Worker name -> the job it holds, from the jobs table (the workers table keeps a
+        # zombie's current_job after its lease expired, so it is not asked).
+        self.busy: dict[str, str] = {}
+        self.db_down_since: float | None = None
+        self.db_restart: dict[str, Any] | None = None
+        self._db_began_mono = self._db_stopped_mono = 0.0
+        self.reference_proc: subprocess.Popen[bytes] | None = None
+        self.notes: list[str] = []
+        self.t0 = 0.0
+        self.wall0 = 0.0
+        self.work_end: float | None = None
+        self.timed_out = False
+        self._last_status = 0.0
+
+    # --------------------------------------------------------------------- helpers
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def say(self, msg: str) -> None:
+        if self.echo is not None:
+            self.echo(f"{self.now():7.1f} s  {msg}" if self.t0 else f"  setup    {msg}")
+
+    def worker_env(self) -> dict[str, str]:
+        return {**os.environ,
+                "SPOTRUN_HOME": str(self.settings.home),
+                "SPOTRUN_DATABASE_URL": self.url,
+                "SPOTRUN_CHECKPOINT_URL": self.checkpoint_url,
+                "SPOTRUN_PREEMPTION_SOURCES": "signal",
+                "PYTHONUNBUFFERED": "1",
+                "OMP_NUM_THREADS": TORCH_THREADS,
+                "MKL_NUM_THREADS": TORCH_THREADS}
+
+    def worker_cmd(self) -> list[str]:
+        # --no-preload: most drill jobs are sleeps, and a worker that never runs a digits
+        # job then never pays for importing torch (it matters on small CI machines).
+        return [sys.executable, "-m", "spotrun", "worker", "--no-preload",
+                "--lease-seconds", f"{LEASE_SECONDS:g}",
+                "--heartbeat-seconds", f"{HEARTBEAT_SECONDS:g}",
+                "--grace-seconds", f"{GRACE_SECONDS:g}"]
+
+    def spawn(self, slot: int) -> WorkerProc:
+        self.generation[slot] += 1
+        w = WorkerProc(slot, self.generation[slot], self.worker_cmd(), self.worker_env(),
+                       self.log_dir)
+        self.procs.append(w)
+        self.slots[slot] = w
+        return w
+
+    # ------------------------------------------------------------------------- run
+
+    def run(self) -> Report:
+        if self.pg is not None:
+            self.url = self.pg.create()
+            self.checkpoint_url = str(self.workspace / "checkpoints")
+            self.say(f"private PostgreSQL up on 127.0.0.1:{self.pg.port}")
+        self.store = JobStore.open(self.url)
+        self._preflight()
+        self.t0, self.wall0 = time.monotonic(), time.time()
+        self._start_references()
+        for slot in range(self.n):
+            self.spawn(slot)
+        self.say(f"{self.n} workers started; chaos for {self.schedule.duration:g} s")
+        settle = self._settle_bound()
+        next_poll = 0.0
+        while True:
+            now = self.now()
+            self._reap(now)
+            self._escalate()
+            if now < self.schedule.duration + KILL_LATE_SECONDS:
+                self._fire_kills(now)
+            self._db_restart_step(now)
+            self._submit_due(now)
+            if now >= next_poll:
+                next_poll = now + POLL_SECONDS
+                self._poll()
+                if self._all_done():
+                    if self.work_end is None:
+                        self.work_end = now
+                        self.say("every job has ended")
+                    if now >= self.schedule.duration and self._quiet():
+                        break
+            if now >= self.schedule.duration + settle:
+                self.timed_out = True
+                self.say(f"gave up waiting: jobs still not ended {settle:.0f} s after the "
+                         "chaos window")
+                break
+            time.sleep(TICK)
+        if self.work_end is None:
+            self.work_end = self.now()
+        self._teardown()
+        refs = self._collect_references()
+        return self._audit(refs)
+
+    def _settle_bound(self) -> float:
+        work = sum(float(j.params.get("seconds", 5.0)) for j in self.schedule.jobs)
+        return 60.0 + 3.0 * work / self.n
+
+    def _quiet(self) -> bool:
+        """Nothing of the drill's own still in flight: no freeze, no notice, no outage."""
+        restarted = self.pg is None or self.schedule.db_restart_at is None or (
+            self.db_restart is not None and "started_at" in self.db_restart)
+        kills_done = not self.pending_kills or \
+            self.now() >= self.schedule.duration + KILL_LATE_SECONDS
+        return restarted and kills_done and not any(
+            w.alive and (w.frozen_until is not None or w.term_sent is not None)
+            for w in self.procs)
+
+    def _preflight(self) -> None:
+        assert self.store is not None
+        counts = self.store.count_by_state()
+        unfinished = counts.get("queued", 0) + counts.get("running", 0)
+        live = len(self.store.list_workers(include_stopped=False))
+        if unfinished or live:
+            self.notes.append(
+                f"the store already held {unfinished} unfinished jobs and {live} live "
+                "workers: the drill's workers may run those jobs and other workers the "
+                "drill's; run drills on a store of their own")
+
+    # ---------------------------------------------------------------- references
+
+    def _start_references(self) -> None:
+        """Uninterrupted reference runs, once per distinct params, in a child process.
+
+        A child, with the workers' environment (threads above all), so that the reference
+        is computed exactly as an uninterrupted worker would; it runs during the drill,
+        mostly asleep in step delays, and a Ctrl-C there cleans up its temporary files.
+        """
+        distinct: dict[str, dict[str, Any]] = {}
+        for j in self.schedule.jobs:
+            if j.pipeline == "digits-train":
+                distinct.setdefault(_params_key(j.params), j.params)
+        if not distinct:
+            return
+        src = self.workspace / "references.in.json"
+        src.write_text(json.dumps([{"key": k, "params": p} for k, p in distinct.items()]))
+        with open(src, "rb") as stdin, open(self.workspace / "references.out", "wb") as out, \
+                open(self.workspace / "references.err", "wb") as err:
+            self.reference_proc = subprocess.Popen(
+                [*_pdeathsig_prefix(), sys.executable, "-m", "spotrun.chaos", "--reference"],
+                stdin=stdin, stdout=out, stderr=err, env=self.worker_env(),
+                start_new_session=True)
+
+    def _collect_references(self) -> dict[str, dict[str, Any]]:
+        proc = self.reference_proc
+        if proc is None:
+            return {}
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        found: dict[str, dict[str, Any]] = {}
+        text = (self.workspace / "references.out").read_text(errors="replace")
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError):
+                item = json.loads(line)
+                found[str(item["key"])] = item
+        if proc.returncode != 0 and not found:
+            err = (self.workspace / "references.err").read_text(errors="replace")
+            found["__error__"] = {"error": _last_line(err)}
+        return found
+
+    # -------------------------------------------------------------------- workers
+
+    def _reap(self, now: float) -> None:
+        for slot, w in enumerate(self.slots):
+            if w is None or w.alive:
+                continue
+            caused = w.killed or w.term_sent is not None
+            if not caused and not w.teardown:
+                tail = _last_line(w.log())
+                if not w.ever_ready:
+                    tail = f"at start, before it was ready: {tail}"
+                self.unexpected.append((w.name, w.exit_code, tail))
+                self.say(f"worker {w.name} exited on its own (code {w.exit_code}): {tail}")
+                # A worker that cannot even start would be replaced forever: stop there.
+                if len(self.unexpected) >= 3 and not any(p.ever_ready for p in self.procs):
+                    raise ChaosError(f"workers exit as they start: {tail}")
+            elif w.term_sent is not None and not w.killed:
+                self.say(f"worker {w.name} exited {w.exit_code} "
+                         f"{w.exited_at - w.term_sent if w.exited_at else 0:.2f} s after "
+                         "its SIGTERM")
+            new = self.spawn(slot)
+            self.say(f"replacement worker {new.name} started")
+
+    def _thaw(self, w: WorkerProc) -> None:
+        if w.frozen_until is not None:
+            w.signal(signal.SIGCONT)
+            w.frozen_until = None
+            self.say(f"SIGCONT {w.name}: it wakes up after its lease expired")
+
+    def _escalate(self) -> None:
+        mono = time.monotonic()
+        for w in self.procs:
+            if not w.alive:
+                continue
+            if (w.term_sent is not None and not w.killed and not w.teardown
+                    and mono - w.term_sent > GRACE_SECONDS):
+                # Exactly what the cloud does once the notice period is over.
+                w.killed = True
+                w.signal(signal.SIGKILL)
+                self.escalated.append(w.name)
+                self.say(f"SIGKILL {w.name}: still running {GRACE_SECONDS:g} s after SIGTERM")
+
+    def _pick_victim(self, slot: int) -> WorkerProc | None:
+        order = [self.slots[(slot + i) % self.n] for i in range(self.n)]
+        ready = [w for w in order if w is not None and w.ready and not w.targeted]
+        busy = [w for w in ready if w.name in self.busy]
+        # A kill that interrupts a job tests more than one that hits an idle worker.
+        return busy[0] if busy else ready[0] if ready else None
+
+    def _fire_kills(self, now: float) -> None:
+        while self.pending_kills and self.pending_kills[0].at <= now:
+            kill = self.pending_kills[0]
+            w = self._pick_victim(kill.slot)
+            if w is None:
+                return  # nobody to kill yet: try again next tick
+            self.pending_kills.pop(0)
+            job = self.busy.get(w.name)
+            what = f"running job {job}" if job else "idle"
+            if kill.kind == "sigterm":
+                w.term_sent = time.monotonic()
+                w.signal(signal.SIGTERM)
+                self.say(f"SIGTERM {w.name} ({what}); SIGKILL if alive after "
+                         f"{GRACE_SECONDS:g} s")
+            elif kill.kind == "sigkill":
+                w.killed = True
+                w.signal(signal.SIGKILL)
+                self.say(f"SIGKILL {w.name} ({what})")
+            else:
+                freeze = LEASE_SECONDS + FREEZE_PAST_LEASE
+                w.frozen_until = time.monotonic() + freeze
+                w.signal(signal.SIGSTOP)
+                # On a timer of its own: on SQLite a worker frozen inside a write
+                # transaction holds the write lock, and a submit of this loop then waits on
+                # it; the thaw must not wait behind that submit.
+                w.thaw_timer = threading.Timer(freeze, self._thaw, args=(w,))
+                w.thaw_timer.daemon = True
+                w.thaw_timer.start()
+                self.say(f"SIGSTOP {w.name} ({what}) for {freeze:g} s, past its lease")
+            self.kills.append(KillRecord(round(now, 2), time.time(), kill.kind, w.name, job))
+
+    # ------------------------------------------------------------------ database
+
+    def _db_restart_step(self, now: float) -> None:
+        at = self.schedule.db_restart_at
+        if self.pg is None or at is None or now < at:
+            return
+        if self.db_restart is None:
+            self.say("stopping the private PostgreSQL (pg_ctl stop -m fast)")
+            began, began_mono = round(self.now(), 2), time.monotonic()
+            ok = self.pg.stop("fast")
+            self.db_restart = {"stopped_at": began, "stop_ok": ok}
+            self._db_began_mono, self._db_stopped_mono = began_mono, time.monotonic()
+            if not ok:
+                self.say(f"pg_ctl stop failed: {self.pg.log_tail()}")
+        elif "started_at" not in self.db_restart and \
+                time.monotonic() - self._db_stopped_mono >= DB_OUTAGE_SECONDS:
+            # Down for DB_OUTAGE_SECONDS after the stop completed; the outage reported runs
+            # from the stop's first disconnects to the server accepting connections again.
+            ok = self.pg.start() or self.pg.start()
+            self.db_restart.update(started_at=round(self.now(), 2), start_ok=ok,
+                                   outage_seconds=round(time.monotonic()
+                                                        - self._db_began_mono, 2))
+            self.say("private PostgreSQL back up" if ok else
+                     f"the private PostgreSQL did not come back: {self.pg.log_tail()}")
+
+    def _db(self, fn: Callable[[], Any]) -> Any:
+        """Run a store call; during an outage return None and try again next time."""
+        try:
+            value = fn()
+        except DB_ERRORS:
+            if self.db_down_since is None:
+                self.db_down_since = self.now()
+            return None
+        if self.db_down_since is not None:
+            self.say(f"the drill reaches the database again "
+                     f"({self.now() - self.db_down_since:.1f} s without it)")
+            self.db_down_since = None
+        return value
+
+    # ------------------------------------------------------------------------ jobs
+
+    def _submit_due(self, now: float) -> None:
+        for j in self.schedule.jobs:
+            if j.key in self.ids or j.at is None or j.at > now:
+                continue
+            if self._db(functools.partial(self._submit, j, j.params)) is None:
+                return
+
+    def _submit(self, j: PlannedJob, params: dict[str, Any]) -> str:
+        from spotrun.pipelines.registry import validate_submission
+
+        assert self.store is not None
+        _pipe, clean, cuda = validate_submission(j.pipeline, params, self.store)
+        job = self.store.submit(
+            j.pipeline, clean, priority=j.priority, max_retries=MAX_RETRIES,
+            # The drill runs only spot workers: escalation to on-demand would strand jobs.
+            max_preemptions=MAX_RETRIES,
+            requires_cuda=cuda, checkpoint_every_steps=j.checkpoint_every_steps,
+            # A submit whose reply a database restart cut off is retried: the key makes
+            # the retry find the job instead of queueing a second one.
+            idempotency_key=f"chaos-{self.tag}-{j.key}")
+        self.ids[j.key] = job.id
+        return job.id
+
+    def _poll(self) -> None:
+        assert self.store is not None
+        store = self.store
+        busy: dict[str, str] = {}
+        for key, job_id in list(self.ids.items()):
+            if job_id in self.final:
+                continue
+            job = self._db(functools.partial(store.get, job_id, with_events=False))
+            if job is None:
+                return
+            if job.state is JobState.RUNNING and job.worker:
+                busy[job.worker] = job.id
+            if job.state.is_final:
+                self.final[job_id] = job.state
+                if job.state is not JobState.SUCCEEDED:
+                    self.say(f"job {key} ({job_id}) ended {job.state.value}: {job.error}")
+        self.busy = busy
+        for j in self.schedule.jobs:
+            if j.key in self.ids or j.model_of is None:
+                continue
+            model = self.ids.get(j.model_of)
+            if model is not None and self.final.get(model) is JobState.SUCCEEDED and \
+                    self._db(functools.partial(self._submit, j, {**j.params, "model": model})
+                             ) is None:
+                return
+        if self.echo is not None and self.now() - self._last_status >= 5.0:
+            self._last_status = self.now()
+            done = sum(1 for s in self.final.values() if s.is_final)
+            alive = sum(1 for w in self.slots if w is not None and w.alive)
+            n_busy = sum(1 for w in self.slots if w is not None and w.name in self.busy)
+            self.say(f"{done} of {len(self.schedule.jobs)} jobs ended, "
+                     f"{len(self.ids)} submitted; {alive} workers up, {n_busy} busy")
+
+    def _all_done(self) -> bool:
+        if len(self.ids) < len(self.schedule.jobs):
+            # An infer job whose model failed can never be submitted: do not wait for it.
+            waiting = [j for j in self.schedule.jobs if j.key not in self.ids]
+            for j in waiting:
+                model = self.ids.get(j.model_of or "")
+                if j.model_of is None or model is None or model not in self.final or \
+                        self.final[model] is JobState.SUCCEEDED:
+                    return False
+        return all(i in self.final for i in self.ids.values())
+
+    # -------------------------------------------------------------------- teardown
+
+    def _teardown(self) -> None:
+        """Stop the fleet gracefully (the queue is empty); SIGKILL whatever lingers."""
+        for w in self.procs:
+            if w.thaw_timer is not None:
+                w.thaw_timer.cancel()
+            if w.alive:
+                w.teardown = True
+                w.signal(signal.SIGCONT)
+                w.frozen_until = None
+                w.signal(signal.SIGTERM)
+        give_up = time.monotonic() + GRACE_SECONDS + 2
+        for w in self.procs:
+            if not w.join(max(0.0, give_up - time.monotonic())):
+                w.signal(signal.SIGKILL)
+                w.join(10)
+
+    def abort(self) -> None:
+        """After a Ctrl-C or an error: stop every child, quickly but without orphans."""
+        for w in self.procs:
+            if w.thaw_timer is not None:
+                w.thaw_timer.cancel()
+            if w.alive:
+                w.teardown = True
+                w.signal(signal.SIGCONT)
+                w.signal(signal.SIGTERM)  # lets a worker hand its job back
+        proc = self.reference_proc
+        if proc is not None and proc.poll() is None:
+            # SIGINT: a KeyboardInterrupt in the child removes its temporary directory.
+            proc.send_signal(signal.SIGINT)
+        give_up = time.monotonic() + 3.0
+        for w in self.procs:
+            if not w.join(max(0.0, give_up - time.monotonic())):
+                w.signal(signal.SIGKILL)
+                w.join(5)
+        if proc is not None:
+            try:
+                proc.wait(max(0.5, give_up - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def cleanup(self, keep_logs_in: Path | None = None) -> str | None:
+        """Remove every temporary directory; keep the worker logs where asked."""
+        kept = None
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                self.store.close()
+        if keep_logs_in is not None:
+            try:
+                keep_logs_in.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(self.log_dir, keep_logs_in)
+                kept = str(keep_logs_in)
+            except OSError:
+                kept = None
+        if self.pg is not None:
+            self.pg.destroy()
+        shutil.rmtree(self.workspace, ignore_errors=True)
+        return kept
+
+    # ----------------------------------------------------------------------- audit
+
+    def _audit(self, refs: dict[str, dict[str, Any]]) -> Report:
+        assert self.store is not None
+        jobs = self._fetch_jobs()
+        checks: list[Check] = []
+        sched = self.schedule
+        n_planned = len(sched.jobs)
+
+        missing = [j for j in sched.jobs if j.key not in self.ids]
+        detail = f"{n_planned - len(missing)} of {n_planned} planned jobs submitted"
+        if missing:
+            detail += "; never submitted: " + ", ".join(
+                f"{j.key} (its model {j.model_of} did not succeed)" if j.model_of else j.key
+                for j in missing)
+        checks.append(Check("every planned job submitted", not missing, detail))
+
+        gone = [k for k, i in self.ids.items() if i not in jobs]
+        open_ = [f"{k} {jobs[i].state.value}" for k, i in self.ids.items()
+                 if i in jobs and not jobs[i].state.is_final]
+        detail = f"all {len(self.ids)} submitted jobs exist and ended"
+        if gone or open_:
+            detail = "; ".join(filter(None, [
+                f"missing from the store: {', '.join(gone)}" if gone else "",
+                f"not ended{' (gave up waiting)' if self.timed_out else ''}: "
+                + ", ".join(open_) if open_ else ""]))
+        checks.append(Check("no job lost", not gone and not open_, detail))
+
+        bad = [f"{k} {jobs[i].state.value}: {jobs[i].error}" for k, i in self.ids.items()
+               if i in jobs and jobs[i].state.is_final
+               and jobs[i].state is not JobState.SUCCEEDED]
+        n_ok = sum(1 for i in self.ids.values()
+                   if i in jobs and jobs[i].state is JobState.SUCCEEDED)
+        most = max((j.attempt for j in jobs.values()), default=0)
+        checks.append(Check("every job succeeded", not bad and n_ok == len(self.ids),
+                             f"{n_ok} of {len(self.ids)} succeeded, in up to {most} attempts"
+                             + ("; " + "; ".join(bad) if bad else "")))
+
+        twice = []
+        for k, i in self.ids.items():
+            if i not in jobs:
+                continue
+            ends = [e.kind for e in jobs[i].events
+                    if e.kind in (EventKind.SUCCEEDED, EventKind.FAILED, EventKind.CANCELLED)]
+            want = ([EventKind.SUCCEEDED.value] if jobs[i].state is JobState.SUCCEEDED
+                    else [e for e in ends if e != EventKind.SUCCEEDED])
+            if ends != want:
+                twice.append(f"{k} ({jobs[i].state.value}) has end events: {', '.join(ends)}")
+        checks.append(Check("no job completed twice", not twice,
+                            "exactly one 'succeeded' event per succeeded job, none for the "
+                            "others" if not twice else "; ".join(twice)))
+
+        checks.append(self._check_fenced(jobs))
+        checks.append(self._check_identical(jobs, refs))
+
+        terms = [w for w in self.procs if w.term_sent is not None]
+        late = [f"{w.name} (needed SIGKILL)" if w.name in self.escalated else
+                f"{w.name} (exit code {w.exit_code})"
+                for w in terms if w.name in self.escalated or w.exit_code != 0]
+        slowest = max((w.exited_at - w.term_sent for w in terms
+                       if w.exited_at is not None and w.term_sent is not None), default=0.0)
+        checks.append(Check(
+            "SIGTERMed workers handed back and exited 0 within the grace period", not late,
+            f"{len(terms) - len(late)} of {len(terms)} did (slowest {slowest:.2f} s, grace "
+            f"{GRACE_SECONDS:g} s)" + ("; not: " + ", ".join(late) if late else "")))
+
+        detail = "every worker exit was a kill of the drill's"
+        if self.unexpected:
+            detail = "; ".join(f"{n} exited {c} unasked: {t}" for n, c, t in self.unexpected)
+        elif self.pg is not None:
+            detail += ", including through the database restart"
+        checks.append(Check("no worker died unless killed", not self.unexpected, detail))
+
+        done = {k: sum(1 for r in self.kills if r.kind == k) for k in KILL_KINDS}
+        asked = {k: sum(1 for r in sched.kills if r.kind == k) for k in KILL_KINDS}
+        checks.append(Check(
+            "every scheduled kill carried out", done == asked,
+            ", ".join(f"{k} {done[k]} of {asked[k]}" for k in KILL_KINDS)
+            + ("" if done == asked else " (no ready worker to kill in time)")))
+
+        if self.pg is not None:
+            r = self.db_restart or {}
+            ok = bool(r.get("stop_ok") and r.get("start_ok"))
+            detail = (f"stopped at {r['stopped_at']:.1f} s, back at {r['started_at']:.1f} s "
+                      f"({r['outage_seconds']:.1f} s without a database)" if ok else
+                      f"restart incomplete: {r or 'never reached its time'}")
+            checks.append(Check("database restarted mid-drill", ok, detail))
+
+        metrics = self._metrics(jobs, refs)
+        config = {"workers": self.n, "jobs": n_planned, "duration": sched.duration,
+                  "seed": sched.seed, "schedule_fingerprint": sched.fingerprint(),
+                  "store": redact(self.url), "private_postgres": self.pg is not None,
+                  "lease_seconds": LEASE_SECONDS, "heartbeat_seconds": HEARTBEAT_SECONDS,
+                  "grace_seconds": GRACE_SECONDS,
+                  "freeze_seconds": LEASE_SECONDS + FREEZE_PAST_LEASE,
+                  "max_retries": MAX_RETRIES,
+                  "mix": {p: sched.count(p) for p in ("digits-train", "digits-infer", "sleep")}}
+        return Report(all(c.ok for c in checks), checks, metrics, config, sched,
+                      notes=list(self.notes))
+
+    def _live_expiries(self, jobs: dict[str, JobRecord]) -> list[dict[str, Any]]:
+        """Lease expiries the drill did not cause: the worker was neither killed, frozen
+        nor gone. They cost a retry and the work since the last checkpoint; they come from
+        a database outage longer than a lease, or a heartbeat starved of CPU."""
+        stopped: dict[str, float] = {}
+        for k in self.kills:
+            if k.kind != "sigterm":
+                stopped[k.worker] = min(stopped.get(k.worker, k.wall), k.wall)
+        for w in self.procs:
+            if w.exited_wall is not None:
+                stopped[w.name] = min(stopped.get(w.name, w.exited_wall), w.exited_wall)
+        keys = {i: k for k, i in self.ids.items()}
+        out = []
+        for i, job in jobs.items():
+            for e in job.events:
+                if e.kind == EventKind.LEASE_EXPIRED and \
+                        stopped.get(e.worker or "", float("inf")) > e.at.timestamp():
+                    at = e.at.timestamp() - self.wall0
+                    out.append({"job": keys.get(i, i), "worker": e.worker,
+                                "attempt": e.attempt, "at": round(at, 2),
+                                "during_db_restart": self._in_outage(at)})
+        return sorted(out, key=lambda x: float(x["at"]))
+
+    def _in_outage(self, at: float) -> bool:
+        """Whether drill time ``at`` falls in the restart's outage or the lease after it."""
+        r = self.db_restart or {}
+        if "stopped_at" not in r:
+            return False
+        end = float(r.get("started_at", r["stopped_at"])) + LEASE_SECONDS + 1.0
+        return float(r["stopped_at"]) <= at <= end
+
+    def _fetch_jobs(self) -> dict[str, JobRecord]:
+        assert self.store is not None
+        store = self.store
+        out: dict[str, JobRecord] = {}
+        give_up = time.monotonic() + 60
+        for job_id in self.ids.values():
+            while True:
+                try:
+                    job = store.get(job_id)
+                    assert isinstance(job, JobRecord)
+                    out[job_id] = job
+                    break
+                except StoreError:
+                    break  # not found: reported as lost
+                except DB_ERRORS:
+                    if time.monotonic() > give_up:
+                        raise
+                    time.sleep(0.5)
+        return out
+
+    def _check_fenced(self, jobs: dict[str, JobRecord]) -> Check:
+        wrong = []
+        for k, i in self.ids.items():
+            job = jobs.get(i)
+            if job is None or job.state is not JobState.SUCCEEDED:
+                continue
+            ok_events = [e for e in job.events if e.kind == EventKind.SUCCEEDED]
+            claims = [e for e in job.events if e.kind in (EventKind.STARTED, EventKind.RESUMED)]
+            if not ok_events or not claims:
+                wrong.append(f"{k}: no succeeded or claim event")
+                continue
+            done, holder = ok_events[-1], claims[-1]
+            if (done.attempt, done.worker) != (job.attempt, job.worker) or \
+                    (done.attempt, done.worker) != (holder.attempt, holder.worker):
+                wrong.append(f"{k}: written by attempt {done.attempt} on {done.worker}, the "
+                             f"lease was attempt {holder.attempt} on {holder.worker}")
+        n = sum(1 for j in jobs.values() if j.state is JobState.SUCCEEDED)
+        return Check("every result written by the attempt holding the lease", not wrong,
+                     f"{n} results, each by the last claim's attempt and worker" if not wrong
+                     else "; ".join(wrong))
+
+    def _check_identical(self, jobs: dict[str, JobRecord],
+                         refs: dict[str, dict[str, Any]]) -> Check:
+        name = "digits-train results bit-identical to an uninterrupted run"
+        trains = [j for j in self.schedule.jobs if j.pipeline == "digits-train"]
+        if not trains:
+            return Check(name, True, "no digits-train jobs in this drill (torch missing)")
+        if "__error__" in refs:
+            return Check(name, False, f"reference runs failed: {refs['__error__']['error']}")
+        wrong, compared, interrupted = [], 0, 0
+        for j in trains:
+            job = jobs.get(self.ids.get(j.key, ""))
+            if job is None or job.state is not JobState.SUCCEEDED:
+                continue
+            ref = refs.get(_params_key(j.params), {})
+            got = (job.result or {}).get("weights_sha256")
+            want = ref.get("weights_sha256")
+            compared += 1
+            interrupted += job.attempt > 1
+            if want is None:
+                wrong.append(f"{j.key}: no reference ({ref.get('error', 'not computed')})")
+            elif got != want:
+                wrong.append(f"{j.key} (attempt {job.attempt}): weights_sha256 "
+                             f"{str(got)[:12]}… != reference {want[:12]}…")
+        detail = (f"{compared - len(wrong)} of {compared} match their reference "
+                  f"({interrupted} ran in more than one attempt; "
+                  f"{len({_params_key(j.params) for j in trains})} distinct params)")
+        if wrong:
+            detail += "; " + "; ".join(wrong)
+        return Check(name, not wrong and compared == len(trains), detail)
+
+    # --------------------------------------------------------------------- metrics
+
+    def _metrics(self, jobs: dict[str, JobRecord],
+                 refs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        plan = {j.key: j for j in self.schedule.jobs}
+        by_id = {i: plan[k] for k, i in self.ids.items()}
+        useful = 0.0
+        per_step: dict[str, float] = {}
+        for i, job in jobs.items():
+            u = _useful_seconds(job, by_id[i], refs)
+            useful += u if job.state is JobState.SUCCEEDED else 0.0
+            total = job.progress.total or 1
+            per_step[i] = u / total if total else 0.0
+        end = self.t0 + (self.work_end or self.now())
+        paid = sum(max(0.0, min(w.exited_at or end, end) - w.started) for w in self.procs)
+
+        stops: dict[str, list[float]] = {}
+        for k in self.kills:
+            if k.kind != "sigterm":
+                stops.setdefault(k.worker, []).append(k.wall)
+        lost: dict[str, list[Interruption]] = {"preempted": [], "lease_expired": []}
+        unparsed = 0
+        for i, job in jobs.items():
+            found, bad = _interruptions(job.events, per_step[i], stops)
+            unparsed += bad
+            for x in found:
+                lost[x.kind].append(x)
+        handoff = [x.gap for x in lost["preempted"] if x.gap is not None]
+        requeue_to_resume = [x.gap for x in lost["lease_expired"] if x.gap is not None]
+        notice = [w.exited_at - w.term_sent for w in self.procs
+                  if w.term_sent is not None and w.exited_at is not None
+                  and w.name not in self.escalated]
+        detect = _kill_to_requeue(self.kills, jobs)
+        live_expiries = self._live_expiries(jobs)
+        refused = _refused_lines(self.log_dir)
+
+        def lost_summary(rows: list[Interruption]) -> dict[str, Any]:
+            return {"count": len(rows),
+                    "steps_mean": round(sum(x.steps for x in rows) / len(rows), 2)
+                    if rows else 0,
+                    "steps_max": max((x.steps for x in rows), default=0),
+                    "seconds_mean": round(sum(x.seconds for x in rows) / len(rows), 3)
+                    if rows else 0.0,
+                    "seconds_total": round(sum(x.seconds for x in rows), 2)}
+
+        all_lost = lost["preempted"] + lost["lease_expired"]
+        return {
+            "wall_seconds": round(self.now(), 1),
+            "kills": {k: sum(1 for r in self.kills if r.kind == k) for k in KILL_KINDS},
+            "kills_scheduled": {k: sum(1 for r in self.schedule.kills if r.kind == k)
+                                for k in KILL_KINDS},
+            "kills_that_hit_a_job": sum(1 for r in self.kills if r.job),
+            "sigterm_escalated_to_sigkill": len(self.escalated),
+            "kill_log": [asdict(r) | {"wall": round(r.wall, 3)} for r in self.kills],
+            "workers_started": len(self.procs),
+            "replacements": len(self.procs) - self.n,
+            "db_restart": self.db_restart,
+            "jobs": {s.value: sum(1 for j in jobs.values() if j.state is s)
+                     for s in JobState} | {"submitted": len(self.ids),
+                                           "planned": len(self.schedule.jobs)},
+            "preemptions": sum(j.preemptions for j in jobs.values()),
+            "lease_expiries": sum(1 for j in jobs.values() for e in j.events
+                                  if e.kind == EventKind.LEASE_EXPIRED),
+            "retries": sum(j.retries for j in jobs.values()),
+            "resumed_from_checkpoint": sum(1 for j in jobs.values() for e in j.events
+                                           if e.kind == EventKind.RESUMED),
+            "restarted_from_beginning": sum(1 for j in jobs.values() for e in j.events
+                                            if e.kind == EventKind.STARTED and e.attempt > 1),
+            "fenced_writes_refused": sum(refused.values()),
+            "fenced_writes_refused_by_write": refused,
+            "goodput": {"ratio": round(useful / paid, 4) if paid else 0.0,
+                        "useful_seconds": round(useful, 2),
+                        "paid_worker_seconds": round(paid, 2),
+                        "definition": GOODPUT_DEFINITION},
+            "work_lost": {"after_preemption": lost_summary(lost["preempted"]),
+                          "after_lease_expiry": lost_summary(lost["lease_expired"]),
+                          "per_interruption_seconds_mean": round(
+                              sum(x.seconds for x in all_lost) / len(all_lost), 3)
+                          if all_lost else 0.0,
+                          "unparsed_events": unparsed,
+                          "definition": WORK_LOST_DEFINITION},
+            "notice_to_exit_seconds": _quantiles(notice),
+            "handback_to_resume_seconds": _quantiles(handoff),
+            "lease_expiry_to_resume_seconds": _quantiles(requeue_to_resume),
+            "kill_to_requeue_seconds": _quantiles(detect),
+            "lease_expiries_of_live_workers": live_expiries,
+        }
+
+
+GOODPUT_DEFINITION = (
+    "useful compute seconds / paid worker seconds. Useful: what each succeeded job costs "
+    "run uninterrupted (sleep: its seconds; digits-train: the wall time of its reference "
+    "run; digits-infer: its last attempt, a single step). Paid: the lifetimes of all "
+    "worker processes, from spawn to exit or to the moment the last job ended, idle time "
+    "and start-up included, as a cloud bills them.")
+WORK_LOST_DEFINITION = (
+    "per interruption, the steps redone: the step the store last recorded when the job was "
+    "handed back (SIGTERM) or its lease expired (SIGKILL, freeze), minus the step the next "
+    "attempt resumed from; progress reaches the store every 0.5 s, so after a hard kill "
+    "this is a lower bound. Seconds: after an expiry, the time from the attempt's last "
+    "checkpoint (or its start) to the kill; after a hand-back, steps times the job's "
+    "uninterrupted seconds per step.")
+
+_AT_STEP = re.compile(r"\bat step (\d+)")
+_FROM_STEP = re.compile(r"\bfrom step (\d+)")
+_REFUSED = re.compile(r"([a-z-]+(?: (?:pointer|result))?) of job \S+ refused")
+
+
+def _params_key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, separators=(",", ":"))
+
+
+def _useful_seconds(job: JobRecord, plan: PlannedJob,
+                    refs: dict[str, dict[str, Any]]) -> float:
+    if plan.pipeline == "sleep":
+        return float(plan.params["seconds"])
+    if plan.pipeline == "digits-train":
+        ref = refs.get(_params_key(plan.params), {})
+        if "seconds" in ref:
+            return float(ref["seconds"])
+        return job.run_seconds
+    claims = [e for e in job.events if e.kind in (EventKind.STARTED, EventKind.RESUMED)]
+    ends = [e for e in job.events if e.kind == EventKind.SUCCEEDED]
+    if claims and ends:
+        return max(0.0, (ends[-1].at - claims[-1].at).total_seconds())
+    return job.run_seconds
+
+
+@dataclass(frozen=True)
+class Interruption:
+    kind: str  # "preempted" (a hand-back on notice) or "lease_expired"
+    steps: int  # steps redone: the step the store recorded minus the step resumed from
+    seconds: float  # work redone, estimated in seconds
+    gap: float | None  # seconds until an attempt was claimed again
+
+
+_SAFE = (EventKind.STARTED, EventKind.RESUMED, EventKind.CHECKPOINT)
+
+
+def _interruptions(events: tuple[Event, ...], per_step: float,
+                   stops: dict[str, list[float]]) -> tuple[list[Interruption], int]:
+    """A job's hand-backs and expiries, and how many events could not be read.
+
+    Seconds redone after an expiry: from the attempt's last checkpoint (or its claim) to
+    the moment its worker stopped: the drill's SIGKILL or SIGSTOP, else one lease before
+    the expiry. The store's step is the last one flushed (every 0.5 s), so after a hard
+    kill the steps are a lower bound and the seconds the better measure.
+    """
+    out: list[Interruption] = []
+    unparsed = 0
+    for n, e in enumerate(events):
+        if e.kind not in (EventKind.PREEMPTED, EventKind.LEASE_EXPIRED):
+            continue
+        nxt = next((x for x in events[n + 1:]
+                    if x.kind in (EventKind.STARTED, EventKind.RESUMED)), None)
+        m = _AT_STEP.search(e.message)
+        if nxt is None or m is None:
+            unparsed += 1
+            continue
+        r = _FROM_STEP.search(nxt.message) if nxt.kind == EventKind.RESUMED else None
+        steps = max(0, int(m.group(1)) - (int(r.group(1)) if r else 0))
+        seconds = steps * per_step
+        at = e.at.timestamp()
+        if e.kind == EventKind.LEASE_EXPIRED:
+            stop = max((t for t in stops.get(e.worker or "", []) if t <= at),
+                       default=at - LEASE_SECONDS)
+            safe = [x.at.timestamp() for x in events[:n]
+                    if x.attempt == e.attempt and x.kind in _SAFE and x.at.timestamp() <= stop]
+            seconds = max(seconds, stop - max(safe)) if safe else seconds
+        out.append(Interruption(e.kind, steps, seconds,
+                                max(0.0, (nxt.at - e.at).total_seconds())))
+    return out, unparsed
+
+
+def _kill_to_requeue(kills: list[KillRecord], jobs: dict[str, JobRecord]) -> list[float]:
+    """Seconds from a SIGKILL or freeze to the sweep requeueing the job the worker held."""
+    out = []
+    for k in kills:
+        job = jobs.get(k.job or "")
+        if k.kind == "sigterm" or job is None:
+            continue
+        exp = next((e for e in job.events if e.kind == EventKind.LEASE_EXPIRED
+                    and e.worker == k.worker and e.at.timestamp() >= k.wall - 1.0), None)
+        if exp is not None:
+            out.append(max(0.0, exp.at.timestamp() - k.wall))
+    return out
+
+
+def _refused_lines(log_dir: Path) -> dict[str, int]:
+    """Worker log lines reporting a fenced write refused, by the kind of write."""
+    counts: dict[str, int] = {}
+    for path in sorted(log_dir.glob("worker-*.log")):
+        with contextlib.suppress(OSError):
+            for line in path.read_text(errors="replace").splitlines():
+                # Only the store's fencing message: "connection refused" is an outage.
+                m = _REFUSED.search(line) if "refused" in line else None
+                if m is not None:
+                    counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return counts
+
+
+def _quantiles(values: list[float]) -> dict[str, Any]:
+    """Count, p50, p99 (nearest rank) and max of a sample, in seconds."""
+    if not values:
+        return {"count": 0, "p50": None, "p99": None, "max": None}
+    s = sorted(values)
+
+    def rank(q: float) -> float:
+        return round(s[max(0, math.ceil(q * len(s)) - 1)], 3)
+
+    return {"count": len(s), "p50": rank(0.50), "p99": rank(0.99), "max": round(s[-1], 3)}
+
+
+# -------------------------------------------------------------------------- report
+
+
+def format_report(r: Report) -> str:
+    """The report as an operator reads it."""
+    c, m = r.config, r.metrics
+    mix = c["mix"]
+    lines = [
+        f"spotrun chaos drill: {c['workers']} workers, {c['jobs']} jobs "
+        f"({mix['digits-train']} digits-train, {mix['digits-infer']} digits-infer, "
+        f"{mix['sleep']} sleep), {c['duration']:g} s of chaos, seed {c['seed']} "
+        f"(schedule {c['schedule_fingerprint']})",
+        f"store: {c['store']}" + (" (a private PostgreSQL, restarted mid-drill)"
+                                  if c["private_postgres"] else ""),
+        f"workers: lease {c['lease_seconds']:g} s, heartbeat {c['heartbeat_seconds']:g} s, "
+        f"grace {c['grace_seconds']:g} s; jobs: max_retries {c['max_retries']}",
+        "",
+        "what the drill did",
+    ]
+    k, ks = m["kills"], m["kills_scheduled"]
+    hit = {kind: sum(1 for x in m["kill_log"] if x["kind"] == kind and x["job"])
+           for kind in KILL_KINDS}
+    lines += [
+        f"  SIGTERM   {k['sigterm']} of {ks['sigterm']} scheduled, {hit['sigterm']} "
+        f"interrupted a job; {m['sigterm_escalated_to_sigkill']} needed SIGKILL after the grace",
+        f"  SIGKILL   {k['sigkill']} of {ks['sigkill']} scheduled, {hit['sigkill']} "
+        "interrupted a job",
+        f"  freeze    {k['freeze']} of {ks['freeze']} scheduled, {hit['freeze']} interrupted a "
+        f"job (SIGSTOP {c['freeze_seconds']:g} s, past the lease, then SIGCONT)",
+    ]
+    db = m["db_restart"]
+    if db:
+        lines.append(f"  database  stopped at {db.get('stopped_at', 0):.1f} s, back at "
+                     f"{db.get('started_at', float('nan')):.1f} s "
+                     f"({db.get('outage_seconds', float('nan')):.1f} s without it)")
+    lines.append(f"  workers   {m['workers_started']} started ({c['workers']} + "
+                 f"{m['replacements']} replacements); the drill took {m['wall_seconds']:.1f} s")
+    lines += ["", "checks"]
+    lines += [f"  {'ok  ' if x.ok else 'FAIL'}  {x.name}: {x.detail}" for x in r.checks]
+    g, w = m["goodput"], m["work_lost"]
+    ap, ae = w["after_preemption"], w["after_lease_expiry"]
+    j = m["jobs"]
+    lines += [
+        "", "numbers",
+        f"  jobs                 {j['succeeded']} succeeded, {j['failed']} failed, "
+        f"{j['cancelled']} cancelled, {j['queued'] + j['running']} unfinished, of "
+        f"{j['submitted']} submitted",
+        f"  interruptions        {m['preemptions']} hand-backs on notice, "
+        f"{m['lease_expiries']} lease expiries; {m['resumed_from_checkpoint']} resumed "
+        f"from a checkpoint, {m['restarted_from_beginning']} restarted from the beginning",
+        f"  fenced writes refused {m['fenced_writes_refused']}"
+        + (" (" + ", ".join(f"{n} {kind}" for kind, n in sorted(
+            m["fenced_writes_refused_by_write"].items())) + ")"
+           if m["fenced_writes_refused"] else "")
+        + ": zombie writes the store turned away",
+        f"  goodput              {100 * g['ratio']:.1f} %: {g['useful_seconds']:.1f} s of "
+        f"useful compute / {g['paid_worker_seconds']:.1f} s of paid worker time",
+        f"  work lost            per hand-back on notice: {ap['steps_mean']:g} steps "
+        f"(max {ap['steps_max']}), {ap['seconds_mean']:.2f} s ({ap['count']} hand-backs)",
+        f"                       per lease expiry: {ae['steps_mean']:g} steps recorded "
+        f"(max {ae['steps_max']}), {ae['seconds_mean']:.2f} s ({ae['count']} expiries)",
+        "  " + _q("notice to exit", m["notice_to_exit_seconds"], "SIGTERMs"),
+        "  " + _q("hand-back to resume", m["handback_to_resume_seconds"], "hand-backs"),
+        "  " + _q("expiry to resume", m["lease_expiry_to_resume_seconds"], "expiries"),
+        "  " + _q("kill to requeue", m["kill_to_requeue_seconds"], "hard kills of busy workers"),
+        f"  expiries of live workers {len(m['lease_expiries_of_live_workers'])}"
+        + (": " + ", ".join(f"{x['job']} on {x['worker']} at {x['at']:.1f} s"
+                            + (" (database restart)" if x["during_db_restart"] else "")
+                            for x in m["lease_expiries_of_live_workers"])
+           if m["lease_expiries_of_live_workers"] else
+           " (every expiry was of a worker the drill killed or froze)"),
+        "",
+        "  goodput: " + g["definition"],
+        "  work lost: " + w["definition"],
+    ]
+    for note in r.notes:
+        lines.append(f"  note: {note}")
+    if r.kept_logs:
+        lines.append(f"  worker logs kept in {r.kept_logs}")
+    failed = [x for x in r.checks if not x.ok]
+    lines += ["", f"result: PASS, all {len(r.checks)} checks passed" if not failed else
+              f"result: FAIL, {len(failed)} of {len(r.checks)} checks failed: "
+              + ", ".join(x.name for x in failed)]
+    return "\n".join(lines)
+
+
+def _q(label: str, q: dict[str, Any], what: str) -> str:
+    if not q["count"]:
+        return f"{label:<20} no samples"
+    return (f"{label:<20} p50 {q['p50']:.2f} s, p99 {q['p99']:.2f} s, max {q['max']:.2f} s "
+            f"({q['count']} {what})")
+
+
+# ---------------------------------------------------------------------------- main
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGTERM to the drill acts as Ctrl-C does: stop every child, remove every file."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def _no_interrupts() -> Iterator[None]:
+    """Cleanup runs to its end even if Ctrl-C is pressed again."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def _torch_available() -> bool:
+    return all(importlib.util.find_spec(m) is not None
+               for m in ("torch", "sklearn", "safetensors"))
+
+
+def main(settings: Settings, *, workers: int, jobs: int, duration: float,
+         sigterm_rate: float, sigkill_rate: float, freeze_rate: float, db_restart: bool,
+         seed: int, as_json: bool, echo: Echo) -> int:
+    """Run the drill; print the report; 0 if every check passed, 1 if not, 2 bad input."""
+    def fail(msg: str, code: int) -> int:
+        print(f"spotrun: {msg}", file=sys.stderr)
+        return code
+
+    try:
+        if workers < 1 or jobs < 1 or duration <= 0:
+            raise ChaosError("--workers, --jobs and --duration must be positive")
+        if min(sigterm_rate, sigkill_rate, freeze_rate) < 0:
+            raise ChaosError("kill rates must not be negative")
+        pg = PrivatePostgres.locate() if db_restart else None
+    except ChaosError as exc:
+        return fail(str(exc), EXIT_BAD_INPUT)
+    with_torch = _torch_available()
+    schedule = make_schedule(seed=seed, workers=workers, jobs=jobs, duration=duration,
+                             sigterm_rate=sigterm_rate, sigkill_rate=sigkill_rate,
+                             freeze_rate=freeze_rate, db_restart=db_restart,
+                             with_torch=with_torch)
+    drill: Drill | None = None
+    report: Report | None = None
+    error: tuple[str, int] | None = None
+    try:
+        with _interruptible():
+            drill = Drill(settings, schedule, pg=pg, echo=None if as_json else echo)
+            if not with_torch:
+                drill.notes.append("torch, scikit-learn or safetensors is missing: the "
+                                   "drill ran sleep jobs only")
+            report = drill.run()
+    except KeyboardInterrupt:
+        error = ("chaos drill interrupted; its workers were stopped and its temporary "
+                 "files removed", EXIT_INTERRUPTED)
+    except DatabaseUnavailable as exc:
+        error = (str(exc), EXIT_FAILED)
+    except StoreError as exc:
+        error = (str(exc), EXIT_BAD_INPUT)
+    except ChaosError as exc:
+        error = (f"chaos drill aborted: {exc}", EXIT_FAILED)
+    finally:
+        if drill is not None:
+            with _no_interrupts():
+                drill.abort()
+                keep = None
+                if report is not None and not report.ok:
+                    # A failed drill is worth its logs: keep them beside the store's data.
+                    keep = settings.home / "chaos-logs" / time.strftime("%Y%m%d-%H%M%S")
+                kept = drill.cleanup(keep)
+                if report is not None:
+                    report.kept_logs = kept
+    if error is not None:
+        return fail(*error)
+    if report is None:
+        return EXIT_FAILED
+    echo(json.dumps(report.to_json(), indent=2) if as_json else "\n" + format_report(report))
+    return 0 if report.ok else EXIT_FAILED
+
+
+def _reference_main() -> int:
+    """Child process: read [{key, params}] on stdin; one JSON line per reference run."""
+    from spotrun.local import run_inline
+    from spotrun.pipelines import digits  # noqa: F401 - import torch before the clock starts
+
+    for item in json.load(sys.stdin):
+        start = time.perf_counter()
+        try:
+            result = run_inline("digits-train", item["params"])
+            out = {"key": item["key"], "weights_sha256": result["weights_sha256"],
+                   "seconds": round(time.perf_counter() - start, 3)}
+        except Exception as exc:
+            out = {"key": item["key"], "error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--reference"]:
+        sys.exit(_reference_main())
+    sys.exit("usage: spotrun chaos (this module's own entry point is internal)")

@@ -1,0 +1,377 @@
+"""The dashboard: server-rendered pages (Jinja2, autoescaped) with a little JavaScript.
+
+Pages: the job list with live progress bars, a job's page with its timeline and result,
+a form to submit a pipeline, and the workers with a "simulate preemption" button for
+admins. Live updates come from the API's Server-Sent Events; there is no build step.
+
+Sign-in: the token goes into an HttpOnly, SameSite=Strict cookie. ``spotrun up`` prints a
+URL whose fragment (``/login#token=...``) carries the token: browsers never send a
+fragment to the server, so the token stays out of access logs; the login page's script
+posts it. Every form POST also checks that the request comes from this origin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from urllib.parse import parse_qs
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from pydantic import ValidationError
+
+from spotrun.jobs import Job, JobState, OnPreempt, Worker
+
+if TYPE_CHECKING:
+    from spotrun.api import AppContext, Principal
+
+P = ParamSpec("P")
+T = TypeVar("T")
+HERE = Path(__file__).parent
+STATE_WORDS = {
+    "queued": "Waiting for a worker",
+    "running": "Running",
+    "succeeded": "Succeeded",
+    "failed": "Failed",
+    "cancelled": "Cancelled",
+}
+WORKER_WORDS = {
+    "idle": "Idle, waiting for work",
+    "busy": "Running a job",
+    "stopping": "Stopping",
+    "stopped": "Stopped",
+    "gone": "Lost (stopped sending heartbeats)",
+}
+ON_PREEMPT_WORDS = {
+    OnPreempt.RESUME.value: "Continue from its last checkpoint (recommended)",
+    OnPreempt.RESTART.value: "Start over from the beginning",
+    OnPreempt.FAIL.value: "Stop the job and mark it failed",
+}
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
+    "X-Content-Type-Options": "nosniff",
+    # same-origin, not no-referrer: with no-referrer browsers send "Origin: null" on forms.
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+async def run(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Call blocking ``fn`` (the store) off the event loop."""
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+def _ago(t: dt.datetime) -> str:
+    s = max(0.0, (dt.datetime.now(dt.UTC) - t).total_seconds())
+    if s < 90:
+        return f"{s:.0f} s ago"
+    if s < 5400:
+        return f"{s / 60:.0f} min ago"
+    return f"{s / 3600:.1f} h ago"
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _progress_words(job: Job) -> str:
+    p = job.progress
+    if p.total:
+        return f"{p.step} of {p.total} steps ({100.0 * p.step / p.total:.0f}%)"
+    return f"step {p.step}" if p.step else ""
+
+
+def _pretty(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def _environment() -> Environment:
+    env = Environment(loader=FileSystemLoader(HERE / "templates"),
+                      autoescape=select_autoescape(default=True, default_for_string=True))
+    env.globals.update(state_words=STATE_WORDS, worker_words=WORKER_WORDS,
+                       on_preempt_words=ON_PREEMPT_WORDS)
+    env.filters.update(ago=_ago, iso=_iso, progress_words=_progress_words, pretty=_pretty)
+    return env
+
+
+# ------------------------------------------------------------------ the form
+
+
+def form_fields(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """Form fields from a pipeline's params schema (JSON Schema from pydantic)."""
+    required = set(schema.get("required", ()))
+    fields = []
+    for name, prop in schema.get("properties", {}).items():
+        kind, choices = "json", None
+        typ = prop.get("type")
+        if "enum" in prop:
+            kind, choices = "choice", [str(c) for c in prop["enum"]]
+        elif typ == "integer":
+            kind = "int"
+        elif typ == "number":
+            kind = "float"
+        elif typ == "boolean":
+            kind = "bool"
+        elif typ == "string":
+            kind = "text"
+        default = prop.get("default")
+        words = str(prop.get("description", ""))
+        fields.append({
+            "name": name,
+            # The description reads better than a param name ("Adam learning rate", not
+            # "Lr"); the name is shown beside it for those who use the API or the CLI.
+            "label": (words[:1].upper() + words[1:]) if words else
+            name.replace("_", " ").capitalize(),
+            "kind": kind,
+            "choices": choices,
+            "required": name in required,
+            "default": "" if default is None else (
+                json.dumps(default) if kind == "json" else default),
+            "min": prop.get("minimum", prop.get("exclusiveMinimum")),
+            "max": prop.get("maximum", prop.get("exclusiveMaximum")),
+        })
+    return fields
+
+
+def params_from_form(fields: list[dict[str, Any]], form: dict[str, str]
+                     ) -> tuple[dict[str, Any], list[str]]:
+    """The params typed into the form: (params, problems in words). Blank means default."""
+    params: dict[str, Any] = {}
+    problems: list[str] = []
+    for f in fields:
+        name, kind = f["name"], f["kind"]
+        if kind == "bool":
+            params[name] = form.get(name) in ("on", "true", "1")
+            continue
+        raw = form.get(name, "").strip()
+        if raw == "":
+            continue
+        try:
+            if kind == "int":
+                params[name] = int(raw)
+            elif kind == "float":
+                value = float(raw)
+                if not math.isfinite(value):
+                    raise ValueError(raw)
+                params[name] = value
+            elif kind == "json":
+                params[name] = json.loads(raw)
+            else:
+                params[name] = raw
+        except ValueError:
+            what = {"int": "a whole number", "float": "a number",
+                    "json": "valid JSON"}.get(kind, "valid")
+            problems.append(f"{f['label']}: must be {what}")
+    return params, problems
+
+
+# -------------------------------------------------------------------- routes
+
+
+def install(app: FastAPI, ctx: AppContext) -> None:
+    """Add the dashboard's pages and static files to ``app``."""
+    from spotrun import api
+
+    store = ctx.store
+    env = _environment()
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+
+    def page(template: str, request: Request, who: Principal | None, status: int = 200,
+             **values: Any) -> HTMLResponse:
+        html = env.get_template(template).render(request=request, who=who, **values)
+        return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
+
+    def viewer(request: Request) -> Principal | None:
+        return api.principal_for_token(store, request.cookies.get(api.TOKEN_COOKIE))
+
+    def to_login() -> Response:
+        return RedirectResponse("/login", status_code=303, headers=SECURITY_HEADERS)
+
+    def same_origin(request: Request) -> bool:
+        # SameSite=Strict already keeps the cookie off cross-site requests; checking the
+        # Origin too guards the forms (login included) in browsers that ignore it.
+        origin = request.headers.get("origin")
+        return origin is None or origin == f"{request.url.scheme}://{request.url.netloc}"
+
+    async def form_of(request: Request) -> dict[str, str]:
+        body = (await request.body()).decode("utf-8", errors="replace")
+        return {k: v[-1] for k, v in parse_qs(body, keep_blank_values=True).items()}
+
+    def forbidden(request: Request) -> HTMLResponse:
+        return page("message.html", request, None, status=403, title="Not allowed",
+                    message="This form was sent from another site, so it was ignored.")
+
+    # ------------------------------------------------------------------ login
+
+    @app.get("/login", include_in_schema=False)
+    def login_page(request: Request) -> Response:
+        return page("login.html", request, None)
+
+    @app.post("/login", include_in_schema=False)
+    async def login(request: Request) -> Response:
+        if not same_origin(request):
+            return forbidden(request)
+        token = (await form_of(request)).get("token", "").strip()
+        who = await run(api.principal_for_token, store, token)
+        if who is None:
+            return page("login.html", request, None, status=401,
+                        error="That token is not valid (or it was revoked).")
+        response = RedirectResponse("/", status_code=303, headers=SECURITY_HEADERS)
+        response.set_cookie(api.TOKEN_COOKIE, token, httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https", path="/")
+        return response
+
+    @app.post("/logout", include_in_schema=False)
+    async def logout(request: Request) -> Response:
+        if not same_origin(request):
+            return forbidden(request)
+        response = RedirectResponse("/login", status_code=303, headers=SECURITY_HEADERS)
+        response.delete_cookie(api.TOKEN_COOKIE, path="/", httponly=True, samesite="strict")
+        return response
+
+    # ------------------------------------------------------------------- jobs
+
+    @app.get("/", include_in_schema=False)
+    def jobs_page(request: Request) -> Response:
+        who = viewer(request)
+        if who is None:
+            return to_login()
+        found = store.list_jobs(owner=None if who.is_admin else who.name, limit=100)
+        return page("jobs.html", request, who, jobs=found)
+
+    def visible(job_id: str, who: Principal) -> Job | None:
+        if not api.JOB_ID_RE.match(job_id):
+            return None
+        job = store.find(job_id)
+        return job if job is not None and who.can_see(job) else None
+
+    @app.get("/jobs/{job_id}", include_in_schema=False)
+    def job_page(request: Request, job_id: str) -> Response:
+        who = viewer(request)
+        if who is None:
+            return to_login()
+        job = visible(job_id, who)
+        if job is None:
+            return page("message.html", request, who, status=404, title="No such job",
+                        message=f"There is no job {job_id} that you can see.")
+        return page("job.html", request, who, job=job)
+
+    @app.post("/jobs/{job_id}/cancel", include_in_schema=False)
+    async def cancel(request: Request, job_id: str) -> Response:
+        who = await run(viewer, request)
+        if who is None:
+            return to_login()
+        if not same_origin(request):
+            return forbidden(request)
+        job = await run(visible, job_id, who)
+        if job is None:
+            return page("message.html", request, who, status=404, title="No such job",
+                        message=f"There is no job {job_id} that you can see.")
+        await run(store.cancel, job.id)
+        return RedirectResponse(f"/jobs/{job.id}", status_code=303, headers=SECURITY_HEADERS)
+
+    # ----------------------------------------------------------------- submit
+
+    def pipelines() -> dict[str, Any]:
+        from spotrun.pipelines.registry import registry
+
+        return registry()
+
+    def submit_page(request: Request, who: Principal, name: str, *, status: int = 200,
+                    error: str | None = None, values: dict[str, str] | None = None
+                    ) -> Response:
+        pipes = pipelines()
+        pipe = pipes.get(name) or next(iter(pipes.values()))
+        return page("submit.html", request, who, status=status, pipelines=pipes, pipe=pipe,
+                    fields=form_fields(pipe.schema()), error=error, values=values or {})
+
+    @app.get("/submit", include_in_schema=False)
+    def submit_form(request: Request, pipeline: str = "digits-train") -> Response:
+        who = viewer(request)
+        if who is None:
+            return to_login()
+        return submit_page(request, who, pipeline)
+
+    @app.post("/submit", include_in_schema=False)
+    async def submit(request: Request) -> Response:
+        who = await run(viewer, request)
+        if who is None:
+            return to_login()
+        if not same_origin(request):
+            return forbidden(request)
+        form = await form_of(request)
+        name = form.get("pipeline", "")
+        pipe = pipelines().get(name)
+        if pipe is None:
+            return submit_page(request, who, name, status=422, values=form,
+                               error=f"Unknown pipeline {name!r}.")
+        params, problems = params_from_form(form_fields(pipe.schema()), form)
+        options: dict[str, Any] = {"on_preempt": form.get("on_preempt") or "resume"}
+        for key in ("priority", "timeout"):
+            if form.get(key, "").strip():
+                options[key] = form[key].strip()
+        if problems:
+            return submit_page(request, who, name, status=422, values=form,
+                               error="; ".join(problems))
+        try:
+            req = api.SubmitRequest(pipeline=name, params=params, **options)
+            job_params, cuda = await run(api.validate_job_request, store, req,
+                                         allow_private=ctx.allow_private_callbacks)
+        except ValidationError as exc:
+            words = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
+                              for e in exc.errors())
+            return submit_page(request, who, name, status=422, values=form, error=words)
+        except api.ApiProblem as exc:
+            return submit_page(request, who, name, status=422, values=form, error=exc.detail)
+        job = await run(lambda: store.submit(
+            req.pipeline, job_params, priority=req.priority, on_preempt=req.on_preempt,
+            timeout=req.timeout, requires_cuda=cuda, owner=who.name,
+            max_retries=req.max_retries))
+        return RedirectResponse(f"/jobs/{job.id}", status_code=303, headers=SECURITY_HEADERS)
+
+    # ---------------------------------------------------------------- workers
+
+    def workers_page(request: Request, who: Principal, *, show_all: bool = False,
+                     status: int = 200, notice: str | None = None,
+                     error: str | None = None) -> Response:
+        store.mark_gone_workers()
+        found: list[Worker] = store.list_workers(include_stopped=show_all)
+        found.reverse()  # newest first
+        mine = None
+        if not who.is_admin:
+            mine = {j.id for j in store.list_jobs(state=JobState.RUNNING, owner=who.name)}
+        return page("workers.html", request, who, status=status, workers=found, mine=mine,
+                    show_all=show_all, notice=notice, error=error,
+                    live_states=api.LIVE_WORKER_STATES)
+
+    @app.get("/workers", include_in_schema=False)
+    def workers(request: Request, all: str = "") -> Response:
+        who = viewer(request)
+        if who is None:
+            return to_login()
+        return workers_page(request, who, show_all=all == "1")
+
+    @app.post("/workers/{worker_id}/preempt", include_in_schema=False)
+    async def preempt(request: Request, worker_id: str) -> Response:
+        who = await run(viewer, request)
+        if who is None:
+            return to_login()
+        if not same_origin(request):
+            return forbidden(request)
+        if not who.is_admin:
+            return await run(workers_page, request, who, status=403,
+                             error="Only an administrator can simulate a preemption.")
+        try:
+            _w, message = await run(api.simulate_preemption, store, worker_id[:200])
+        except api.ApiProblem as exc:
+            return await run(workers_page, request, who, status=exc.status, error=exc.detail)
+        return await run(workers_page, request, who, notice=message)

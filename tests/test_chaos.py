@@ -1,0 +1,234 @@
+"""The chaos drill: its schedule, and its short form with real workers and real signals.
+
+The drills run the real CLI (``python -m spotrun chaos ... --json``) against a fresh
+database, and read its JSON report: every check passes, and kills of each kind happened.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spotrun import chaos
+from spotrun.config import Settings
+from spotrun.jobs import Event
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Enough chaos for every kind of kill several times over in 20 s, on 3 workers.
+RATES = ["--sigterm-rate", "0.15", "--sigkill-rate", "0.1", "--freeze-rate", "0.1"]
+
+
+# ------------------------------------------------------------------- schedule
+
+
+def _schedule(seed: int, **overrides: Any) -> chaos.Schedule:
+    kw: dict[str, Any] = dict(seed=seed, workers=4, jobs=40, duration=60, sigterm_rate=0.1,
+                              sigkill_rate=0.05, freeze_rate=0.03, db_restart=False)
+    kw.update(overrides)
+    return chaos.make_schedule(**kw)
+
+
+def test_same_seed_same_schedule() -> None:
+    a, b = _schedule(7), _schedule(7)
+    assert a == b
+    assert a.fingerprint() == b.fingerprint()
+    assert _schedule(8).fingerprint() != a.fingerprint()
+
+
+def test_schedule_mix_and_kill_counts() -> None:
+    s = _schedule(1)
+    assert (s.count("digits-train"), s.count("digits-infer"), s.count("sleep")) == (6, 4, 30)
+    kinds = [k.kind for k in s.kills]
+    assert (kinds.count("sigterm"), kinds.count("sigkill"), kinds.count("freeze")) == (6, 3, 2)
+    assert all(0 < k.at < 60 and 0 <= k.slot < 4 for k in s.kills)
+    assert [k.at for k in s.kills] == sorted(k.at for k in s.kills)
+    for j in s.jobs:
+        if j.pipeline == "sleep":
+            assert 0.5 <= j.params["seconds"] <= 3 and 10 <= j.params["steps"] <= 30
+        elif j.pipeline == "digits-train":
+            assert 2 <= j.params["epochs"] <= 4 and j.checkpoint_every_steps
+        else:
+            assert j.at is None and j.model_of is not None  # waits for its model
+    # A rate above zero always gives at least one kill; zero gives none.
+    few = _schedule(1, duration=5, sigterm_rate=0.01, sigkill_rate=0, freeze_rate=0)
+    assert [k.kind for k in few.kills] == ["sigterm"]
+    assert _schedule(1, with_torch=False).count("sleep") == 40
+
+
+def test_db_restart_schedules_a_replacement_during_the_outage() -> None:
+    s = _schedule(3, db_restart=True)
+    assert s.db_restart_at is not None and 18 <= s.db_restart_at <= 36
+    assert any(s.db_restart_at < k.at < s.db_restart_at + chaos.DB_OUTAGE_SECONDS
+               for k in s.kills)
+
+
+# --------------------------------------------------------------- measurements
+
+
+def _ev(at: float, kind: str, attempt: int, message: str, worker: str = "w") -> Event:
+    return Event(dt.datetime.fromtimestamp(at, tz=dt.UTC), kind, worker, attempt, message)
+
+
+def test_interruptions_count_steps_redone_and_time_to_resume() -> None:
+    events = (
+        _ev(100.0, "started", 1, "started on w"),
+        _ev(101.0, "checkpoint", 1, "checkpoint at step 10 saved in 0.01 s"),
+        _ev(105.0, "lease_expired", 1, "lease of worker w expired at step 14/30; back in "
+            "the queue"),
+        _ev(105.5, "resumed", 2, "resumed on v from step 10/30", "v"),
+        _ev(106.0, "preempted", 2, "preempted on v at step 12/30; checkpoint saved in 0.01 s",
+            "v"),
+        _ev(106.25, "resumed", 3, "resumed on u from step 12/30", "u"),
+    )
+    found, unparsed = chaos._interruptions(events, 0.1, {"w": [102.0]})
+    assert unparsed == 0
+    expiry, handback = found
+    assert (expiry.kind, expiry.steps, expiry.gap) == ("lease_expired", 4, 0.5)
+    assert expiry.seconds == pytest.approx(1.0)  # killed at 102, last checkpoint at 101
+    assert (handback.kind, handback.steps, handback.gap) == ("preempted", 0, 0.25)
+
+
+def test_quantiles_and_refused_lines(tmp_path: Path) -> None:
+    assert chaos._quantiles([]) == {"count": 0, "p50": None, "p99": None, "max": None}
+    q = chaos._quantiles([float(x) for x in range(1, 101)])
+    assert (q["p50"], q["p99"], q["max"]) == (50.0, 99.0, 100.0)
+    (tmp_path / "worker-c1-1.log").write_text(
+        "x WARNING spotrun.worker: heartbeat of job abc refused: attempt 2 no longer holds "
+        "the lease; stopping it\n"
+        "x WARNING spotrun.worker: job abc: progress of job abc refused: attempt 2 no "
+        "longer holds the lease (the job is now queued at attempt 2); stopping it\n"
+        "x WARNING spotrun.worker: worker c1-1: database unreachable (connection refused)\n")
+    assert chaos._refused_lines(tmp_path) == {"heartbeat": 1, "progress": 1}
+
+
+def test_db_restart_without_postgres_is_one_line_and_exit_2(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        tmp_path: Path) -> None:
+    monkeypatch.setattr(chaos, "find_postgres_bin", lambda: None)
+    out: list[str] = []
+    settings = Settings.from_env(home=str(tmp_path))
+    code = chaos.main(settings, workers=2, jobs=2, duration=5, sigterm_rate=0.1,
+                      sigkill_rate=0.1, freeze_rate=0.1, db_restart=True, seed=0,
+                      as_json=False, echo=out.append)
+    assert code == 2 and out == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "initdb" in err[0] and err[0].startswith("spotrun: ")
+
+
+# ---------------------------------------------------------------- real drills
+
+
+def _env(home: Path, db_url: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTRUN_")}
+    env.update(SPOTRUN_HOME=str(home), PYTHONUNBUFFERED="1")
+    if db_url is not None:
+        env["SPOTRUN_DATABASE_URL"] = db_url
+    return env
+
+
+def _leftovers(home: Path) -> list[str]:
+    """Processes still running with this drill's SPOTRUN_HOME, and its temporary dirs."""
+    found = []
+    needle = f"SPOTRUN_HOME={home}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(f"pid {proc.name}: {(proc / 'cmdline').read_bytes()!r}")
+        except OSError:
+            continue
+    return found
+
+
+def _temp_dirs() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("spotrun-chaos-*")}
+
+
+def _drill(home: Path, db_url: str | None, *args: str, timeout: float = 170
+           ) -> dict[str, Any]:
+    before = _temp_dirs()
+    proc = subprocess.run([sys.executable, "-m", "spotrun", "chaos", *args, "--json"],
+                          env=_env(home, db_url), capture_output=True, text=True,
+                          timeout=timeout)
+    try:
+        report: dict[str, Any] = json.loads(proc.stdout)
+    except ValueError:
+        pytest.fail(f"no JSON report (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    failed = [c for c in report["checks"] if not c["ok"]]
+    assert not failed, f"failed checks: {json.dumps(failed, indent=2)}\n{proc.stderr}"
+    assert report["ok"] is True and proc.returncode == 0, proc.stderr
+    kills = report["metrics"]["kills"]
+    assert kills["sigterm"] >= 1 and kills["sigkill"] >= 1 and kills["freeze"] >= 1, kills
+    assert report["metrics"]["jobs"]["succeeded"] == report["config"]["jobs"]
+    assert report["metrics"]["replacements"] >= 3  # every kill but the freezes replaced
+    assert not _leftovers(home)
+    assert _temp_dirs() <= before, "the drill left temporary directories behind"
+    return report
+
+
+@pytest.mark.slow
+def test_chaos_drill_sqlite(sqlite_url: str, tmp_path: Path) -> None:
+    report = _drill(tmp_path, sqlite_url, "--workers", "3", "--jobs", "12", "--duration",
+                    "20", *RATES, "--seed", "1")
+    m = report["metrics"]
+    assert m["lease_expiries"] >= 1 and m["preemptions"] >= 1
+    assert 0 < m["goodput"]["ratio"] <= 1
+    assert m["notice_to_exit_seconds"]["count"] == m["kills"]["sigterm"]
+
+
+@pytest.mark.slow
+def test_chaos_drill_postgres(pg_url: str, tmp_path: Path) -> None:
+    _drill(tmp_path, pg_url, "--workers", "3", "--jobs", "12", "--duration", "20", *RATES,
+           "--seed", "2")
+
+
+@pytest.mark.slow
+def test_chaos_drill_db_restart(tmp_path: Path) -> None:
+    try:
+        chaos.PrivatePostgres.locate()
+    except chaos.ChaosError as exc:
+        if IN_CI:
+            pytest.fail(str(exc))
+        pytest.skip(f"no private PostgreSQL possible here: {exc}")
+    # SPOTRUN_DATABASE_URL points elsewhere on purpose: --db-restart must ignore it.
+    report = _drill(tmp_path, "sqlite:////nonexistent/ignored.db", "--workers", "3",
+                    "--jobs", "10", "--duration", "15", *RATES, "--seed", "3",
+                    "--db-restart")
+    assert report["config"]["private_postgres"] is True
+    restart = report["metrics"]["db_restart"]
+    assert restart["stop_ok"] and restart["start_ok"] and restart["outage_seconds"] >= 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_workers_and_removes_temp_dirs(sqlite_url: str, tmp_path: Path) -> None:
+    before = _temp_dirs()
+    proc = subprocess.Popen([sys.executable, "-m", "spotrun", "chaos", "--workers", "2",
+                             "--jobs", "6", "--duration", "60", "--seed", "4"],
+                            env=_env(tmp_path, sqlite_url), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the drill's running log: wait until its workers run
+            if "workers started" in line:
+                break
+        time.sleep(2)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not _leftovers(tmp_path)
+    assert _temp_dirs() <= before
