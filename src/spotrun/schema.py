@@ -72,6 +72,8 @@ sa.Index(
     sqlite_where=sa.text("state = 'running'"),
 )
 sa.Index("ix_jobs_state_created", jobs.c.state, jobs.c.created_at)
+# Live views follow the most recently changed jobs.
+sa.Index("ix_jobs_updated", jobs.c.updated_at)
 
 events = sa.Table(
     "events",

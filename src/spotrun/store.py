@@ -462,6 +462,7 @@ class JobStore:
             else:
                 kind, msg = EventKind.STARTED, f"started on {worker_name}"
             self._event(conn, job.id, kind, msg, worker=worker_name, attempt=job.attempt)
+            self._notify(conn, job.id)
             conn.execute(
                 workers.update()
                 .where(workers.c.id == worker_id)
