@@ -34,7 +34,7 @@ def test_young_daly_interval_and_its_explanation() -> None:
     chosen = checkpoint_interval(checkpoint_seconds=2.0, lived_seconds=7200.0,
                                  interruptions=2, lo=10, hi=600)
     assert math.isclose(chosen.seconds, math.sqrt(2 * 2.0 * (7200 + 3600) / 3))
-    assert "Young/Daly" in chosen.explanation and "2 interruptions" in chosen.explanation
+    assert "Young/Daly" in chosen.explanation and "2 lost without notice" in chosen.explanation
     capped = checkpoint_interval(checkpoint_seconds=None, lived_seconds=0, interruptions=0,
                                  lo=10, hi=60)
     assert capped.seconds == 60 and "prior" in capped.explanation
@@ -58,13 +58,20 @@ def test_escalated_jobs_are_claimed_only_by_on_demand_workers(store: JobStore) -
     assert store.get(job.id).state is JobState.RUNNING
 
 
-def test_pool_interruptions_count_preemptions_and_expiries(store: JobStore) -> None:
-    store.submit("sleep", {"seconds": 0})
+def test_pool_interruptions_count_only_losses_without_notice(store: JobStore) -> None:
+    from spotrun.schema import jobs
+
+    job = store.submit("sleep", {"seconds": 0})
     wid = store.register_worker(name="s", host="h", pid=1, pool="spot", has_cuda=False,
                                 lease_seconds=10)
     got = store.claim(worker_id=wid, worker_name="s", lease_seconds=10, pool="spot")
     assert got is not None
     store.hand_back(got[0], "preempted")
+    assert store.pool_interruptions("spot")[1] == 0
+    store.claim(worker_id=wid, worker_name="s", lease_seconds=10, pool="spot")
+    with store.engine.begin() as conn:
+        conn.execute(jobs.update().where(jobs.c.id == job.id).values(lease_expires_at=0))
+    store.sweep_expired()
     lived, hits = store.pool_interruptions("spot")
     assert hits == 1 and lived >= 0
     assert store.pool_interruptions("on-demand") == (0.0, 0)

@@ -385,3 +385,51 @@ def test_a_job_preempted_past_its_limit_finishes_on_demand(
     assert job.state is JobState.SUCCEEDED and job.worker == "od1", messages(job)
     assert any(m.startswith("resumed on od1 from step") for m in messages(job))
     st.close()
+
+
+def test_resuming_with_another_thread_count_is_told_in_the_history(
+        env_factory: Callable[..., Env], sqlite_url: str) -> None:
+    env = env_factory(sqlite_url)
+    st = env.store()
+    job_id = submit(env, "digits-train", "epochs=3", "step_delay=0.03")
+    w1 = env.worker("w1", preload=True, OMP_NUM_THREADS="2")
+    running_on(st, job_id, min_step=20)
+    w1.signal(signal.SIGTERM)
+    exits_within(w1, 5)
+    env.worker("w2", preload=True, OMP_NUM_THREADS="1")
+    job = final(st, job_id, 90)
+    assert job.state is JobState.SUCCEEDED
+    notes = [m for m in messages(job) if m.startswith("resumed on different hardware")]
+    assert len(notes) == 1 and "threads 2 -> 1" in notes[0], messages(job)
+    st.close()
+
+
+def test_no_database_at_the_notice_means_a_non_zero_exit_and_the_lease_brings_it_back(
+        env_factory: Callable[..., Env], pg_url: str) -> None:
+    import psycopg
+
+    env = env_factory(pg_url)
+    st = env.store()
+    dbname = pg_url.rsplit("/", 1)[1]
+    w1 = env.worker("w1", "--grace-seconds", "3", *FAST)
+    job_id = submit(env, "sleep", "seconds=6", "steps=60")
+    running_on(st, job_id, min_step=2)
+    admin = psycopg.connect(pg_url.rsplit("/", 1)[0] + "/postgres", autocommit=True)
+    try:
+        admin.execute(f"ALTER DATABASE {dbname} ALLOW_CONNECTIONS false")
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,))
+        w1.signal(signal.SIGTERM)
+        code = w1.wait(30)
+        assert code != 0, w1.log()
+        assert "lease will expire" in w1.log()
+    finally:
+        admin.execute(f"ALTER DATABASE {dbname} ALLOW_CONNECTIONS true")
+        admin.close()
+    st.close()
+    st = env.store()
+    env.worker("w2", *FAST)
+    job = final(st, job_id, 60)
+    assert job.state is JobState.SUCCEEDED and job.worker == "w2"
+    assert any(m.startswith("lease of worker w1 expired") for m in messages(job))
+    st.close()

@@ -9,6 +9,12 @@ A checkpoint exists for readers only once its manifest is written. The manifest 
 file's size and sha256; a load verifies both, so a truncated, corrupt or half-written
 checkpoint is reported, never loaded. Paths carry the job and the attempt, so files a zombie
 worker leaves behind can never be taken for the lease holder's. Nothing here unpickles.
+
+On object stores (``s3://``, ``gs://``) there is no atomic rename: each object is written by
+one PUT (or a multipart upload that is aborted on failure), so an object is whole or absent,
+and the manifest, written last, is the commit. Credentials come only from the provider's own
+chain (environment, profile, instance identity); an S3 endpoint other than AWS comes from
+``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, as in the AWS SDKs.
 """
 
 from __future__ import annotations
@@ -25,6 +31,12 @@ from typing import Any
 MANIFEST = "MANIFEST.json"
 FORMAT_VERSION = 1
 _CHUNK = 8 << 20
+# Object stores: no directories to make (making one can create the bucket), no rename.
+_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs"})
+
+
+class CheckpointUnavailable(Exception):
+    """The store could not be reached or refused access; the checkpoint may well be fine."""
 
 
 class CheckpointCorrupt(Exception):
@@ -54,9 +66,11 @@ class CheckpointStore:
         import fsspec
 
         self.url = url
-        self.fs, root = fsspec.core.url_to_fs(url)
+        self.fs, root = fsspec.core.url_to_fs(url, **_storage_options(url))
         self.root = root.rstrip("/")
-        self.local = "file" in _protocols(self.fs)
+        protocols = _protocols(self.fs)
+        self.local = "file" in protocols
+        self.object_store = bool(protocols & _OBJECT_STORES)
 
     def __repr__(self) -> str:
         return f"CheckpointStore({self.url!r})"
@@ -87,7 +101,8 @@ class CheckpointStore:
                 raise ValueError(f"bad checkpoint file name {name!r}")
         start = time.perf_counter()
         directory = self._abs(rel)
-        self.fs.makedirs(directory, exist_ok=True)
+        if not self.object_store:
+            self.fs.makedirs(directory, exist_ok=True)
         listing: dict[str, dict[str, Any]] = {}
         total = 0
         for name, data in files.items():
@@ -123,8 +138,9 @@ class CheckpointStore:
         else:
             for i in range(0, len(view), _CHUNK):
                 digest.update(view[i:i + _CHUNK])
-            with self.fs.open(path, "wb") as fh:
-                fh.write(data)
+            # One call that writes the whole object or fails: a file object opened "wb" would
+            # upload what it holds when an error leaves its `with` block.
+            self.fs.pipe_file(path, data)
         return digest.hexdigest()
 
     # ----------------------------------------------------------------- reading
@@ -132,12 +148,8 @@ class CheckpointStore:
     def load(self, rel: str) -> Loaded:
         """Read and verify a committed checkpoint, or raise :class:`CheckpointCorrupt`."""
         directory = self._abs(rel)
-        try:
-            raw = self.fs.cat_file(f"{directory}/{MANIFEST}")
-        except FileNotFoundError:
-            raise CheckpointCorrupt("its manifest is missing (never committed)") from None
-        except OSError as exc:
-            raise CheckpointCorrupt(f"its manifest cannot be read: {exc}") from None
+        raw = self._read(f"{directory}/{MANIFEST}", "its manifest",
+                         missing="its manifest is missing (never committed)")
         try:
             manifest = json.loads(raw)
             files_meta = manifest["files"]
@@ -150,12 +162,7 @@ class CheckpointStore:
             raise CheckpointCorrupt(f"format version {fmt!r} is not {FORMAT_VERSION}")
         files: dict[str, bytes] = {}
         for name, info in files_meta.items():
-            try:
-                data = self.fs.cat_file(f"{directory}/{name}")
-            except FileNotFoundError:
-                raise CheckpointCorrupt(f"file {name} is missing") from None
-            except OSError as exc:
-                raise CheckpointCorrupt(f"file {name} cannot be read: {exc}") from None
+            data = self._read(f"{directory}/{name}", f"file {name}")
             if len(data) != info.get("size"):
                 raise CheckpointCorrupt(
                     f"file {name} has {len(data)} bytes, the manifest says {info.get('size')}"
@@ -164,6 +171,21 @@ class CheckpointStore:
                 raise CheckpointCorrupt(f"file {name} fails its sha256 check (corrupted)")
             files[name] = data
         return Loaded(rel, step, files, dict(manifest.get("meta") or {}))
+
+    def _read(self, path: str, what: str, *, missing: str | None = None) -> bytes:
+        try:
+            return bytes(self.fs.cat_file(path))
+        except FileNotFoundError:
+            raise CheckpointCorrupt(missing or f"{what} is missing") from None
+        except OSError as exc:
+            if self.local:  # a local read error is the disk's: treat the data as bad
+                raise CheckpointCorrupt(f"{what} cannot be read: {exc}") from None
+            raise CheckpointUnavailable(f"{what} cannot be read from {self.url}: "
+                                        f"{type(exc).__name__}: {exc}") from None
+        except Exception as exc:
+            # Network errors of the object store's client (not OSErrors): an outage.
+            raise CheckpointUnavailable(f"{what} cannot be read from {self.url}: "
+                                        f"{type(exc).__name__}: {exc}") from None
 
     def load_model(self, job_id: str) -> Loaded:
         return self.load(f"models/{job_id}")
@@ -194,6 +216,25 @@ class CheckpointStore:
         self.load(saved.path)
         self.delete(rel)
         return time.perf_counter() - start
+
+
+def _storage_options(url: str) -> dict[str, Any]:
+    """Options for the URL's filesystem: what S3 and GCS need, nothing else."""
+    from fsspec.utils import get_protocol
+
+    protocol = get_protocol(url)
+    if protocol not in _OBJECT_STORES:
+        return {}
+    # Listings cached in this process could hide a manifest another worker just wrote.
+    options: dict[str, Any] = {"use_listings_cache": False}
+    if protocol in ("s3", "s3a"):
+        # Recent botocore reads these by itself; older ones need them passed.
+        ignore = os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true"
+        endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3")
+                    or os.environ.get("AWS_ENDPOINT_URL"))
+        if endpoint and not ignore:
+            options["endpoint_url"] = endpoint
+    return options
 
 
 def _protocols(fs: Any) -> set[str]:

@@ -28,6 +28,9 @@ class _InlineDriver:
     def checkpoint(self, state: State) -> None:  # pragma: no cover - never due
         pass
 
+    def note(self, message: str) -> None:
+        pass
+
     def save_model(self, files: Mapping[str, bytes], meta: Mapping[str, Any]) -> Saved:
         return self.store.save_model(self.job_id, files, meta)
 

@@ -7,7 +7,9 @@
   spot capacity (preemptions, queueing and redone work included) falls short of what the
   remaining work needs, it stops gambling on spot.
 - Periodic checkpoints: every sqrt(2 C M) seconds (Young/Daly), with C what a checkpoint
-  of this job costs and M the mean time between interruptions observed in its pool.
+  of this job costs and M the mean time between unannounced interruptions (expired leases)
+  observed in its pool: a preemption with notice is covered by the checkpoint taken on
+  notice, so periodic checkpoints only insure against losses without one.
 """
 
 from __future__ import annotations
@@ -82,9 +84,9 @@ def checkpoint_interval(*, checkpoint_seconds: float | None, lived_seconds: floa
     seconds = young_daly_interval(cost, mtbf, lo, hi)
     cost_words = ("about 1 s (not measured yet)" if checkpoint_seconds is None
                   else f"{cost:.3g} s")
-    seen = (f"{interruptions} interruptions in {lived_seconds / 3600:.1f} worker-hours"
-            if interruptions else "no interruptions observed yet, so a prior of one an hour")
+    seen = (f"{interruptions} lost without notice in {lived_seconds / 3600:.1f} worker-hours"
+            if interruptions else "none lost without notice yet, so a prior of one an hour")
     return CheckpointInterval(seconds, (
         f"periodic checkpoints every {seconds:.0f} s: the Young/Daly optimum sqrt(2 x C x M) "
-        f"with C = {cost_words} per checkpoint and M = {mtbf:.0f} s between interruptions "
-        f"in this pool ({seen}), kept within {lo:g}-{hi:g} s"))
+        f"with C = {cost_words} per checkpoint and M = {mtbf:.0f} s between workers lost "
+        f"without notice in this pool ({seen}), kept within {lo:g}-{hi:g} s"))

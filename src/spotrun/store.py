@@ -781,9 +781,10 @@ class JobStore:
         self._notify(conn, job.id)
 
     def pool_interruptions(self, pool: str) -> tuple[float, int]:
-        """(worker-seconds lived, jobs interrupted) in a pool: the observed preemption rate.
+        """(worker-seconds lived, unannounced interruptions) in a pool.
 
-        Interruptions are preemptions and expired leases of that pool's workers.
+        Unannounced interruptions are expired leases of that pool's workers: the losses a
+        periodic checkpoint insures against (a notice is covered by its own checkpoint).
         """
         with self._tx(write=False) as conn:
             lived = conn.execute(
@@ -794,8 +795,7 @@ class JobStore:
             names = sa.select(workers.c.name).where(workers.c.pool == pool)
             hits = conn.execute(
                 sa.select(sa.func.count()).select_from(events).where(
-                    events.c.kind.in_((EventKind.PREEMPTED.value,
-                                       EventKind.LEASE_EXPIRED.value)),
+                    events.c.kind == EventKind.LEASE_EXPIRED.value,
                     events.c.worker.in_(names))
             ).scalar_one()
         return float(lived), int(hits)

@@ -30,7 +30,13 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
-from spotrun.checkpoints import CheckpointCorrupt, CheckpointStore, Loaded, Saved
+from spotrun.checkpoints import (
+    CheckpointCorrupt,
+    CheckpointStore,
+    CheckpointUnavailable,
+    Loaded,
+    Saved,
+)
 from spotrun.config import Settings
 from spotrun.jobs import EventKind, OnPreempt
 from spotrun.pipelines.base import JobContext, JobStopped, State
@@ -171,6 +177,8 @@ class JobRunner:
         self.last_checkpoint_mono = time.monotonic()
         self.abandoned = False  # the main thread handed the job back without us
         self.early_checkpoint = False  # an advisory asked for a checkpoint now
+        self.checkpoint_error: str | None = None  # the notice checkpoint could not be saved
+        self.write_failed = False  # a write of the stop path could not reach the database
         self.done = threading.Event()
         self.lock = threading.Lock()
         self.logs = _JobLogHandler()
@@ -200,7 +208,7 @@ class JobRunner:
     def checkpoint_due(self, step: int) -> bool:
         if self.stop_reason is StopReason.PREEMPTED:
             return (self.job.on_preempt is OnPreempt.RESUME and self.notice_checkpoint is None
-                    and not self.abandoned)
+                    and self.checkpoint_error is None and not self.abandoned)
         if self.stop_reason is not None or step == self.last_checkpoint_step or step == 0:
             return False
         if self.early_checkpoint:
@@ -215,8 +223,23 @@ class JobRunner:
             time.monotonic() - self.last_checkpoint_mono >= self.every_seconds
 
     def checkpoint(self, state: State) -> None:
-        """Save and commit a checkpoint, then move the job's pointer (a fenced write)."""
+        """Save and commit a checkpoint; a failure is the worker's, never the pipeline's."""
         notice = self.stop_reason is StopReason.PREEMPTED
+        try:
+            self._checkpoint(state, notice)
+        except LeaseLost as exc:
+            log.warning("job %s: %s; stopping it", self.job.id, exc)
+            self.request_stop(StopReason.LEASE_LOST, str(exc))
+        except Exception as exc:
+            # The job goes on (or is handed back) with its previous checkpoint.
+            log.warning("job %s: checkpoint at step %d failed: %s: %s", self.job.id,
+                        state.step, type(exc).__name__, exc)
+            if notice:
+                self.checkpoint_error = f"{type(exc).__name__}: {exc}"[:300]
+            else:
+                self.last_checkpoint_mono = time.monotonic()  # retry after a period
+
+    def _checkpoint(self, state: State, notice: bool) -> None:
         start = time.perf_counter()
         saved = self.worker.checkpoints.save(self.lease.job_id, self.lease.attempt,
                                              state.step, state.files, state.meta)
@@ -225,7 +248,8 @@ class JobRunner:
         message = None if notice else (
             f"checkpoint at step {state.step} saved in {seconds(saved.seconds)}")
         dropped = self.worker.db.call(lambda: self.store.commit_checkpoint(
-            self.lease, saved.path, state.step, message=message))
+            self.lease, saved.path, state.step, message=message),
+            give_up_at=self.worker.deadline() if notice else None)
         elapsed = time.perf_counter() - start
         if self.checkpoint_cost is None and self.adaptive:
             self.checkpoint_cost = elapsed
@@ -237,6 +261,10 @@ class JobRunner:
         if dropped and dropped != saved.path:
             with contextlib.suppress(Exception):
                 self.worker.checkpoints.delete(dropped)
+
+    def note(self, message: str) -> None:
+        self.worker.db.call(functools.partial(
+            self.store.add_event, self.lease, EventKind.NOTE, message))
 
     def save_model(self, files: Mapping[str, bytes], meta: Mapping[str, Any]) -> Saved:
         return self.worker.checkpoints.save_model(self.lease.job_id, files, meta)
@@ -288,6 +316,14 @@ class JobRunner:
         except LeaseLost as exc:
             log.warning("job %s: %s; stopping it", self.job.id, exc)
         except Exception as exc:
+            if _is_db_error(exc):
+                # The database is out of reach: the lease will expire and bring the job
+                # back; the process must not claim it handed the job back.
+                self.write_failed = True
+                log.error("job %s: could not reach the database to record the outcome (%s); "
+                          "its lease will expire and bring it back", self.job.id,
+                          str(exc).splitlines()[0][:200])
+                return
             # A fault of this worker, not of the pipeline: end the job rather than let
             # its lease expire and loop through every worker with the same fault.
             log.exception("job %s: worker error", self.job.id)
@@ -305,7 +341,11 @@ class JobRunner:
 
         pipe = get_pipeline(self.job.pipeline)
         params = pipe.validate(self.job.params)
-        resume = self._load_resume()
+        try:
+            resume = self._load_resume()
+        except CheckpointUnavailable as exc:
+            self._store_unavailable(str(exc))
+            return
         if self.adaptive:
             # Explained once in the job's history, on its first attempt.
             self._set_interval(explain=self.lease.attempt == 1)
@@ -334,6 +374,15 @@ class JobRunner:
         self.worker.db.call(lambda: self.store.complete(
             self.lease, result, run_seconds=self.run_seconds()))
         self._cleanup()
+
+    def _store_unavailable(self, why: str) -> None:
+        """The checkpoint store is out of reach: keep the pointer, hand the job back."""
+        log.warning("job %s: %s", self.job.id, why)
+        # Wait a little first, so that an outage does not bounce the job between workers.
+        self.worker.coordinator.wait(5.0)
+        self.worker.db.call(lambda: self.store.hand_back(
+            self.lease, f"{self.lease.worker_name} could not read the job's checkpoint "
+            f"({why}); back in the queue with its checkpoint kept", preempted=False))
 
     def _load_resume(self) -> Loaded | None:
         job = self.job
@@ -389,6 +438,11 @@ class JobRunner:
         ck = self.notice_checkpoint
         if ck is not None:
             return f"checkpoint saved in {seconds(ck.seconds)}"
+        if self.checkpoint_error is not None:
+            fallback = (f"it will resume from the checkpoint at step {self.last_checkpoint_step}"
+                        if self.last_checkpoint_step is not None
+                        else "the next attempt starts from the beginning")
+            return f"the checkpoint could not be saved ({self.checkpoint_error}); {fallback}"
         if self.last_checkpoint_step is not None:
             return f"will resume from the checkpoint at step {self.last_checkpoint_step}"
         return "no checkpoint, the next attempt starts from the beginning"
@@ -596,8 +650,13 @@ class Worker:
         notice = self.coordinator.notice
         code = 0
         if notice is not None:
-            self.db.call(lambda: self.store.set_worker_state(self.worker_id, "stopping"),
-                         give_up_at=notice.deadline_mono)
+            try:
+                self.db.call(lambda: self.store.set_worker_state(self.worker_id, "stopping"),
+                             give_up_at=time.monotonic() + 0.5)
+            except Exception as exc:
+                # Handing the jobs back matters more than showing "stopping".
+                log.warning("could not mark worker %s stopping: %s", self.name,
+                            str(exc).splitlines()[0][:200])
             with self._lock:
                 runners = list(self.runners.values())
             for r in runners:
@@ -605,6 +664,8 @@ class Worker:
             for r in runners:
                 if not r.done.is_set():
                     code |= self._force_hand_back(r)
+                elif r.write_failed:
+                    code |= 1
         else:
             with self._lock:
                 runners = list(self.runners.values())

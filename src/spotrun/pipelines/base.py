@@ -58,6 +58,8 @@ class Driver(Protocol):
 
     def save_model(self, files: Mapping[str, bytes], meta: Mapping[str, Any]) -> Saved: ...
 
+    def note(self, message: str) -> None: ...
+
     def load_model(self, job_id: str) -> Loaded: ...
 
 
@@ -94,6 +96,10 @@ class JobContext:
     def set_state(self, fn: Callable[[], State]) -> None:
         """Give the worker a function that captures the state to checkpoint."""
         self._state_fn = fn
+
+    def note(self, message: str) -> None:
+        """Add a line to the job's history, for its user to read."""
+        self._driver.note(message)
 
     def save_model(self, files: Mapping[str, bytes], meta: Mapping[str, Any]) -> str:
         """Store the final model where any worker or host can load it; return its path."""

@@ -56,8 +56,10 @@ def run(ctx: JobContext) -> dict[str, Any]:
         step = _restore(ctx, net, opt, device)
         saved_env = json.loads(ctx.resume.files["state.json"]).get("env", {})
         if saved_env != env:
-            ctx.log.warning("resuming on a different environment (%s, was %s): the result "
-                            "will not be bit-identical to an uninterrupted run", env, saved_env)
+            changed = ", ".join(f"{k} {saved_env.get(k)} -> {v}" for k, v in env.items()
+                                if saved_env.get(k) != v)
+            ctx.note(f"resumed on different hardware or software ({changed}): the result "
+                     "will be correct but not bit-identical to an uninterrupted run")
         ctx.log.info("resumed from step %d/%d", step, total)
 
     def state() -> State:
