@@ -144,6 +144,14 @@ def test_train_preempt_and_resume_in_the_browser(
     kinds = [e.kind for e in env.store().get(job_id).events]
     assert kinds.index("preempted") < kinds.index("resumed") < kinds.index("succeeded")
 
+    # The operator's cost panel: the job ran on spot workers (default prices), so it
+    # cost less than the same work on on-demand machines.
+    workers.goto(f"{url}/workers")
+    expect(workers.locator("#cost")).to_contain_text("1 (1 preemptions)")
+    saved = workers.locator("#cost-saved").inner_text()
+    assert re.fullmatch(r"\$0\.\d{4} \(\d+ %\)", saved), saved
+    assert float(saved[1:7]) > 0
+
     # Readable on a phone: no page scrolls sideways at 390x844.
     phone = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True,
                                 has_touch=True, device_scale_factor=2)

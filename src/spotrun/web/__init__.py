@@ -349,9 +349,14 @@ def install(app: FastAPI, ctx: AppContext) -> None:
         mine = None
         if not who.is_admin:
             mine = {j.id for j in store.list_jobs(state=JobState.RUNNING, owner=who.name)}
+        report = None
+        if who.is_admin:
+            from spotrun import cost
+
+            report = cost.summarize(store, "24h")
         return page("workers.html", request, who, status=status, workers=found, mine=mine,
                     show_all=show_all, notice=notice, error=error,
-                    live_states=api.LIVE_WORKER_STATES)
+                    live_states=api.LIVE_WORKER_STATES, cost=report)
 
     @app.get("/workers", include_in_schema=False)
     def workers(request: Request, all: str = "") -> Response:
