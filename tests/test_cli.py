@@ -106,3 +106,15 @@ def test_commands_that_run_no_pipeline_import_no_ml_library(cli_env: Env) -> Non
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=cli_env.vars, timeout=60)
     assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_preempt_names_the_host_of_a_remote_worker(cli_env: Env) -> None:
+    store = cli_env.store()
+    store.register_worker(name="far", host="another-host", pid=1, pool="spot",
+                          has_cuda=False, lease_seconds=10)
+    store.close()
+    proc = cli_env.cli("preempt", "far", check=False)
+    assert proc.returncode == 2
+    assert "worker far runs on host another-host, not here" in proc.stderr
+    proc = cli_env.cli("preempt", "nobody", check=False)
+    assert proc.returncode == 2 and "no live worker named 'nobody'" in proc.stderr

@@ -433,3 +433,22 @@ def test_no_database_at_the_notice_means_a_non_zero_exit_and_the_lease_brings_it
     assert job.state is JobState.SUCCEEDED and job.worker == "w2"
     assert any(m.startswith("lease of worker w1 expired") for m in messages(job))
     st.close()
+
+
+def test_periodic_checkpoints_follow_young_daly_explained_once(
+        env_factory: Callable[..., Env], sqlite_url: str) -> None:
+    env = env_factory(sqlite_url, SPOTRUN_CHECKPOINT_MIN_SECONDS="0.5",
+                      SPOTRUN_CHECKPOINT_MAX_SECONDS="1")
+    st = env.store()
+    w = env.worker("w1")
+    job_id = submit(env, "sleep", "seconds=4", "steps=40")
+    job = final(st, job_id, 60)
+    assert job.state is JobState.SUCCEEDED
+    explained = [m for m in messages(job) if "Young/Daly" in m]
+    assert len(explained) == 1, messages(job)
+    assert explained[0].startswith("periodic checkpoints every 1 s")
+    periodic = [m for m in messages(job) if m.startswith("checkpoint at step")]
+    assert 2 <= len(periodic) <= 5, messages(job)
+    w.signal(signal.SIGTERM)
+    exits_within(w, 5)
+    st.close()

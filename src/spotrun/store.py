@@ -540,16 +540,15 @@ class JobStore:
             if row is None:
                 raise self._refused(conn, lease, "progress")
             self._notify(conn, lease.job_id)
-            if logs:
-                conn.execute(
-                    job_logs.insert(),
-                    [
-                        {"job_id": lease.job_id, "attempt": lease.attempt, "at": at,
-                         "level": level, "message": msg}
-                        for at, level, msg in logs
-                    ],
-                )
+            self._insert_logs(conn, lease, logs)
             return bool(row[0])
+
+    def _insert_logs(self, conn: Connection, lease: Lease,
+                     logs: Sequence[tuple[float, str, str]]) -> None:
+        if logs:
+            conn.execute(job_logs.insert(), [
+                {"job_id": lease.job_id, "attempt": lease.attempt, "at": at, "level": level,
+                 "message": msg} for at, level, msg in logs])
 
     def add_event(self, lease: Lease, kind: str, message: str) -> None:
         """Append an event on behalf of the lease holder (refused for a zombie)."""
@@ -656,14 +655,19 @@ class JobStore:
             self._notify(conn, lease.job_id)
 
     def complete(self, lease: Lease, result: Any, *, run_seconds: float = 0.0,
-                 message: str = "succeeded") -> None:
+                 message: str = "succeeded", progress: Progress | None = None,
+                 logs: Sequence[tuple[float, str, str]] = ()) -> None:
+        """Record the result, with the last progress and log lines, in one write."""
         self._finish(lease, JobState.SUCCEEDED, EventKind.SUCCEEDED, message,
-                     result=_dumps(result), run_seconds=run_seconds)
+                     result=_dumps(result), run_seconds=run_seconds, progress=progress,
+                     logs=logs)
 
     def fail(self, lease: Lease, error: str, traceback: str | None = None, *,
-             run_seconds: float = 0.0) -> None:
+             run_seconds: float = 0.0, progress: Progress | None = None,
+             logs: Sequence[tuple[float, str, str]] = ()) -> None:
         self._finish(lease, JobState.FAILED, EventKind.FAILED, f"failed: {error}",
-                     error=error, error_traceback=traceback, run_seconds=run_seconds)
+                     error=error, error_traceback=traceback, run_seconds=run_seconds,
+                     progress=progress, logs=logs)
 
     def finish_cancelled(self, lease: Lease, *, run_seconds: float = 0.0) -> None:
         self._finish(lease, JobState.CANCELLED, EventKind.CANCELLED,
@@ -671,7 +675,12 @@ class JobStore:
                      run_seconds=run_seconds)
 
     def _finish(self, lease: Lease, state: JobState, kind: str, message: str, *,
-                run_seconds: float, **values: Any) -> None:
+                run_seconds: float, progress: Progress | None = None,
+                logs: Sequence[tuple[float, str, str]] = (), **values: Any) -> None:
+        if progress is not None:
+            values.update(progress_step=progress.step, progress_total=progress.total,
+                          progress_metrics=_dumps(progress.metrics) if progress.metrics
+                          else None)
         with self._tx() as conn:
             n = conn.execute(
                 jobs.update()
@@ -687,6 +696,7 @@ class JobStore:
             ).rowcount
             if n != 1:
                 raise self._refused(conn, lease, f"{state.value} result")
+            self._insert_logs(conn, lease, logs)
             self._event(conn, lease.job_id, kind, message, worker=lease.worker_name,
                         attempt=lease.attempt)
             self._release_worker(conn, lease)

@@ -38,7 +38,7 @@ from spotrun.checkpoints import (
     Saved,
 )
 from spotrun.config import Settings
-from spotrun.jobs import EventKind, OnPreempt
+from spotrun.jobs import EventKind, OnPreempt, Progress
 from spotrun.pipelines.base import JobContext, JobStopped, State
 from spotrun.policy import ON_DEMAND
 from spotrun.shutdown import Notice, ShutdownCoordinator
@@ -195,6 +195,7 @@ class JobRunner:
         self.adaptive = fixed is None
         self.every_seconds: float = fixed or worker.settings.checkpoint_max_seconds
         self.checkpoint_cost: float | None = None
+        self.interval_set = False
 
     # ------------------------------------------------------------- Driver API
 
@@ -214,6 +215,12 @@ class JobRunner:
         if self.early_checkpoint:
             self.early_checkpoint = False
             return True
+        if self.adaptive and not self.interval_set and \
+                self.run_seconds() >= self.worker.settings.checkpoint_min_seconds:
+            # Only jobs that run long enough to need a periodic checkpoint pay for choosing
+            # its interval; the choice is explained once, on the job's first attempt.
+            self.interval_set = True
+            self._set_interval(explain=self.lease.attempt == 1)
         if self.every_steps and self.last_checkpoint_step is not None and \
                 step - self.last_checkpoint_step >= self.every_steps:
             return True
@@ -253,7 +260,8 @@ class JobRunner:
         elapsed = time.perf_counter() - start
         if self.checkpoint_cost is None and self.adaptive:
             self.checkpoint_cost = elapsed
-            self._set_interval(explain=False)
+            if self.interval_set:
+                self._set_interval(explain=False)
         self.last_checkpoint_step = state.step
         self.last_checkpoint_mono = time.monotonic()
         if notice:
@@ -346,9 +354,6 @@ class JobRunner:
         except CheckpointUnavailable as exc:
             self._store_unavailable(str(exc))
             return
-        if self.adaptive:
-            # Explained once in the job's history, on its first attempt.
-            self._set_interval(explain=self.lease.attempt == 1)
         ctx = JobContext(job_id=self.job.id, attempt=self.lease.attempt, params=params,
                          driver=self, resume=resume, logger=self.logger,
                          worker=self.lease.worker_name, has_cuda=self.worker.has_cuda)
@@ -363,16 +368,18 @@ class JobRunner:
                             self.job.id, exc)
                 return
             error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
-            self._flush()
+            progress, lines = self._take()
             self.worker.db.call(lambda: self.store.fail(
-                self.lease, error, tb, run_seconds=self.run_seconds()))
+                self.lease, error, tb, run_seconds=self.run_seconds(), progress=progress,
+                logs=lines))
             self._cleanup()
             return
         if self.abandoned or self.stop_reason is StopReason.LEASE_LOST:
             return
-        self._flush()
+        progress, lines = self._take()
         self.worker.db.call(lambda: self.store.complete(
-            self.lease, result, run_seconds=self.run_seconds()))
+            self.lease, result, run_seconds=self.run_seconds(), progress=progress,
+            logs=lines))
         self._cleanup()
 
     def _store_unavailable(self, why: str) -> None:
@@ -484,6 +491,13 @@ class JobRunner:
             preemptions=job.preemptions + 1, max_preemptions=limit, deadline=job.deadline,
             now=now, created=job.created_epoch, step=self.step, total=self.total,
             pool=job.pool if job.pool else self.worker.pool)
+
+    def _take(self) -> tuple[Progress, list[tuple[float, str, str]]]:
+        """The last progress and the buffered log lines, for the final write."""
+        with self.lock:
+            progress = Progress(self.step, self.total, dict(self.metrics))
+            self.dirty = False
+        return progress, self.logs.take()
 
     def _flush(self) -> None:
         """Write the last progress and log lines (fenced)."""
