@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -25,8 +26,7 @@ def test_migrations_and_metadata_agree(db_url: str) -> None:
     assert version == migrations.head_revision()
 
 
-def test_many_processes_opening_a_new_database_at_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+def _open_from_six_processes_at_once(url: str) -> None:
     code = ("import sys; from spotrun.store import JobStore; "
             "JobStore.open(sys.argv[1]).submit('sleep', {'seconds': 0})")
     procs = [subprocess.Popen([sys.executable, "-c", code, url], stderr=subprocess.PIPE)
@@ -38,18 +38,14 @@ def test_many_processes_opening_a_new_database_at_once(tmp_path) -> None:  # typ
     store.close()
 
 
+def test_many_processes_opening_a_new_database_at_once(tmp_path: Path) -> None:
+    _open_from_six_processes_at_once(f"sqlite:///{tmp_path / 'fresh.db'}")
+
+
 def test_many_processes_migrating_postgres_at_once(pg_url: str) -> None:
     # Start from an empty database: drop what the template gave us.
     engine = sa.create_engine(normalize_url(pg_url))
     with engine.begin() as conn:
         conn.execute(sa.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
     engine.dispose()
-    code = ("import sys; from spotrun.store import JobStore; "
-            "JobStore.open(sys.argv[1]).submit('sleep', {'seconds': 0})")
-    procs = [subprocess.Popen([sys.executable, "-c", code, pg_url], stderr=subprocess.PIPE)
-             for _ in range(6)]
-    errors = [p.communicate(timeout=60)[1].decode() for p in procs]
-    assert [p.returncode for p in procs] == [0] * 6, errors
-    store = JobStore.open(pg_url)
-    assert len(store.list_jobs()) == 6
-    store.close()
+    _open_from_six_processes_at_once(pg_url)

@@ -818,8 +818,8 @@ class Drill:
 
     # -------------------------------------------------------------------- teardown
 
-    def _teardown(self) -> None:
-        """Stop the fleet gracefully (the queue is empty); SIGKILL whatever lingers."""
+    def _stop_all(self) -> None:
+        """Thaw and SIGTERM every live worker (a SIGTERM lets it hand its job back)."""
         for w in self.procs:
             if w.thaw_timer is not None:
                 w.thaw_timer.cancel()
@@ -828,6 +828,10 @@ class Drill:
                 w.signal(signal.SIGCONT)
                 w.frozen_until = None
                 w.signal(signal.SIGTERM)
+
+    def _teardown(self) -> None:
+        """Stop the fleet gracefully (the queue is empty); SIGKILL whatever lingers."""
+        self._stop_all()
         give_up = time.monotonic() + GRACE_SECONDS + 2
         for w in self.procs:
             if not w.join(max(0.0, give_up - time.monotonic())):
@@ -836,13 +840,7 @@ class Drill:
 
     def abort(self) -> None:
         """After a Ctrl-C or an error: stop every child, quickly but without orphans."""
-        for w in self.procs:
-            if w.thaw_timer is not None:
-                w.thaw_timer.cancel()
-            if w.alive:
-                w.teardown = True
-                w.signal(signal.SIGCONT)
-                w.signal(signal.SIGTERM)  # lets a worker hand its job back
+        self._stop_all()
         proc = self.reference_proc
         if proc is not None and proc.poll() is None:
             # SIGINT: a KeyboardInterrupt in the child removes its temporary directory.
