@@ -21,7 +21,8 @@ from spotrun.store import JobStore
 
 PG_URL = os.environ.get("SPOTRUN_TEST_DATABASE_URL",
                         "postgresql://postgres@127.0.0.1:5432/test")
-TEMPLATE_DB = "spotrun_test_template"
+# One template per test session, so that sessions sharing a server never clash.
+TEMPLATE_DB = f"spotrun_tpl_{uuid.uuid4().hex[:10]}"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -68,6 +69,14 @@ def fresh_pg_database() -> Iterator[str]:
     finally:
         with _pg_admin() as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_template() -> Iterator[None]:
+    yield
+    if _pg_state.get("ok"):
+        with _pg_admin() as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB} WITH (FORCE)")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

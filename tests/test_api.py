@@ -585,9 +585,9 @@ def test_live_streams_follow_the_store(served: tuple[str, Api, ChangeFeed]) -> N
 
 def test_one_feed_serves_every_client(served: tuple[str, Api, ChangeFeed]) -> None:
     url, api, feed = served
-    readers = [SSEReader(f"{url}/v1/stream/jobs", api.tokens["admin"]) for _ in range(3)]
+    readers = [SSEReader(f"{url}/v1/stream/jobs", api.tokens["admin"]) for _ in range(8)]
     try:
-        wait_until(lambda: len(feed.subscribers) >= 3, 10, "three subscribers")
+        wait_until(lambda: len(feed.subscribers) >= 8, 10, "eight subscribers")
         calls = 0
         real = api.store.jobs_updated_since
 
@@ -600,7 +600,8 @@ def test_one_feed_serves_every_client(served: tuple[str, Api, ChangeFeed]) -> No
         job = api.submit("alice")
         for r in readers:
             r.until(lambda ev, data: data["id"] == job["id"])
-        assert 1 <= calls <= 3  # one read per change, however many clients
+        # One read per change, however many clients: far fewer reads than clients.
+        assert 1 <= calls <= 3
     finally:
         for r in readers:
             r.close()

@@ -50,6 +50,17 @@ def test_submit_prints_the_id_and_show_json_has_the_contract(cli_env: Env) -> No
     (["submit", "sleep", "-p", "seconds"], "bad param 'seconds': expected key=value"),
     (["submit", "digits-infer", "-p", "model=missing"], "no job with id 'missing'"),
     (["submit", "digits-infer"], "param 'model' is required"),
+    (["submit", "sleep", "-p", "seconds=1", "-p", "seconds=2"], "param 'seconds' is given twice"),
+    (["submit", "sleep", "-p", "seconds=nan"], "param 'seconds': Input should be a finite"),
+    (["submit", "sleep", "--priority", "99999999999999999999"],
+     "Invalid value for '--priority'"),
+    (["submit", "sleep", "--timeout", "-1"], "Invalid value for '--timeout'"),
+    (["submit", "sleep", "--pool", "Spot Pool"], "is not a pool name"),
+    (["submit", "sleep", "--on-preempt", "later"], "Invalid value for '--on-preempt'"),
+    (["jobs", "--state", "sleeping"], "Invalid value for '--state'"),
+    (["worker", "--concurrency", "0"], "Invalid value for '--concurrency'"),
+    (["token", "create", ""], "bad token name ''"),
+    (["nosuchcommand"], "No such command 'nosuchcommand'"),
     (["show", "nope"], "no job with id 'nope'"),
     (["cancel", "nope"], "no job with id 'nope'"),
     (["logs", "nope"], "no job with id 'nope'"),
@@ -82,11 +93,32 @@ def test_unreachable_database_is_one_line(cli_env: Env) -> None:
     assert "s3cret" not in proc.stderr and proc.stderr.count("\n") == 1
 
 
-def test_bad_settings_are_one_line(cli_env: Env) -> None:
+@pytest.mark.parametrize("var, value, message", [
+    ("SPOTRUN_LEASE_SECONDS", "soon", "SPOTRUN_LEASE_SECONDS='soon' is not a number"),
+    ("SPOTRUN_LEASE_SECONDS", "nan", "SPOTRUN_LEASE_SECONDS='nan' must be a finite number"),
+    ("SPOTRUN_MAX_PREEMPTIONS", "2.5", "SPOTRUN_MAX_PREEMPTIONS='2.5' must be a whole number"),
+    ("SPOTRUN_DATABASE_URL", "nonsense", "the database URL is not one spotrun can use"),
+    ("SPOTRUN_HOME", "/etc/passwd", "SPOTRUN_HOME='/etc/passwd' is not a directory"),
+    ("SPOTRUN_POOL", "Spot!", "SPOTRUN_POOL='Spot!' is not a pool name"),
+])
+def test_bad_settings_are_one_line(cli_env: Env, var: str, value: str, message: str) -> None:
+    env = {**cli_env.vars, var: value}
+    if var == "SPOTRUN_HOME":
+        del env["SPOTRUN_DATABASE_URL"]
     proc = subprocess.run([sys.executable, "-m", "spotrun", "jobs"], capture_output=True,
-                          text=True, env={**cli_env.vars, "SPOTRUN_LEASE_SECONDS": "soon"})
+                          text=True, env=env)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "spotrun: SPOTRUN_LEASE_SECONDS='soon' is not a number"
+    assert proc.stderr.startswith(f"spotrun: {message}") and proc.stderr.count("\n") == 1
+
+
+def test_an_unknown_checkpoint_store_is_one_line(cli_env: Env) -> None:
+    proc = subprocess.run([sys.executable, "-m", "spotrun", "worker", "--no-preload"],
+                          capture_output=True, text=True,
+                          env={**cli_env.vars, "SPOTRUN_CHECKPOINT_URL": "nosuch://x"},
+                          timeout=60)
+    assert proc.returncode == 2
+    assert "SPOTRUN_CHECKPOINT_URL='nosuch://x' cannot be used" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_commands_that_run_no_pipeline_import_no_ml_library(cli_env: Env) -> None:

@@ -50,9 +50,13 @@ def _pid_namespace_problem() -> str | None:
     return None
 
 
+_PID_NS_PROBLEM = _pid_namespace_problem()
+# CI runs as root on a machine that allows PID namespaces: there the tests always run
+# (and fail if they cannot), so that a skip never hides them.
 needs_pid_ns = pytest.mark.skipif(
-    bool(_pid_namespace_problem()), reason=f"{_pid_namespace_problem()}; the PID 1 "
-    "classification is still covered by test_classify_signal_path")
+    bool(_PID_NS_PROBLEM) and os.environ.get("CI", "").lower() not in ("1", "true", "yes"),
+    reason=f"{_PID_NS_PROBLEM}; the PID 1 classification is still covered by "
+    "test_classify_signal_path")
 
 
 def _need_tini() -> None:
@@ -393,8 +397,8 @@ def test_json_shape_and_exit_codes(denv: dict[str, str]) -> None:
         assert c["fix"] is None or isinstance(c["fix"], str)
     failed = [c for c in checks.values() if c["status"] == "fail"]
     assert code == (1 if failed else 0), out
-    # Warnings alone (no GPU here) never make the exit code non-zero.
-    assert not failed and checks["GPUs"]["status"] == "warn", out
+    # Warnings alone (such as no GPU) never make the exit code non-zero.
+    assert not failed and checks["GPUs"]["status"] in ("ok", "warn"), out
 
 
 def test_main_prints_one_line_per_check_and_returns_1_on_failure(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 from spotrun.jobs import JobState
 from spotrun.policy import checkpoint_interval, escalation_reason
@@ -53,8 +54,8 @@ def test_escalated_jobs_are_claimed_only_by_on_demand_workers(store: JobStore) -
     got = store.claim(worker_id=od, worker_name="o", lease_seconds=10, pool="on-demand")
     assert got is not None and got[1].id == job.id
     events = store.get(job.id).events
-    assert [e.kind for e in events][-3:] == ["preempted", "escalated", "resumed"] or \
-        [e.kind for e in events][-3:] == ["preempted", "escalated", "started"]
+    # No checkpoint was saved, so the on-demand attempt starts from the beginning.
+    assert [e.kind for e in events][-3:] == ["preempted", "escalated", "started"]
     assert store.get(job.id).state is JobState.RUNNING
 
 
@@ -72,6 +73,8 @@ def test_pool_interruptions_count_only_losses_without_notice(store: JobStore) ->
     with store.engine.begin() as conn:
         conn.execute(jobs.update().where(jobs.c.id == job.id).values(lease_expires_at=0))
     store.sweep_expired()
+    time.sleep(0.05)
+    store.heartbeat(wid, [], 10)
     lived, hits = store.pool_interruptions("spot")
-    assert hits == 1 and lived >= 0
+    assert hits == 1 and lived > 0
     assert store.pool_interruptions("on-demand") == (0.0, 0)

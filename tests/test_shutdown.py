@@ -31,7 +31,7 @@ def test_sigterm_is_recorded_and_becomes_a_notice(coordinator: ShutdownCoordinat
         assert coordinator.wait(5)
         notice = coordinator.notice
         assert notice is not None and notice.reason == "SIGTERM" and notice.source == "signal"
-        assert 13 < coordinator.time_left() <= 14
+        assert 12 < coordinator.time_left() <= 14
     finally:
         coordinator.uninstall_signal_handlers()
 

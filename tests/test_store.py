@@ -121,12 +121,12 @@ def test_preemption_hand_back_uses_no_retry(store: JobStore) -> None:
 def test_heartbeat_renews_the_lease_by_the_database_clock(store: JobStore) -> None:
     job = store.submit("sleep", {"seconds": 0})
     wid = _worker(store)
-    lease, _ = _claim(store, wid, lease=0.5)
-    time.sleep(0.3)
-    assert store.heartbeat(wid, [lease], 0.5) == {job.id: False}
-    time.sleep(0.3)
-    assert store.sweep_expired() == []  # renewed, so 0.6 s after the claim it still holds
-    time.sleep(0.6)
+    lease, _ = _claim(store, wid, lease=2.0)
+    time.sleep(1.5)
+    assert store.heartbeat(wid, [lease], 2.0) == {job.id: False}
+    time.sleep(1.5)
+    assert store.sweep_expired() == []  # renewed, so 3 s after the claim it still holds
+    time.sleep(2.5)
     assert store.sweep_expired() == [job.id]
 
 

@@ -377,8 +377,9 @@ def test_a_job_preempted_past_its_limit_finishes_on_demand(
     assert messages(job)[-1] == ("moved to the on-demand pool: preempted 2 times, more than "
                                  "its limit of 1 (max_preemptions)")
     spot = env.worker("s3", "--pool", "spot")
-    spot.wait_ready()
-    time.sleep(1.0)
+    # Once the spot worker has run a job queued after it, it has surely seen ours.
+    later = submit(env, "sleep", "seconds=0")
+    assert final(st, later, 30).worker == "s3"
     assert st.get(job_id).state is JobState.QUEUED  # spot workers leave it alone
     env.worker("od1", "--pool", "on-demand")
     job = final(st, job_id, 60)

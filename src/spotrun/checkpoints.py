@@ -35,6 +35,10 @@ _CHUNK = 8 << 20
 _OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs"})
 
 
+class CheckpointConfigError(ValueError):
+    """The checkpoint URL names a filesystem that cannot be used here."""
+
+
 class CheckpointUnavailable(Exception):
     """The store could not be reached or refused access; the checkpoint may well be fine."""
 
@@ -66,7 +70,12 @@ class CheckpointStore:
         import fsspec
 
         self.url = url
-        self.fs, root = fsspec.core.url_to_fs(url, **_storage_options(url))
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **_storage_options(url))
+        except (ValueError, ImportError) as exc:
+            raise CheckpointConfigError(
+                f"SPOTRUN_CHECKPOINT_URL={url!r} cannot be used: {exc} (s3:// needs "
+                "`pip install spotrun[s3]`, gs:// needs `pip install spotrun[gcs]`)") from None
         self.root = root.rstrip("/")
         protocols = _protocols(self.fs)
         self.local = "file" in protocols

@@ -21,7 +21,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from spotrun.config import ConfigError, Settings
+from spotrun.config import ConfigError, Settings, check_pool
 from spotrun.jobs import Job, JobState, OnPreempt
 
 app = typer.Typer(
@@ -57,6 +57,7 @@ def friendly(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from spotrun.checkpoints import CheckpointConfigError
         from spotrun.pipelines.base import SubmitRefused
         from spotrun.pipelines.registry import UnknownPipeline
         from spotrun.store import DatabaseUnavailable, StoreError
@@ -65,7 +66,8 @@ def friendly(fn: F) -> F:
             return fn(*args, **kwargs)
         except DatabaseUnavailable as exc:
             fail(str(exc), 1)
-        except (StoreError, ConfigError, UnknownPipeline, SubmitRefused) as exc:
+        except (StoreError, ConfigError, UnknownPipeline, SubmitRefused,
+                CheckpointConfigError) as exc:
             fail(str(exc.args[0]) if exc.args else str(exc))
         except KeyboardInterrupt:
             fail("interrupted", 130)
@@ -133,7 +135,7 @@ def submit(
     pipeline: Annotated[str, typer.Argument(help="Pipeline name (see `spotrun pipelines`)")],
     param: Annotated[list[str] | None, typer.Option("-p", "--param",
                                                     help="key=value, repeatable")] = None,
-    priority: Annotated[int, typer.Option(help="Higher runs first")] = 0,
+    priority: Annotated[int, typer.Option(min=-1000, max=1000, help="Higher runs first")] = 0,
     max_retries: Annotated[int, typer.Option(
         min=0, max=1000, help="Times a lost worker may send the job back to the queue")] = 4,
     timeout: Annotated[float | None, typer.Option(
@@ -155,12 +157,19 @@ def submit(
     as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON")] = False,
     wait_: Annotated[bool, typer.Option("--wait", help="Wait until the job ends")] = False,
     wait_timeout: Annotated[float | None, typer.Option(
-        "--wait-timeout", help="With --wait: give up after S seconds (exit 3)")] = None,
+        "--wait-timeout", min=0, help="With --wait: give up after S seconds (exit 3)")] = None,
 ) -> None:
     """Queue a job; print its id (or the job as JSON)."""
     from spotrun.pipelines.registry import validate_submission
 
-    raw = dict(parse_param(p) for p in (param or []))
+    raw: dict[str, Any] = {}
+    for item in param or []:
+        key, value = parse_param(item)
+        if key in raw:
+            fail(f"param {key!r} is given twice")
+        raw[key] = value
+    if pool is not None:
+        check_pool(pool, "--pool")
     with open_store() as store:
         _pipe, params, cuda = validate_submission(pipeline, raw, store)
         job = store.submit(
@@ -288,8 +297,8 @@ def _wait_for(store: Any, job_id: str, timeout: float | None) -> Job:
 @friendly
 def wait(
     job_id: str,
-    timeout: Annotated[float | None, typer.Option(help="Give up after S seconds (exit 3)")
-                       ] = None,
+    timeout: Annotated[float | None, typer.Option(
+        min=0, help="Give up after S seconds (exit 3)")] = None,
 ) -> None:
     """Wait until a job ends: exit 0 succeeded, 1 failed/cancelled/unknown, 3 timed out."""
     from spotrun.store import JobNotFound
@@ -415,7 +424,7 @@ def worker(
     if grace_seconds is not None:
         changes["grace_seconds"] = grace_seconds
     if pool is not None:
-        changes["pool"] = pool
+        changes["pool"] = check_pool(pool, "--pool")
     if price_per_hour is not None:
         changes["price_per_hour"] = price_per_hour
     if changes:
@@ -471,7 +480,7 @@ def preempt(
                     ] = False,
     hard: Annotated[bool, typer.Option("--hard", help="SIGKILL at once (no notice)")] = False,
     grace_seconds: Annotated[float | None, typer.Option(
-        help="Seconds before SIGKILL [default SPOTRUN_GRACE_SECONDS]")] = None,
+        min=0, help="Seconds before SIGKILL [default SPOTRUN_GRACE_SECONDS]")] = None,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Send the signal and return")
                        ] = False,
 ) -> None:
@@ -541,6 +550,10 @@ def demo(
 @friendly
 def token_create(name: str, admin: Annotated[bool, typer.Option("--admin")] = False) -> None:
     """Create an API token; it is printed once, alone on the last line."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9._@-]{1,64}", name):
+        fail(f"bad token name {name!r}: use 1 to 64 letters, digits and . _ @ -")
     with open_store() as store:
         token = store.create_token(name, admin=admin)
     typer.echo(f"created {'admin ' if admin else ''}token {name!r}; keep it, it is not shown "
@@ -709,9 +722,41 @@ def simulate(
         checkpoint_interval=checkpoint_interval, max_preemptions=max_preemptions, seed=seed))
 
 
+def _base_named(cls: type, name: str) -> type[Exception]:
+    found = next(c for c in cls.__mro__ if c.__name__ == name)
+    assert issubclass(found, Exception)
+    return found
+
+
 def main() -> None:
+    """The ``spotrun`` command: usage errors are one line on stderr and exit 2."""
+    import sqlalchemy.exc
+
+    if len(sys.argv) < 2 or sys.argv[1:] in (["--help"], ["-h"]):
+        app()  # the help page
+        return
+    # Typer's click, vendored or not: the classes behind its own BadParameter.
+    usage_error = _base_named(typer.BadParameter, "UsageError")
     try:
-        app()
+        code = app(standalone_mode=False)
+    except usage_error as exc:
+        ctx = getattr(exc, "ctx", None)
+        path = getattr(ctx, "command_path", "") or ""
+        hint = f" (see `spotrun {path.split(' ', 1)[1]} --help`)" if " " in path else ""
+        typer.echo(f"spotrun: {exc.format_message()}{hint}", err=True)  # type: ignore[attr-defined]
+        sys.exit(EXIT_BAD_INPUT)
+    except typer.Abort:
+        typer.echo("spotrun: interrupted", err=True)
+        sys.exit(130)
     except ConfigError as exc:
         typer.echo(f"spotrun: {exc}", err=True)
         sys.exit(EXIT_BAD_INPUT)
+    except sqlalchemy.exc.ArgumentError:
+        typer.echo("spotrun: the database URL is not one spotrun can use: give "
+                   "sqlite:///PATH or postgresql://USER@HOST/DB", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except OSError as exc:
+        typer.echo(f"spotrun: {exc.strerror or exc}"
+                   + (f": {exc.filename}" if exc.filename else ""), err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,9 +21,29 @@ def _float(name: str, default: float, *, minimum: float = 0.0) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r} must be a finite number")
     if value < minimum:
         raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
     return value
+
+
+def _int(name: str, default: int, *, minimum: int = 0) -> int:
+    value = _float(name, float(default), minimum=minimum)
+    if value != int(value) or value > 1_000_000_000:
+        raise ConfigError(f"{name}={os.environ.get(name)!r} must be a whole number")
+    return int(value)
+
+
+_POOL = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+
+
+def check_pool(name: str, where: str = "pool") -> str:
+    """A pool name: spot, on-demand, or another lower-case name of your own."""
+    if not _POOL.fullmatch(name):
+        raise ConfigError(f"{where}={name!r} is not a pool name (lower-case letters, digits "
+                          "and '-', e.g. spot or on-demand)")
+    return name
 
 
 @dataclass(frozen=True)
@@ -49,6 +71,8 @@ class Settings:
         cls, *, home: str | None = None, database_url: str | None = None
     ) -> Settings:
         home_path = Path(home or os.environ.get("SPOTRUN_HOME") or ".spotrun").absolute()
+        if home_path.exists() and not home_path.is_dir():
+            raise ConfigError(f"SPOTRUN_HOME={str(home_path)!r} is not a directory")
         url = database_url or os.environ.get("SPOTRUN_DATABASE_URL") or ""
         if not url:
             url = f"sqlite:///{home_path / 'spotrun.db'}"
@@ -61,14 +85,14 @@ class Settings:
             lease_seconds=_float("SPOTRUN_LEASE_SECONDS", 10.0, minimum=0.2),
             grace_seconds=_float("SPOTRUN_GRACE_SECONDS", 15.0, minimum=0.5),
             safety_margin_seconds=_float("SPOTRUN_SAFETY_MARGIN_SECONDS", 1.0),
-            checkpoint_every_steps=int(_float("SPOTRUN_CHECKPOINT_EVERY_STEPS", 0)),
+            checkpoint_every_steps=_int("SPOTRUN_CHECKPOINT_EVERY_STEPS", 0),
             checkpoint_every_seconds=(
                 _float("SPOTRUN_CHECKPOINT_EVERY_SECONDS", 0.0, minimum=0.01)
                 if os.environ.get("SPOTRUN_CHECKPOINT_EVERY_SECONDS") else None),
             checkpoint_min_seconds=_float("SPOTRUN_CHECKPOINT_MIN_SECONDS", 10.0),
             checkpoint_max_seconds=_float("SPOTRUN_CHECKPOINT_MAX_SECONDS", 600.0),
-            max_preemptions=int(_float("SPOTRUN_MAX_PREEMPTIONS", 5.0)),
-            pool=os.environ.get("SPOTRUN_POOL") or "spot",
+            max_preemptions=_int("SPOTRUN_MAX_PREEMPTIONS", 5),
+            pool=check_pool(os.environ.get("SPOTRUN_POOL") or "spot", "SPOTRUN_POOL"),
             price_per_hour=(_float("SPOTRUN_PRICE_PER_HOUR", 0.0)
                             if os.environ.get("SPOTRUN_PRICE_PER_HOUR") else None),
         )

@@ -525,7 +525,10 @@ def parse_since(text: str, now: dt.datetime) -> dt.datetime:
     """``24h``, ``7d``, ``30m``, ``2w`` before ``now``, or an ISO date/time (local if naive)."""
     m = _DURATION.match(text)
     if m is not None:
-        return now - dt.timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+        try:
+            return now - dt.timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+        except OverflowError:
+            raise ValueError(f"--since {text!r}: that is further back than any date") from None
     try:
         when = dt.datetime.fromisoformat(text.strip())
     except ValueError:

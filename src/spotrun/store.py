@@ -1030,10 +1030,18 @@ def _first_line(exc: BaseException) -> str:
 
 def create_engine(url: str, *, pool_size: int = 5) -> Engine:
     """An engine tuned for the queue: WAL and a busy timeout on SQLite, pre-ping on PG."""
-    u = make_url(url)
+    try:
+        u = make_url(url)
+    except sa.exc.ArgumentError:
+        raise StoreError("the database URL is not one spotrun can use: give sqlite:///PATH "
+                         "or postgresql://USER@HOST/DB") from None
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
-            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the directory of the database "
+                                 f"{Path(u.database).parent}: {exc.strerror or exc}") from None
         engine = sa.create_engine(
             u, connect_args={"timeout": 30.0, "check_same_thread": False},
             pool_size=pool_size, max_overflow=10,

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 class Params(BaseModel):
     """Base class for a pipeline's params: unknown fields are refused."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class JobStopped(Exception):
