@@ -155,12 +155,12 @@ def _temp_dirs() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).glob("spotrun-chaos-*")}
 
 
-def _drill(home: Path, db_url: str | None, *args: str, timeout: float = 170
-           ) -> dict[str, Any]:
+def _drill(home: Path, db_url: str | None, *args: str, timeout: float = 170,
+           **extra_env: str) -> dict[str, Any]:
     before = _temp_dirs()
     proc = subprocess.run([sys.executable, "-m", "spotrun", "chaos", *args, "--json"],
-                          env=_env(home, db_url), capture_output=True, text=True,
-                          timeout=timeout)
+                          env={**_env(home, db_url), **extra_env}, capture_output=True,
+                          text=True, timeout=timeout)
     try:
         report: dict[str, Any] = json.loads(proc.stdout)
     except ValueError:
@@ -178,13 +178,31 @@ def _drill(home: Path, db_url: str | None, *args: str, timeout: float = 170
 
 
 @pytest.mark.slow
-def test_chaos_drill_sqlite(sqlite_url: str, tmp_path: Path) -> None:
+def test_chaos_drill_sqlite_then_its_cost(sqlite_url: str, tmp_path: Path) -> None:
+    # Priced pools: the drill's spot workers declare $0.35/h; on-demand costs $1.20/h.
     report = _drill(tmp_path, sqlite_url, "--workers", "3", "--jobs", "12", "--duration",
-                    "20", *RATES, "--seed", "1")
+                    "20", *RATES, "--seed", "1", SPOTRUN_PRICE_PER_HOUR="0.35")
     m = report["metrics"]
     assert m["lease_expiries"] >= 1 and m["preemptions"] >= 1
     assert 0 < m["goodput"]["ratio"] <= 1
     assert m["notice_to_exit_seconds"]["count"] == m["kills"]["sigterm"]
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "spotrun", "cost", "--json"], capture_output=True, text=True,
+        env={**_env(tmp_path, sqlite_url), "SPOTRUN_PRICES": "spot=0.35,on-demand=1.20"},
+        timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    cost = json.loads(proc.stdout)
+    totals, jobs = cost["totals"], cost["jobs"]
+    assert totals["jobs"] == len(jobs) == 12
+    assert totals["cost"] == pytest.approx(sum(j["cost"] for j in jobs))
+    assert totals["on_demand_cost"] == pytest.approx(sum(j["on_demand_cost"] for j in jobs))
+    assert totals["saving"] == pytest.approx(totals["on_demand_cost"] - totals["cost"])
+    assert set(totals["paid_seconds_by_pool"]) == {"spot"}
+    assert totals["cost_by_pool"]["spot"] == pytest.approx(
+        totals["paid_seconds_by_pool"]["spot"] * 0.35 / 3600)
+    assert totals["preemptions"] >= 1 and totals["redone_seconds"] >= 0
+    assert totals["saving"] > 0 and 0 < totals["saving_percent"] < 100
 
 
 @pytest.mark.slow

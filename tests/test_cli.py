@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
 
 import pytest
 
-from conftest import Env
+from conftest import Env, wait_until
 
 
 @pytest.fixture
@@ -150,3 +151,31 @@ def test_preempt_names_the_host_of_a_remote_worker(cli_env: Env) -> None:
     assert "worker far runs on host another-host, not here" in proc.stderr
     proc = cli_env.cli("preempt", "nobody", check=False)
     assert proc.returncode == 2 and "no live worker named 'nobody'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_preempt_a_local_worker_gracefully_and_hard(cli_env: Env) -> None:
+    store = cli_env.store()
+    w1 = cli_env.worker("w1")
+    job_id = cli_env.cli("submit", "sleep", "-p", "seconds=30", "-p", "steps=300").stdout.strip()
+    wait_until(lambda: store.get(job_id, with_events=False).progress.step >= 2, 60, "a step")
+    out = cli_env.cli("preempt", "w1").stdout
+    assert "sent SIGTERM to worker w1" in out and "worker w1 exited" in out
+    assert w1.wait(10) == 0
+    job = store.get(job_id)
+    assert job.state.value == "queued" and job.preemptions == 1
+    w2 = cli_env.worker("w2")
+    wait_until(lambda: store.get(job_id, with_events=False).worker == "w2", 60, "w2")
+    out = cli_env.cli("preempt", "--all", "--hard").stdout
+    assert "sent SIGKILL to worker w2" in out
+    assert w2.wait(10) == -signal.SIGKILL
+    store.close()
+
+
+@pytest.mark.slow
+def test_demo_tells_the_whole_story(cli_env: Env) -> None:
+    proc = cli_env.cli("demo", "--epochs", "4", timeout=300)
+    out = proc.stdout
+    assert "preempting demo-w" in out and "handed the job back and exited 0" in out
+    assert "resumed on demo-w" in out
+    assert "identical: the preemption cost no work" in out

@@ -99,6 +99,20 @@ def test_a_job_runs_its_progress_can_be_watched_and_its_result_is_shown(
     assert "succeeded" in text and "weights_sha256" in text and "accuracy" in text
     assert "started on w1" in text
     assert "test accuracy" in env.cli("logs", job_id).stdout
+    trained = st.get(job_id)
+
+    # The model classifies: the held-out split with the trained job's own accuracy, and
+    # images given as params.
+    infer = submit(env, "digits-infer", f"model={job_id}")
+    job = final(st, infer, 60)
+    assert job.state is JobState.SUCCEEDED, messages(job)
+    assert job.result["accuracy"] == trained.result["accuracy"]
+    assert len(job.result["predictions"]) == 359
+    blank, full = [0] * 64, [16] * 64
+    infer = submit(env, "digits-infer", f"model={job_id}", f"inputs=[{blank}, {full}]")
+    job = final(st, infer, 60)
+    assert len(job.result["predictions"]) == 2
+    assert all(0 <= p <= 9 for p in job.result["predictions"])
     w.signal(signal.SIGTERM)
     exits_within(w, 5)
 
@@ -210,7 +224,7 @@ def test_sigterm_three_times_resumes_bit_identical(env: Env, st: JobStore) -> No
         name = running_on(st, job_id, min_step=last_step + 15)
         w = live.pop(name)
         w.signal(signal.SIGTERM)
-        took = exits_within(w, 5)
+        exits_within(w, 5)
         job = st.get(job_id)
         assert job.preemptions == round_ + 1
         handed = job.events[-1] if job.events[-1].kind == "preempted" else next(
@@ -218,14 +232,18 @@ def test_sigterm_three_times_resumes_bit_identical(env: Env, st: JobStore) -> No
         assert handed.message.startswith(f"preempted on {name} at step ")
         assert "checkpoint saved in" in handed.message, handed.message
         last_step = int(handed.message.split("at step ")[1].split("/")[0])
-        assert "exits" in w.log() and took < 5
+        assert "exits" in w.log()
         replacement = f"w{3 + round_}"
         live[replacement] = env.worker(replacement, preload=True)
     job = final(st, job_id, 120)
     assert job.state is JobState.SUCCEEDED, messages(job)
     assert job.preemptions == 3 and job.retries == 0
-    resumed = [m for m in messages(job) if m.startswith("resumed on")]
-    assert len(resumed) == 3, messages(job)
+    # Each attempt resumed exactly where the previous one handed the job back.
+    handed_at = [m.split("at step ")[1].split("/")[0] for m in messages(job)
+                 if m.startswith("preempted on")]
+    resumed_at = [m.split("from step ")[1].split("/")[0] for m in messages(job)
+                  if m.startswith("resumed on")]
+    assert len(resumed_at) == 3 and resumed_at == handed_at, messages(job)
     assert job.result["weights_sha256"] == reference_sha(epochs=6, seed=3)
     assert job.result["steps"] == 270
 
