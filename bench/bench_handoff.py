@@ -1,0 +1,277 @@
+#!/usr/bin/env python
+"""Hand-off benchmark: notice-to-exit, checkpoint write speed, hand-back-to-resume.
+
+For each workload (digits-train; the sleep pipeline holding 100 MB and 1 GB of state),
+one long job is preempted N times (default 20) in a row: a worker runs it, a second
+worker waits idle; the running worker gets SIGTERM at a random moment 1-2 s after the job
+is stepping again; a fresh idle worker is started for the next round.
+
+* notice-to-exit: from ``os.kill(SIGTERM)`` in this script to the worker process's exit
+  (``waitpid``), which includes stopping at the next step boundary, the checkpoint
+  (written and fsynced, then its pointer committed), the hand-back and the process exit.
+* hand-back-to-resume: from the job's 'preempted' event to its next 'resumed' event
+  (database clock): how long the job sits in the queue with an idle worker waiting.
+  Also: 'preempted' to the moment this script saw the job's progress move again (the
+  resumed worker has loaded the checkpoint and is stepping), polled every 20 ms.
+* checkpoint write throughput: ``CheckpointStore.save`` of a 1 GB state to the local
+  checkpoint directory, against the raw sequential write speed of the same disk in the
+  same run (Python 8 MiB writes + fsync, and ``dd bs=8M conv=fsync``); plus the
+  checkpoint speeds the workers reported in their 'preempted' events.
+
+    python bench/bench_handoff.py            # full run (~6 minutes)
+    python bench/bench_handoff.py --quick    # 5 preemptions, 100 MB and digits only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (
+    RESULTS,
+    Children,
+    Run,
+    drop_pg_database,
+    fresh_pg_database,
+    install_cleanup,
+    pct,
+    spotrun_argv,
+    spotrun_ready_workers,
+    table,
+    wait_until,
+)
+
+WORKLOADS: dict[str, tuple[str, dict[str, Any], float]] = {
+    # name: (pipeline, params, state MB)
+    "digits-train": ("digits-train", {"epochs": 1000, "step_delay": 0.01}, 0.05),
+    "sleep 100 MB": ("sleep", {"seconds": 36000, "steps": 360000, "state_mb": 100}, 100),
+    # The built-in sleep pipeline cannot make 1 GB of state (random.randbytes overflows
+    # past 268 MB); bench/plugins/bench_state.py is the same pipeline with chunked state.
+    "sleep 1 GB": ("bench-sleep", {"seconds": 36000, "steps": 360000, "state_mb": 1000},
+                   1000),
+}
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+
+
+# ------------------------------------------------------------------ disk speed
+
+def raw_write_python(path: Path, nbytes: int, chunk: int = 8 << 20) -> float:
+    buf = os.urandom(chunk)
+    t0 = time.perf_counter()
+    with open(path, "wb") as fh:
+        for _ in range(nbytes // chunk):
+            fh.write(buf)
+        fh.flush()
+        os.fsync(fh.fileno())
+    dt = time.perf_counter() - t0
+    path.unlink()
+    return nbytes / dt / 1e6
+
+
+def raw_write_dd(path: Path, mb8: int) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=8M", f"count={mb8}",
+                    "conv=fsync", "status=none"], check=True)
+    dt = time.perf_counter() - t0
+    path.unlink()
+    return mb8 * (8 << 20) / dt / 1e6
+
+
+def disk_speeds(directory: Path, mb: int, reps: int) -> dict[str, Any]:
+    from spotrun.checkpoints import CheckpointStore
+
+    directory.mkdir(parents=True, exist_ok=True)
+    nbytes = mb * 1_000_000
+    store = CheckpointStore(str(directory / "ckpt"))
+    sys.path.insert(0, str(PLUGINS))
+    from bench_state import make_state
+
+    blob = make_state(nbytes)
+    py, dd, ck = [], [], []
+    for i in range(reps):
+        drop_caches()
+        py.append(raw_write_python(directory / "raw.bin", nbytes))
+        dd.append(raw_write_dd(directory / "raw.bin", nbytes // (8 << 20)))
+        saved = store.save("bench", 1, i, {"state.json": b"{}", "blob.bin": blob})
+        ck.append(saved.nbytes / saved.seconds / 1e6)
+        store.delete(saved.path)
+    shutil.rmtree(directory / "ckpt", ignore_errors=True)
+    return {"mb": mb, "reps": reps, "python_fsync_MBps": py, "dd_fsync_MBps": dd,
+            "checkpoint_save_MBps": ck}
+
+
+def drop_caches() -> None:
+    # Only writes are measured; a sync keeps earlier dirty pages out of the timing.
+    os.sync()
+
+
+# ------------------------------------------------------------------ preemptions
+
+def preempt_series(name: str, n: int, args: argparse.Namespace,
+                   ckpt_dir: Path) -> dict[str, Any]:
+    from spotrun.store import JobStore
+
+    pipeline, params, state_mb = WORKLOADS[name]
+    db = "bench_handoff"
+    url = fresh_pg_database(db)
+    store = JobStore.open(url)
+    home = Path(tempfile.mkdtemp(prefix="bench-handoff-", dir=ckpt_dir))
+    env = {"SPOTRUN_HOME": str(home), "SPOTRUN_CHECKPOINT_URL": str(home / "checkpoints"),
+           "SPOTRUN_IMPORT": "bench_state",
+           # The job is preempted on purpose many times: keep it in the spot pool (by
+           # default it moves to the on-demand pool after 5 preemptions).
+           "SPOTRUN_MAX_PREEMPTIONS": "100000",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(PLUGINS),
+                                                        os.environ.get("PYTHONPATH")]))}
+    rng = random.Random(1)
+    exits: list[float] = []
+    moving_again: list[float] = []
+    k = 0
+
+    def start(children: Children) -> tuple[str, Any]:
+        nonlocal k
+        k += 1
+        wname = f"ho{k}"
+        argv = [*spotrun_argv(url), "worker", "--name", wname]
+        if pipeline != "digits-train":
+            argv.append("--no-preload")
+        return wname, children.start(argv, env=env,
+                                     log=RESULTS / "logs" / f"handoff-{wname}.log")
+
+    def stepping(job_id: str, after_step: int) -> bool:
+        j = store.get(job_id, with_events=False)
+        return j.state.value == "running" and j.progress.step > after_step
+
+    try:
+        with Children() as children:
+            procs = dict([start(children)])
+            wait_until(lambda: spotrun_ready_workers(store, 1), 120, "first worker")
+            time.sleep(3 if pipeline == "digits-train" else 0.2)  # the torch preload
+            try:
+                job = store.submit(pipeline, params, max_retries=1000,
+                                   max_preemptions=100000)
+            except TypeError:  # a spotrun without max_preemptions
+                job = store.submit(pipeline, params, max_retries=1000)
+            wait_until(lambda: stepping(job.id, 0), 300, "the job to step")
+            spare = dict([start(children)])
+            procs.update(spare)
+            for i in range(n):
+                wait_until(lambda: spotrun_ready_workers(store, 1), 120, "an idle spare")
+                if pipeline == "digits-train":
+                    time.sleep(3)  # let the spare's torch preload finish
+                time.sleep(rng.uniform(1.0, 2.0))
+                j = store.get(job.id, with_events=False)
+                proc = procs.pop(j.worker)
+                t0 = time.monotonic()
+                os.kill(proc.pid, signal.SIGTERM)
+                proc.wait(120)
+                exits.append(time.monotonic() - t0)
+                t_exit = time.time()
+                # The job is now queued or already claimed by the spare; note when it
+                # steps again.
+                j2 = store.get(job.id, with_events=False)
+                ck_step = j2.checkpoint_step or 0
+                wait_until(lambda s=ck_step: stepping(job.id, s), 300, "the job to resume",
+                           interval=0.02)
+                moving_again.append(time.time() - t_exit)
+                print(f"    {name} #{i + 1}: exit {exits[-1]:.3f} s", flush=True)
+                procs.update(dict([start(children)]))
+            final = store.get(job.id)
+            handoffs = [h for h in store.preemption_handoffs() if h is not None]
+            ck_secs = []
+            pre_at: list[float] = []
+            for e in final.events:
+                if e.kind == "preempted":
+                    pre_at.append(e.at.timestamp())
+                    m = re.search(r"checkpoint saved in ([\d.]+) s", e.message)
+                    if m:
+                        ck_secs.append(float(m.group(1)))
+            store.cancel(job.id)
+            children.stop_all(30)
+    finally:
+        store.close()
+        drop_pg_database(db)
+        shutil.rmtree(home, ignore_errors=True)
+    return {
+        "workload": name, "state_mb": state_mb, "preemptions": len(exits),
+        "exit_s": exits, "exit_p50_s": pct(exits, 50), "exit_p99_s": pct(exits, 99),
+        "exit_max_s": max(exits),
+        "resume_s": handoffs, "resume_p50_s": pct(handoffs, 50),
+        "resume_p99_s": pct(handoffs, 99),
+        "exit_to_stepping_s": moving_again,
+        "exit_to_stepping_p50_s": pct(moving_again, 50),
+        "notice_checkpoint_s": ck_secs,
+        "notice_checkpoint_MBps_p50": (state_mb / pct(ck_secs, 50)) if ck_secs else None,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--preemptions", type=int, default=None, help="per workload [20]")
+    ap.add_argument("--workloads", default=None,
+                    help="comma-separated from: " + ", ".join(WORKLOADS))
+    ap.add_argument("--dir", default=tempfile.gettempdir(),
+                    help="where checkpoints and the raw-write test go (same disk)")
+    ap.add_argument("--disk-mb", type=int, default=None, help="size of the write test [1000]")
+    ap.add_argument("--disk-reps", type=int, default=3)
+    args = ap.parse_args()
+    args.preemptions = args.preemptions or (5 if args.quick else 20)
+    args.workloads = (args.workloads or ("digits-train,sleep 100 MB" if args.quick
+                                         else ",".join(WORKLOADS))).split(",")
+    args.disk_mb = args.disk_mb or (200 if args.quick else 1000)
+    install_cleanup()
+    run = Run("bench_handoff", args)
+    print(run.header(), flush=True)
+    base = Path(args.dir) / f"spotrun-bench-handoff-{os.getpid()}"
+    base.mkdir(parents=True, exist_ok=True)
+    try:
+        free = shutil.disk_usage(base).free / 1e9
+        print(f"  {free:.0f} GB free under {base}", flush=True)
+        disk = disk_speeds(base / "disk", args.disk_mb, args.disk_reps)
+        print(f"  disk: python+fsync {pct(disk['python_fsync_MBps'], 50):.0f} MB/s, dd "
+              f"{pct(disk['dd_fsync_MBps'], 50):.0f} MB/s, CheckpointStore.save "
+              f"{pct(disk['checkpoint_save_MBps'], 50):.0f} MB/s", flush=True)
+        series = []
+        for name in args.workloads:
+            series.append(preempt_series(name, args.preemptions, args, base))
+            s = series[-1]
+            print(f"  {name}: exit p50 {s['exit_p50_s']:.3f} s p99 {s['exit_p99_s']:.3f} s; "
+                  f"resume p50 {s['resume_p50_s']:.3f} s", flush=True)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    run.results = {"disk": disk, "series": series}
+    md1 = table(["workload", "preemptions", "notice → exit p50 s", "p99 s", "max s",
+                 "preempted → resumed p50 s", "p99 s", "exit → stepping again p50 s",
+                 "notice checkpoint MB/s (p50)"],
+                [[s["workload"], s["preemptions"], s["exit_p50_s"], s["exit_p99_s"],
+                  s["exit_max_s"], s["resume_p50_s"], s["resume_p99_s"],
+                  s["exit_to_stepping_p50_s"],
+                  s["notice_checkpoint_MBps_p50"] if s["notice_checkpoint_MBps_p50"]
+                  else float("nan")] for s in series])
+    py, dd, ck = (pct(disk[k], 50) for k in ("python_fsync_MBps", "dd_fsync_MBps",
+                                              "checkpoint_save_MBps"))
+    md2 = table(["write of " + f"{disk['mb']} MB, median of {disk['reps']}", "MB/s",
+                 "÷ raw (python+fsync)", "÷ raw (dd conv=fsync)"],
+                [["python 8 MiB writes + fsync", py, 1.0, py / dd],
+                 ["dd bs=8M conv=fsync", dd, dd / py, 1.0],
+                 ["CheckpointStore.save (sha256 + write + fsync + manifest)", ck, ck / py,
+                  ck / dd]])
+    run.finish(md1 + "\n\n" + md2)
+
+
+if __name__ == "__main__":
+    main()
