@@ -97,6 +97,8 @@ def run_job(store: JobStore, job_id: str, *, worker: str = "w1", result: Any = N
     lease = claimed[0]
     if result is not None:
         store.complete(lease, result)
+    else:
+        store.heartbeat(wid, [lease], 30)  # the worker's row shows its job from here on
     return lease
 
 

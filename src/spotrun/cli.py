@@ -388,7 +388,9 @@ def _preload_ml() -> None:
 
     def load() -> None:
         with contextlib.suppress(Exception):
-            import spotrun.pipelines.digits  # noqa: F401
+            from spotrun.pipelines import digits
+
+            digits.load_split()  # scikit-learn and the data set, cached for every job
 
     threading.Thread(target=load, name="spotrun-preload", daemon=True).start()
 

@@ -143,10 +143,15 @@ class JobStore:
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, url: str, *, migrate: bool = True, pool_size: int = 5) -> JobStore:
-        """Connect, and create or upgrade the schema (safe when many processes start)."""
+    def open(cls, url: str, *, migrate: bool = True, pool_size: int = 5,
+             pre_ping: bool = True) -> JobStore:
+        """Connect, and create or upgrade the schema (safe when many processes start).
+
+        Without ``pre_ping`` a connection that died (a database restart) fails on its next
+        use instead of being replaced first: for callers that retry, like the worker.
+        """
         url = normalize_url(url)
-        engine = create_engine(url, pool_size=pool_size)
+        engine = create_engine(url, pool_size=pool_size, pre_ping=pre_ping)
         store = cls(engine)
         try:
             if migrate:
@@ -461,13 +466,9 @@ class JobStore:
                 )
             else:
                 kind, msg = EventKind.STARTED, f"started on {worker_name}"
+            # The worker's row (busy, current job) follows at its next heartbeat: the claim
+            # is the queue's hot path, and keeps to the job's row and its event.
             self._event(conn, job.id, kind, msg, worker=worker_name, attempt=job.attempt)
-            self._notify(conn, job.id)
-            conn.execute(
-                workers.update()
-                .where(workers.c.id == worker_id)
-                .values(state="busy", current_job=job.id, last_heartbeat=self._now)
-            )
         return Lease(job.id, job.attempt, worker_id, worker_name), job
 
     # -------------------------------------------------------- fenced job writes
@@ -509,10 +510,14 @@ class JobStore:
                     .returning(jobs.c.cancel_requested)
                 ).first()
                 out[lease.job_id] = None if row is None else bool(row[0])
+            held = [lease.job_id for lease in leases if out.get(lease.job_id) is not None]
             conn.execute(
                 workers.update()
                 .where(workers.c.id == worker_id)
-                .values(last_heartbeat=self._now)
+                .values(last_heartbeat=self._now, current_job=held[0] if held else None,
+                        state=sa.case((workers.c.state.in_(("idle", "busy")),
+                                       "busy" if held else "idle"),
+                                      else_=workers.c.state))
             )
         return out
 
@@ -699,7 +704,6 @@ class JobStore:
             self._insert_logs(conn, lease, logs)
             self._event(conn, lease.job_id, kind, message, worker=lease.worker_name,
                         attempt=lease.attempt)
-            self._release_worker(conn, lease)
             self._notify(conn, lease.job_id)
 
     def _release_worker(self, conn: Connection, lease: Lease) -> None:
@@ -1028,7 +1032,7 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(orig).__name__
 
 
-def create_engine(url: str, *, pool_size: int = 5) -> Engine:
+def create_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Engine:
     """An engine tuned for the queue: WAL and a busy timeout on SQLite, pre-ping on PG."""
     try:
         u = make_url(url)
@@ -1065,7 +1069,7 @@ def create_engine(url: str, *, pool_size: int = 5) -> Engine:
         return engine
     if u.get_backend_name() == "postgresql":
         return sa.create_engine(
-            u, pool_pre_ping=True, pool_size=pool_size, max_overflow=10,
+            u, pool_pre_ping=pre_ping, pool_size=pool_size, max_overflow=10,
             connect_args={"connect_timeout": 5},
         )
     raise StoreError(

@@ -178,6 +178,9 @@ class JobRunner:
         self.abandoned = False  # the main thread handed the job back without us
         self.early_checkpoint = False  # an advisory asked for a checkpoint now
         self.checkpoint_error: str | None = None  # the notice checkpoint could not be saved
+        # Set before the final write: from then on the reporter leaves this job alone, so
+        # a heartbeat racing the result is not mistaken for a lost lease.
+        self.finishing = False
         self.write_failed = False  # a write of the stop path could not reach the database
         self.done = threading.Event()
         self.lock = threading.Lock()
@@ -494,6 +497,7 @@ class JobRunner:
 
     def _take(self) -> tuple[Progress, list[tuple[float, str, str]]]:
         """The last progress and the buffered log lines, for the final write."""
+        self.finishing = True
         with self.lock:
             progress = Progress(self.step, self.total, dict(self.metrics))
             self.dirty = False
@@ -501,6 +505,7 @@ class JobRunner:
 
     def _flush(self) -> None:
         """Write the last progress and log lines (fenced)."""
+        self.finishing = True
         with self.lock:
             step, total, metrics = self.step, self.total, dict(self.metrics)
             self.dirty = False
@@ -544,7 +549,9 @@ class Worker:
         delay, logged = 0.1, False
         while True:
             try:
-                return JobStore.open(settings.database_url, pool_size=self.concurrency + 2)
+                # No pre-ping: a round trip per transaction; the retrier covers restarts.
+                return JobStore.open(settings.database_url, pool_size=self.concurrency + 2,
+                                     pre_ping=False)
             except DatabaseUnavailable as exc:
                 if self.coordinator.stopping:
                     raise
@@ -559,7 +566,7 @@ class Worker:
         from spotrun.store import create_engine
 
         return create_engine(store.engine.url.render_as_string(hide_password=False),
-                             pool_size=1)
+                             pool_size=1, pre_ping=False)
 
     def wake(self) -> None:
         self._wake.set()
@@ -736,7 +743,7 @@ class Worker:
             touched = False
             with self._lock:
                 runners = [r for r in self.runners.values()
-                           if not r.done.is_set() and not r.abandoned]
+                           if not r.done.is_set() and not r.abandoned and not r.finishing]
             try:
                 for r in runners:
                     self._check_timeout(r)
@@ -789,6 +796,8 @@ class Worker:
                                          self.settings.lease_seconds)
         for r in runners:
             st = status.get(r.job.id)
+            if st is None and r.finishing:
+                continue  # its result was written between our snapshot and this heartbeat
             if st is None:
                 msg = (f"heartbeat of job {r.job.id} refused: attempt {r.lease.attempt} no "
                        "longer holds the lease")

@@ -5,6 +5,7 @@ Imports torch and scikit-learn; only a running pipeline imports this module.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ class Split:
     y_test: torch.Tensor
 
 
+@functools.cache
 def load_split() -> Split:
     """scikit-learn's bundled 8x8 digits (no download), split the same way every time."""
     from sklearn.datasets import load_digits

@@ -34,7 +34,10 @@ def run(ctx: JobContext) -> dict[str, Any]:
         start_step = int(meta["step"])
         blob = ctx.resume.files.get("blob.bin", b"")
     elif p.state_mb:
-        blob = random.Random(0).randbytes(int(p.state_mb * 1_000_000))
+        rng, size = random.Random(0), int(p.state_mb * 1_000_000)
+        # In pieces: one randbytes call is limited to about 256 MB.
+        blob = b"".join(rng.randbytes(min(64 << 20, size - i))
+                        for i in range(0, size, 64 << 20))
     if blob:
         ctx.log.info("holding %.0f MB of state", len(blob) / 1e6)
 
