@@ -185,7 +185,9 @@ class JobRunner:
         self.done = threading.Event()
         self.lock = threading.Lock()
         self.logs = _JobLogHandler()
-        self.logger = logging.getLogger(f"spotrun.job.{job.id}")
+        # Not logging.getLogger: that registers every job's logger for the life of the
+        # process, a leak in a worker that runs millions of jobs.
+        self.logger = logging.Logger(f"spotrun.job.{job.id}")
         self.thread = threading.Thread(target=self._main, name=f"spotrun-job-{job.id}",
                                        daemon=True)
         self.every_steps = job.checkpoint_every_steps
