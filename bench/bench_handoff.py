@@ -57,12 +57,8 @@ WORKLOADS: dict[str, tuple[str, dict[str, Any], float]] = {
     # name: (pipeline, params, state MB)
     "digits-train": ("digits-train", {"epochs": 1000, "step_delay": 0.01}, 0.05),
     "sleep 100 MB": ("sleep", {"seconds": 36000, "steps": 360000, "state_mb": 100}, 100),
-    # The built-in sleep pipeline cannot make 1 GB of state (random.randbytes overflows
-    # past 268 MB); bench/plugins/bench_state.py is the same pipeline with chunked state.
-    "sleep 1 GB": ("bench-sleep", {"seconds": 36000, "steps": 360000, "state_mb": 1000},
-                   1000),
+    "sleep 1 GB": ("sleep", {"seconds": 36000, "steps": 360000, "state_mb": 1000}, 1000),
 }
-PLUGINS = Path(__file__).resolve().parent / "plugins"
 
 
 # ------------------------------------------------------------------ disk speed
@@ -95,8 +91,7 @@ def disk_speeds(directory: Path, mb: int, reps: int) -> dict[str, Any]:
     directory.mkdir(parents=True, exist_ok=True)
     nbytes = mb * 1_000_000
     store = CheckpointStore(str(directory / "ckpt"))
-    sys.path.insert(0, str(PLUGINS))
-    from bench_state import make_state
+    from spotrun.pipelines.sleep import make_state
 
     blob = make_state(nbytes)
     py, dd, ck = [], [], []
@@ -129,12 +124,9 @@ def preempt_series(name: str, n: int, args: argparse.Namespace,
     store = JobStore.open(url)
     home = Path(tempfile.mkdtemp(prefix="bench-handoff-", dir=ckpt_dir))
     env = {"SPOTRUN_HOME": str(home), "SPOTRUN_CHECKPOINT_URL": str(home / "checkpoints"),
-           "SPOTRUN_IMPORT": "bench_state",
            # The job is preempted on purpose many times: keep it in the spot pool (by
            # default it moves to the on-demand pool after 5 preemptions).
-           "SPOTRUN_MAX_PREEMPTIONS": "100000",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(PLUGINS),
-                                                        os.environ.get("PYTHONPATH")]))}
+           "SPOTRUN_MAX_PREEMPTIONS": "100000"}
     rng = random.Random(1)
     exits: list[float] = []
     moving_again: list[float] = []

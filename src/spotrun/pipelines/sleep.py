@@ -23,6 +23,13 @@ class SleepParams(Params):
     fail: bool = Field(False, description="raise an error at the end (for tests)")
 
 
+def make_state(nbytes: int, seed: int = 0) -> bytes:
+    """``nbytes`` of reproducible pseudo-random state (data a disk cannot compress)."""
+    rng, chunk = random.Random(seed), 64 << 20
+    # In pieces: one randbytes call is limited to about 256 MB.
+    return b"".join(rng.randbytes(min(chunk, nbytes - i)) for i in range(0, nbytes, chunk))
+
+
 @pipeline("sleep", params=SleepParams, description="Sleep for a while, in steps")
 def run(ctx: JobContext) -> dict[str, Any]:
     p = ctx.params
@@ -34,10 +41,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         start_step = int(meta["step"])
         blob = ctx.resume.files.get("blob.bin", b"")
     elif p.state_mb:
-        rng, size = random.Random(0), int(p.state_mb * 1_000_000)
-        # In pieces: one randbytes call is limited to about 256 MB.
-        blob = b"".join(rng.randbytes(min(64 << 20, size - i))
-                        for i in range(0, size, 64 << 20))
+        blob = make_state(int(p.state_mb * 1_000_000))
     if blob:
         ctx.log.info("holding %.0f MB of state", len(blob) / 1e6)
 
