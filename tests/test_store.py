@@ -226,3 +226,44 @@ def test_tokens_are_stored_hashed(store: JobStore) -> None:
     store.revoke_token("alice")
     assert store.verify_token(token) is None
     assert store.verify_token("spr_wrong") is None
+
+
+def test_every_state_change_the_store_makes_is_in_the_state_machine(store: JobStore) -> None:
+    from spotrun.jobs import can_transition
+
+    seen: list[tuple[JobState, JobState]] = []
+    wid = _worker(store)
+
+    def step(job_id: str, action: object) -> None:
+        before = store.get(job_id, with_events=False).state
+        action()  # type: ignore[operator]
+        after = store.get(job_id, with_events=False).state
+        if after is not before:
+            seen.append((before, after))
+
+    def claim() -> Lease:
+        return _claim(store, wid)[0]
+
+    a = store.submit("sleep", {"seconds": 0}).id
+    leases: list[Lease] = []
+    step(a, lambda: leases.append(claim()))
+    step(a, lambda: store.hand_back(leases[-1], "preempted"))
+    step(a, lambda: leases.append(claim()))
+    step(a, lambda: store.complete(leases[-1], {}))
+    b = store.submit("sleep", {"seconds": 0}).id
+    step(b, lambda: store.cancel(b))
+    c = store.submit("sleep", {"seconds": 0}, max_retries=0).id
+    step(c, lambda: leases.append(claim()))
+    _expire_now(store, c)
+    step(c, store.sweep_expired)
+    d = store.submit("sleep", {"seconds": 0}).id
+    step(d, lambda: leases.append(claim()))
+    step(d, lambda: store.fail(leases[-1], "boom"))
+    e = store.submit("sleep", {"seconds": 0}).id
+    step(e, lambda: leases.append(claim()))
+    store.cancel(e)
+    step(e, lambda: store.finish_cancelled(leases[-1]))
+    assert len(seen) == 11
+    assert all(can_transition(old, new) for old, new in seen), seen
+    # Nothing leaves a final state.
+    assert not any(can_transition(s, JobState.RUNNING) for s in JobState if s.is_final)

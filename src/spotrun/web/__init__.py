@@ -254,6 +254,11 @@ def install(app: FastAPI, ctx: AppContext) -> None:
         job = store.find(job_id)
         return job if job is not None and who.can_see(job) else None
 
+    def no_such_job(request: Request, who: Principal, job_id: str) -> Response:
+        # The same answer for a job that does not exist and one of somebody else's.
+        return page("message.html", request, who, status=404, title="No such job",
+                    message=f"There is no job {job_id} that you can see.")
+
     @app.get("/jobs/{job_id}", include_in_schema=False)
     def job_page(request: Request, job_id: str) -> Response:
         who = viewer(request)
@@ -261,8 +266,7 @@ def install(app: FastAPI, ctx: AppContext) -> None:
             return to_login()
         job = visible(job_id, who)
         if job is None:
-            return page("message.html", request, who, status=404, title="No such job",
-                        message=f"There is no job {job_id} that you can see.")
+            return no_such_job(request, who, job_id)
         return page("job.html", request, who, job=job)
 
     @app.post("/jobs/{job_id}/cancel", include_in_schema=False)
@@ -274,8 +278,7 @@ def install(app: FastAPI, ctx: AppContext) -> None:
             return forbidden(request)
         job = await run(visible, job_id, who)
         if job is None:
-            return page("message.html", request, who, status=404, title="No such job",
-                        message=f"There is no job {job_id} that you can see.")
+            return no_such_job(request, who, job_id)
         await run(store.cancel, job.id)
         return RedirectResponse(f"/jobs/{job.id}", status_code=303, headers=SECURITY_HEADERS)
 
