@@ -26,7 +26,7 @@ from conftest import Env, wait_until
 from spotrun.api import create_app
 from spotrun.config import Settings
 from spotrun.serve import ServerThread
-from spotrun.store import JobStore, pid_alive
+from spotrun.store import JobStore
 
 CHROMIUM = os.environ.get("SPOTRUN_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -72,6 +72,16 @@ def dashboard(env_factory: Callable[..., Env], sqlite_url: str
     finally:
         srv.stop()
         store.close()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _no_horizontal_overflow(page: Any) -> bool:

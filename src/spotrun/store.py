@@ -16,9 +16,7 @@ import datetime as dt
 import fcntl
 import hashlib
 import json
-import os
 import secrets
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -1089,7 +1087,6 @@ class Waker:
         self._pg: Any = None
         self._sqlite: Any = None
         self._last_version: int | None = None
-        self._lock = threading.Lock()
 
     def _open(self) -> None:
         if self.store.is_postgres:
@@ -1141,13 +1138,3 @@ class Waker:
                 if conn is not None:
                     conn.close()
         self._pg = self._sqlite = None
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
