@@ -267,3 +267,74 @@ def test_every_state_change_the_store_makes_is_in_the_state_machine(store: JobSt
     assert all(can_transition(old, new) for old, new in seen), seen
     # Nothing leaves a final state.
     assert not any(can_transition(s, JobState.RUNNING) for s in JobState if s.is_final)
+
+
+def test_claim_respects_cuda_and_pool(store: JobStore) -> None:
+    gpu = store.submit("sleep", {"seconds": 0}, requires_cuda=True)
+    od = store.submit("sleep", {"seconds": 0}, pool="on-demand")
+    anywhere = store.submit("sleep", {"seconds": 0})
+    wid = _worker(store)
+    assert _claim(store, wid, pool="spot")[0].job_id == anywhere.id
+    assert store.claim(worker_id=wid, worker_name="w1", lease_seconds=10, pool="spot") is None
+    assert _claim(store, wid, pool="on-demand")[0].job_id == od.id
+    assert store.claim(worker_id=wid, worker_name="w1", lease_seconds=10) is None
+    assert _claim(store, wid, has_cuda=True)[0].job_id == gpu.id
+
+
+def test_claim_events_say_started_restarted_or_resumed(store: JobStore) -> None:
+    job = store.submit("sleep", {"seconds": 0})
+    w1, w2 = _worker(store, "w1"), _worker(store, "w2")
+    _claim(store, w1, "w1")
+    _expire_now(store, job.id)
+    assert store.sweep_expired() == [job.id]
+    lease, _ = _claim(store, w2, "w2")
+    store.save_progress(lease, 3, 10, {})
+    store.commit_checkpoint(lease, "c3", 3)
+    store.hand_back(lease, "preempted", keep_checkpoint=True)
+    _claim(store, w1, "w1")
+    started = [e.message for e in store.get(job.id).events
+               if e.kind in (EventKind.STARTED, EventKind.RESUMED)]
+    assert started == ["started on w1", "restarted on w2 from the beginning (attempt 2)",
+                       "resumed on w1 from step 3/10"]
+
+
+def test_result_keeps_the_last_progress_and_log_lines_in_order(store: JobStore) -> None:
+    from spotrun.jobs import Progress
+
+    job = store.submit("sleep", {"seconds": 0})
+    wid = _worker(store)
+    lease, _ = _claim(store, wid)
+    lines = [(time.time(), "INFO", f"line {i}") for i in range(30)]
+    store.complete(lease, {"accuracy": 0.5}, run_seconds=1.5,
+                   progress=Progress(7, 7, {"loss": 0.25}), logs=lines)
+    got = store.get(job.id)
+    assert got.state is JobState.SUCCEEDED and got.result == {"accuracy": 0.5}
+    assert (got.progress.step, got.progress.total, got.progress.metrics) == (7, 7, {"loss": 0.25})
+    assert got.run_seconds == pytest.approx(1.5)
+    assert [ln.message for ln in store.logs(job.id)] == [f"line {i}" for i in range(30)]
+    assert got.events[-1].kind == EventKind.SUCCEEDED
+    with pytest.raises(LeaseLost, match="attempt 1 no longer holds the lease"):
+        store.fail(lease, "late", "tb")
+    assert store.get(job.id).error is None
+
+
+def test_a_dropped_connection_surfaces_as_a_database_error(store: JobStore) -> None:
+    """The worker retries what SQLAlchemy calls an OperationalError; the hot path too."""
+    if not store.is_postgres:
+        pytest.skip("terminating a server connection is a PostgreSQL test")
+    # As a worker opens it: no ping before each use, so the dead connection is used.
+    worker_store = JobStore.open(store.engine.url.render_as_string(hide_password=False),
+                                 pre_ping=False)
+    try:
+        job = worker_store.submit("sleep", {"seconds": 0})
+        lease, _ = _claim(worker_store, _worker(worker_store))
+        with store.engine.connect() as conn:
+            conn.execute(sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+        with pytest.raises(sa.exc.OperationalError):
+            worker_store.complete(lease, {"ok": True})
+        worker_store.complete(lease, {"ok": True})  # the broken connection left the pool
+    finally:
+        worker_store.close()
+    assert store.get(job.id).state is JobState.SUCCEEDED

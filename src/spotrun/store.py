@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import functools
 import hashlib
 import json
 import secrets
@@ -216,6 +217,38 @@ class JobStore:
                 conn = conn.execution_options(sqlite_begin="BEGIN IMMEDIATE")
             with conn.begin():
                 yield conn
+
+    def _pg_one(self, sql: str, params: dict[str, Any]) -> dict[str, Any] | None:
+        """Run one statement of the hot path on PostgreSQL as its own transaction.
+
+        The claim and the result are one statement each (data-modifying CTEs), sent with
+        psycopg directly: SQLAlchemy's per-call work costs more CPU than the database's
+        (measured 4.6 ms against 0.4 ms a job), and the queue is that CPU bound.
+        Driver errors are raised as SQLAlchemy's, as the rest of the store raises them.
+        """
+        import psycopg
+        from psycopg.rows import dict_row
+
+        fairy = self.engine.raw_connection()
+        pg: psycopg.Connection[Any] = fairy.driver_connection  # type: ignore[assignment]
+        try:
+            pg.autocommit = True
+            try:
+                with pg.cursor(row_factory=dict_row) as cur:
+                    cur.execute(sql, params)
+                    return cur.fetchone()
+            finally:
+                if not pg.closed:
+                    pg.autocommit = False
+        except psycopg.Error as exc:
+            lost = pg.closed or pg.broken
+            if lost:
+                fairy.invalidate()
+            raise sa.exc.DBAPIError.instance(
+                sql, None, exc, psycopg.Error, hide_parameters=True,
+                connection_invalidated=lost) from exc
+        finally:
+            fairy.close()
 
     def now(self) -> float:
         """The database's clock, in seconds since the epoch."""
@@ -420,7 +453,15 @@ class JobStore:
         pool: str | None = None,
     ) -> tuple[Lease, Job] | None:
         """Take the next queued job in (priority, first-in) order, with a fresh lease."""
-        # The state test is literal so that PostgreSQL matches the partial index.
+        if self.is_postgres:
+            picked = self._pg_one(_PG_CLAIM, {
+                "has_cuda": has_cuda, "pool": pool, "worker_id": worker_id,
+                "worker_name": worker_name, "lease_seconds": float(lease_seconds)})
+            if picked is None:
+                return None
+            job = _job_from_row(picked, ())
+            return Lease(job.id, job.attempt, worker_id, worker_name), job
+        # The state test is literal so that it matches the partial index.
         cond: list[sa.ColumnElement[bool] | sa.TextClause] = [sa.text("jobs.state = 'queued'")]
         if not has_cuda:
             cond.append(jobs.c.requires_cuda == sa.false())
@@ -432,8 +473,6 @@ class JobStore:
             .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
             .limit(1)
         )
-        if self.is_postgres:
-            pick = pick.with_for_update(skip_locked=True)
         stmt = (
             jobs.update()
             .where(jobs.c.id == pick.scalar_subquery(), sa.text("jobs.state = 'queued'"))
@@ -453,6 +492,7 @@ class JobStore:
             if row is None:
                 return None
             job = _job_from_row(row, ())
+            # _PG_CLAIM words the same event in SQL.
             if job.checkpoint_step is not None and job.checkpoint:
                 kind, msg = EventKind.RESUMED, (
                     f"resumed on {worker_name} from step {job.checkpoint_step}"
@@ -684,6 +724,17 @@ class JobStore:
             values.update(progress_step=progress.step, progress_total=progress.total,
                           progress_metrics=_dumps(progress.metrics) if progress.metrics
                           else None)
+        if self.is_postgres:
+            params = dict(values, job_id=lease.job_id, attempt=lease.attempt, state=state.value,
+                          run_seconds=float(run_seconds), kind=str(kind),
+                          worker=lease.worker_name, message=message,
+                          log_at=[at for at, _, _ in logs],
+                          log_level=[level for _, level, _ in logs],
+                          log_message=[msg for _, _, msg in logs])
+            if self._pg_one(_pg_finish_sql(tuple(sorted(values))), params) is None:
+                with self.engine.connect() as conn:
+                    raise self._refused(conn, lease, f"{state.value} result")
+            return
         with self._tx() as conn:
             n = conn.execute(
                 jobs.update()
@@ -951,6 +1002,70 @@ class JobStore:
         with self._tx(write=False) as conn:
             return [None if r[1] is None else max(0.0, float(r[1]) - float(r[0]))
                     for r in conn.execute(query).all()]
+
+
+# --------------------------------------------------- PostgreSQL's hot path
+
+_PG_NOW = "extract(epoch FROM clock_timestamp())::float8"
+_RESUMABLE = "upd.checkpoint_step IS NOT NULL AND coalesce(upd.checkpoint, '') <> ''"
+
+# The claim in one statement: pick (migration 0003's function), lease, and the event,
+# worded as JobStore.claim words it on SQLite.
+_PG_CLAIM = f"""
+WITH pick AS (
+    SELECT spotrun_next_job(%(has_cuda)s::boolean, %(pool)s::varchar) AS id
+), upd AS (
+    UPDATE jobs SET state = '{JobState.RUNNING.value}', attempt = jobs.attempt + 1,
+        worker_id = %(worker_id)s, worker_name = %(worker_name)s,
+        lease_expires_at = {_PG_NOW} + %(lease_seconds)s,
+        started_at = coalesce(jobs.started_at, {_PG_NOW}), updated_at = {_PG_NOW}
+    -- The function locked a queued row; matching on the id alone keeps the primary key
+    -- as the plan whatever the statistics say.
+    WHERE jobs.id = (SELECT id FROM pick)
+    RETURNING jobs.*
+), ev AS (
+    INSERT INTO events (job_id, at, kind, worker, attempt, message)
+    SELECT upd.id, {_PG_NOW},
+        CASE WHEN {_RESUMABLE} THEN '{EventKind.RESUMED.value}'
+             ELSE '{EventKind.STARTED.value}' END,
+        upd.worker_name, upd.attempt,
+        CASE WHEN {_RESUMABLE}
+             THEN 'resumed on ' || upd.worker_name || ' from step ' || upd.checkpoint_step
+                  || CASE WHEN coalesce(upd.progress_total, 0) <> 0
+                          THEN '/' || upd.progress_total ELSE '' END
+             WHEN upd.attempt > 1
+             THEN 'restarted on ' || upd.worker_name || ' from the beginning (attempt '
+                  || upd.attempt || ')'
+             ELSE 'started on ' || upd.worker_name END
+    FROM upd
+)
+SELECT * FROM upd
+"""
+
+
+@functools.cache
+def _pg_finish_sql(columns: tuple[str, ...]) -> str:
+    """The fenced result in one statement: the row, its event, its last log lines, NOTIFY."""
+    sets = "".join(f", {c} = %({c})s" for c in columns)
+    return f"""
+WITH upd AS (
+    UPDATE jobs SET state = %(state)s, lease_expires_at = NULL, finished_at = {_PG_NOW},
+        updated_at = {_PG_NOW}, run_seconds = run_seconds + %(run_seconds)s{sets}
+    WHERE id = %(job_id)s AND attempt = %(attempt)s
+      AND state = '{JobState.RUNNING.value}'
+    RETURNING id
+), ev AS (
+    INSERT INTO events (job_id, at, kind, worker, attempt, message)
+    SELECT upd.id, {_PG_NOW}, %(kind)s, %(worker)s, %(attempt)s, %(message)s FROM upd
+), lg AS (
+    INSERT INTO job_logs (job_id, attempt, at, level, message)
+    SELECT upd.id, %(attempt)s, l.at, l.level, l.message
+    FROM upd, unnest(%(log_at)s::float8[], %(log_level)s::varchar[],
+                     %(log_message)s::text[]) WITH ORDINALITY AS l(at, level, message, n)
+    ORDER BY l.n
+)
+SELECT pg_notify('{NOTIFY_CHANNEL}', upd.id) FROM upd
+"""
 
 
 # ---------------------------------------------------------------------- helpers
