@@ -338,3 +338,30 @@ def test_a_dropped_connection_surfaces_as_a_database_error(store: JobStore) -> N
     finally:
         worker_store.close()
     assert store.get(job.id).state is JobState.SUCCEEDED
+
+
+def test_a_result_can_claim_the_workers_next_job_in_the_same_write(store: JobStore) -> None:
+    from spotrun.store import ClaimRequest
+
+    first = store.submit("sleep", {"seconds": 0})
+    second = store.submit("sleep", {"seconds": 0})
+    wid = _worker(store)
+    req = ClaimRequest(wid, "w1", 10.0)
+    lease, _ = _claim(store, wid)
+    got = store.complete(lease, {"n": 1}, then_claim=req)
+    assert got is not None
+    lease2, job2 = got
+    assert (lease2.job_id, lease2.attempt, job2.state) == (second.id, 1, JobState.RUNNING)
+    assert store.get(first.id).state is JobState.SUCCEEDED
+    assert [e.message for e in store.get(second.id).events] == ["queued", "started on w1"]
+    # Refused: the stale lease writes nothing and claims nothing.
+    third = store.submit("sleep", {"seconds": 0})
+    with pytest.raises(LeaseLost):
+        store.complete(lease, {"n": 1}, then_claim=req)
+    assert store.get(third.id).state is JobState.QUEUED
+    # An empty queue: the result is written, and there is no next job.
+    third_lease, _ = _claim(store, wid)
+    assert store.fail(lease2, "boom", then_claim=req) is None
+    assert store.complete(third_lease, {"n": 3}, then_claim=req) is None
+    assert store.get(third.id).state is JobState.SUCCEEDED
+    assert store.get(second.id).state is JobState.FAILED

@@ -42,7 +42,15 @@ from spotrun.jobs import EventKind, OnPreempt, Progress
 from spotrun.pipelines.base import JobContext, JobStopped, State
 from spotrun.policy import ON_DEMAND
 from spotrun.shutdown import Notice, ShutdownCoordinator
-from spotrun.store import DatabaseUnavailable, JobRecord, JobStore, Lease, LeaseLost, Waker
+from spotrun.store import (
+    ClaimRequest,
+    DatabaseUnavailable,
+    JobRecord,
+    JobStore,
+    Lease,
+    LeaseLost,
+    Waker,
+)
 
 log = logging.getLogger("spotrun.worker")
 
@@ -187,7 +195,9 @@ class JobRunner:
         self.logs = _JobLogHandler()
         # Not logging.getLogger: that registers every job's logger for the life of the
         # process, a leak in a worker that runs millions of jobs.
-        self.logger = logging.Logger(f"spotrun.job.{job.id}")
+        # The level is set here: Logger.setLevel clears every logger's cache under the
+        # logging module's lock, once per job.
+        self.logger = logging.Logger(f"spotrun.job.{job.id}", logging.INFO)
         self.thread = threading.Thread(target=self._main, name=f"spotrun-job-{job.id}",
                                        daemon=True)
         self.every_steps = job.checkpoint_every_steps
@@ -201,6 +211,10 @@ class JobRunner:
         self.every_seconds: float = fixed or worker.settings.checkpoint_max_seconds
         self.checkpoint_cost: float | None = None
         self.interval_set = False
+        # Files of this job may exist in the checkpoint store: an earlier attempt may have
+        # written some (with or without a pointer), or this one did.
+        self.may_have_files = lease.attempt > 1 or job.checkpoint is not None
+        self.chained = False  # this runner's final write claimed the worker's next job
 
     # ------------------------------------------------------------- Driver API
 
@@ -253,6 +267,7 @@ class JobRunner:
 
     def _checkpoint(self, state: State, notice: bool) -> None:
         start = time.perf_counter()
+        self.may_have_files = True
         saved = self.worker.checkpoints.save(self.lease.job_id, self.lease.attempt,
                                              state.step, state.files, state.meta)
         # The pointer moves only after the manifest is written; a refused write means a
@@ -322,7 +337,6 @@ class JobRunner:
 
     def _main(self) -> None:
         self.logger.addHandler(self.logs)
-        self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
         try:
             self._run()
@@ -347,7 +361,8 @@ class JobRunner:
         finally:
             self.logger.removeHandler(self.logs)
             self.done.set()
-            self.worker.wake()
+            if not self.chained:  # a chained runner took over this one's slot
+                self.worker.wake()
 
     def _run(self) -> None:
         from spotrun.pipelines.registry import get as get_pipeline
@@ -374,18 +389,33 @@ class JobRunner:
                 return
             error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
             progress, lines = self._take()
-            self.worker.db.call(lambda: self.store.fail(
+            self._finish_then_next(lambda then: self.store.fail(
                 self.lease, error, tb, run_seconds=self.run_seconds(), progress=progress,
-                logs=lines))
-            self._cleanup()
+                logs=lines, then_claim=then))
             return
         if self.abandoned or self.stop_reason is StopReason.LEASE_LOST:
             return
         progress, lines = self._take()
-        self.worker.db.call(lambda: self.store.complete(
+        self._finish_then_next(lambda then: self.store.complete(
             self.lease, result, run_seconds=self.run_seconds(), progress=progress,
-            logs=lines))
+            logs=lines, then_claim=then))
+
+    def _finish_then_next(
+        self, write: Callable[[ClaimRequest | None], tuple[Lease, JobRecord] | None]
+    ) -> None:
+        """Write the outcome and, in the same write, claim this worker's next job."""
+        then = self.worker.reserve_claim()
+        try:
+            nxt = self.worker.db.call(lambda: write(then))
+        except BaseException:
+            self.worker.release_claim(then)
+            raise
         self._cleanup()
+        if nxt is None:
+            self.worker.release_claim(then)
+        else:
+            self.chained = True
+            self.worker.start_runner(*nxt)
 
     def _store_unavailable(self, why: str) -> None:
         """The checkpoint store is out of reach: keep the pointer, hand the job back."""
@@ -516,8 +546,11 @@ class JobRunner:
             self.lease, step, total, metrics, lines))
 
     def _cleanup(self) -> None:
-        with contextlib.suppress(Exception):
-            self.worker.checkpoints.delete_job(self.lease.job_id)
+        # Skipped when there can be nothing to delete: a listing per job is the largest
+        # cost of a short job on an object store.
+        if self.may_have_files:
+            with contextlib.suppress(Exception):
+                self.worker.checkpoints.delete_job(self.lease.job_id)
 
 
 class Worker:
@@ -622,21 +655,41 @@ class Worker:
     def _claim_one(self) -> bool:
         if self.coordinator.stopping:
             return False
-        got = self.store.claim(worker_id=self.worker_id, worker_name=self.name,
-                               lease_seconds=self.settings.lease_seconds,
-                               has_cuda=self.has_cuda, pool=self.pool)
+        got = self.store.claim(**self._claim_request().params())
         if got is None:
             return False
-        lease, job = got
-        runner = JobRunner(self, lease, job)  # type: ignore[arg-type]
+        with self._lock:
+            self.claimed += 1
+        self.start_runner(*got)
+        return True
+
+    def _claim_request(self) -> ClaimRequest:
+        return ClaimRequest(self.worker_id, self.name, self.settings.lease_seconds,
+                            self.has_cuda, self.pool)
+
+    def reserve_claim(self) -> ClaimRequest | None:
+        """A claim for a finishing runner to make, unless this worker takes no more jobs."""
+        with self._lock:
+            if self.coordinator.stopping or (
+                    self.max_jobs is not None and self.claimed >= self.max_jobs):
+                return None
+            self.claimed += 1  # reserved: given back if nothing was claimed
+        return self._claim_request()
+
+    def release_claim(self, request: ClaimRequest | None) -> None:
+        if request is not None:
+            with self._lock:
+                self.claimed -= 1
+
+    def start_runner(self, lease: Lease, job: JobRecord) -> None:
+        """Run a claimed job on a runner thread of its own."""
+        runner = JobRunner(self, lease, job)
         with self._lock:
             self.runners[job.id] = runner
-        self.claimed += 1
         if self.coordinator.stopping:
             # A notice arrived while we claimed: the runner hands the job straight back.
             runner.request_stop(self._reason_for(self.coordinator.notice))
         runner.start()
-        return True
 
     def _reap(self) -> None:
         with self._lock:
@@ -680,20 +733,14 @@ class Worker:
                 # Handing the jobs back matters more than showing "stopping".
                 log.warning("could not mark worker %s stopping: %s", self.name,
                             str(exc).splitlines()[0][:200])
-            with self._lock:
-                runners = list(self.runners.values())
-            for r in runners:
-                r.done.wait(max(0.0, notice.deadline_mono - time.monotonic()))
+            runners = self._wait_runners(notice.deadline_mono)
             for r in runners:
                 if not r.done.is_set():
                     code |= self._force_hand_back(r)
                 elif r.write_failed:
                     code |= 1
         else:
-            with self._lock:
-                runners = list(self.runners.values())
-            for r in runners:
-                r.done.wait()
+            self._wait_runners(None)
         self._stop_reporter.set()
         if notice is not None:
             outcome = self.coordinator.run_hooks()
@@ -709,6 +756,19 @@ class Worker:
             log.info("worker %s exits %.2f s after the notice (%s)", self.name,
                      time.monotonic() - notice.received_mono, notice.reason)
         return code
+
+    def _wait_runners(self, deadline_mono: float | None) -> list[JobRunner]:
+        """Wait for every runner, including one a finishing runner started meanwhile."""
+        seen: list[JobRunner] = []
+        while True:
+            with self._lock:
+                new = [r for r in self.runners.values() if r not in seen]
+            if not new:
+                return seen
+            for r in new:
+                r.done.wait(None if deadline_mono is None
+                            else max(0.0, deadline_mono - time.monotonic()))
+            seen += new
 
     def _force_hand_back(self, r: JobRunner) -> int:
         """The pipeline did not reach a step boundary in time: hand back without it."""
