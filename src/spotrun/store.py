@@ -1,9 +1,10 @@
 """The job store: the only code that speaks SQL.
 
 One SQLAlchemy Core implementation runs on SQLite (the embedded default) and PostgreSQL.
-It is dialect-specific only where it must be: the claim (``FOR UPDATE SKIP LOCKED`` on
-PostgreSQL, one ``BEGIN IMMEDIATE`` transaction on SQLite), the database clock, and
-wake-ups (LISTEN/NOTIFY on PostgreSQL, ``PRAGMA data_version`` on SQLite).
+It is dialect-specific only where it must be: the queue's hot path (on PostgreSQL the claim
+and the result are one hand-written statement each, see :meth:`JobStore._pg_one`; on
+SQLite one ``BEGIN IMMEDIATE`` transaction each), the database clock, and wake-ups
+(LISTEN/NOTIFY on PostgreSQL, ``PRAGMA data_version`` on SQLite).
 
 Every write a worker makes to a job goes through :meth:`JobStore._fenced`, which conditions
 it on (job id, attempt, state running) and raises :class:`LeaseLost` when no row matched.
