@@ -778,14 +778,15 @@ class JobStore:
         if self.is_postgres:
             params = dict(values, job_id=lease.job_id, attempt=lease.attempt, state=state.value,
                           run_seconds=float(run_seconds), kind=str(kind),
-                          worker=lease.worker_name, message=message,
-                          log_at=[at for at, _, _ in logs],
-                          log_level=[level for _, level, _ in logs],
-                          log_message=[msg for _, _, msg in logs])
+                          worker=lease.worker_name, message=message)
+            if logs:
+                params.update(log_at=[at for at, _, _ in logs],
+                              log_level=[level for _, level, _ in logs],
+                              log_message=[msg for _, _, msg in logs])
             if then_claim is not None:
                 params.update(then_claim.params())
-            row = self._pg_one(_pg_finish_sql(tuple(sorted(values)), then_claim is not None),
-                               params)
+            row = self._pg_one(_pg_finish_sql(tuple(sorted(values)), bool(logs),
+                                              then_claim is not None), params)
             if row is None or row.get("finished") == 0:
                 with self.engine.connect() as conn:
                     raise self._refused(conn, lease, f"{state.value} result")
@@ -1106,7 +1107,7 @@ _PG_CLAIM = "WITH " + _PG_CLAIM_CTES.format(pick_from="") + "\nSELECT * FROM upd
 
 
 @functools.cache
-def _pg_finish_sql(columns: tuple[str, ...], then_claim: bool) -> str:
+def _pg_finish_sql(columns: tuple[str, ...], with_logs: bool, then_claim: bool) -> str:
     """The fenced result in one statement: the row, its event, its last log lines, NOTIFY.
 
     With ``then_claim``, the same statement claims the worker's next job, only if the
@@ -1123,7 +1124,9 @@ WITH fin AS (
 ), fin_event AS (
     INSERT INTO events (job_id, at, kind, worker, attempt, message)
     SELECT fin.id, {_PG_NOW}, %(kind)s, %(worker)s, %(attempt)s, %(message)s FROM fin
-), fin_logs AS (
+)"""
+    if with_logs:
+        finish += """, fin_logs AS (
     INSERT INTO job_logs (job_id, attempt, at, level, message)
     SELECT fin.id, %(attempt)s, l.at, l.level, l.message
     FROM fin, unnest(%(log_at)s::float8[], %(log_level)s::varchar[],
@@ -1270,6 +1273,7 @@ class Waker:
     def __init__(self, store: JobStore) -> None:
         self.store = store
         self._pg: Any = None
+        self._listening = False
         self._sqlite: Any = None
         self._last_version: int | None = None
 
@@ -1282,7 +1286,6 @@ class Waker:
                 host=u.host or "localhost", port=u.port or 5432, user=u.username,
                 password=u.password, dbname=u.database, autocommit=True, connect_timeout=5,
             )
-            self._pg.execute(f"LISTEN {NOTIFY_CHANNEL}")
         else:
             import sqlite3
 
@@ -1297,6 +1300,9 @@ class Waker:
             if self._pg is None and self._sqlite is None:
                 self._open()
             if self._pg is not None:
+                if not self._listening:
+                    self._pg.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self._listening = True
                 got = False
                 for _ in self._pg.notifies(timeout=timeout, stop_after=1):
                     got = True
@@ -1317,9 +1323,23 @@ class Waker:
             time.sleep(min(timeout, 0.5))
             return True
 
+    def busy(self) -> None:
+        """The worker has work: stop listening until it waits again.
+
+        PostgreSQL signals every listening session of the database on every NOTIFY, and
+        each job's result sends one: busy workers would cost the server a wake-up per job.
+        """
+        if self._listening:
+            try:
+                self._pg.execute("UNLISTEN *")
+                self._listening = False
+            except Exception:
+                self.close()
+
     def close(self) -> None:
         for conn in (self._pg, self._sqlite):
             with contextlib.suppress(Exception):
                 if conn is not None:
                     conn.close()
         self._pg = self._sqlite = None
+        self._listening = False

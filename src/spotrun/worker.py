@@ -198,8 +198,6 @@ class JobRunner:
         # The level is set here: Logger.setLevel clears every logger's cache under the
         # logging module's lock, once per job.
         self.logger = logging.Logger(f"spotrun.job.{job.id}", logging.INFO)
-        self.thread = threading.Thread(target=self._main, name=f"spotrun-job-{job.id}",
-                                       daemon=True)
         self.every_steps = job.checkpoint_every_steps
         if self.every_steps is None:
             self.every_steps = worker.settings.checkpoint_every_steps
@@ -214,7 +212,7 @@ class JobRunner:
         # Files of this job may exist in the checkpoint store: an earlier attempt may have
         # written some (with or without a pointer), or this one did.
         self.may_have_files = lease.attempt > 1 or job.checkpoint is not None
-        self.chained = False  # this runner's final write claimed the worker's next job
+        self.successor: JobRunner | None = None  # claimed by this runner's final write
 
     # ------------------------------------------------------------- Driver API
 
@@ -331,7 +329,17 @@ class JobRunner:
         return f"step {self.step}/{self.total}" if self.total else f"step {self.step}"
 
     def start(self) -> None:
-        self.thread.start()
+        """Run this job, then any job chained to it, on a new thread."""
+        threading.Thread(target=self._run_chain, name=f"spotrun-job-{self.job.id}",
+                         daemon=True).start()
+
+    def _run_chain(self) -> None:
+        # A chained job runs on its predecessor's thread: no thread to start per job.
+        runner: JobRunner | None = self
+        while runner is not None:
+            threading.current_thread().name = f"spotrun-job-{runner.job.id}"
+            runner._main()
+            runner = runner.successor
 
     # -------------------------------------------------------------------- body
 
@@ -361,7 +369,7 @@ class JobRunner:
         finally:
             self.logger.removeHandler(self.logs)
             self.done.set()
-            if not self.chained:  # a chained runner took over this one's slot
+            if self.successor is None:  # else the successor took over this one's slot
                 self.worker.wake()
 
     def _run(self) -> None:
@@ -414,8 +422,7 @@ class JobRunner:
         if nxt is None:
             self.worker.release_claim(then)
         else:
-            self.chained = True
-            self.worker.start_runner(*nxt)
+            self.successor = self.worker.add_runner(*nxt)
 
     def _store_unavailable(self, why: str) -> None:
         """The checkpoint store is out of reach: keep the pointer, hand the job back."""
@@ -649,7 +656,9 @@ class Worker:
                 if not _is_db_error(exc):
                     raise
                 claimed = False
-            if not claimed:
+            if claimed:
+                waker.busy()
+            else:
                 waker.wait(0.1 if self.db.down_since is None else 1.0)
 
     def _claim_one(self) -> bool:
@@ -660,7 +669,7 @@ class Worker:
             return False
         with self._lock:
             self.claimed += 1
-        self.start_runner(*got)
+        self.add_runner(*got).start()
         return True
 
     def _claim_request(self) -> ClaimRequest:
@@ -681,15 +690,15 @@ class Worker:
             with self._lock:
                 self.claimed -= 1
 
-    def start_runner(self, lease: Lease, job: JobRecord) -> None:
-        """Run a claimed job on a runner thread of its own."""
+    def add_runner(self, lease: Lease, job: JobRecord) -> JobRunner:
+        """The runner of a claimed job, registered (the caller starts it)."""
         runner = JobRunner(self, lease, job)
         with self._lock:
             self.runners[job.id] = runner
         if self.coordinator.stopping:
             # A notice arrived while we claimed: the runner hands the job straight back.
             runner.request_stop(self._reason_for(self.coordinator.notice))
-        runner.start()
+        return runner
 
     def _reap(self) -> None:
         with self._lock:
