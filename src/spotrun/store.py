@@ -155,6 +155,7 @@ class JobStore:
         self.is_postgres = self.dialect == "postgresql"
         self._hot: list[psycopg.Connection[Any]] = []  # see _pg_one
         self._hot_lock = threading.Lock()
+        self._hot_columns: dict[str, list[str]] = {}
         self._closed = False
         if self.is_postgres:
             self._now: sa.ColumnElement[float] = sa.cast(
@@ -259,7 +260,6 @@ class JobStore:
         does. Driver errors are raised as SQLAlchemy's, as the rest of the store raises.
         """
         import psycopg
-        from psycopg.rows import dict_row
 
         with self._hot_lock:
             pg = self._hot.pop() if self._hot else None
@@ -270,9 +270,13 @@ class JobStore:
             fairy.detach()  # ours until closed: out of the pool's size and its resets
             pg.autocommit = True
         try:
-            with pg.cursor(row_factory=dict_row) as cur:
+            with pg.cursor() as cur:
                 cur.execute(sql, params)
                 row = cur.fetchone()
+                # Column names decoded once per statement, not once per row.
+                names = self._hot_columns.get(sql)
+                if names is None and cur.description is not None:
+                    names = self._hot_columns[sql] = [c.name for c in cur.description]
         except psycopg.Error as exc:
             lost = pg.closed or pg.broken
             if lost:
@@ -284,7 +288,7 @@ class JobStore:
                 sql, None, exc, psycopg.Error, hide_parameters=True,
                 connection_invalidated=lost) from exc
         self._put_hot(pg)
-        return row
+        return None if row is None or names is None else dict(zip(names, row, strict=True))
 
     def _put_hot(self, pg: psycopg.Connection[Any]) -> None:
         with self._hot_lock:
