@@ -691,7 +691,8 @@ class Worker:
                 self.claimed -= 1
 
     def add_runner(self, lease: Lease, job: JobRecord) -> JobRunner:
-        """The runner of a claimed job, registered (the caller starts it)."""
+        """The runner of a claimed job, registered: the caller starts it, or a finishing
+        runner runs it next on its own thread."""
         runner = JobRunner(self, lease, job)
         with self._lock:
             self.runners[job.id] = runner
