@@ -365,3 +365,25 @@ def test_a_result_can_claim_the_workers_next_job_in_the_same_write(store: JobSto
     assert store.complete(third_lease, {"n": 3}, then_claim=req) is None
     assert store.get(third.id).state is JobState.SUCCEEDED
     assert store.get(second.id).state is JobState.FAILED
+
+
+def test_a_transaction_left_open_cannot_hold_a_job_forever(store: JobStore) -> None:
+    """A worker frozen mid-transaction holds its job's row lock; PostgreSQL ends it."""
+    if not store.is_postgres:
+        pytest.skip("SQLite has no server to end another process's transaction")
+    from spotrun.schema import jobs
+    from spotrun.store import IDLE_IN_TRANSACTION_MS
+
+    job = store.submit("sleep", {"seconds": 0})
+    _claim(store, _worker(store))
+    _expire_now(store, job.id)
+    frozen = store.engine.connect()
+    tx = frozen.begin()
+    frozen.execute(jobs.update().where(jobs.c.id == job.id).values(progress_step=1))
+    assert store.sweep_expired() == []  # the row is locked: skipped, not waited for
+    time.sleep(IDLE_IN_TRANSACTION_MS / 1000 + 1)
+    assert store.sweep_expired() == [job.id]
+    with pytest.raises(sa.exc.DBAPIError):
+        tx.commit()
+    frozen.invalidate()
+    frozen.close()

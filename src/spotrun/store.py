@@ -47,6 +47,8 @@ if TYPE_CHECKING:
     import psycopg
 
 NOTIFY_CHANNEL = "spotrun_jobs"
+# PostgreSQL ends a session left idle inside a transaction this long (see create_engine).
+IDLE_IN_TRANSACTION_MS = 10_000
 _MIGRATION_LOCK_KEY = 0x5370_6F74  # "Spot": the advisory lock that serialises migrations
 
 
@@ -1258,10 +1260,23 @@ def create_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Eng
 
         return engine
     if u.get_backend_name() == "postgresql":
-        return sa.create_engine(
+        engine = sa.create_engine(
             u, pool_pre_ping=pre_ping, pool_size=pool_size, max_overflow=10,
             connect_args={"connect_timeout": 5},
         )
+
+        @sa_event.listens_for(engine, "connect")
+        def _on_pg_connect(dbapi_conn: Any, _record: Any) -> None:
+            # A worker frozen inside a transaction (SIGSTOP, a paused VM) would hold its
+            # job's row lock, and no sweep could requeue the job until it thawed: the
+            # server ends such a transaction instead. spotrun's transactions hold SQL only.
+            autocommit = dbapi_conn.autocommit
+            dbapi_conn.autocommit = True
+            dbapi_conn.execute(
+                f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}")
+            dbapi_conn.autocommit = autocommit
+
+        return engine
     raise StoreError(
         f"unsupported database URL {redact(url)}: use sqlite:///PATH or postgresql://..."
     )
