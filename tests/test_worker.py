@@ -163,7 +163,10 @@ def test_a_frozen_worker_cannot_write_to_the_job_it_lost(env: Env, st: JobStore)
     running_on(st, job_id, min_step=2)
     w1.signal(signal.SIGSTOP)
     w2 = env.worker("w2", *FAST)
-    taken = lambda: st.get(job_id, with_events=False).attempt == 2  # noqa: E731
+
+    def taken() -> bool:
+        return st.get(job_id, with_events=False).attempt == 2
+
     if not st.is_postgres:
         # Frozen inside a write transaction, w1 holds SQLite's write lock and nothing can
         # end it (PostgreSQL ends it after idle_in_transaction_session_timeout): thaw for
