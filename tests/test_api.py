@@ -198,6 +198,8 @@ BAD_INPUT: list[tuple[dict[str, Any], str, str]] = [
     ({"pipeline": "digits-train", "params": {"epochs": "many"}}, "body.params.epochs",
      "valid integer"),
     ({"pipeline": "digits-infer", "params": {"model": "0123"}}, "body.params.model",
+     "is not a job id"),
+    ({"pipeline": "digits-infer", "params": {"model": "0" * 28}}, "body.params.model",
      "no job with id"),
     ({"pipeline": "sleep", "priority": 10**9}, "body.priority", "less than or equal"),
     ({"pipeline": "sleep", "on_preempt": "later"}, "body.on_preempt", "resume"),
@@ -283,11 +285,9 @@ def test_pipelines_and_workers(sapi: Api) -> None:
     (w,) = [w for w in admin_view if w["name"] == "w7"]
     assert {"name", "pool", "host", "state", "current_job", "last_heartbeat"} <= set(w)
     assert (w["state"], w["current_job"], w["pool"]) == ("busy", job["id"], "spot")
-    # Alice may see the workers, not which job of bob's runs there.
-    (w,) = [w for w in api.get("/v1/workers", "alice").json() if w["name"] == "w7"]
-    assert w["current_job"] is None
-    (w,) = [w for w in api.get("/v1/workers", "bob").json() if w["name"] == "w7"]
-    assert w["current_job"] == job["id"]
+    # Users see their jobs, not the fleet: hosts and pids are the operators' business.
+    r = api.get("/v1/workers", "alice")
+    assert r.status_code == 403 and "admin" in r.json()["detail"]
 
 
 def test_preempt_endpoint_refuses_what_it_must(sapi: Api) -> None:
@@ -320,8 +320,10 @@ def test_health_readiness_and_metrics(api: Api) -> None:
     lease = run_job(api.store, job["id"])
     api.store.hand_back(lease, "preempted on w1 at step 3/10; checkpoint saved in 0.01 s")
     time.sleep(0.05)
-    run_job(api.store, job["id"], worker="w2")
-    r = api.get("/metrics", who=None)
+    second = run_job(api.store, job["id"], worker="w2")
+    assert api.get("/metrics", who=None).status_code == 401
+    assert api.get("/metrics", who="alice").status_code == 403
+    r = api.get("/metrics", who="admin")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
     text = r.text
@@ -333,6 +335,12 @@ def test_health_readiness_and_metrics(api: Api) -> None:
     assert 'spotrun_handoff_seconds_bucket{le="+Inf"} 1' in text
     assert 'spotrun_workers{state="busy"} 1' in text
     assert 'spotrun_workers{state="idle"} 1' in text  # w1 was released by the hand-back
+    # Counters follow the history from where the last scrape stopped.
+    api.store.complete(second, {"ok": True})
+    text = api.get("/metrics", who="admin").text
+    assert 'spotrun_jobs_finished_total{state="succeeded"} 1' in text
+    assert 'spotrun_jobs{state="running"} 0' in text
+    assert "spotrun_preemptions_total 1" in text
 
 
 def test_an_unreachable_database_is_503_not_500(tmp_path: Path) -> None:
@@ -345,7 +353,8 @@ def test_an_unreachable_database_is_503_not_500(tmp_path: Path) -> None:
         assert "127.0.0.1" not in r.text
         r = client.get("/v1/jobs", headers={"Authorization": "Bearer spr_x"})
         assert r.status_code == 503 and "database" in r.json()["detail"]
-        assert client.get("/metrics").status_code == 503
+        assert client.get("/metrics", headers={"Authorization": "Bearer spr_x"}
+                          ).status_code == 503
     dead.close()
 
 

@@ -19,9 +19,11 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
 import signal
 import socket
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -38,7 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from spotrun import callbacks
 from spotrun.config import Settings
-from spotrun.jobs import Job, JobState, OnPreempt, Worker
+from spotrun.jobs import EventKind, Job, JobState, OnPreempt, Worker
 from spotrun.local import is_spotrun_process
 from spotrun.store import DatabaseUnavailable, JobNotFound, JobStore, Waker
 
@@ -216,7 +218,8 @@ class Status(BaseModel):
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     words = {401: "no valid token", 403: "not allowed", 404: "not found (or not yours)",
              409: "cannot be done in the current state", 413: "request body too large",
-             422: "invalid input", 503: "the database cannot be reached"}
+             422: "invalid input", 429: "over a limit (the detail names it)",
+             503: "the database cannot be reached"}
     return {c: {"model": ApiError, "description": words[c]} for c in codes}
 
 
@@ -383,6 +386,10 @@ class ChangeFeed:
             sub.close()
         self.subscribers.add(sub)
         return sub
+
+    def streams_of(self, principal: Principal) -> int:
+        """How many live streams ``principal`` has open on this server process."""
+        return sum(1 for s in self.subscribers if s.principal.name == principal.name)
 
     def unsubscribe(self, sub: Subscription) -> None:
         self.subscribers.discard(sub)
@@ -565,10 +572,12 @@ def _check_text(field: str, value: str | None) -> None:
             raise _invalid(*bad)
 
 
-def validate_job_request(store: JobStore, req: SubmitRequest, *, allow_private: bool
-                         ) -> tuple[dict[str, Any], bool]:
+def validate_job_request(store: JobStore, req: SubmitRequest, *, allow_private: bool,
+                         owner: str | None = None) -> tuple[dict[str, Any], bool]:
     """Validate a submission at the edge: (params as stored, requires CUDA).
 
+    ``owner`` is the caller (None for an admin): params that name another job see only
+    the caller's jobs.
     Raises :class:`ApiProblem` (422) naming the field and the reason.
     """
     from spotrun.pipelines.base import SubmitRefused
@@ -597,7 +606,8 @@ def validate_job_request(store: JobStore, req: SubmitRequest, *, allow_private: 
                                      reason=reason))
         raise ApiProblem(422, describe_validation_error(req.pipeline, exc), errors) from None
     try:
-        _pipe, params, cuda = validate_submission(req.pipeline, req.params, store)
+        _pipe, params, cuda = validate_submission(req.pipeline, req.params, store,
+                                                  owner=owner)
     except (SubmitRefused, UnknownPipeline) as exc:
         message = str(exc.args[0]) if exc.args else str(exc)
         m = re.match(r"param '([^']+)'", message)
@@ -631,8 +641,6 @@ def simulate_preemption(store: JobStore, worker: str) -> tuple[Worker, str]:
     if not is_spotrun_process(w.pid):
         raise ApiProblem(409, f"worker {w.name} (pid {w.pid}) is not running any more")
     try:
-        import os
-
         os.kill(w.pid, signal.SIGTERM)
     except OSError as exc:
         raise ApiProblem(409, f"cannot signal worker {w.name} (pid {w.pid}): "
@@ -646,41 +654,90 @@ def simulate_preemption(store: JobStore, worker: str) -> tuple[Worker, str]:
 
 
 HANDOFF_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_FINAL_KINDS = (EventKind.SUCCEEDED.value, EventKind.FAILED.value, EventKind.CANCELLED.value)
+# A hand-off not resumed after this many is forgotten (a bound on memory, not a rule).
+_MAX_PENDING_HANDOFFS = 100_000
 
 
-def metrics_text(store: JobStore) -> str:
-    """The Prometheus text exposition of the queue's state."""
-    counts = store.count_by_state()
-    live = store.list_workers(include_stopped=False)
-    handoffs = store.preemption_handoffs()
-    out = [
-        "# HELP spotrun_jobs Jobs by state.",
-        "# TYPE spotrun_jobs gauge",
-        *(f'spotrun_jobs{{state="{s}"}} {n}' for s, n in sorted(counts.items())),
-        "# HELP spotrun_queue_depth Jobs waiting for a worker.",
-        "# TYPE spotrun_queue_depth gauge",
-        f"spotrun_queue_depth {counts.get(JobState.QUEUED.value, 0)}",
-        "# HELP spotrun_preemptions_total Jobs handed back on a preemption notice.",
-        "# TYPE spotrun_preemptions_total counter",
-        f"spotrun_preemptions_total {len(handoffs)}",
-        "# HELP spotrun_handoff_seconds Seconds from a job's hand-back on a preemption notice "
-        "to its next start on a worker (hand-offs still waiting are not counted).",
-        "# TYPE spotrun_handoff_seconds histogram",
-    ]
-    done = sorted(h for h in handoffs if h is not None)
-    for bound in HANDOFF_BUCKETS:
-        out.append(f'spotrun_handoff_seconds_bucket{{le="{bound}"}} '
-                   f"{sum(1 for h in done if h <= bound)}")
-    out += [f'spotrun_handoff_seconds_bucket{{le="+Inf"}} {len(done)}',
-            f"spotrun_handoff_seconds_sum {sum(done):.6f}",
-            f"spotrun_handoff_seconds_count {len(done)}",
-            "# HELP spotrun_workers Live workers by state.",
-            "# TYPE spotrun_workers gauge"]
-    by_state = {s: 0 for s in LIVE_WORKER_STATES}
-    for w in live:
-        by_state[w.state] = by_state.get(w.state, 0) + 1
-    out += [f'spotrun_workers{{state="{s}"}} {n}' for s, n in sorted(by_state.items())]
-    return "\n".join(out) + "\n"
+class Metrics:
+    """The Prometheus exposition, cheap at any size of the history.
+
+    Gauges of the live states come from two indexed counts; everything else is a counter
+    kept in this process by reading only the events added since the last scrape (by
+    primary key). The first scrape reads the history once.
+    """
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._cursor = 0
+        self._finished = {k: 0 for k in _FINAL_KINDS}
+        self._preemptions = 0
+        self._pending: dict[str, float] = {}  # job id -> when it was handed back
+        self._handoffs = [0] * len(HANDOFF_BUCKETS)
+        self._handoff_count = 0
+        self._handoff_sum = 0.0
+
+    def _follow(self) -> None:
+        while True:
+            batch = self.store.event_kinds_after(self._cursor)
+            for event_id, job_id, kind, at in batch:
+                self._cursor = event_id
+                if kind in self._finished:
+                    self._finished[kind] += 1
+                    self._pending.pop(job_id, None)
+                elif kind == EventKind.PREEMPTED.value:
+                    self._preemptions += 1
+                    if len(self._pending) < _MAX_PENDING_HANDOFFS:
+                        self._pending[job_id] = at
+                elif kind in (EventKind.STARTED.value, EventKind.RESUMED.value):
+                    since = self._pending.pop(job_id, None)
+                    if since is not None:
+                        took = max(0.0, at - since)
+                        self._handoff_count += 1
+                        self._handoff_sum += took
+                        for i, bound in enumerate(HANDOFF_BUCKETS):
+                            if took <= bound:
+                                self._handoffs[i] += 1
+            if len(batch) < 5000:
+                return
+
+    def text(self) -> str:
+        """The Prometheus text exposition of the queue's state."""
+        with self._lock:
+            self._follow()
+            counts = self.store.count_by_state((JobState.QUEUED, JobState.RUNNING))
+            live = self.store.list_workers(include_stopped=False)
+            out = [
+                "# HELP spotrun_jobs Jobs waiting or running, by state.",
+                "# TYPE spotrun_jobs gauge",
+                *(f'spotrun_jobs{{state="{s}"}} {n}' for s, n in sorted(counts.items())),
+                "# HELP spotrun_queue_depth Jobs waiting for a worker.",
+                "# TYPE spotrun_queue_depth gauge",
+                f"spotrun_queue_depth {counts.get(JobState.QUEUED.value, 0)}",
+                "# HELP spotrun_jobs_finished_total Jobs that ended, by final state.",
+                "# TYPE spotrun_jobs_finished_total counter",
+                *(f'spotrun_jobs_finished_total{{state="{k}"}} {n}'
+                  for k, n in sorted(self._finished.items())),
+                "# HELP spotrun_preemptions_total Jobs handed back on a preemption notice.",
+                "# TYPE spotrun_preemptions_total counter",
+                f"spotrun_preemptions_total {self._preemptions}",
+                "# HELP spotrun_handoff_seconds Seconds from a job's hand-back on a "
+                "preemption notice to its next start on a worker (hand-offs still waiting "
+                "are not counted).",
+                "# TYPE spotrun_handoff_seconds histogram",
+                *(f'spotrun_handoff_seconds_bucket{{le="{bound}"}} {n}'
+                  for bound, n in zip(HANDOFF_BUCKETS, self._handoffs, strict=True)),
+                f'spotrun_handoff_seconds_bucket{{le="+Inf"}} {self._handoff_count}',
+                f"spotrun_handoff_seconds_sum {self._handoff_sum:.6f}",
+                f"spotrun_handoff_seconds_count {self._handoff_count}",
+                "# HELP spotrun_workers Live workers by state.",
+                "# TYPE spotrun_workers gauge"]
+        by_state = {s: 0 for s in LIVE_WORKER_STATES}
+        for w in live:
+            by_state[w.state] = by_state.get(w.state, 0) + 1
+        out += [f'spotrun_workers{{state="{s}"}} {n}' for s, n in sorted(by_state.items())]
+        return "\n".join(out) + "\n"
 
 
 # ---------------------------------------------------------------------- app
@@ -695,6 +752,10 @@ class AppContext:
     feed: ChangeFeed
     allow_private_callbacks: bool
     deliverer: callbacks.CallbackDeliverer | None = None
+    # A live stream re-checks its token this often, and one principal may hold this many
+    # streams on one server process (SPOTRUN_STREAM_RECHECK_SECONDS, SPOTRUN_MAX_STREAMS).
+    stream_recheck_seconds: float = 15.0
+    max_streams_per_principal: int = 20
 
 
 def create_app(settings: Settings, *, store: JobStore | None = None,
@@ -710,7 +771,11 @@ def create_app(settings: Settings, *, store: JobStore | None = None,
     owns_store = store is None
     the_store = store if store is not None else JobStore.open(settings.database_url)
     ctx = AppContext(settings=settings, store=the_store, feed=ChangeFeed(the_store),
-                     allow_private_callbacks=callbacks.allow_private_from_env())
+                     allow_private_callbacks=callbacks.allow_private_from_env(),
+                     stream_recheck_seconds=_env_number("SPOTRUN_STREAM_RECHECK_SECONDS",
+                                                        15.0, low=0.1),
+                     max_streams_per_principal=int(_env_number("SPOTRUN_MAX_STREAMS", 20,
+                                                               low=1)))
     if deliverer is None:
         deliverer = callbacks.CallbackDeliverer(
             the_store, allow_private=ctx.allow_private_callbacks)
@@ -803,6 +868,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def _install_routes(app: FastAPI, ctx: AppContext) -> None:
     store = ctx.store
+    collector = Metrics(store)
 
     def visible_job(job_id: str, who: Principal, *, with_events: bool = True) -> Job:
         if not JOB_ID_RE.match(job_id):
@@ -832,12 +898,16 @@ def _install_routes(app: FastAPI, ctx: AppContext) -> None:
                                       status_code=503)
         return StrictJSONResponse({"status": "ok"})
 
-    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse,
-             summary="Prometheus metrics",
+    # The errors answer JSON like every route; only the metrics themselves are text.
+    @app.get("/metrics", tags=["health"], response_model=None,
+             summary="Prometheus metrics (admin token)",
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
-                        **_errors(503)})
-    def metrics() -> Response:
-        return PlainTextResponse(metrics_text(store),
+                        **_errors(401, 403, 503)})
+    def metrics(who: Caller) -> Response:
+        # Operators only: the fleet's size and state are not every user's business.
+        if not who.is_admin:
+            raise ApiProblem(403, "only an admin token can read the metrics")
+        return PlainTextResponse(collector.text(),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # ------------------------------------------------------------------ jobs
@@ -853,7 +923,8 @@ def _install_routes(app: FastAPI, ctx: AppContext) -> None:
     ) -> Response:
         _check_text("header.Idempotency-Key", idempotency_key)
         params, cuda = validate_job_request(store, body,
-                                            allow_private=ctx.allow_private_callbacks)
+                                            allow_private=ctx.allow_private_callbacks,
+                                            owner=None if who.is_admin else who.name)
         def submit() -> Job:
             return store.submit(
                 body.pipeline, params, priority=body.priority, max_retries=body.max_retries,
@@ -939,25 +1010,20 @@ def _install_routes(app: FastAPI, ctx: AppContext) -> None:
                                     "params": p.schema()} for p in registry().values()])
 
     @app.get("/v1/workers", tags=["workers"], response_model=list[WorkerOut],
-             summary="Workers: name, pool, host, state, current job, last heartbeat",
-             responses=_errors(401, 422, 503))
+             summary="Workers: name, pool, host, state, current job, last heartbeat "
+                     "(admin only)",
+             responses=_errors(401, 403, 422, 503))
     def list_workers(
         who: Caller,
         all_: Annotated[bool, Query(alias="all",
                                     description="include stopped and gone workers")] = False,
     ) -> Response:
+        if not who.is_admin:
+            # Hosts, pids and pools are the operators' business, not every user's.
+            raise ApiProblem(403, "only an admin can list the workers")
         store.mark_gone_workers()
         found = store.list_workers(include_stopped=all_)
-        mine: set[str] = set()
-        if not who.is_admin:
-            mine = {j.id for j in store.list_jobs(state=JobState.RUNNING, owner=who.name)}
-        out = []
-        for w in found:
-            item = w.to_json()
-            if not who.is_admin and w.current_job not in mine:
-                item["current_job"] = None  # someone else's job id is not yours to see
-            out.append(item)
-        return StrictJSONResponse(out)
+        return StrictJSONResponse([w.to_json() for w in found])
 
     @app.post("/v1/workers/{worker}/preempt", tags=["workers"], status_code=202,
               response_model=PreemptOut,
@@ -975,15 +1041,35 @@ def _install_routes(app: FastAPI, ctx: AppContext) -> None:
     # ---------------------------------------------------------------- streams
 
     sse_doc: dict[int | str, dict[str, Any]] = {
-        200: {"description": "Server-Sent Events: `job` (the job as JSON), `end`",
-              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        # The schema of one event (OpenAPI 3.1 has no per-event keyword; tools read
+        # ``schema`` as that): `job` carries the job as JSON, `end` its id and state.
+        200: {"description": "Server-Sent Events: `job` (the job as JSON, as GET "
+                             "/v1/jobs/{job_id} answers it), then `end` ({id, state}) "
+                             "when a followed job is over",
+              "content": {"text/event-stream": {"schema": {
+                  "type": "object", "required": ["event", "data"],
+                  "properties": {
+                      "event": {"type": "string", "enum": ["job", "end"]},
+                      "data": {"type": "string", "contentMediaType": "application/json",
+                               "contentSchema": {
+                                   "type": "object", "required": ["id", "state"],
+                                   "properties": {
+                                       "id": {"type": "string"},
+                                       "state": {"type": "string", "enum": [
+                                           s.value for s in JobState]}}}}}}}}},
         **_errors(401, 404)}
+
+    def subscribe(who: Principal, job_id: str | None = None) -> Subscription:
+        if ctx.feed.streams_of(who) >= ctx.max_streams_per_principal:
+            raise ApiProblem(429, f"too many live streams for {who.name}: "
+                                  f"{ctx.max_streams_per_principal} are open; close one")
+        return ctx.feed.subscribe(who, job_id)
 
     @app.get("/v1/stream/jobs", tags=["live"], response_class=StreamingResponse,
              responses=sse_doc, summary="Live changes of your jobs (Server-Sent Events)")
     async def stream_jobs(request: Request, who: Caller) -> Response:
         # Subscribe before reading the current state, so that no change falls in between.
-        sub = ctx.feed.subscribe(who)
+        sub = subscribe(who)
         try:
             recent = await asyncio.to_thread(
                 store.list_jobs, owner=None if who.is_admin else who.name, limit=50)
@@ -996,7 +1082,7 @@ def _install_routes(app: FastAPI, ctx: AppContext) -> None:
              responses=sse_doc,
              summary="Live changes of one job, with its history (Server-Sent Events)")
     async def stream_job(request: Request, job_id: str, who: Caller) -> Response:
-        sub = ctx.feed.subscribe(who, job_id)
+        sub = subscribe(who, job_id)
         try:
             job = await asyncio.to_thread(visible_job, job_id, who)
         except BaseException:
@@ -1009,6 +1095,8 @@ def _install_routes(app: FastAPI, ctx: AppContext) -> None:
         token = _header_token(request) or request.cookies.get(TOKEN_COOKIE)
 
         async def frames() -> AsyncIterator[bytes]:
+            loop = asyncio.get_running_loop()
+            recheck_at = loop.time() + ctx.stream_recheck_seconds
             try:
                 yield b"retry: 2000\n\n"
                 batch: list[dict[str, Any]] | None = first
@@ -1018,19 +1106,35 @@ def _install_routes(app: FastAPI, ctx: AppContext) -> None:
                         if sub.job_id is not None and JobState(job["state"]).is_final:
                             yield _sse("end", {"id": job["id"], "state": job["state"]})
                             return
-                    batch = await sub.next(15.0)
-                    if batch == []:
-                        # A quiet quarter-minute: keep proxies from closing the stream, and
-                        # end it if the token was revoked meanwhile.
+                    batch = await sub.next(max(0.0, recheck_at - loop.time()))
+                    if loop.time() >= recheck_at:
+                        # On a wall-clock timer, busy or quiet: a revoked token's stream
+                        # ends within one period, whatever its jobs do.
                         if await asyncio.to_thread(principal_for_token, store, token) is None:
                             return
-                        yield b": keep-alive\n\n"
+                        recheck_at = loop.time() + ctx.stream_recheck_seconds
+                    if batch == []:
+                        yield b": keep-alive\n\n"  # keeps proxies from closing the stream
             finally:
                 ctx.feed.unsubscribe(sub)
 
         return StreamingResponse(frames(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store",
                                           "X-Accel-Buffering": "no"})
+
+
+def _env_number(name: str, default: float, *, low: float) -> float:
+    """A positive number from the environment; a bad value is one clear error at start."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value) or value < low:
+        raise ValueError(f"{name}={raw!r} must be at least {low}")
+    return value
 
 
 def _header_token(request: Request) -> str | None:

@@ -443,14 +443,27 @@ class JobStore:
         with self._tx(write=False) as conn:
             return [_job_from_row(r, ()) for r in conn.execute(query).mappings()]
 
-    def count_by_state(self) -> dict[str, int]:
+    def count_by_state(self, states: Sequence[JobState] | None = None) -> dict[str, int]:
+        """Jobs per state; with ``states``, only those (an index range: cheap for the
+        live states whatever the size of the history)."""
+        query = sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)
+        if states is not None:
+            query = query.where(jobs.c.state.in_([s.value for s in states]))
         with self._tx(write=False) as conn:
-            rows = conn.execute(
-                sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)
-            ).all()
-        counts = {s.value: 0 for s in JobState}
+            rows = conn.execute(query).all()
+        counts = {s.value: 0 for s in (JobState if states is None else states)}
         counts.update({state: int(n) for state, n in rows})
         return counts
+
+    def event_kinds_after(self, event_id: int, *, limit: int = 5000
+                          ) -> list[tuple[int, str, str, float]]:
+        """Events of every job after ``event_id`` by primary key: (id, job id, kind, at),
+        for counters that follow the history instead of re-reading it."""
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                sa.select(events.c.id, events.c.job_id, events.c.kind, events.c.at)
+                .where(events.c.id > event_id).order_by(events.c.id).limit(limit)).all()
+        return [(int(r[0]), str(r[1]), str(r[2]), float(r[3])) for r in rows]
 
     def events(self, job_id: str, *, after_id: int = 0) -> list[Event]:
         with self._tx(write=False) as conn:

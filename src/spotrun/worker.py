@@ -296,6 +296,12 @@ class JobRunner:
         return self.worker.checkpoints.save_model(self.lease.job_id, files, meta)
 
     def load_model(self, job_id: str) -> Loaded:
+        # The submit checked that the caller may use this model; checked again here, as
+        # the caller, so that no path (an old row, a plugin's own param) reaches another
+        # user's model. An operator's job (no owner) may load any.
+        other = self.store.find(job_id)
+        if other is None or (self.job.owner is not None and other.owner != self.job.owner):
+            raise LookupError(f"no job with id {job_id!r}")
         return self.worker.checkpoints.load_model(job_id)
 
     # ------------------------------------------------------------------ control

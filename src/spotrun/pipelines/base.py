@@ -12,14 +12,32 @@ Nothing here imports an ML library: commands that run no pipeline must start fas
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Protocol
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
 if TYPE_CHECKING:
     from spotrun.checkpoints import Loaded, Saved
+
+
+# The shape of a job id, for params that name another job.
+JOB_ID_PATTERN = r"^[0-9a-f]{28}$"
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+
+
+def _job_id(value: str) -> str:
+    if not _JOB_ID.match(value):
+        raise PydanticCustomError("job_id", "is not a job id (28 hexadecimal digits)")
+    return value
+
+
+# A param that names another job: documented and checked as a job id.
+JobId = Annotated[str, AfterValidator(_job_id),
+                  WithJsonSchema({"type": "string", "pattern": JOB_ID_PATTERN})]
 
 
 class Params(BaseModel):

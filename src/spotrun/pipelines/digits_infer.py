@@ -6,12 +6,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from spotrun.pipelines.base import JobContext, Params, SubmitRefused, pipeline
+from spotrun.pipelines.base import JobContext, JobId, Params, SubmitRefused, pipeline
 
 
 class DigitsInferParams(Params):
-    model: str = Field(..., min_length=1, max_length=64,
-                       description="id of a succeeded digits-train job")
+    model: JobId = Field(..., description="id of a succeeded digits-train job of yours")
     inputs: list[list[float]] | None = Field(
         None, max_length=10_000,
         description="images to classify, each 64 numbers from 0 to 16; "
@@ -33,6 +32,7 @@ class DigitsInferParams(Params):
 
 def _check(p: BaseModel, store: Any) -> None:
     assert isinstance(p, DigitsInferParams)
+    # ``store`` shows only the caller's jobs: another user's model is "no job".
     job = store.find(p.model)
     if job is None:
         raise SubmitRefused(f"param 'model': no job with id {p.model!r}")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 from functools import cache
 from importlib.metadata import entry_points
 from typing import Any
 
 from pydantic import ValidationError
 
-from spotrun.pipelines.base import Pipeline, SubmitRefused
+from spotrun.pipelines.base import JOB_ID_PATTERN, Pipeline, SubmitRefused
 
 log = logging.getLogger("spotrun.pipelines")
 ENTRY_POINT_GROUP = "spotrun.pipelines"
@@ -49,12 +50,39 @@ def get(name: str) -> Pipeline:
     return pipes[name]
 
 
-def validate_submission(name: str, raw: dict[str, Any], store: Any = None
-                        ) -> tuple[Pipeline, dict[str, Any], bool]:
+_JOB_ID_RE = re.compile(JOB_ID_PATTERN)
+
+
+class VisibleJobs:
+    """The store as one caller sees it, for a pipeline's submit-time checks.
+
+    A job of another owner does not exist here: a check that names a job (a model to
+    load, a file to read) can only ever answer "no such job" for it, exactly as for an id
+    nobody used, so that a caller learns nothing of other users' jobs.
+    ``owner=None`` is an operator (the CLI, an admin token): every job is visible.
+    """
+
+    def __init__(self, store: Any, owner: str | None) -> None:
+        self._store = store
+        self.owner = owner
+
+    def find(self, job_id: str) -> Any:
+        """The job, or None when it does not exist or the caller may not see it."""
+        if not isinstance(job_id, str) or not _JOB_ID_RE.match(job_id):
+            return None
+        job = self._store.find(job_id)
+        if job is None or (self.owner is not None and job.owner != self.owner):
+            return None
+        return job
+
+
+def validate_submission(name: str, raw: dict[str, Any], store: Any = None, *,
+                        owner: str | None = None) -> tuple[Pipeline, dict[str, Any], bool]:
     """Validate params for a submit: (pipeline, params as JSON, requires CUDA).
 
-    Raises :class:`UnknownPipeline` or :class:`SubmitRefused` with one line naming the
-    problem.
+    ``owner`` is the submitting user (None: an operator, who may see every job); checks
+    that look up other jobs see only that caller's. Raises :class:`UnknownPipeline` or
+    :class:`SubmitRefused` with one line naming the problem.
     """
     pipe = get(name)
     try:
@@ -62,7 +90,7 @@ def validate_submission(name: str, raw: dict[str, Any], store: Any = None
     except ValidationError as exc:
         raise SubmitRefused(describe_validation_error(name, exc)) from None
     if pipe.check is not None and store is not None:
-        pipe.check(params, store)
+        pipe.check(params, VisibleJobs(store, owner))
     return pipe, params.model_dump(mode="json"), pipe.requires_cuda(params)
 
 

@@ -328,7 +328,8 @@ def install(app: FastAPI, ctx: AppContext) -> None:
         try:
             req = api.SubmitRequest(pipeline=name, params=params, **options)
             job_params, cuda = await run(api.validate_job_request, store, req,
-                                         allow_private=ctx.allow_private_callbacks)
+                                         allow_private=ctx.allow_private_callbacks,
+                                         owner=None if who.is_admin else who.name)
         except ValidationError as exc:
             words = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
                               for e in exc.errors())
@@ -366,6 +367,10 @@ def install(app: FastAPI, ctx: AppContext) -> None:
         who = viewer(request)
         if who is None:
             return to_login()
+        if not who.is_admin:
+            # Hosts, pids and pools are the operators' business.
+            return page("message.html", request, who, status=403, title="Not allowed",
+                        message="Only an administrator can see the workers.")
         return workers_page(request, who, show_all=all == "1")
 
     @app.post("/workers/{worker_id}/preempt", include_in_schema=False)

@@ -1,0 +1,239 @@
+"""Attacks and abuse by one user of a shared fleet, performed for real against a spotrun
+server on a loopback port: each is refused or bounded."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import Env, wait_until
+from spotrun.api import create_app
+from spotrun.config import Settings
+from spotrun.serve import ServerThread
+from spotrun.store import JobStore, Lease
+
+
+class Served:
+    """A real uvicorn server over ``store`` with tokens for admin, alice and bob."""
+
+    def __init__(self, url: str, store: JobStore) -> None:
+        self.url = url
+        self.store = store
+        self.client = httpx.Client(base_url=url, timeout=10)
+        self.tokens = {"admin": store.create_token("admin", admin=True),
+                       "alice": store.create_token("alice"),
+                       "bob": store.create_token("bob")}
+
+    def h(self, who: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[who]}"}
+
+    def submit(self, who: str, body: dict[str, Any]) -> httpx.Response:
+        return self.client.post("/v1/jobs", headers=self.h(who), json=body)
+
+
+@pytest.fixture
+def served(store: JobStore, db_url: str, tmp_path: Path,
+           monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
+    monkeypatch.setenv("SPOTRUN_STREAM_RECHECK_SECONDS", "0.5")
+    monkeypatch.setenv("SPOTRUN_MAX_STREAMS", "3")
+    settings = Settings.from_env(home=str(tmp_path / "home"), database_url=db_url)
+    app = create_app(settings, store=store, deliverer=False)
+    srv = ServerThread(app, "127.0.0.1", 0, access_log=False)
+    srv.start()
+    s = Served(f"http://127.0.0.1:{srv.port}", store)
+    try:
+        yield s
+    finally:
+        s.client.close()
+        srv.stop()
+
+
+def _finish_as(store: JobStore, job_id: str, result: Any) -> None:
+    wid = store.register_worker(name="w", host="test", pid=1, pool="spot", has_cuda=False,
+                                lease_seconds=30)
+    got = store.claim(worker_id=wid, worker_name="w", lease_seconds=30)
+    assert got is not None and got[0].job_id == job_id
+    store.complete(got[0], result)
+
+
+# ------------------------------------------------------ another user's model
+
+
+def test_another_users_model_is_no_such_job_whatever_its_state(served: Served) -> None:
+    s = served
+    store = s.store
+    bobs_done = store.submit("digits-train", {"epochs": 1}, owner="bob")
+    _finish_as(store, bobs_done.id, {"accuracy": 0.9})
+    bobs_queued = store.submit("digits-train", {"epochs": 1}, owner="bob")
+    bobs_sleep = store.submit("sleep", {}, owner="bob")
+    nobody = "0" * 28
+
+    answers = []
+    for target in (bobs_done.id, bobs_queued.id, bobs_sleep.id, nobody):
+        r = s.submit("alice", {"pipeline": "digits-infer", "params": {"model": target}})
+        assert r.status_code == 422, r.text
+        answers.append(r.json()["detail"].replace(target, "ID"))
+    # Succeeded, queued, of another pipeline or never used: alice cannot tell them apart.
+    assert answers == ["param 'model': no job with id 'ID'"] * 4
+    assert store.list_jobs(owner="alice") == []
+
+    # Bob, and an operator, may use bob's model; bob still hears what is wrong with his own.
+    assert s.submit("bob", {"pipeline": "digits-infer",
+                            "params": {"model": bobs_done.id}}).status_code == 201
+    assert s.submit("admin", {"pipeline": "digits-infer",
+                              "params": {"model": bobs_done.id}}).status_code == 201
+    r = s.submit("bob", {"pipeline": "digits-infer", "params": {"model": bobs_queued.id}})
+    assert r.status_code == 422 and "has not succeeded" in r.json()["detail"]
+
+
+def test_job_id_params_must_look_like_job_ids(served: Served) -> None:
+    for bad in ("../../models/x", "*", "0" * 27, "Z" * 28):
+        r = served.submit("alice", {"pipeline": "digits-infer", "params": {"model": bad}})
+        assert r.status_code == 422, r.text
+        assert r.json()["errors"][0]["field"] == "body.params.model"
+
+
+@pytest.mark.slow
+def test_a_worker_refuses_another_users_model_even_past_the_submit_check(env: Env) -> None:
+    """A row that names bob's model under alice (an old row, a plugin without the check)
+    fails at run time as "no job", and bob's model is never loaded for alice."""
+    store = env.store()
+    bobs = store.submit("digits-train", {"epochs": 1, "batch_size": 256}, owner="bob")
+    w = env.worker("w1")
+    w.wait_ready()
+    wait_until(lambda: store.get(bobs.id).state.value == "succeeded", 120, "bob's training",
+               on_fail=w.log)
+    # Straight into the queue, as if the submit check had not run.
+    alices = store.submit("digits-infer", {"model": bobs.id}, owner="alice")
+    operators = store.submit("digits-infer", {"model": bobs.id})
+    for job_id in (alices.id, operators.id):
+        wait_until(lambda j=job_id: store.get(j).state.is_final, 60, "the inference",
+                   on_fail=w.log)
+    alice_job = store.get(alices.id)
+    assert alice_job.state.value == "failed"
+    assert alice_job.error is not None and f"no job with id {bobs.id!r}" in alice_job.error
+    assert store.get(operators.id).state.value == "succeeded"
+    store.close()
+
+
+# --------------------------------------------------------------- operators only
+
+
+def test_metrics_and_workers_are_for_operators(served: Served) -> None:
+    s = served
+    assert s.client.get("/metrics").status_code == 401
+    assert s.client.get("/metrics", headers=s.h("alice")).status_code == 403
+    r = s.client.get("/metrics", headers=s.h("admin"))
+    assert r.status_code == 200 and "spotrun_queue_depth" in r.text
+    assert s.client.get("/v1/workers", headers=s.h("alice")).status_code == 403
+    assert s.client.get("/v1/workers", headers=s.h("admin")).status_code == 200
+
+
+def test_metrics_read_only_new_events_after_the_first_scrape(served: Served) -> None:
+    """A scrape costs the same with a long history: it follows the events by key."""
+    s = served
+    for _ in range(30):
+        job = s.store.submit("sleep", {}, owner="bob")
+        _finish_as(s.store, job.id, {"ok": True})
+    first = s.client.get("/metrics", headers=s.h("admin")).text
+    assert 'spotrun_jobs_finished_total{state="succeeded"} 30' in first
+    collector_reads: list[int] = []
+    real = s.store.event_kinds_after
+
+    def counted(event_id: int, *, limit: int = 5000) -> list[tuple[int, str, str, float]]:
+        got = real(event_id, limit=limit)
+        collector_reads.append(len(got))
+        return got
+
+    s.store.event_kinds_after = counted  # type: ignore[method-assign]
+    job = s.store.submit("sleep", {}, owner="bob")
+    _finish_as(s.store, job.id, {"ok": True})
+    text = s.client.get("/metrics", headers=s.h("admin")).text
+    assert 'spotrun_jobs_finished_total{state="succeeded"} 31' in text
+    assert collector_reads == [3]  # submitted, started, succeeded of the new job only
+
+
+# ---------------------------------------------------------------- live streams
+
+
+class Stream:
+    """A Server-Sent Events stream read on a thread; ``ended`` once the server closed it."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.frames = 0
+        self.status: int | None = None
+        self.ended = threading.Event()
+        self._client = httpx.Client(timeout=httpx.Timeout(5.0, read=60.0))
+        self._thread = threading.Thread(target=self._read, args=(url, token), daemon=True)
+        self._thread.start()
+
+    def _read(self, url: str, token: str) -> None:
+        try:
+            with contextlib.suppress(httpx.HTTPError), self._client.stream(
+                    "GET", url, headers={"Authorization": f"Bearer {token}"}) as r:
+                self.status = r.status_code
+                for line in r.iter_lines():
+                    if line.startswith("event: "):
+                        self.frames += 1
+        finally:
+            self.ended.set()
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def test_a_revoked_tokens_stream_ends_while_its_jobs_keep_changing(served: Served) -> None:
+    s = served
+    token = s.store.create_token("carol")
+    job = s.store.submit("sleep", {"seconds": 60, "steps": 1000}, owner="carol")
+    wid = s.store.register_worker(name="w", host="test", pid=1, pool="spot",
+                                  has_cuda=False, lease_seconds=60)
+    got = s.store.claim(worker_id=wid, worker_name="w", lease_seconds=60)
+    assert got is not None
+    lease: Lease = got[0]
+    streams = [Stream(f"{s.url}/v1/stream/jobs", token),
+               Stream(f"{s.url}/v1/stream/jobs/{job.id}", token)]
+    stop = threading.Event()
+
+    def busy() -> None:  # the job changes several times a second, so no stream is quiet
+        step = 0
+        while not stop.is_set():
+            step += 1
+            s.store.save_progress(lease, step, 1000, {"loss": 1 / step})
+            time.sleep(0.1)
+
+    mover = threading.Thread(target=busy, daemon=True)
+    mover.start()
+    try:
+        wait_until(lambda: all(st.frames >= 3 for st in streams), 20, "live frames")
+        s.store.revoke_token("carol")
+        for st in streams:
+            assert st.ended.wait(20), "the stream outlived its revoked token"
+    finally:
+        stop.set()
+        mover.join(5)
+        for st in streams:
+            st.close()
+
+
+def test_streams_per_user_are_capped(served: Served) -> None:
+    s = served
+    open_ = [Stream(f"{s.url}/v1/stream/jobs", s.tokens["alice"]) for _ in range(3)]
+    try:
+        wait_until(lambda: all(st.status == 200 for st in open_), 20, "three streams")
+        r = s.client.get("/v1/stream/jobs", headers=s.h("alice"))
+        assert r.status_code == 429 and "too many live streams" in r.json()["detail"]
+        # Another user is not affected by alice's streams.
+        bob = Stream(f"{s.url}/v1/stream/jobs", s.tokens["bob"])
+        wait_until(lambda: bob.status == 200, 20, "bob's stream")
+        bob.close()
+    finally:
+        for st in open_:
+            st.close()
