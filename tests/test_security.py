@@ -237,3 +237,86 @@ def test_streams_per_user_are_capped(served: Served) -> None:
     finally:
         for st in open_:
             st.close()
+
+
+# ------------------------------------------------------------ secrets, leftovers
+
+
+def test_an_expired_token_is_refused_everywhere(served: Served) -> None:
+    s = served
+    token = s.store.create_token("dave", expires_in=0.5)
+    headers = {"Authorization": f"Bearer {token}"}
+    assert s.client.get("/v1/jobs", headers=headers).status_code == 200
+    time.sleep(1.0)
+    r = s.client.get("/v1/jobs", headers=headers)
+    assert r.status_code == 401 and "invalid or revoked" in r.json()["detail"]
+    with httpx.Client(base_url=s.url, cookies={"spotrun_token": token}) as browser:
+        assert browser.get("/", follow_redirects=False).status_code == 303  # to the login
+
+
+def test_the_token_spotrun_up_prints_expires_even_if_up_crashes(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SPOTRUN_DATABASE_URL", "SPOTRUN_CHECKPOINT_URL")}
+    env.update(SPOTRUN_HOME=str(home), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "spotrun", "server", "--port", "0"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        token = ""
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "admin token" in line:
+                token = line.split()[-1]
+                break
+        assert token.startswith("spr_")
+        proc.send_signal(signal.SIGKILL)  # no chance to revoke it on the way out
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    store = JobStore.open(f"sqlite:///{home / 'spotrun.db'}")
+    try:
+        found = store.verify_token(token)
+        assert found is not None and found.is_admin and found.expires_at is not None
+        left = found.expires_at.timestamp() - store.now()
+        assert 0 < left <= 3600
+    finally:
+        store.close()
+
+
+def test_the_local_database_and_checkpoints_are_private(env_factory: Any,
+                                                         tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)  # a usual default: everything readable by everyone
+    try:
+        home = tmp_path / "fresh"
+        e = env_factory(f"sqlite:///{home / 'spotrun.db'}")
+        e.vars["SPOTRUN_HOME"] = str(home)
+        e.vars["SPOTRUN_CHECKPOINT_URL"] = str(home / "checkpoints")
+        job_id = e.cli("submit", "sleep", "-p", "seconds=0.3", "-p", "steps=3").stdout.strip()
+        w = e.worker("w1", "--max-jobs", "1")
+        assert w.wait(60) == 0, w.log()
+        store = JobStore.open(e.db_url)
+        assert store.get(job_id).state.value == "succeeded"
+        store.close()
+    finally:
+        os.umask(old)
+
+    def mode(p: Path) -> int:
+        return stat.S_IMODE(p.stat().st_mode)
+
+    assert mode(home) == 0o700
+    assert mode(home / "spotrun.db") == 0o600
+    for extra in ("spotrun.db-wal", "spotrun.db-shm"):
+        if (home / extra).exists():
+            assert mode(home / extra) & 0o077 == 0, extra
+    assert mode(home / "checkpoints") == 0o700

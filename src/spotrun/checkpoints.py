@@ -81,6 +81,11 @@ class CheckpointStore:
         protocols = _protocols(self.fs)
         self.local = "file" in protocols
         self.object_store = bool(protocols & _OBJECT_STORES)
+        if self.local and not os.path.exists(self.root):
+            # Checkpoints hold users' models and data: a local root spotrun makes is
+            # private to the user running it.
+            with contextlib.suppress(OSError):  # reported at the first write instead
+                os.makedirs(self.root, mode=0o700, exist_ok=True)
 
     def __repr__(self) -> str:
         return f"CheckpointStore({self.url!r})"

@@ -8,6 +8,7 @@ Commands that run no pipeline import no ML library, so they start fast.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import functools
 import json
 import logging
@@ -550,14 +551,25 @@ def demo(
 
 @token_app.command("create")
 @friendly
-def token_create(name: str, admin: Annotated[bool, typer.Option("--admin")] = False) -> None:
+def token_create(
+    name: str, admin: Annotated[bool, typer.Option("--admin")] = False,
+    expires_in: Annotated[str | None, typer.Option(
+        "--expires-in", help="Stop working after this long: 30m, 24h, 7d, 2w "
+        "[default: never]")] = None,
+) -> None:
     """Create an API token; it is printed once, alone on the last line."""
     import re
 
     if not re.fullmatch(r"[A-Za-z0-9._@-]{1,64}", name):
         fail(f"bad token name {name!r}: use 1 to 64 letters, digits and . _ @ -")
+    seconds = None
+    if expires_in is not None:
+        m = re.fullmatch(r"(\d{1,6})([mhdw])", expires_in.strip())
+        if m is None or int(m.group(1)) == 0:
+            fail(f"bad --expires-in {expires_in!r}: give a duration like 30m, 24h, 7d or 2w")
+        seconds = int(m.group(1)) * {"m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
     with open_store() as store:
-        token = store.create_token(name, admin=admin)
+        token = store.create_token(name, admin=admin, expires_in=seconds)
     typer.echo(f"created {'admin ' if admin else ''}token {name!r}; keep it, it is not shown "
                "again:", err=True)
     typer.echo(token)
@@ -569,9 +581,13 @@ def token_list() -> None:
     """API tokens (names only; the tokens themselves are stored hashed)."""
     with open_store() as store:
         tokens = store.list_tokens()
+    now = dt.datetime.now(dt.UTC)
     for t in tokens:
-        typer.echo(f"{t.name:<20} {'admin' if t.is_admin else 'user':<6} "
-                   f"{'revoked' if t.revoked else 'active'}  created {t.created_at:%Y-%m-%d}")
+        expired = t.expires_at is not None and t.expires_at <= now
+        status = "revoked" if t.revoked else "expired" if expired else "active"
+        expiry = "" if t.expires_at is None else f"  expires {t.expires_at:%Y-%m-%d %H:%M} UTC"
+        typer.echo(f"{t.name:<20} {'admin' if t.is_admin else 'user':<6} {status:<7}  "
+                   f"created {t.created_at:%Y-%m-%d}{expiry}")
 
 
 @token_app.command("revoke")

@@ -132,4 +132,6 @@ api_tokens = sa.Table(
     sa.Column("is_admin", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("revoked_at", sa.Float, nullable=True),
+    # None: until revoked. Judged by the database clock, like leases.
+    sa.Column("expires_at", sa.Float, nullable=True),
 )

@@ -127,16 +127,23 @@ def _embedded(settings: Settings) -> bool:
     return settings.database_url.startswith("sqlite")
 
 
+# The printed admin token expires this long after its last renewal, so that a crash (which
+# skips the revoke on the way out) leaves no token that works for ever; a running
+# server renews it every SESSION_TOKEN_RENEW_SECONDS.
+SESSION_TOKEN_SECONDS = 3600.0
+SESSION_TOKEN_RENEW_SECONDS = 300.0
+
+
 def _session_token(store: JobStore, command: str) -> tuple[str, str]:
     name = f"{command}-{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
-    return name, store.create_token(name, admin=True)
+    return name, store.create_token(name, admin=True, expires_in=SESSION_TOKEN_SECONDS)
 
 
 def _print_urls(echo: Echo, url: str, token: str | None) -> None:
     echo(f"spotrun: API and dashboard at {url}  (API docs: {url}/docs)")
     if token is not None:
         echo(f"  dashboard, signed in as admin: {url}/login#token={token}")
-        echo(f"  admin token for the API (valid while this runs): {token}")
+        echo(f"  admin token for the API (valid while this runs, revoked on exit): {token}")
     else:
         echo("  sign in with a token from `spotrun token create NAME [--admin]`")
 
@@ -188,7 +195,15 @@ def _run(settings: Settings, *, host: str, port: int, echo: Echo, workers: int,
                 echo(f"  workers: {', '.join(n for n, _ in procs)} "
                      "(Ctrl-C stops everything; running jobs are handed back)")
             reported: set[str] = set()
+            renew_at = time.monotonic() + SESSION_TOKEN_RENEW_SECONDS
             while signals.received is None and srv.alive:
+                if token_name is not None and time.monotonic() >= renew_at:
+                    renew_at = time.monotonic() + SESSION_TOKEN_RENEW_SECONDS
+                    try:
+                        store.extend_token(token_name, SESSION_TOKEN_SECONDS)
+                    except Exception as exc:  # the database may be away for a while
+                        echo(f"spotrun: could not renew the session token: "
+                             f"{str(exc).splitlines()[0][:200]}", err=True)
                 for name, proc in procs:
                     if proc.poll() is not None and name not in reported:
                         reported.add(name)

@@ -18,6 +18,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import os
 import secrets
 import threading
 import time
@@ -100,6 +101,7 @@ class Token:
     is_admin: bool
     created_at: dt.datetime
     revoked: bool
+    expires_at: dt.datetime | None = None
 
 
 def normalize_url(url: str) -> str:
@@ -1025,22 +1027,38 @@ class JobStore:
 
     # ------------------------------------------------------------------ tokens
 
-    def create_token(self, name: str, *, admin: bool = False) -> str:
-        """Create an API token; only its hash is stored, the token is returned once."""
+    def create_token(self, name: str, *, admin: bool = False,
+                     expires_in: float | None = None) -> str:
+        """Create an API token; only its hash is stored, the token is returned once.
+
+        With ``expires_in`` (seconds) it stops working then, by the database clock.
+        """
         token = "spr_" + secrets.token_urlsafe(32)
         with self._tx() as conn:
             if conn.execute(sa.select(api_tokens.c.name).where(api_tokens.c.name == name)
                             ).first() is not None:
                 raise StoreError(f"a token named {name!r} exists already")
             conn.execute(api_tokens.insert().values(
-                name=name, token_hash=hash_token(token), is_admin=admin, created_at=self._now))
+                name=name, token_hash=hash_token(token), is_admin=admin, created_at=self._now,
+                expires_at=None if expires_in is None else self._now + expires_in))
         return token
+
+    def extend_token(self, name: str, expires_in: float) -> None:
+        """Move an active token's expiry to ``expires_in`` seconds from now."""
+        with self._tx() as conn:
+            n = conn.execute(api_tokens.update().where(
+                api_tokens.c.name == name, api_tokens.c.revoked_at.is_(None)
+            ).values(expires_at=self._now + expires_in)).rowcount
+            if n != 1:
+                raise StoreError(f"no active token named {name!r}")
 
     def list_tokens(self) -> list[Token]:
         with self._tx(write=False) as conn:
             rows = conn.execute(sa.select(api_tokens).order_by(api_tokens.c.name)).mappings()
             return [Token(r["name"], bool(r["is_admin"]), from_epoch(r["created_at"]),
-                          r["revoked_at"] is not None) for r in rows]
+                          r["revoked_at"] is not None,
+                          None if r["expires_at"] is None else from_epoch(r["expires_at"]))
+                    for r in rows]
 
     def revoke_token(self, name: str) -> None:
         with self._tx() as conn:
@@ -1051,13 +1069,17 @@ class JobStore:
                 raise StoreError(f"no active token named {name!r}")
 
     def verify_token(self, token: str) -> Token | None:
+        """The token's record if it is known, not revoked and not expired; else None."""
         with self._tx(write=False) as conn:
             r = conn.execute(sa.select(api_tokens).where(
                 api_tokens.c.token_hash == hash_token(token),
-                api_tokens.c.revoked_at.is_(None))).mappings().first()
+                api_tokens.c.revoked_at.is_(None),
+                sa.or_(api_tokens.c.expires_at.is_(None), api_tokens.c.expires_at > self._now),
+            )).mappings().first()
         if r is None:
             return None
-        return Token(r["name"], bool(r["is_admin"]), from_epoch(r["created_at"]), False)
+        return Token(r["name"], bool(r["is_admin"]), from_epoch(r["created_at"]), False,
+                     None if r["expires_at"] is None else from_epoch(r["expires_at"]))
 
     def jobs_updated_since(self, since: float, *, limit: int = 1000) -> list[Job]:
         """Jobs whose row changed at or after ``since`` (database clock), oldest change first.
@@ -1237,6 +1259,12 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(orig).__name__
 
 
+def _create_private(path: Path) -> None:
+    """Create ``path`` empty, readable by its owner only, unless it exists."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def create_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Engine:
     """An engine tuned for the queue: WAL and a busy timeout on SQLite, pre-ping on PG."""
     try:
@@ -1247,10 +1275,14 @@ def create_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Eng
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
             try:
-                Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+                # Jobs, params, results and token hashes are the user's alone: a directory
+                # spotrun makes is private, and so is a database file it creates (SQLite
+                # gives its -wal and -shm files the database's permissions).
+                Path(u.database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                _create_private(Path(u.database))
             except OSError as exc:
-                raise StoreError(f"cannot create the directory of the database "
-                                 f"{Path(u.database).parent}: {exc.strerror or exc}") from None
+                raise StoreError(f"cannot create the database {u.database}: "
+                                 f"{exc.strerror or exc}") from None
         engine = sa.create_engine(
             u, connect_args={"timeout": 30.0, "check_same_thread": False},
             pool_size=pool_size, max_overflow=10,
