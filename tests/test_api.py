@@ -116,7 +116,7 @@ def test_no_token_bad_token_and_revoked_token_get_401(api: Api) -> None:
     api.store.revoke_token("bob")
     r = api.get("/v1/jobs", "bob")
     assert r.status_code == 401
-    assert r.json()["detail"] == "invalid or revoked token"
+    assert r.json()["detail"] == "invalid, expired or revoked token"
     # Health needs no token.
     assert api.get("/healthz", who=None).json() == {"status": "ok"}
 
@@ -147,11 +147,15 @@ def test_users_see_and_cancel_only_their_own_jobs_admin_sees_all(api: Api) -> No
 
 def test_cookie_is_accepted_for_reads_only(sapi: Api) -> None:
     api = sapi
-    api.client.cookies.set("spotrun_token", api.tokens["alice"])
+    api.client.cookies.set("spotrun_session",
+                           api.store.create_session("alice", expires_in=60))
     try:
         assert api.client.get("/v1/jobs").status_code == 200
         r = api.client.post("/v1/jobs", json={"pipeline": "sleep"})
         assert r.status_code == 401  # a cross-site form could send the cookie; not a header
+        # The raw API token is no cookie: only a session signed in with it is.
+        api.client.cookies.set("spotrun_session", api.tokens["alice"])
+        assert api.client.get("/v1/jobs").status_code == 401
     finally:
         api.client.cookies.clear()
 

@@ -101,10 +101,14 @@ def test_train_preempt_and_resume_in_the_browser(
     page.on("pageerror", lambda exc: problems.append(str(exc)))
     page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
 
-    # The URL `spotrun up` prints signs in: the token travels in the fragment.
+    # The URL `spotrun up` prints fills the token in (it travels in the fragment) and
+    # waits for a click: a link alone signs nobody in.
     page.goto(f"{url}/login#token={token}")
+    expect(page.locator("#from-link")).to_be_visible()
+    assert "token" not in page.url and page.input_value("#token") == token
+    page.get_by_role("button", name="Sign in").click()
     expect(page.get_by_role("heading", name="Jobs")).to_be_visible()
-    assert "token" not in page.url
+    assert all(c["value"] != token for c in context.cookies())  # a session, not the token
 
     page.get_by_role("link", name="New job").first.click()
     page.get_by_role("link", name="digits-train").click()
@@ -167,6 +171,7 @@ def test_train_preempt_and_resume_in_the_browser(
                                 has_touch=True, device_scale_factor=2)
     small = phone.new_page()
     small.goto(f"{url}/login#token={token}")
+    small.get_by_role("button", name="Sign in").click()
     expect(small.get_by_role("heading", name="Jobs")).to_be_visible()
     for path in ("/", f"/jobs/{job_id}", "/submit?pipeline=digits-infer", "/workers?all=1"):
         small.goto(url + path)
@@ -196,16 +201,18 @@ def test_login_refuses_a_bad_token_and_pages_need_a_login(
         page.fill("#token", user)
         page.get_by_role("button", name="Sign in").click()
         expect(page.get_by_role("heading", name="Jobs")).to_be_visible()
-        cookie = next(c for c in page.context.cookies() if c["name"] == "spotrun_token")
+        cookie = next(c for c in page.context.cookies() if c["name"] == "spotrun_session")
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
-        # A user sees the workers but gets no preemption button.
+        assert cookie["value"] != user
+        # The workers (hosts, pids, pools) are for operators only.
+        assert page.get_by_role("link", name="Workers").count() == 0
         page.goto(f"{url}/workers")
-        assert page.get_by_role("button", name="Simulate preemption").count() == 0
+        expect(page.locator("main")).to_contain_text("Only an administrator")
         # A bad param is explained on the form, not as an error page.
         page.goto(f"{url}/submit?pipeline=digits-infer")
         page.fill("#f-model", "0123abc")
         page.get_by_role("button", name="Start job").click()
-        expect(page.locator("#form-error")).to_contain_text("param 'model': no job with id")
+        expect(page.locator("#form-error")).to_contain_text("'model': is not a job id")
         assert page.input_value("#f-model") == "0123abc"  # what was typed is kept
         assert store.list_jobs() == []
         # No worker runs here: a queued job is cancelled at once.

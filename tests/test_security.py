@@ -249,8 +249,9 @@ def test_an_expired_token_is_refused_everywhere(served: Served) -> None:
     assert s.client.get("/v1/jobs", headers=headers).status_code == 200
     time.sleep(1.0)
     r = s.client.get("/v1/jobs", headers=headers)
-    assert r.status_code == 401 and "invalid or revoked" in r.json()["detail"]
-    with httpx.Client(base_url=s.url, cookies={"spotrun_token": token}) as browser:
+    assert r.status_code == 401 and "invalid, expired or revoked" in r.json()["detail"]
+    session = s.store.create_session("dave", expires_in=60)
+    with httpx.Client(base_url=s.url, cookies={"spotrun_session": session}) as browser:
         assert browser.get("/", follow_redirects=False).status_code == 303  # to the login
 
 
@@ -320,3 +321,86 @@ def test_the_local_database_and_checkpoints_are_private(env_factory: Any,
         if (home / extra).exists():
             assert mode(home / extra) & 0o077 == 0, extra
     assert mode(home / "checkpoints") == 0o700
+
+
+# ------------------------------------------------------------------- sign-in
+
+
+def _login(s: Served, token: str, **headers: str) -> httpx.Response:
+    return s.client.post("/login", data={"token": token}, follow_redirects=False,
+                         headers={"Origin": s.url, **headers})
+
+
+def test_state_changes_must_prove_their_origin(served: Served) -> None:
+    s = served
+    token = s.tokens["alice"]
+    # Neither Sec-Fetch-Site nor Origin: refused (a login CSRF from a stripped request).
+    r = s.client.post("/login", data={"token": token}, follow_redirects=False)
+    assert r.status_code == 403 and "set-cookie" not in r.headers
+    r = _login(s, token, **{"Sec-Fetch-Site": "cross-site"})
+    assert r.status_code == 403 and "set-cookie" not in r.headers
+    r = s.client.post("/login", data={"token": token}, follow_redirects=False,
+                      headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403
+    r = s.client.post("/login", data={"token": token}, follow_redirects=False,
+                      headers={"Sec-Fetch-Site": "same-origin"})
+    assert r.status_code == 303 and "spotrun_session=" in r.headers["set-cookie"]
+
+
+def test_the_cookie_is_a_session_that_sign_out_and_revocation_end(served: Served) -> None:
+    s = served
+    r = _login(s, s.tokens["alice"])
+    assert r.status_code == 303
+    cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie
+    assert s.tokens["alice"] not in cookie  # never the API token itself
+    session = r.cookies["spotrun_session"]
+    # The session id is no API token.
+    assert s.client.get("/v1/jobs", headers={"Authorization": f"Bearer {session}"}
+                        ).status_code == 401
+    with httpx.Client(base_url=s.url, cookies={"spotrun_session": session}) as stolen:
+        assert stolen.get("/", follow_redirects=False).status_code == 200
+        # Sign-out ends the session on the server: a copy of the cookie dies with it.
+        with httpx.Client(base_url=s.url, cookies={"spotrun_session": session}) as me:
+            assert me.post("/logout", headers={"Origin": s.url},
+                           follow_redirects=False).status_code == 303
+        assert stolen.get("/", follow_redirects=False).status_code == 303
+    # Revoking the token ends every session it signed in.
+    bob = _login(s, s.tokens["bob"]).cookies["spotrun_session"]
+    with httpx.Client(base_url=s.url, cookies={"spotrun_session": bob}) as browser:
+        assert browser.get("/", follow_redirects=False).status_code == 200
+        s.store.revoke_token("bob")
+        assert browser.get("/", follow_redirects=False).status_code == 303
+
+
+def test_secure_cookies_behind_a_trusted_tls_proxy_only(store: JobStore, db_url: str,
+                                                        tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    token = store.create_token("erin")
+    settings = Settings.from_env(home=str(tmp_path / "home"), database_url=db_url)
+
+    def login_via_proxy() -> httpx.Response:
+        srv = ServerThread(create_app(settings, store=store, deliverer=False), "127.0.0.1",
+                           0, access_log=False)
+        srv.start()
+        try:
+            url = f"http://127.0.0.1:{srv.port}"
+            # What a TLS-terminating ingress adds; the browser saw https://spotrun.example.
+            return httpx.post(f"{url}/login", data={"token": token}, headers={
+                "Origin": "https://spotrun.example", "Host": "spotrun.example",
+                "X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.7"})
+        finally:
+            srv.stop()
+
+    monkeypatch.delenv("SPOTRUN_TRUSTED_PROXIES", raising=False)
+    untrusted = login_via_proxy()
+    # Forwarded headers from an address nobody named are ignored: plain http, and the
+    # https Origin does not match it.
+    assert untrusted.status_code == 403
+    monkeypatch.setenv("SPOTRUN_TRUSTED_PROXIES", "127.0.0.0/8")
+    trusted = login_via_proxy()
+    assert trusted.status_code == 303, trusted.text
+    cookie = trusted.headers["set-cookie"]
+    assert cookie.startswith("__Host-spotrun_session=")
+    assert "Secure" in cookie and "Path=/" in cookie and "Domain" not in cookie

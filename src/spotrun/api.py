@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from spotrun import callbacks
-from spotrun.config import Settings
+from spotrun.config import ConfigError, Settings
 from spotrun.jobs import EventKind, Job, JobState, OnPreempt, Worker
 from spotrun.local import is_spotrun_process
 from spotrun.store import DatabaseUnavailable, JobNotFound, JobStore, Waker
@@ -47,7 +47,10 @@ from spotrun.store import DatabaseUnavailable, JobNotFound, JobStore, Waker
 log = logging.getLogger("spotrun.api")
 
 MAX_BODY_BYTES = 1_000_000
-TOKEN_COOKIE = "spotrun_token"
+# The dashboard's session cookie: a session id, never an API token. Over HTTPS it carries
+# the __Host- prefix (Secure, Path=/, no Domain: no subdomain can set or shadow it).
+SESSION_COOKIE = "spotrun_session"
+SECURE_SESSION_COOKIE = "__Host-spotrun_session"
 JOB_ID_RE = re.compile(r"^[0-9A-Za-z_-]{1,32}$")
 LIVE_WORKER_STATES = ("idle", "busy", "stopping")
 
@@ -266,32 +269,60 @@ _bearer = HTTPBearer(auto_error=False, description="an API token from `spotrun t
 
 
 def principal_for_token(store: JobStore, token: str | None) -> Principal | None:
-    """The principal of a token; None for a missing, unknown or revoked one."""
+    """The principal of a token; None for a missing, unknown, expired or revoked one."""
     if not token or len(token) > 512:
         return None
     found = store.verify_token(token)
     return None if found is None else Principal(found.name, found.is_admin)
 
 
-def _token_of(request: Request, creds: HTTPAuthorizationCredentials | None) -> str | None:
-    if creds is not None:
-        return creds.credentials
-    # The dashboard's cookie is accepted for reads only (EventSource cannot send headers);
-    # writes need the header, so a cross-site form can never act with the cookie.
-    if request.method in ("GET", "HEAD"):
-        return request.cookies.get(TOKEN_COOKIE)
-    return None
+def session_id_of(request: Request) -> str | None:
+    """The dashboard session id the request's cookie carries, if any."""
+    return request.cookies.get(SECURE_SESSION_COOKIE) or request.cookies.get(SESSION_COOKIE)
+
+
+def principal_for_session(store: JobStore, session_id: str | None) -> Principal | None:
+    """The principal of a live dashboard session; None once it or its token ended."""
+    if not session_id or len(session_id) > 512:
+        return None
+    found = store.verify_session(session_id)
+    return None if found is None else Principal(found.name, found.is_admin)
+
+
+@dataclass(frozen=True)
+class Credential:
+    """How a request proved who it is: a bearer token, or a dashboard session."""
+
+    value: str
+    is_session: bool
+
+    def principal(self, store: JobStore) -> Principal | None:
+        if self.is_session:
+            return principal_for_session(store, self.value)
+        return principal_for_token(store, self.value)
+
+
+def credential_of(request: Request) -> Credential | None:
+    token = _header_token(request)
+    if token:
+        return Credential(token, False)
+    # The dashboard's session cookie is accepted for reads only (EventSource cannot send
+    # headers); writes need the header, so a cross-site form can never act with it.
+    session = session_id_of(request) if request.method in ("GET", "HEAD") else None
+    return Credential(session, True) if session else None
 
 
 def _caller(request: Request,
             creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
             ) -> Principal:
-    token = _token_of(request, creds)
-    if not token:
+    cred = (Credential(creds.credentials, False) if creds is not None
+            else credential_of(request))
+    if cred is None:
         raise _unauthorized("missing token: send `Authorization: Bearer TOKEN`")
-    who = principal_for_token(request.app.state.ctx.store, token)
+    who = cred.principal(request.app.state.ctx.store)
     if who is None:
-        raise _unauthorized("invalid or revoked token")
+        raise _unauthorized("invalid, expired or revoked token" if not cred.is_session
+                            else "the session ended: sign in again")
     return who
 
 
@@ -756,6 +787,8 @@ class AppContext:
     # streams on one server process (SPOTRUN_STREAM_RECHECK_SECONDS, SPOTRUN_MAX_STREAMS).
     stream_recheck_seconds: float = 15.0
     max_streams_per_principal: int = 20
+    # How long a dashboard sign-in lasts (SPOTRUN_SESSION_SECONDS).
+    session_seconds: float = 12 * 3600.0
 
 
 def create_app(settings: Settings, *, store: JobStore | None = None,
@@ -775,7 +808,9 @@ def create_app(settings: Settings, *, store: JobStore | None = None,
                      stream_recheck_seconds=_env_number("SPOTRUN_STREAM_RECHECK_SECONDS",
                                                         15.0, low=0.1),
                      max_streams_per_principal=int(_env_number("SPOTRUN_MAX_STREAMS", 20,
-                                                               low=1)))
+                                                               low=1)),
+                     session_seconds=_env_number("SPOTRUN_SESSION_SECONDS", 12 * 3600.0,
+                                                 low=60))
     if deliverer is None:
         deliverer = callbacks.CallbackDeliverer(
             the_store, allow_private=ctx.allow_private_callbacks)
@@ -1092,7 +1127,7 @@ def _install_routes(app: FastAPI, ctx: AppContext) -> None:
 
     def _stream(request: Request, sub: Subscription, first: list[dict[str, Any]]
                 ) -> StreamingResponse:
-        token = _header_token(request) or request.cookies.get(TOKEN_COOKIE)
+        cred = credential_of(request)
 
         async def frames() -> AsyncIterator[bytes]:
             loop = asyncio.get_running_loop()
@@ -1110,7 +1145,8 @@ def _install_routes(app: FastAPI, ctx: AppContext) -> None:
                     if loop.time() >= recheck_at:
                         # On a wall-clock timer, busy or quiet: a revoked token's stream
                         # ends within one period, whatever its jobs do.
-                        if await asyncio.to_thread(principal_for_token, store, token) is None:
+                        if cred is None or await asyncio.to_thread(
+                                cred.principal, store) is None:
                             return
                         recheck_at = loop.time() + ctx.stream_recheck_seconds
                     if batch == []:
@@ -1131,9 +1167,9 @@ def _env_number(name: str, default: float, *, low: float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
     if not math.isfinite(value) or value < low:
-        raise ValueError(f"{name}={raw!r} must be at least {low}")
+        raise ConfigError(f"{name}={raw!r} must be at least {low:g}")
     return value
 
 

@@ -135,3 +135,16 @@ api_tokens = sa.Table(
     # None: until revoked. Judged by the database clock, like leases.
     sa.Column("expires_at", sa.Float, nullable=True),
 )
+
+# A dashboard sign-in: the browser holds a random session id (stored hashed here), never
+# the API token it signed in with; it ends at expiry, at sign-out, or with its token.
+web_sessions = sa.Table(
+    "web_sessions",
+    metadata,
+    sa.Column("id_hash", sa.String(64), primary_key=True),
+    sa.Column("token_name", sa.String(100),
+              sa.ForeignKey("api_tokens.name", ondelete="CASCADE"), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float, nullable=True),
+)

@@ -29,11 +29,26 @@ from typing import Any
 
 import uvicorn
 
-from spotrun.config import Settings
+from spotrun.config import ConfigError, Settings
 from spotrun.store import JobStore
 
 Echo = Callable[..., Any]
 _PR_SET_PDEATHSIG = 1
+
+
+def trusted_proxies() -> list[str]:
+    """The proxies whose forwarded headers are believed (SPOTRUN_TRUSTED_PROXIES)."""
+    import ipaddress
+
+    raw = os.environ.get("SPOTRUN_TRUSTED_PROXIES", "")
+    found = [p.strip() for p in raw.split(",") if p.strip()]
+    for p in found:
+        try:
+            ipaddress.ip_network(p, strict=False)
+        except ValueError:
+            raise ConfigError(f"SPOTRUN_TRUSTED_PROXIES: {p!r} is not an IP address or "
+                              "network") from None
+    return found
 
 
 class ServerThread:
@@ -43,8 +58,13 @@ class ServerThread:
         self.app = app
         self.sock = _bind(host, port)
         self.port = int(self.sock.getsockname()[1])
+        # X-Forwarded-For/-Proto are believed only from the proxies the operator names
+        # (SPOTRUN_TRUSTED_PROXIES, addresses or networks): behind a TLS-terminating
+        # ingress that makes the scheme https (Secure cookies); anyone else's headers are
+        # ignored, uvicorn's default of trusting 127.0.0.1 included.
         config = uvicorn.Config(app, log_level="info", access_log=access_log,
-                                timeout_graceful_shutdown=5, lifespan="on")
+                                timeout_graceful_shutdown=5, lifespan="on",
+                                proxy_headers=True, forwarded_allow_ips=trusted_proxies())
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="spotrun-http", daemon=True)

@@ -42,7 +42,7 @@ from spotrun.jobs import (
     Worker,
     from_epoch,
 )
-from spotrun.schema import api_tokens, events, job_logs, jobs, workers
+from spotrun.schema import api_tokens, events, job_logs, jobs, web_sessions, workers
 
 if TYPE_CHECKING:
     import psycopg
@@ -1080,6 +1080,44 @@ class JobStore:
             return None
         return Token(r["name"], bool(r["is_admin"]), from_epoch(r["created_at"]), False,
                      None if r["expires_at"] is None else from_epoch(r["expires_at"]))
+
+    # ---------------------------------------------------------------- sessions
+
+    def create_session(self, token_name: str, *, expires_in: float) -> str:
+        """Start a dashboard session for an active token; return its id (once)."""
+        sid = "sps_" + secrets.token_urlsafe(32)
+        with self._tx() as conn:
+            # Ended sessions are of no use to anyone: clear them out as new ones come.
+            conn.execute(web_sessions.delete().where(web_sessions.c.expires_at < self._now))
+            conn.execute(web_sessions.insert().values(
+                id_hash=hash_token(sid), token_name=token_name, created_at=self._now,
+                expires_at=self._now + expires_in))
+        return sid
+
+    def verify_session(self, session_id: str) -> Token | None:
+        """The token a live session signed in with; None once the session or the token
+        is expired or revoked."""
+        query = (sa.select(api_tokens).join(web_sessions,
+                                            web_sessions.c.token_name == api_tokens.c.name)
+                 .where(web_sessions.c.id_hash == hash_token(session_id),
+                        web_sessions.c.revoked_at.is_(None),
+                        web_sessions.c.expires_at > self._now,
+                        api_tokens.c.revoked_at.is_(None),
+                        sa.or_(api_tokens.c.expires_at.is_(None),
+                               api_tokens.c.expires_at > self._now)))
+        with self._tx(write=False) as conn:
+            r = conn.execute(query).mappings().first()
+        if r is None:
+            return None
+        return Token(r["name"], bool(r["is_admin"]), from_epoch(r["created_at"]), False,
+                     None if r["expires_at"] is None else from_epoch(r["expires_at"]))
+
+    def revoke_session(self, session_id: str) -> None:
+        """End a session (sign-out); unknown or ended sessions are left as they are."""
+        with self._tx() as conn:
+            conn.execute(web_sessions.update().where(
+                web_sessions.c.id_hash == hash_token(session_id),
+                web_sessions.c.revoked_at.is_(None)).values(revoked_at=self._now))
 
     def jobs_updated_since(self, since: float, *, limit: int = 1000) -> list[Job]:
         """Jobs whose row changed at or after ``since`` (database clock), oldest change first.

@@ -4,10 +4,13 @@ Pages: the job list with live progress bars, a job's page with its timeline and 
 a form to submit a pipeline, and the workers with a "simulate preemption" button for
 admins. Live updates come from the API's Server-Sent Events; there is no build step.
 
-Sign-in: the token goes into an HttpOnly, SameSite=Strict cookie. ``spotrun up`` prints a
-URL whose fragment (``/login#token=...``) carries the token: browsers never send a
-fragment to the server, so the token stays out of access logs; the login page's script
-posts it. Every form POST also checks that the request comes from this origin.
+Sign-in: the API token is checked once at login; the browser then holds only a random,
+short-lived session id (stored hashed, revoked at sign-out, ended with its token) in an
+HttpOnly, SameSite=Strict cookie, ``__Host-`` prefixed and Secure over HTTPS. ``spotrun
+up`` prints a URL whose fragment (``/login#token=...``) carries the token: browsers never
+send a fragment to the server, so the token stays out of access logs; the login page
+fills it in and waits for a click (a link alone never signs anyone in). Every form POST
+must show, by ``Sec-Fetch-Site`` or ``Origin``, that it comes from this origin.
 """
 
 from __future__ import annotations
@@ -191,16 +194,20 @@ def install(app: FastAPI, ctx: AppContext) -> None:
         return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
 
     def viewer(request: Request) -> Principal | None:
-        return api.principal_for_token(store, request.cookies.get(api.TOKEN_COOKIE))
+        return api.principal_for_session(store, api.session_id_of(request))
 
     def to_login() -> Response:
         return RedirectResponse("/login", status_code=303, headers=SECURITY_HEADERS)
 
     def same_origin(request: Request) -> bool:
-        # SameSite=Strict already keeps the cookie off cross-site requests; checking the
-        # Origin too guards the forms (login included) in browsers that ignore it.
+        # SameSite=Strict already keeps the cookie off cross-site requests; this guards
+        # the forms (login included) in browsers that ignore it. A request that shows
+        # neither header is refused: every browser of the last years sends one of them.
+        site = request.headers.get("sec-fetch-site")
+        if site is not None:
+            return site == "same-origin"
         origin = request.headers.get("origin")
-        return origin is None or origin == f"{request.url.scheme}://{request.url.netloc}"
+        return origin is not None and origin == f"{request.url.scheme}://{request.url.netloc}"
 
     async def form_of(request: Request) -> dict[str, str]:
         body = (await request.body()).decode("utf-8", errors="replace")
@@ -224,18 +231,28 @@ def install(app: FastAPI, ctx: AppContext) -> None:
         who = await run(api.principal_for_token, store, token)
         if who is None:
             return page("login.html", request, None, status=401,
-                        error="That token is not valid (or it was revoked).")
+                        error="That token is not valid (or it expired or was revoked).")
+        session = await run(store.create_session, who.name, expires_in=ctx.session_seconds)
         response = RedirectResponse("/", status_code=303, headers=SECURITY_HEADERS)
-        response.set_cookie(api.TOKEN_COOKIE, token, httponly=True, samesite="strict",
-                            secure=request.url.scheme == "https", path="/")
+        # request.url.scheme is https behind a TLS-terminating proxy only when the proxy
+        # is one the operator trusts (SPOTRUN_TRUSTED_PROXIES, given to uvicorn).
+        secure = request.url.scheme == "https"
+        response.set_cookie(api.SECURE_SESSION_COOKIE if secure else api.SESSION_COOKIE,
+                            session, httponly=True, samesite="strict", secure=secure,
+                            path="/", max_age=int(ctx.session_seconds))
         return response
 
     @app.post("/logout", include_in_schema=False)
     async def logout(request: Request) -> Response:
         if not same_origin(request):
             return forbidden(request)
+        session = api.session_id_of(request)
+        if session:
+            await run(store.revoke_session, session)  # a copied cookie dies too
         response = RedirectResponse("/login", status_code=303, headers=SECURITY_HEADERS)
-        response.delete_cookie(api.TOKEN_COOKIE, path="/", httponly=True, samesite="strict")
+        for name in (api.SESSION_COOKIE, api.SECURE_SESSION_COOKIE):
+            response.delete_cookie(name, path="/", httponly=True, samesite="strict",
+                                   secure=name.startswith("__Host-"))
         return response
 
     # ------------------------------------------------------------------- jobs

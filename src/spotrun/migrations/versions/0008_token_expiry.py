@@ -1,4 +1,4 @@
-"""API tokens may expire
+"""API tokens may expire; dashboard sessions
 
 Revision ID: 0008
 Revises: 0003
@@ -18,8 +18,19 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table('api_tokens', schema=None) as batch_op:
         batch_op.add_column(sa.Column('expires_at', sa.Float(), nullable=True))
+    op.create_table(
+        'web_sessions',
+        sa.Column('id_hash', sa.String(length=64), nullable=False),
+        sa.Column('token_name', sa.String(length=100), nullable=False),
+        sa.Column('created_at', sa.Float(), nullable=False),
+        sa.Column('expires_at', sa.Float(), nullable=False),
+        sa.Column('revoked_at', sa.Float(), nullable=True),
+        sa.ForeignKeyConstraint(['token_name'], ['api_tokens.name'], ondelete='CASCADE'),
+        sa.PrimaryKeyConstraint('id_hash'),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table('web_sessions')
     with op.batch_alter_table('api_tokens', schema=None) as batch_op:
         batch_op.drop_column('expires_at')

@@ -120,12 +120,15 @@ function liveJob(jobId) {
 // --------------------------------------------------------------------- login
 
 function loginFromFragment() {
-  // `spotrun up` prints /login#token=...: the fragment never reaches the server.
+  // `spotrun up` prints /login#token=...: the fragment never reaches the server. The
+  // token is filled in, not sent: a link alone must never sign anyone in (someone else's
+  // link would sign you into their account), so the user confirms with a click.
   const m = /^#token=(.+)$/.exec(window.location.hash);
   if (!m) { return; }
   history.replaceState(null, "", window.location.pathname);
   document.getElementById("token").value = decodeURIComponent(m[1]);
-  document.getElementById("login-form").submit();
+  document.getElementById("from-link").hidden = false;
+  document.getElementById("sign-in").focus();
 }
 
 document.addEventListener("DOMContentLoaded", () => {
