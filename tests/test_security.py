@@ -23,9 +23,10 @@ from spotrun.store import JobStore, Lease
 class Served:
     """A real uvicorn server over ``store`` with tokens for admin, alice and bob."""
 
-    def __init__(self, url: str, store: JobStore) -> None:
+    def __init__(self, url: str, store: JobStore, app: Any) -> None:
         self.url = url
         self.store = store
+        self.app = app
         self.client = httpx.Client(base_url=url, timeout=10)
         self.tokens = {"admin": store.create_token("admin", admin=True),
                        "alice": store.create_token("alice"),
@@ -47,7 +48,7 @@ def served(store: JobStore, db_url: str, tmp_path: Path,
     app = create_app(settings, store=store, deliverer=False)
     srv = ServerThread(app, "127.0.0.1", 0, access_log=False)
     srv.start()
-    s = Served(f"http://127.0.0.1:{srv.port}", store)
+    s = Served(f"http://127.0.0.1:{srv.port}", store, app)
     try:
         yield s
     finally:
@@ -404,3 +405,45 @@ def test_secure_cookies_behind_a_trusted_tls_proxy_only(store: JobStore, db_url:
     cookie = trusted.headers["set-cookie"]
     assert cookie.startswith("__Host-spotrun_session=")
     assert "Secure" in cookie and "Path=/" in cookie and "Domain" not in cookie
+
+
+# --------------------------------------------------------------- cross-user sweep
+
+
+def test_every_route_answers_404_for_another_users_job(served: Served) -> None:
+    """Every route that takes a job id, with every method it has, in the API and the
+    dashboard: bob's job is, to alice, exactly a job that does not exist."""
+    from fastapi.routing import APIRoute
+    from starlette.routing import Route
+
+    s = served
+    bobs = s.store.submit("sleep", {"seconds": 60}, owner="bob")
+    nobody = "f" * 28
+    session = _login(s, s.tokens["alice"]).cookies["spotrun_session"]
+    app_routes = [r for r in s.app.routes
+                  if isinstance(r, APIRoute | Route) and "{job_id}" in r.path]
+    assert len(app_routes) >= 8  # the sweep really covers the API and the dashboard
+    seen = 0
+    for route in app_routes:
+        for method in sorted(route.methods or ()):
+            if method == "HEAD":
+                continue
+            answers = []
+            for job_id in (bobs.id, nobody):
+                path = route.path.replace("{job_id}", job_id)
+                if path.startswith("/v1/"):
+                    r = s.client.request(method, path, headers=s.h("alice"), timeout=5)
+                else:
+                    with httpx.Client(base_url=s.url, timeout=5,
+                                      cookies={"spotrun_session": session}) as browser:
+                        r = browser.request(method, path, headers={"Origin": s.url},
+                                            follow_redirects=False)
+                answers.append((r.status_code, r.text.replace(job_id, "ID")))
+            assert answers[0][0] == 404, (method, route.path, answers[0])
+            assert answers[0] == answers[1], (method, route.path)
+            seen += 1
+    assert seen >= 8
+    # Nothing happened to bob's job.
+    job = s.store.get(bobs.id)
+    assert job.state.value == "queued" and not job.cancel_requested
+
