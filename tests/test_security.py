@@ -447,3 +447,86 @@ def test_every_route_answers_404_for_another_users_job(served: Served) -> None:
     job = s.store.get(bobs.id)
     assert job.state.value == "queued" and not job.cancel_requested
 
+
+
+# ----------------------------------------------------------------------- quotas
+
+
+def test_quotas_refuse_with_429_naming_the_quota_and_queue_nothing(
+        served: Served, env_factory: Any, db_url: str) -> None:
+    s = served
+    cli = env_factory(db_url)
+    out = cli.cli("quota", "set", "alice", "--queued", "3", "--max-retries", "5").stdout
+    assert "max_queued" in out and "3" in out
+    body = {"pipeline": "sleep", "params": {"seconds": 60}}
+    for _ in range(3):
+        assert s.submit("alice", body).status_code == 201
+    r = s.submit("alice", body)
+    assert r.status_code == 429
+    assert r.json()["detail"] == ("over quota max_queued for alice: jobs waiting in the "
+                                  "queue at once is limited to 3, and this would make 4")
+    assert len(s.store.list_jobs(owner="alice")) == 3
+    # Ceilings: priority above 0 is an operator's right; max_retries per user.
+    r = s.submit("alice", {**body, "priority": 5})
+    assert r.status_code == 429 and "max_priority" in r.json()["detail"]
+    r = s.submit("alice", {**body, "max_retries": 6})
+    assert r.status_code == 429 and "limited to 5" in r.json()["detail"]
+    r = s.submit("bob", {**body, "max_retries": 11})  # bob has the default quota
+    assert r.status_code == 429 and "max_retries" in r.json()["detail"]
+    assert "limited to 10" in r.json()["detail"]
+    r = s.submit("bob", {"pipeline": "digits-infer",
+                         "params": {"model": "0" * 28, "inputs": [[1.0] * 64] * 2000}})
+    assert r.status_code in (413, 422, 429)  # never queued, whichever limit says so
+    # Bob is not affected by alice's quota; an admin has none.
+    assert s.submit("bob", body).status_code == 201
+    assert s.submit("admin", {**body, "priority": 50}).status_code == 201
+    assert len(s.store.list_jobs(owner="alice")) == 3
+    # A retried submit with its key is the first job, whatever the quota says now.
+    first = s.client.post("/v1/jobs", headers={**s.h("bob"), "Idempotency-Key": "k1"},
+                          json=body)
+    assert first.status_code == 201
+    cli.cli("quota", "set", "bob", "--queued", "1")
+    again = s.client.post("/v1/jobs", headers={**s.h("bob"), "Idempotency-Key": "k1"},
+                          json=body)
+    assert again.status_code == 201 and again.json()["id"] == first.json()["id"]
+
+
+def test_params_size_quota(served: Served, env_factory: Any, db_url: str) -> None:
+    s = served
+    env_factory(db_url).cli("quota", "set", "alice", "--params-bytes", "2000")
+    model = s.store.submit("digits-train", {"epochs": 1}, owner="alice")
+    _finish_as(s.store, model.id, {"accuracy": 0.9})
+    few = {"pipeline": "digits-infer", "params": {"model": model.id,
+                                                 "inputs": [[1.0] * 64]}}
+    assert s.submit("alice", few).status_code == 201
+    many = {"pipeline": "digits-infer", "params": {"model": model.id,
+                                                  "inputs": [[1.0] * 64] * 50}}
+    r = s.submit("alice", many)
+    assert r.status_code == 429, r.text
+    assert r.json()["detail"].startswith("over quota max_params_bytes for alice: bytes of "
+                                         "a job's params is limited to 2000")
+    assert len(s.store.list_jobs(owner="alice", pipeline="digits-infer")) == 1
+
+
+def test_concurrent_submits_never_overrun_the_queued_quota(
+        served: Served, env_factory: Any, db_url: str) -> None:
+    s = served
+    env_factory(db_url).cli("quota", "set", "carol", "--queued", "5")
+    token = s.store.create_token("carol")
+    codes: list[int] = []
+    lock = threading.Lock()
+
+    def submit() -> None:
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            r = c.post("/v1/jobs", headers={"Authorization": f"Bearer {token}"},
+                       json={"pipeline": "sleep", "params": {"seconds": 1}})
+        with lock:
+            codes.append(r.status_code)
+
+    threads = [threading.Thread(target=submit) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(codes) == [201] * 5 + [429] * 7
+    assert len(s.store.list_jobs(owner="carol")) == 5

@@ -42,6 +42,7 @@ from spotrun import callbacks
 from spotrun.config import ConfigError, Settings
 from spotrun.jobs import EventKind, Job, JobState, OnPreempt, Worker
 from spotrun.local import is_spotrun_process
+from spotrun.quotas import QuotaExceeded
 from spotrun.store import DatabaseUnavailable, JobNotFound, JobStore, Waker
 
 log = logging.getLogger("spotrun.api")
@@ -893,7 +894,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.warning("database error: %s", str(exc).splitlines()[0] if str(exc) else exc)
         return answer(503, "the database cannot be reached; try again shortly")
 
+    async def on_quota(_r: Request, exc: Exception) -> Response:
+        assert isinstance(exc, QuotaExceeded)
+        return answer(429, str(exc))
+
     app.add_exception_handler(ApiProblem, on_problem)
+    app.add_exception_handler(QuotaExceeded, on_quota)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(DatabaseUnavailable, on_db)
@@ -948,8 +954,8 @@ def _install_routes(app: FastAPI, ctx: AppContext) -> None:
     # ------------------------------------------------------------------ jobs
 
     @app.post("/v1/jobs", tags=["jobs"], status_code=201, response_model=JobOut,
-              summary="Queue a job",
-              responses=_errors(401, 409, 413, 422, 503))
+              summary="Queue a job (within the caller's quotas: 429 names the one exceeded)",
+              responses=_errors(401, 409, 413, 422, 429, 503))
     def submit_job(
         body: SubmitRequest, who: Caller,
         idempotency_key: Annotated[str | None, Header(
@@ -960,12 +966,14 @@ def _install_routes(app: FastAPI, ctx: AppContext) -> None:
         params, cuda = validate_job_request(store, body,
                                             allow_private=ctx.allow_private_callbacks,
                                             owner=None if who.is_admin else who.name)
+        quota = None if who.is_admin else store.quota_for(who.name)
+
         def submit() -> Job:
             return store.submit(
                 body.pipeline, params, priority=body.priority, max_retries=body.max_retries,
                 on_preempt=body.on_preempt, timeout=body.timeout, requires_cuda=cuda,
                 owner=who.name, idempotency_key=idempotency_key,
-                callback_url=body.callback_url)
+                callback_url=body.callback_url, quota=quota)
 
         try:
             job = submit()

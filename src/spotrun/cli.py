@@ -33,6 +33,8 @@ app = typer.Typer(
 )
 token_app = typer.Typer(no_args_is_help=True, help="Manage API tokens.")
 app.add_typer(token_app, name="token")
+quota_app = typer.Typer(no_args_is_help=True, help="Users' quotas on the shared fleet.")
+app.add_typer(quota_app, name="quota")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -597,6 +599,49 @@ def token_revoke(name: str) -> None:
     with open_store() as store:
         store.revoke_token(name)
     typer.echo(f"token {name!r} revoked")
+
+
+# ---------------------------------------------------------------------- quotas
+
+
+def _echo_quota(name: str, quota: Any) -> None:
+    from spotrun.quotas import DESCRIPTIONS
+
+    typer.echo(f"quotas of {name}:")
+    for key, value in quota.to_json().items():
+        typer.echo(f"  {key:<17} {value:>8}  {DESCRIPTIONS[key]}")
+
+
+@quota_app.command("show")
+@friendly
+def quota_show(name: str) -> None:
+    """The limits that apply to user NAME (their own, or the defaults)."""
+    with open_store() as store:
+        _echo_quota(name, store.quota_for(name))
+
+
+@quota_app.command("set")
+@friendly
+def quota_set(
+    name: str,
+    queued: Annotated[int | None, typer.Option(min=0, help="Jobs waiting at once")] = None,
+    running: Annotated[int | None, typer.Option(
+        min=0, help="Jobs running at once (0: no limit)")] = None,
+    max_retries: Annotated[int | None, typer.Option(
+        min=0, help="Highest max_retries a job may ask for")] = None,
+    max_priority: Annotated[int | None, typer.Option(
+        min=-1000, max=1000, help="Highest priority a job may have")] = None,
+    params_bytes: Annotated[int | None, typer.Option(
+        min=0, help="Largest params of a job, in bytes")] = None,
+) -> None:
+    """Set some of user NAME's limits; the others keep theirs."""
+    limits = {"max_queued": queued, "max_running": running, "max_retries": max_retries,
+              "max_priority": max_priority, "max_params_bytes": params_bytes}
+    given = {k: v for k, v in limits.items() if v is not None}
+    if not given:
+        fail("give at least one limit, e.g. --queued 100")
+    with open_store() as store:
+        _echo_quota(name, store.set_quota(name, given))
 
 
 # ------------------------------------------------------------------ operations

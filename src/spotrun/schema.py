@@ -72,6 +72,8 @@ sa.Index(
     sqlite_where=sa.text("state = 'running'"),
 )
 sa.Index("ix_jobs_state_created", jobs.c.state, jobs.c.created_at)
+# A user's jobs: their lists, and the quota and fair-share counts of queued and running.
+sa.Index("ix_jobs_owner_state", jobs.c.owner, jobs.c.state)
 # Live views follow the most recently changed jobs.
 sa.Index("ix_jobs_updated", jobs.c.updated_at)
 
@@ -147,4 +149,16 @@ web_sessions = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False),
     sa.Column("revoked_at", sa.Float, nullable=True),
+)
+
+# A user's own limits; a NULL limit is the default (spotrun.quotas).
+quotas = sa.Table(
+    "quotas",
+    metadata,
+    sa.Column("owner", sa.String(100), primary_key=True),
+    sa.Column("max_queued", sa.Integer, nullable=True),
+    sa.Column("max_running", sa.Integer, nullable=True),
+    sa.Column("max_retries", sa.Integer, nullable=True),
+    sa.Column("max_priority", sa.Integer, nullable=True),
+    sa.Column("max_params_bytes", sa.Integer, nullable=True),
 )

@@ -42,7 +42,8 @@ from spotrun.jobs import (
     Worker,
     from_epoch,
 )
-from spotrun.schema import api_tokens, events, job_logs, jobs, web_sessions, workers
+from spotrun.quotas import LIMIT_NAMES, Quota, QuotaExceeded
+from spotrun.schema import api_tokens, events, job_logs, jobs, quotas, web_sessions, workers
 
 if TYPE_CHECKING:
     import psycopg
@@ -353,12 +354,17 @@ class JobStore:
         checkpoint_every_seconds: float | None = None,
         max_preemptions: int | None = None,
         deadline: float | None = None,
+        quota: Quota | None = None,
     ) -> Job:
         """Queue a job whose params were already validated; return it as stored.
 
-        ``deadline`` is in seconds since the epoch.
+        ``deadline`` is in seconds since the epoch. With ``quota`` (a user's submit) the
+        job must fit it, or :class:`QuotaExceeded` is raised and nothing is queued.
         """
         job_id = new_id()
+        if quota is not None and owner is not None:
+            quota.check_request(owner, priority=priority, max_retries=max_retries,
+                                params_bytes=len(_dumps(params).encode()))
         with self._tx() as conn:
             if idempotency_key is not None:
                 existing = conn.execute(
@@ -370,6 +376,8 @@ class JobStore:
                 if existing is not None:
                     job_id = existing
                     return self._get(conn, job_id)
+            if quota is not None and owner is not None:
+                self._check_queued_quota(conn, owner, quota)
             conn.execute(
                 jobs.insert().values(
                     id=job_id,
@@ -398,6 +406,40 @@ class JobStore:
             )
             self._notify(conn, job_id)
             return self._get(conn, job_id)
+
+    def _check_queued_quota(self, conn: Connection, owner: str, quota: Quota) -> None:
+        if self.is_postgres:
+            # Two submits of one user at once must not both fit the last place; SQLite's
+            # BEGIN IMMEDIATE already runs one writer at a time.
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+                         {"key": f"spotrun-quota:{owner}"})
+        queued = int(conn.execute(sa.select(sa.func.count()).select_from(jobs).where(
+            jobs.c.owner == owner, jobs.c.state == JobState.QUEUED.value)).scalar_one())
+        if queued + 1 > quota.max_queued:
+            raise QuotaExceeded(owner, "max_queued", quota.max_queued, queued + 1)
+
+    # ------------------------------------------------------------------ quotas
+
+    def quota_for(self, owner: str) -> Quota:
+        """The limits that apply to ``owner``: the defaults with their own values."""
+        with self._tx(write=False) as conn:
+            row = conn.execute(sa.select(quotas).where(quotas.c.owner == owner)
+                               ).mappings().first()
+        return Quota.defaults().with_overrides(dict(row) if row is not None else {})
+
+    def set_quota(self, owner: str, limits: dict[str, int | None]) -> Quota:
+        """Set some of ``owner``'s own limits (None: back to the default)."""
+        unknown = set(limits) - set(LIMIT_NAMES)
+        if unknown:
+            raise StoreError(f"unknown quota {sorted(unknown)[0]!r}")
+        with self._tx() as conn:
+            current = conn.execute(sa.select(quotas).where(quotas.c.owner == owner)
+                                   ).mappings().first()
+            if current is None:
+                conn.execute(quotas.insert().values(owner=owner, **limits))
+            else:
+                conn.execute(quotas.update().where(quotas.c.owner == owner).values(**limits))
+        return self.quota_for(owner)
 
     # ------------------------------------------------------------------- reads
 

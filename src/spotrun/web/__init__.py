@@ -31,6 +31,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import ValidationError
 
 from spotrun.jobs import Job, JobState, OnPreempt, Worker
+from spotrun.quotas import QuotaExceeded
 
 if TYPE_CHECKING:
     from spotrun.api import AppContext, Principal
@@ -353,10 +354,14 @@ def install(app: FastAPI, ctx: AppContext) -> None:
             return submit_page(request, who, name, status=422, values=form, error=words)
         except api.ApiProblem as exc:
             return submit_page(request, who, name, status=422, values=form, error=exc.detail)
-        job = await run(lambda: store.submit(
-            req.pipeline, job_params, priority=req.priority, on_preempt=req.on_preempt,
-            timeout=req.timeout, requires_cuda=cuda, owner=who.name,
-            max_retries=req.max_retries))
+        try:
+            job = await run(lambda: store.submit(
+                req.pipeline, job_params, priority=req.priority, on_preempt=req.on_preempt,
+                timeout=req.timeout, requires_cuda=cuda, owner=who.name,
+                max_retries=req.max_retries,
+                quota=None if who.is_admin else store.quota_for(who.name)))
+        except QuotaExceeded as exc:
+            return submit_page(request, who, name, status=429, values=form, error=str(exc))
         return RedirectResponse(f"/jobs/{job.id}", status_code=303, headers=SECURITY_HEADERS)
 
     # ---------------------------------------------------------------- workers
