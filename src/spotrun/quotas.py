@@ -18,7 +18,8 @@ from spotrun.config import ConfigError
 # (field, environment variable, default, what it limits)
 _LIMITS = (
     ("max_queued", "SPOTRUN_QUOTA_QUEUED", 1000, "jobs waiting in the queue at once"),
-    ("max_running", "SPOTRUN_QUOTA_RUNNING", 0, "jobs running at once (0: no limit)"),
+    # Per user only (spotrun quota set): the claim reads it from the database.
+    ("max_running", "", 0, "jobs running at once (0: no limit)"),
     ("max_retries", "SPOTRUN_QUOTA_MAX_RETRIES", 10, "max_retries a job may ask for"),
     # Above 0 is an operator's right: a user's priority only orders their own jobs.
     ("max_priority", "SPOTRUN_QUOTA_MAX_PRIORITY", 0, "the highest priority a job may have"),
@@ -52,7 +53,7 @@ class Quota:
         """The limits of a user without quotas of their own (from the environment)."""
         values: dict[str, int] = {}
         for name, env, default, _words in _LIMITS:
-            raw = os.environ.get(env, "")
+            raw = os.environ.get(env, "") if env else ""
             if raw == "":
                 values[name] = default
                 continue

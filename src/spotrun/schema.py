@@ -72,8 +72,10 @@ sa.Index(
     sqlite_where=sa.text("state = 'running'"),
 )
 sa.Index("ix_jobs_state_created", jobs.c.state, jobs.c.created_at)
-# A user's jobs: their lists, and the quota and fair-share counts of queued and running.
-sa.Index("ix_jobs_owner_state", jobs.c.owner, jobs.c.state)
+# Fair share and quotas: the owners with queued jobs (a loose scan), each owner's running
+# and queued jobs, and each owner's next job in claim order, all as index ranges.
+sa.Index("ix_jobs_state_owner", jobs.c.state, jobs.c.owner, jobs.c.priority.desc(),
+         jobs.c.created_at, jobs.c.id)
 # Live views follow the most recently changed jobs.
 sa.Index("ix_jobs_updated", jobs.c.updated_at)
 

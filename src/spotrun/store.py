@@ -566,21 +566,9 @@ class JobStore:
                 return None
             job = _job_from_row(picked, ())
             return Lease(job.id, job.attempt, worker_id, worker_name), job
-        # The state test is literal so that it matches the partial index.
-        cond: list[sa.ColumnElement[bool] | sa.TextClause] = [sa.text("jobs.state = 'queued'")]
-        if not has_cuda:
-            cond.append(jobs.c.requires_cuda == sa.false())
-        if pool is not None:
-            cond.append(sa.or_(jobs.c.pool.is_(None), jobs.c.pool == pool))
-        pick = (
-            sa.select(jobs.c.id)
-            .where(*cond)
-            .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
-            .limit(1)
-        )
         stmt = (
             jobs.update()
-            .where(jobs.c.id == pick.scalar_subquery(), sa.text("jobs.state = 'queued'"))
+            .where(jobs.c.id == sa.bindparam("picked"), sa.text("jobs.state = 'queued'"))
             .values(
                 state=JobState.RUNNING.value,
                 attempt=jobs.c.attempt + 1,
@@ -593,7 +581,10 @@ class JobStore:
             .returning(*jobs.c)
         )
         with self._tx() as conn:
-            row = conn.execute(stmt).mappings().first()
+            next_id = _sqlite_pick(conn, has_cuda=has_cuda, pool=pool)
+            if next_id is None:
+                return None
+            row = conn.execute(stmt, {"picked": next_id}).mappings().first()
             if row is None:
                 return None
             job = _job_from_row(row, ())
@@ -1186,6 +1177,55 @@ class JobStore:
         with self._tx(write=False) as conn:
             return [None if r[1] is None else max(0.0, float(r[1]) - float(r[0]))
                     for r in conn.execute(query).all()]
+
+
+def _sqlite_pick(conn: Connection, *, has_cuda: bool, pool: str | None) -> str | None:
+    """The claim's pick on SQLite, shared fairly by owner: the steps of PostgreSQL's
+    ``spotrun_next_job`` (migration 0008), inside the claim's BEGIN IMMEDIATE."""
+    # The state test is literal so that it matches the partial index.
+    queued = sa.text("jobs.state = 'queued'")
+    runnable: list[sa.ColumnElement[bool] | sa.TextClause] = [queued]
+    if not has_cuda:
+        runnable.append(jobs.c.requires_cuda == sa.false())
+    if pool is not None:
+        runnable.append(sa.or_(jobs.c.pool.is_(None), jobs.c.pool == pool))
+    order = (jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
+
+    def first(*cond: sa.ColumnElement[bool] | sa.TextClause) -> str | None:
+        found = conn.execute(sa.select(jobs.c.id).where(*runnable, *cond)
+                             .order_by(*order).limit(1)).scalar()
+        return None if found is None else str(found)
+
+    urgent = first(jobs.c.priority > 0)  # an operator's right: ahead of every share
+    if urgent is not None:
+        return urgent
+    owners = [r[0] for r in conn.execute(
+        sa.select(jobs.c.owner).where(queued).group_by(jobs.c.owner)).all()]
+    if not owners:
+        return None
+
+    def mine(owner: str | None) -> sa.ColumnElement[bool]:
+        return jobs.c.owner.is_(None) if owner is None else jobs.c.owner == owner
+
+    running: dict[str | None, int] = {r[0]: int(r[1]) for r in conn.execute(
+        sa.select(jobs.c.owner, sa.func.count()).where(
+            sa.text("jobs.state = 'running'")).group_by(jobs.c.owner)).all()}
+    limits: dict[str | None, int | None] = {r[0]: r[1] for r in conn.execute(
+        sa.select(quotas.c.owner, quotas.c.max_running)).all()}
+    ranked = []
+    for owner in owners:
+        n = int(running.get(owner, 0))
+        limit = limits.get(owner) or 0
+        if limit and n >= limit:
+            continue
+        head = conn.execute(sa.select(jobs.c.created_at).where(queued, mine(owner))
+                            .order_by(*order).limit(1)).scalar()
+        ranked.append((n, head, owner))
+    for _n, _head, owner in sorted(ranked, key=lambda t: (t[0], t[1])):
+        picked = first(mine(owner))
+        if picked is not None:
+            return picked
+    return None
 
 
 # --------------------------------------------------- PostgreSQL's hot path
