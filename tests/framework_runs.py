@@ -49,6 +49,7 @@ class Preempted:
     seed: int
     handed: list[int] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    files: list[set[str]] = field(default_factory=list)  # of each hand-back's checkpoint
     job: Job | None = None
 
     def messages(self) -> list[str]:
@@ -84,6 +85,9 @@ def preempt_three_times(env: Env, pipeline: str, params: dict[str, Any], *, tota
             handed = [e.message for e in job.events if e.kind == "preempted"][-1]
             assert "checkpoint saved in" in handed, handed
             last = int(handed.split("at step ")[1].split("/")[0])
+            assert job.checkpoint is not None
+            run.files.append({p.name for p in (env.home / "checkpoints" / job.checkpoint)
+                              .rglob("*") if p.is_file()})
             run.handed.append(last)
             live[f"w{round_ + 3}"] = env.worker(f"w{round_ + 3}", preload=True)
         wait_until(lambda: st.get(job_id, with_events=False).state.is_final, 300,

@@ -45,9 +45,9 @@ def test_a_lightning_fit_preempted_three_times_ends_with_the_uninterrupted_weigh
     # Progress carried what the LightningModule logged.
     assert all("train_loss" in m and "epoch" in m for m in run.metrics), run.metrics
     # The checkpoint is Lightning's own state, as safetensors + JSON: no pickle.
-    files = {p.name for p in (env.home / "checkpoints").rglob("*") if p.is_file()}
-    assert {"lightning.safetensors", "lightning.json"} <= files, files
-    assert not [f for f in files if f.endswith((".ckpt", ".pt", ".pth", ".pkl"))], files
+    for files in run.files:
+        assert {"lightning.safetensors", "lightning.json"} <= files, files
+        assert not [f for f in files if f.endswith((".ckpt", ".pt", ".pth", ".pkl"))], files
 
     reference = reference_result(env, "lightning-module", PARAMS)
     assert job.result["steps"] == reference["steps"] == TOTAL
