@@ -29,7 +29,8 @@ class HfTrainerParams(Params):
     epochs: int = Field(2, ge=1, le=100, description="passes over the data")
     samples: int = Field(192, ge=8, le=100_000, description="synthetic sequences")
     length: int = Field(16, ge=4, le=128, description="tokens per sequence")
-    batch_size: int = Field(8, ge=1, le=1024, description="sequences per step")
+    batch_size: int = Field(8, ge=1, le=1024, description="sequences per batch")
+    accumulate: int = Field(1, ge=1, le=64, description="batches per optimizer step")
     lr: float = Field(5e-4, gt=0, le=1, description="peak AdamW learning rate")
     warmup: int = Field(4, ge=0, le=10_000, description="steps of linear warm-up")
     hidden: int = Field(32, ge=8, le=1024, description="BERT hidden size")
@@ -81,7 +82,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="hf-trainer-") as out:
         args = TrainingArguments(
             output_dir=out, num_train_epochs=p.epochs, per_device_train_batch_size=p.batch_size,
-            learning_rate=p.lr, warmup_steps=p.warmup, weight_decay=0.01, seed=p.seed,
+            gradient_accumulation_steps=p.accumulate, learning_rate=p.lr,
+            warmup_steps=p.warmup, weight_decay=0.01, seed=p.seed,
             save_strategy="no", report_to="none", logging_steps=5, disable_tqdm=True,
             use_cpu=True, dataloader_num_workers=0)
         trainer = Trainer(model=model, args=args, train_dataset=Sequences(),

@@ -28,6 +28,7 @@ class LightningModuleParams(Params):
     epochs: int = Field(3, ge=1, le=100, description="passes over the data")
     samples: int = Field(240, ge=8, le=100_000, description="synthetic examples")
     batch_size: int = Field(8, ge=1, le=1024, description="examples per batch")
+    accumulate: int = Field(1, ge=1, le=64, description="batches per optimizer step")
     lr: float = Field(3e-3, gt=0, le=1, description="peak AdamW learning rate")
     warmup: int = Field(5, ge=0, le=10_000, description="steps of linear warm-up")
     dropout: float = Field(0.2, ge=0, lt=1)
@@ -58,7 +59,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     train = data_loader(TensorDataset(x[:p.samples], y[:p.samples]), seed=p.seed,
                         batch_size=p.batch_size, num_workers=p.workers)
     val = DataLoader(TensorDataset(x[p.samples:], y[p.samples:]), batch_size=32)
-    total = p.epochs * len(train)
+    total = p.epochs * -(-len(train) // p.accumulate)  # optimizer steps
 
     class Classifier(pl.LightningModule):
         def __init__(self) -> None:
@@ -92,6 +93,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     torch.manual_seed(p.seed)  # the initial weights; a resumed run loads its own
     model = Classifier()
     trainer = pl.Trainer(max_epochs=p.epochs, accelerator="cpu", devices=1,
+                         accumulate_grad_batches=p.accumulate,
                          callbacks=[SpotrunCheckpoint(ctx)], logger=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, default_root_dir=None)
