@@ -52,3 +52,45 @@ def test_a_lightning_fit_preempted_three_times_ends_with_the_uninterrupted_weigh
     reference = reference_result(env, "lightning-module", PARAMS)
     assert job.result["steps"] == reference["steps"] == TOTAL
     assert job.result["weights_sha256"] == reference["weights_sha256"], (run.seed, run.handed)
+
+
+def test_the_resumable_loader_starts_a_resumed_epoch_at_its_next_batch() -> None:
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from spotrun.integrations.lightning import data_loader
+
+    data = TensorDataset(torch.arange(20))
+
+    def loader() -> torch.utils.data.DataLoader:  # type: ignore[type-arg]
+        return data_loader(data, seed=9, batch_size=3)
+
+    first = loader()
+    first.sampler.set_epoch(1)  # as Lightning does before each epoch
+    whole = [b[0].tolist() for b in first]
+    assert len(whole) == len(first) == 7 and sorted(i for b in whole for i in b) == list(range(20))
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = first.state_dict()
+    assert state == {"epoch": 1, "batch": 3}
+
+    resumed = loader()
+    resumed.load_state_dict(state)
+    # Lightning sets the epoch again after loading the state: the start batch stays.
+    resumed.sampler.set_epoch(1)
+    assert len(resumed) == 7  # Lightning counts the batches already consumed itself
+    assert [b[0].tolist() for b in resumed] == whole[3:]
+    assert resumed.state_dict() == {"epoch": 1, "batch": 7}
+    # The next epoch starts at its beginning, in its own order.
+    resumed.sampler.set_epoch(2)
+    following = [b[0].tolist() for b in resumed]
+    assert len(following) == 7 and following != whole
+
+    # A position at the end of an epoch resumes at the start of the next one.
+    ended = loader()
+    ended.load_state_dict({"epoch": 1, "batch": 7})
+    ended.sampler.set_epoch(2)
+    assert [b[0].tolist() for b in ended] == following
+    with pytest.raises(TypeError, match="drop_last"):
+        data_loader(data, seed=9, batch_size=3, drop_last=True)
