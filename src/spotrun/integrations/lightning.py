@@ -30,6 +30,7 @@ this module.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -45,6 +46,7 @@ from spotrun.integrations._common import (
     tree_to_files,
 )
 from spotrun.integrations.torch import (
+    STATE_FILE,
     EpochSampler,
     StateMismatch,
     TrainState,
@@ -96,8 +98,8 @@ class SpotrunCheckpoint(Checkpoint):
         connector._loaded_checkpoint = checkpoint
         self._rng_files = dict(files)
         self.resumed_from = int(doc.get("step", 0))
-        device = "cuda" if pl_module.device.type == "cuda" else pl_module.device.type
-        note_if_not_identical(self.ctx, saved_environment(files), environment(device))
+        note_if_not_identical(self.ctx, saved_environment(files),
+                              environment(_device_type(trainer)))
         self.ctx.log.info("resuming Lightning fit from step %d", self.resumed_from)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -153,13 +155,23 @@ class SpotrunCheckpoint(Checkpoint):
             for key in _OPTIONAL:
                 checkpoint.pop(key, None)
             files = tree_to_files(checkpoint, _NAME, FORMAT, step=step)
-        rng = TrainState().as_state(step)
-        return State(step, {**rng.files, **files}, {**rng.meta, "format": FORMAT})
+        rng = TrainState().capture()  # the global RNGs
+        # The environment recorded there is that of a state without modules (the CPU's):
+        # record the device the Trainer trains on instead.
+        env = environment(_device_type(trainer))
+        doc = json.loads(rng[STATE_FILE])
+        doc["env"] = env
+        rng[STATE_FILE] = json.dumps(doc, sort_keys=True, allow_nan=True).encode()
+        return State(step, {**rng, **files}, {"format": FORMAT, "env": env})
 
     @staticmethod
     def _total(trainer: pl.Trainer) -> int | None:
         total = trainer.estimated_stepping_batches
         return int(total) if total != float("inf") else None
+
+
+def _device_type(trainer: pl.Trainer) -> str:
+    return str(trainer.strategy.root_device.type)
 
 
 class _ResumableSampler(EpochSampler):
