@@ -120,12 +120,12 @@ class SpotrunCheckpoint(Checkpoint):
         self._before_validation = RngSnapshot()
         if trainer.global_step == self._steps_seen:
             return  # inside a gradient accumulation: not a boundary
+        self._steps_seen = trainer.global_step
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             # Lightning resumes from the end of an epoch's last batch, but a checkpoint
             # taken later in that resumed run restarts it wrongly (its epoch counters):
-            # the boundary after the next batch serves instead.
+            # the next optimizer step's boundary serves instead.
             return
-        self._steps_seen = trainer.global_step
         metrics = scalar_metrics(trainer.callback_metrics)
         if isinstance(outputs, Mapping) and "loss" in outputs:
             metrics.setdefault("loss", scalar_metrics({"loss": outputs["loss"]})["loss"])
