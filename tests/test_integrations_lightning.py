@@ -21,8 +21,8 @@ pytestmark = [
                        reason="the lightning extra is not installed"),
 ]
 
-PARAMS = {"epochs": 3, "samples": 240, "batch_size": 8, "seed": 5}
-PER_EPOCH, TOTAL = 30, 90
+PARAMS = {"epochs": 3, "samples": 160, "batch_size": 8, "seed": 5}
+PER_EPOCH, TOTAL = 20, 60
 
 
 def test_a_lightning_fit_preempted_three_times_ends_with_the_uninterrupted_weights(
