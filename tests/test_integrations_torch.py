@@ -16,6 +16,7 @@ from safetensors.torch import load
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from spotrun.checkpoints import CheckpointStore, Loaded
 from spotrun.integrations.torch import (
     DataPosition,
     EpochSampler,
@@ -25,6 +26,7 @@ from spotrun.integrations.torch import (
     differences,
     environment,
 )
+from spotrun.pipelines import JobContext
 
 
 def _net(seed: int = 0) -> nn.Module:
@@ -257,3 +259,50 @@ def test_worker_processes_are_seeded_from_seed_and_epoch() -> None:
     a.sampler.set_epoch(2)
     assert _worker_draws(a) != first
     assert not any(math.isnan(v) for v in first)
+
+
+# ------------------------------------------------------------------ digits-train
+
+
+def _v0_checkpoint(steps: int, *, epochs: int, seed: int) -> Loaded:
+    """What spotrun 0.1's digits-train wrote after ``steps`` steps (before the helpers)."""
+    import torch.nn.functional as F
+
+    from spotrun.pipelines import digits
+
+    data = digits.load_split()
+    net = digits.init_net(64, seed)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    n, batch_size = len(data.x_train), 32
+    per_epoch = -(-n // batch_size)
+    for step in range(steps):
+        epoch, batch = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(
+            seed * 1_000_003 + epoch))
+        idx = order[batch * batch_size:(batch + 1) * batch_size]
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(data.x_train[idx]), data.y_train[idx]).backward()
+        opt.step()
+    tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
+    for i, st in opt.state_dict()["state"].items():
+        for key, value in st.items():
+            tensors[f"optim.{i}.{key}"] = torch.as_tensor(value)
+    meta = {"step": steps, "total": epochs * per_epoch,
+            "env": {"torch": torch.__version__, "device": "cpu",
+                    "threads": torch.get_num_threads()}}
+    files = {"tensors.safetensors": digits.tensors_to_bytes(tensors),
+             "state.json": json.dumps(meta).encode()}
+    return Loaded(path="jobs/old/a0001-s000000050", step=steps, files=files, meta={})
+
+
+def test_digits_train_resumes_a_checkpoint_written_before_the_helpers(tmp_path: Any) -> None:
+    from spotrun.local import _InlineDriver, run_inline
+    from spotrun.pipelines.digits_train import PIPELINE
+
+    params = PIPELINE.validate({"epochs": 2, "seed": 4})
+    ctx = JobContext(job_id="old", attempt=2, params=params, resume=_v0_checkpoint(
+        50, epochs=2, seed=4), driver=_InlineDriver(CheckpointStore(str(tmp_path)), "old"))
+    resumed = PIPELINE.run(ctx)
+    assert resumed["steps"] == 90
+    assert resumed["weights_sha256"] == run_inline(
+        "digits-train", {"epochs": 2, "seed": 4})["weights_sha256"]
