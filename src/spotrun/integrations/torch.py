@@ -22,6 +22,7 @@ Imports torch (and NumPy when installed): only a running pipeline imports this m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import random
@@ -241,6 +242,21 @@ def note_if_not_identical(ctx: JobContext, saved: Mapping[str, Any],
         ctx.note(f"resumed on different hardware or software ({', '.join(changed)}): the "
                  "result will be correct but not bit-identical to an uninterrupted run")
     return bool(changed)
+
+
+def weights_sha256(weights: torch.nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """sha256 over a module's state dict (or any named tensors) in a canonical order:
+    name, dtype, shape, bytes. Equal digests mean equal weights, bit for bit."""
+    state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        digest.update(name.encode())
+        digest.update(str(t.dtype).encode())
+        digest.update(json.dumps(list(t.shape)).encode())
+        # Through a byte view: NumPy has no bfloat16.
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------- data order
@@ -504,4 +520,5 @@ __all__ = [
     "epoch_order",
     "note_if_not_identical",
     "saved_environment",
+    "weights_sha256",
 ]

@@ -76,11 +76,10 @@ def run(ctx: JobContext) -> dict[str, Any]:
         return ts.as_state(step)
 
     ctx.set_state(state)
-    ctx.progress(step, total)
+    if ctx.progress(step, total):
+        ctx.stop()
     loss_value = float("nan")
     while step < total:
-        if ctx.should_stop():
-            ctx.stop()
         epoch, batch = divmod(step, per_epoch)
         order = epoch_order(n, p.seed, epoch)
         idx = order[batch * p.batch_size:(batch + 1) * p.batch_size].to(device)
@@ -92,7 +91,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
         if p.step_delay:
             time.sleep(p.step_delay)
         loss_value = float(loss.detach())
-        ctx.progress(step, total, loss=round(loss_value, 5), epoch=epoch + 1)
+        if ctx.progress(step, total, loss=round(loss_value, 5), epoch=epoch + 1):
+            ctx.stop()
 
     with torch.no_grad():
         predicted = net(data.x_test.to(device)).argmax(dim=1).cpu()
