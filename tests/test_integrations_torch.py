@@ -198,7 +198,7 @@ def _dataset(n: int = 37) -> TensorDataset:
 def _epochs(loader: Any, epochs: int, start: tuple[int, int] = (0, 0)) -> list[list[int]]:
     seen = []
     for epoch in range(start[0], epochs):
-        loader.sampler.set_epoch(epoch, start[1] if epoch == start[0] else 0)
+        loader.set_epoch(epoch, start[1] if epoch == start[0] else 0)
         seen += [xb.tolist() for xb, _ in loader]
     return seen
 
@@ -215,9 +215,10 @@ def test_each_epoch_has_its_own_order_derived_from_seed_and_epoch() -> None:
 
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_a_loader_with_worker_processes_resumes_at_the_exact_batch(drop_last: bool) -> None:
-    whole = _epochs(data_loader(_dataset(), seed=3, batch_size=4, num_workers=2,
-                                drop_last=drop_last), 3)
+    loader = data_loader(_dataset(), seed=3, batch_size=4, num_workers=2, drop_last=drop_last)
+    whole = _epochs(loader, 3)
     per_epoch = 9 if drop_last else 10
+    assert loader.batches_per_epoch() == per_epoch
     assert len(whole) == 3 * per_epoch
     for epoch, batch in [(0, 0), (1, 3), (1, per_epoch - 1), (2, 1)]:
         resumed = _epochs(data_loader(_dataset(), seed=3, batch_size=4, num_workers=2,
@@ -252,11 +253,11 @@ class _Noisy(torch.utils.data.Dataset[tuple[float, int]]):
 def test_worker_processes_are_seeded_from_seed_and_epoch() -> None:
     a = data_loader(_Noisy(), seed=3, batch_size=1, num_workers=2)
     b = data_loader(_Noisy(), seed=3, batch_size=1, num_workers=2)
-    a.sampler.set_epoch(1)
-    b.sampler.set_epoch(1)
+    a.set_epoch(1)
+    b.set_epoch(1)
     first = _worker_draws(a)
     assert first == _worker_draws(b)
-    a.sampler.set_epoch(2)
+    a.set_epoch(2)
     assert _worker_draws(a) != first
     assert not any(math.isnan(v) for v in first)
 

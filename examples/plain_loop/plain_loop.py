@@ -57,7 +57,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     y = (x @ torch.randn(16, 4, generator=gen)).argmax(dim=1)
     loader = data_loader(TensorDataset(x, y), seed=p.seed, batch_size=p.batch_size,
                          num_workers=p.workers)
-    per_epoch = loader.sampler.batches()
+    per_epoch = loader.batches_per_epoch()
     total = p.epochs * per_epoch  # micro-batches: a spotrun step each
     opt_steps = math.ceil(total / p.accumulate)
 
@@ -87,7 +87,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         ctx.stop()
     model.train()
     while pos.epoch < p.epochs:
-        loader.sampler.set_epoch(pos.epoch, start_batch=pos.batch)
+        loader.set_epoch(pos.epoch, start_batch=pos.batch)
         for xb, yb in loader:
             with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 logits = model(xb)

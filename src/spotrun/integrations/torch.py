@@ -277,7 +277,9 @@ class EpochSampler(Sampler[int]):
     would then consume at another moment than an uninterrupted one. With it, worker
     processes are seeded from (seed, epoch); randomness inside workers that must survive a
     mid-epoch resume has to derive from the sample's index, since a resumed epoch hands its
-    batches to the workers in another rotation. :func:`data_loader` wires both.
+    batches to the workers in another rotation. :func:`data_loader` wires both (a
+    ``DataLoader`` over this sampler with ``drop_last`` also works: the start is counted
+    in whole batches).
     """
 
     def __init__(self, data: Sized | int, *, seed: int, batch_size: int,
@@ -317,9 +319,26 @@ class EpochSampler(Sampler[int]):
         return max(0, self.size - self.start_batch * self.batch_size)
 
 
+class ResumableLoader(DataLoader[Any]):
+    """A ``DataLoader`` over an :class:`EpochSampler` and its generator (see there).
+
+    Call :meth:`set_epoch` before iterating each epoch; :meth:`batches_per_epoch` counts
+    an epoch's batches (``drop_last`` included).
+    """
+
+    epoch_sampler: EpochSampler
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Iterate ``epoch`` from its batch ``start_batch`` on."""
+        self.epoch_sampler.set_epoch(epoch, start_batch)
+
+    def batches_per_epoch(self) -> int:
+        return self.epoch_sampler.batches(drop_last=self.drop_last)
+
+
 def data_loader(dataset: Dataset[Any], *, seed: int, batch_size: int, shuffle: bool = True,
-                **kwargs: Any) -> DataLoader[Any]:
-    """A ``DataLoader`` over an :class:`EpochSampler` (its ``.sampler``) and its generator.
+                **kwargs: Any) -> ResumableLoader:
+    """A :class:`ResumableLoader` whose order derives from (seed, epoch).
 
     Any other ``DataLoader`` argument passes through (``num_workers``, ``drop_last``, ...).
     """
@@ -328,8 +347,10 @@ def data_loader(dataset: Dataset[Any], *, seed: int, batch_size: int, shuffle: b
             raise TypeError(f"data_loader sets {taken} itself")
     sampler = EpochSampler(len(dataset), seed=seed,  # type: ignore[arg-type]
                            batch_size=batch_size, shuffle=shuffle)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                      generator=sampler.generator, **kwargs)
+    loader = ResumableLoader(dataset, batch_size=batch_size, sampler=sampler,
+                             generator=sampler.generator, **kwargs)
+    loader.epoch_sampler = sampler
+    return loader
 
 
 # ------------------------------------------------------------- the JSON + tensors tree
@@ -512,6 +533,7 @@ __all__ = [
     "FORMAT",
     "DataPosition",
     "EpochSampler",
+    "ResumableLoader",
     "StateMismatch",
     "TrainState",
     "data_loader",
