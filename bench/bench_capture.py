@@ -13,7 +13,8 @@ whole state into bytes in memory:
   the floor any checkpoint of these tensors pays.
 
 The two are timed alternately, ``--reps`` times each (after a warm-up), so that a noisy
-spell of the machine hits both; the ratio is of the medians. Goal: helpers within 1.2x.
+spell of the machine hits both. Reported: the ratio of the medians, the median of the
+per-pair ratios (the verdict) and the ratio of the fastest runs. Goal: within 1.2x.
 
     python bench/bench_capture.py            # ~1 min
     python bench/bench_capture.py --quick    # 5 reps
@@ -32,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Run, pct, table
+from _common import Run, table
 
 GOAL = 1.2
 
@@ -67,15 +68,15 @@ def _one_step(model: Any) -> Any:
     return opt
 
 
-def _timed(fn: Callable[[], bytes]) -> tuple[float, int]:
+def _timed(fn: Callable[[], int]) -> tuple[float, int]:
     start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, len(out)
+    nbytes = fn()
+    return time.perf_counter() - start, nbytes
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--reps", type=int, default=21)
     ap.add_argument("--quick", action="store_true", help="5 reps")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
@@ -100,12 +101,11 @@ def main() -> None:
                    for k, v in tensors.items()}
         params = sum(p.numel() for p in model.parameters())
 
-        def helpers(ts: TrainState = ts) -> bytes:
-            files = ts.capture()
-            return files["tensors.safetensors"] + files["state.json"]
+        def helpers(ts: TrainState = ts) -> int:
+            return sum(len(data) for data in ts.capture().values())
 
-        def direct(tensors: dict[str, Any] = tensors) -> bytes:
-            return save(tensors)
+        def direct(tensors: dict[str, Any] = tensors) -> int:
+            return len(save(tensors))
 
         helpers()
         direct()
@@ -118,18 +118,25 @@ def main() -> None:
             t, d_bytes = _timed(direct)
             d_times.append(t)
         ratio = statistics.median(h_times) / statistics.median(d_times)
+        # On a shared machine the spells of load dwarf the difference; the fastest run of
+        # each side and the median of the pair ratios are the steadier measures.
+        pairs = statistics.median(h / d for h, d in zip(h_times, d_times, strict=True))
+        best = min(h_times) / min(d_times)
         run.results[name] = {"params": params, "helpers_s": h_times, "direct_s": d_times,
                              "helpers_bytes": h_bytes, "direct_bytes": d_bytes,
-                             "ratio": ratio}
+                             "ratio_of_medians": ratio, "median_pair_ratio": pairs,
+                             "ratio_of_minima": best}
         rows.append([name, f"{params:,}", f"{h_bytes / 1e6:.2f}",
                      f"{statistics.median(d_times) * 1e3:.2f}",
                      f"{statistics.median(h_times) * 1e3:.2f}",
-                     f"{pct(h_times, 90) * 1e3:.2f}", f"{ratio:.2f}x",
-                     "met" if ratio <= GOAL else "not met"])
+                     f"{min(d_times) * 1e3:.2f} / {min(h_times) * 1e3:.2f}",
+                     f"{ratio:.2f}x", f"{pairs:.2f}x", f"{best:.2f}x",
+                     "met" if pairs <= GOAL else "not met"])
         print(f"{name}: helpers {statistics.median(h_times) * 1e3:.2f} ms, direct "
               f"{statistics.median(d_times) * 1e3:.2f} ms, {ratio:.2f}x", flush=True)
-    markdown = table(["state", "parameters", "MB", "safetensors direct, median ms",
-                      "helpers, median ms", "helpers p90 ms", "ratio", "goal 1.2x"], rows)
+    markdown = table(["state", "parameters", "MB", "direct median ms", "helpers median ms",
+                      "fastest ms (direct / helpers)", "ratio of medians",
+                      "median pair ratio", "ratio of fastest", "goal 1.2x (pairs)"], rows)
     run.finish(f"device {args.device}, {reps} alternated reps each, torch threads "
                f"{torch.get_num_threads()}\n\n{markdown}", extra_versions=["safetensors"])
 
