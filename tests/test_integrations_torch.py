@@ -162,14 +162,23 @@ def test_a_checkpoint_that_does_not_fit_is_refused_with_a_clear_line() -> None:
     with pytest.raises(StateMismatch, match=r"checkpoint has modules \['net'\], this "
                                             r"TrainState has \['model'\]"):
         dataclasses.replace(_loop(), modules={"model": _net()}).restore(files)
-    net = _net()
+    net = _net(seed=5)  # other weights than the checkpoint's
     one_group = TrainState(modules={"net": net},
                            optimizers={"opt": torch.optim.AdamW(net.parameters())},
                            schedulers={"sched": _loop().schedulers["sched"]},
                            scaler=torch.amp.GradScaler("cpu"),
                            generators=_loop().generators)
+    before = [p.detach().clone() for p in net.parameters()]
     with pytest.raises(StateMismatch, match="optimizer 'opt' does not fit"):
         one_group.restore(files)
+    # A refused restore changes nothing.
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+    before = [p.detach().clone() for p in wider.modules["net"].parameters()]
+    with pytest.raises(StateMismatch, match=r"0\.weight has shape \[32, 8\] here, "
+                                            r"\[16, 8\] in the checkpoint"):
+        wider.restore(files)
+    assert all(torch.equal(a, b) for a, b in zip(
+        before, wider.modules["net"].parameters(), strict=True))
     with pytest.raises(StateMismatch, match=r"not a spotrun\.torch checkpoint"):
         TrainState().restore({"state.json": b"{}"})
 

@@ -96,7 +96,8 @@ class TrainState:
         from safetensors.torch import save
 
         tensors: dict[str, torch.Tensor] = {}
-        doc: dict[str, Any] = {"format": FORMAT, "env": environment(self.device_type())}
+        doc: dict[str, Any] = {"format": FORMAT, "env": environment(self.device_type()),
+                               "modules": sorted(self.modules)}
         for name, module in self.modules.items():
             for key, value in module.state_dict().items():
                 tensors[f"module.{name}.{key}"] = value
@@ -145,8 +146,8 @@ class TrainState:
             raise StateMismatch(
                 f"checkpoint format {doc.get('format')!r} is not {FORMAT!r}")
         tensors = load(files[TENSORS_FILE])
-        _same_names("modules", self.modules,
-                    {k.split(".", 2)[1] for k in tensors if k.startswith("module.")})
+        # Everything that can be checked is checked before anything changes.
+        _same_names("modules", self.modules, doc["modules"])
         _same_names("optimizers", self.optimizers, doc["optimizers"])
         _same_names("schedulers", self.schedulers, doc["schedulers"])
         _same_names("generators", self.generators, doc["generators"])
@@ -154,10 +155,16 @@ class TrainState:
             raise StateMismatch("checkpoint has a GradScaler and this TrainState none, or the "
                                 "other way round")
         for name, module in self.modules.items():
+            _check_module(name, module, tensors)
+        saved_opts = {name: _decode(doc["optimizers"][name], tensors)
+                      for name in self.optimizers}
+        for name, opt in self.optimizers.items():
+            _check_optimizer(name, opt, saved_opts[name])
+        for name, module in self.modules.items():
             _restore_module(name, module, tensors)
         for name, opt in self.optimizers.items():
             try:
-                opt.load_state_dict(_decode(doc["optimizers"][name], tensors))
+                opt.load_state_dict(saved_opts[name])
             except (ValueError, KeyError, RuntimeError) as exc:
                 raise StateMismatch(f"optimizer {name!r} does not fit the checkpoint: "
                                     f"{_first_line(exc)}") from None
@@ -422,6 +429,31 @@ def _same_names(kind: str, mine: Mapping[str, Any], saved: Any) -> None:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _check_module(name: str, module: torch.nn.Module,
+                  tensors: Mapping[str, torch.Tensor]) -> None:
+    prefix = f"module.{name}."
+    saved = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    mine = module.state_dict()
+    missing, unexpected = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
+    if missing or unexpected:
+        raise StateMismatch(f"module {name!r} does not fit the checkpoint: missing "
+                            f"{missing[:5]}, unexpected {unexpected[:5]}")
+    for key, value in mine.items():
+        if tuple(value.shape) != tuple(saved[key].shape):
+            raise StateMismatch(
+                f"module {name!r} does not fit the checkpoint: {key} has shape "
+                f"{list(value.shape)} here, {list(saved[key].shape)} in the checkpoint")
+
+
+def _check_optimizer(name: str, opt: torch.optim.Optimizer, saved: Any) -> None:
+    groups = saved.get("param_groups", []) if isinstance(saved, dict) else []
+    mine = [len(g["params"]) for g in opt.param_groups]
+    theirs = [len(g.get("params", [])) for g in groups]
+    if mine != theirs:
+        raise StateMismatch(f"optimizer {name!r} does not fit the checkpoint: parameters per "
+                            f"group {mine} here, {theirs} in the checkpoint")
 
 
 def _restore_module(name: str, module: torch.nn.Module,
