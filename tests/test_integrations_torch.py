@@ -16,6 +16,7 @@ from safetensors.torch import load
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from spotrun.checkpoints import CheckpointStore, Loaded
 from spotrun.integrations.torch import (
     DataPosition,
     EpochSampler,
@@ -25,6 +26,7 @@ from spotrun.integrations.torch import (
     differences,
     environment,
 )
+from spotrun.pipelines import JobContext
 
 
 def _net(seed: int = 0) -> nn.Module:
@@ -160,14 +162,23 @@ def test_a_checkpoint_that_does_not_fit_is_refused_with_a_clear_line() -> None:
     with pytest.raises(StateMismatch, match=r"checkpoint has modules \['net'\], this "
                                             r"TrainState has \['model'\]"):
         dataclasses.replace(_loop(), modules={"model": _net()}).restore(files)
-    net = _net()
+    net = _net(seed=5)  # other weights than the checkpoint's
     one_group = TrainState(modules={"net": net},
                            optimizers={"opt": torch.optim.AdamW(net.parameters())},
                            schedulers={"sched": _loop().schedulers["sched"]},
                            scaler=torch.amp.GradScaler("cpu"),
                            generators=_loop().generators)
+    before = [p.detach().clone() for p in net.parameters()]
     with pytest.raises(StateMismatch, match="optimizer 'opt' does not fit"):
         one_group.restore(files)
+    # A refused restore changes nothing.
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+    before = [p.detach().clone() for p in wider.modules["net"].parameters()]
+    with pytest.raises(StateMismatch, match=r"0\.weight has shape \[32, 8\] here, "
+                                            r"\[16, 8\] in the checkpoint"):
+        wider.restore(files)
+    assert all(torch.equal(a, b) for a, b in zip(
+        before, wider.modules["net"].parameters(), strict=True))
     with pytest.raises(StateMismatch, match=r"not a spotrun\.torch checkpoint"):
         TrainState().restore({"state.json": b"{}"})
 
@@ -196,7 +207,7 @@ def _dataset(n: int = 37) -> TensorDataset:
 def _epochs(loader: Any, epochs: int, start: tuple[int, int] = (0, 0)) -> list[list[int]]:
     seen = []
     for epoch in range(start[0], epochs):
-        loader.sampler.set_epoch(epoch, start[1] if epoch == start[0] else 0)
+        loader.set_epoch(epoch, start[1] if epoch == start[0] else 0)
         seen += [xb.tolist() for xb, _ in loader]
     return seen
 
@@ -213,9 +224,10 @@ def test_each_epoch_has_its_own_order_derived_from_seed_and_epoch() -> None:
 
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_a_loader_with_worker_processes_resumes_at_the_exact_batch(drop_last: bool) -> None:
-    whole = _epochs(data_loader(_dataset(), seed=3, batch_size=4, num_workers=2,
-                                drop_last=drop_last), 3)
+    loader = data_loader(_dataset(), seed=3, batch_size=4, num_workers=2, drop_last=drop_last)
+    whole = _epochs(loader, 3)
     per_epoch = 9 if drop_last else 10
+    assert loader.batches_per_epoch() == per_epoch
     assert len(whole) == 3 * per_epoch
     for epoch, batch in [(0, 0), (1, 3), (1, per_epoch - 1), (2, 1)]:
         resumed = _epochs(data_loader(_dataset(), seed=3, batch_size=4, num_workers=2,
@@ -250,10 +262,57 @@ class _Noisy(torch.utils.data.Dataset[tuple[float, int]]):
 def test_worker_processes_are_seeded_from_seed_and_epoch() -> None:
     a = data_loader(_Noisy(), seed=3, batch_size=1, num_workers=2)
     b = data_loader(_Noisy(), seed=3, batch_size=1, num_workers=2)
-    a.sampler.set_epoch(1)
-    b.sampler.set_epoch(1)
+    a.set_epoch(1)
+    b.set_epoch(1)
     first = _worker_draws(a)
     assert first == _worker_draws(b)
-    a.sampler.set_epoch(2)
+    a.set_epoch(2)
     assert _worker_draws(a) != first
     assert not any(math.isnan(v) for v in first)
+
+
+# ------------------------------------------------------------------ digits-train
+
+
+def _v0_checkpoint(steps: int, *, epochs: int, seed: int) -> Loaded:
+    """What spotrun 0.1's digits-train wrote after ``steps`` steps (before the helpers)."""
+    import torch.nn.functional as F
+
+    from spotrun.pipelines import digits
+
+    data = digits.load_split()
+    net = digits.init_net(64, seed)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    n, batch_size = len(data.x_train), 32
+    per_epoch = -(-n // batch_size)
+    for step in range(steps):
+        epoch, batch = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(
+            seed * 1_000_003 + epoch))
+        idx = order[batch * batch_size:(batch + 1) * batch_size]
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(data.x_train[idx]), data.y_train[idx]).backward()
+        opt.step()
+    tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
+    for i, st in opt.state_dict()["state"].items():
+        for key, value in st.items():
+            tensors[f"optim.{i}.{key}"] = torch.as_tensor(value)
+    meta = {"step": steps, "total": epochs * per_epoch,
+            "env": {"torch": torch.__version__, "device": "cpu",
+                    "threads": torch.get_num_threads()}}
+    files = {"tensors.safetensors": digits.tensors_to_bytes(tensors),
+             "state.json": json.dumps(meta).encode()}
+    return Loaded(path="jobs/old/a0001-s000000050", step=steps, files=files, meta={})
+
+
+def test_digits_train_resumes_a_checkpoint_written_before_the_helpers(tmp_path: Any) -> None:
+    from spotrun.local import _InlineDriver, run_inline
+    from spotrun.pipelines.digits_train import PIPELINE
+
+    params = PIPELINE.validate({"epochs": 2, "seed": 4})
+    ctx = JobContext(job_id="old", attempt=2, params=params, resume=_v0_checkpoint(
+        50, epochs=2, seed=4), driver=_InlineDriver(CheckpointStore(str(tmp_path)), "old"))
+    resumed = PIPELINE.run(ctx)
+    assert resumed["steps"] == 90
+    assert resumed["weights_sha256"] == run_inline(
+        "digits-train", {"epochs": 2, "seed": 4})["weights_sha256"]

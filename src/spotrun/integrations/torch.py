@@ -22,6 +22,7 @@ Imports torch (and NumPy when installed): only a running pipeline imports this m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import random
@@ -95,7 +96,8 @@ class TrainState:
         from safetensors.torch import save
 
         tensors: dict[str, torch.Tensor] = {}
-        doc: dict[str, Any] = {"format": FORMAT, "env": environment(self.device_type())}
+        doc: dict[str, Any] = {"format": FORMAT, "env": environment(self.device_type()),
+                               "modules": sorted(self.modules)}
         for name, module in self.modules.items():
             for key, value in module.state_dict().items():
                 tensors[f"module.{name}.{key}"] = value
@@ -144,8 +146,8 @@ class TrainState:
             raise StateMismatch(
                 f"checkpoint format {doc.get('format')!r} is not {FORMAT!r}")
         tensors = load(files[TENSORS_FILE])
-        _same_names("modules", self.modules,
-                    {k.split(".", 2)[1] for k in tensors if k.startswith("module.")})
+        # Everything that can be checked is checked before anything changes.
+        _same_names("modules", self.modules, doc["modules"])
         _same_names("optimizers", self.optimizers, doc["optimizers"])
         _same_names("schedulers", self.schedulers, doc["schedulers"])
         _same_names("generators", self.generators, doc["generators"])
@@ -153,10 +155,16 @@ class TrainState:
             raise StateMismatch("checkpoint has a GradScaler and this TrainState none, or the "
                                 "other way round")
         for name, module in self.modules.items():
+            _check_module(name, module, tensors)
+        saved_opts = {name: _decode(doc["optimizers"][name], tensors)
+                      for name in self.optimizers}
+        for name, opt in self.optimizers.items():
+            _check_optimizer(name, opt, saved_opts[name])
+        for name, module in self.modules.items():
             _restore_module(name, module, tensors)
         for name, opt in self.optimizers.items():
             try:
-                opt.load_state_dict(_decode(doc["optimizers"][name], tensors))
+                opt.load_state_dict(saved_opts[name])
             except (ValueError, KeyError, RuntimeError) as exc:
                 raise StateMismatch(f"optimizer {name!r} does not fit the checkpoint: "
                                     f"{_first_line(exc)}") from None
@@ -243,6 +251,21 @@ def note_if_not_identical(ctx: JobContext, saved: Mapping[str, Any],
     return bool(changed)
 
 
+def weights_sha256(weights: torch.nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """sha256 over a module's state dict (or any named tensors) in a canonical order:
+    name, dtype, shape, bytes. Equal digests mean equal weights, bit for bit."""
+    state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        digest.update(name.encode())
+        digest.update(str(t.dtype).encode())
+        digest.update(json.dumps(list(t.shape)).encode())
+        # Through a byte view: NumPy has no bfloat16.
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 # --------------------------------------------------------------------- data order
 
 
@@ -261,7 +284,9 @@ class EpochSampler(Sampler[int]):
     would then consume at another moment than an uninterrupted one. With it, worker
     processes are seeded from (seed, epoch); randomness inside workers that must survive a
     mid-epoch resume has to derive from the sample's index, since a resumed epoch hands its
-    batches to the workers in another rotation. :func:`data_loader` wires both.
+    batches to the workers in another rotation. :func:`data_loader` wires both (a
+    ``DataLoader`` over this sampler with ``drop_last`` also works: the start is counted
+    in whole batches).
     """
 
     def __init__(self, data: Sized | int, *, seed: int, batch_size: int,
@@ -301,9 +326,26 @@ class EpochSampler(Sampler[int]):
         return max(0, self.size - self.start_batch * self.batch_size)
 
 
+class ResumableLoader(DataLoader[Any]):
+    """A ``DataLoader`` over an :class:`EpochSampler` and its generator (see there).
+
+    Call :meth:`set_epoch` before iterating each epoch; :meth:`batches_per_epoch` counts
+    an epoch's batches (``drop_last`` included).
+    """
+
+    epoch_sampler: EpochSampler
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Iterate ``epoch`` from its batch ``start_batch`` on."""
+        self.epoch_sampler.set_epoch(epoch, start_batch)
+
+    def batches_per_epoch(self) -> int:
+        return self.epoch_sampler.batches(drop_last=self.drop_last)
+
+
 def data_loader(dataset: Dataset[Any], *, seed: int, batch_size: int, shuffle: bool = True,
-                **kwargs: Any) -> DataLoader[Any]:
-    """A ``DataLoader`` over an :class:`EpochSampler` (its ``.sampler``) and its generator.
+                **kwargs: Any) -> ResumableLoader:
+    """A :class:`ResumableLoader` whose order derives from (seed, epoch).
 
     Any other ``DataLoader`` argument passes through (``num_workers``, ``drop_last``, ...).
     """
@@ -312,8 +354,10 @@ def data_loader(dataset: Dataset[Any], *, seed: int, batch_size: int, shuffle: b
             raise TypeError(f"data_loader sets {taken} itself")
     sampler = EpochSampler(len(dataset), seed=seed,  # type: ignore[arg-type]
                            batch_size=batch_size, shuffle=shuffle)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                      generator=sampler.generator, **kwargs)
+    loader = ResumableLoader(dataset, batch_size=batch_size, sampler=sampler,
+                             generator=sampler.generator, **kwargs)
+    loader.epoch_sampler = sampler
+    return loader
 
 
 # ------------------------------------------------------------- the JSON + tensors tree
@@ -385,6 +429,31 @@ def _same_names(kind: str, mine: Mapping[str, Any], saved: Any) -> None:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _check_module(name: str, module: torch.nn.Module,
+                  tensors: Mapping[str, torch.Tensor]) -> None:
+    prefix = f"module.{name}."
+    saved = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    mine = module.state_dict()
+    missing, unexpected = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
+    if missing or unexpected:
+        raise StateMismatch(f"module {name!r} does not fit the checkpoint: missing "
+                            f"{missing[:5]}, unexpected {unexpected[:5]}")
+    for key, value in mine.items():
+        if tuple(value.shape) != tuple(saved[key].shape):
+            raise StateMismatch(
+                f"module {name!r} does not fit the checkpoint: {key} has shape "
+                f"{list(value.shape)} here, {list(saved[key].shape)} in the checkpoint")
+
+
+def _check_optimizer(name: str, opt: torch.optim.Optimizer, saved: Any) -> None:
+    groups = saved.get("param_groups", []) if isinstance(saved, dict) else []
+    mine = [len(g["params"]) for g in opt.param_groups]
+    theirs = [len(g.get("params", [])) for g in groups]
+    if mine != theirs:
+        raise StateMismatch(f"optimizer {name!r} does not fit the checkpoint: parameters per "
+                            f"group {mine} here, {theirs} in the checkpoint")
 
 
 def _restore_module(name: str, module: torch.nn.Module,
@@ -496,6 +565,7 @@ __all__ = [
     "FORMAT",
     "DataPosition",
     "EpochSampler",
+    "ResumableLoader",
     "StateMismatch",
     "TrainState",
     "data_loader",
@@ -504,4 +574,5 @@ __all__ = [
     "epoch_order",
     "note_if_not_identical",
     "saved_environment",
+    "weights_sha256",
 ]
