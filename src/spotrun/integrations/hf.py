@@ -126,9 +126,8 @@ class SpotrunCallback(TrainerCallback):
             assert self._train is not None
             self._train.restore(self._pending)
             self._pending = None
-        self.ctx.progress(state.global_step, state.max_steps or None, **self._logged,
-                          epoch=round(float(state.epoch or 0), 4))
-        if self.ctx.should_stop():
+        if self.ctx.progress(state.global_step, state.max_steps or None, **self._logged,
+                             epoch=round(float(state.epoch or 0), 4)):
             control.should_training_stop = True
             self.ctx.stop()
 

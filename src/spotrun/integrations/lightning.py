@@ -130,8 +130,7 @@ class SpotrunCheckpoint(Checkpoint):
         if isinstance(outputs, Mapping) and "loss" in outputs:
             metrics.setdefault("loss", scalar_metrics({"loss": outputs["loss"]})["loss"])
         metrics["epoch"] = trainer.current_epoch
-        self.ctx.progress(trainer.global_step, self._total(trainer), **metrics)
-        if self.ctx.should_stop():
+        if self.ctx.progress(trainer.global_step, self._total(trainer), **metrics):
             trainer.should_stop = True
             self.ctx.stop()
 
@@ -205,7 +204,7 @@ class _ResumableSampler(EpochSampler):
         return self.size
 
 
-class ResumableDataLoader(DataLoader[Any]):
+class LightningDataLoader(DataLoader[Any]):
     """A ``DataLoader`` over an order derived from (seed, epoch) that Lightning can stop and
     resume at any batch (it has ``state_dict``/``load_state_dict``). Make it with
     :func:`data_loader`."""
@@ -233,7 +232,7 @@ class ResumableDataLoader(DataLoader[Any]):
 
 
 def data_loader(dataset: Dataset[Any], *, seed: int, batch_size: int, shuffle: bool = True,
-                **kwargs: Any) -> ResumableDataLoader:
+                **kwargs: Any) -> LightningDataLoader:
     """A resumable training loader: each epoch's order derives from (seed, epoch); other
     ``DataLoader`` arguments (``num_workers``, ``drop_last``, ...) pass through."""
     for taken in ("sampler", "batch_sampler", "generator", "shuffle"):
@@ -243,8 +242,8 @@ def data_loader(dataset: Dataset[Any], *, seed: int, batch_size: int, shuffle: b
         raise TypeError("data_loader resumes whole epochs only: drop_last is not supported")
     sampler = _ResumableSampler(len(dataset),  # type: ignore[arg-type]
                                 seed=seed, batch_size=batch_size, shuffle=shuffle)
-    return ResumableDataLoader(dataset, sampler, batch_size=batch_size, **kwargs)
+    return LightningDataLoader(dataset, sampler, batch_size=batch_size, **kwargs)
 
 
-__all__ = ["FORMAT", "ResumableDataLoader", "SpotrunCheckpoint", "StateMismatch",
+__all__ = ["FORMAT", "LightningDataLoader", "SpotrunCheckpoint", "StateMismatch",
            "data_loader"]
