@@ -7,6 +7,7 @@ import functools
 import json
 import random
 import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -103,3 +104,19 @@ def test_preempted_at_random_steps_it_ends_with_the_uninterrupted_weights(
     assert job.result["steps"] == TOTAL
     assert job.result["weights_sha256"] == _reference_sha(), (seed, positions)
     st.close()
+
+
+def test_installed_it_is_listed_without_importing_torch(
+        env_factory: Callable[..., Env], sqlite_url: str, tmp_path: Path) -> None:
+    env = env_factory(sqlite_url, PYTHONPATH=install_example("plain_loop", tmp_path / "site"))
+    listed = json.loads(env.cli("pipelines", "--json").stdout)
+    assert "plain-loop" in [p["name"] for p in listed]
+    code = ("import sys\nfrom spotrun.pipelines.registry import registry\n"
+            "assert 'plain-loop' in registry()\n"
+            "print([m for m in ('torch', 'numpy', 'safetensors') if m in sys.modules])\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env.vars, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    bad = env.cli("submit", "plain-loop", "-p", "accumulate=0", check=False)
+    assert bad.returncode == 2 and "param 'accumulate'" in bad.stderr
