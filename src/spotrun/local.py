@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from spotrun.checkpoints import CheckpointStore, Loaded, Saved
-from spotrun.pipelines.base import JobContext, State
+from spotrun.pipelines.base import JobContext, Pipeline, State
 
 
 class _InlineDriver:
@@ -46,12 +46,13 @@ def is_spotrun_process(pid: int) -> bool:
         return False
 
 
-def run_inline(pipeline: str, params: Mapping[str, Any], *,
+def run_inline(pipeline: str | Pipeline, params: Mapping[str, Any], *,
                checkpoint_url: str | None = None) -> Any:
-    """Run ``pipeline`` uninterrupted in this process and return its result."""
+    """Run ``pipeline`` (a name, or a pipeline not installed) uninterrupted in this process
+    and return its result."""
     from spotrun.pipelines.registry import get as get_pipeline
 
-    pipe = get_pipeline(pipeline)
+    pipe = get_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
     validated = pipe.validate(params)
     with tempfile.TemporaryDirectory(prefix="spotrun-inline-") as tmp:
         store = CheckpointStore(checkpoint_url or tmp)

@@ -2,9 +2,11 @@
 
 A pipeline is a named function that receives a :class:`JobContext` and returns a JSON-able
 result. Between steps it reports ``ctx.progress(step, total, **metrics)`` (a step boundary:
-the worker may checkpoint here) and polls ``ctx.should_stop()``; when that is true it calls
-``ctx.stop()``, which unwinds the pipeline. A pipeline that can resume gives the worker a
-state provider with ``ctx.set_state(fn)`` and reads ``ctx.resume`` at start.
+the worker may checkpoint here), which returns whether the job must stop; when it does the
+pipeline calls ``ctx.stop()``, which unwinds the pipeline. ``ctx.should_stop()`` polls the
+same flag anywhere else (stopping there keeps the last committed checkpoint). A pipeline
+that can resume gives the worker a state provider with ``ctx.set_state(fn)`` and reads
+``ctx.resume`` at start.
 
 Nothing here imports an ML library: commands that run no pipeline must start fast.
 """
@@ -97,11 +99,22 @@ class JobContext:
         self._driver = driver
         self._state_fn: Callable[[], State] | None = None
 
-    def progress(self, step: int, total: int | None = None, **metrics: Any) -> None:
-        """Report progress at a step boundary; the worker may checkpoint here."""
+    def progress(self, step: int, total: int | None = None, **metrics: Any) -> bool:
+        """Report progress at a step boundary; the worker may checkpoint here.
+
+        Returns :meth:`should_stop`, read after the checkpoint decision: a pipeline that
+        stops when this is true (``if ctx.progress(...): ctx.stop()``) never stops without
+        the notice checkpoint, even when the notice arrives during this call.
+        """
         self._driver.report(step, total, metrics)
         if self._state_fn is not None and self._driver.checkpoint_due(step):
             self._driver.checkpoint(self._state_fn())
+        stop = self._driver.stop_requested()
+        if stop and self._state_fn is not None and self._driver.checkpoint_due(step):
+            # The notice came in after the check above; this is still the boundary just
+            # reported, so its checkpoint is taken here rather than lost.
+            self._driver.checkpoint(self._state_fn())
+        return stop
 
     def should_stop(self) -> bool:
         """True once the job must stop: preemption notice, cancel, time limit, lost lease."""

@@ -6,10 +6,7 @@ Imports torch and scikit-learn; only a running pipeline imports this module.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -67,14 +64,9 @@ def init_net(hidden: int, seed: int) -> Net:
 
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     """sha256 over the weights in a canonical order: name, dtype, shape, bytes."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().to("cpu").contiguous()
-        digest.update(name.encode())
-        digest.update(str(t.dtype).encode())
-        digest.update(json.dumps(list(t.shape)).encode())
-        digest.update(t.numpy().tobytes())
-    return digest.hexdigest()
+    from spotrun.integrations.torch import weights_sha256 as digest
+
+    return digest(state)
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None
@@ -95,15 +87,3 @@ def pick_device(requested: str) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """What bit-identity depends on: recorded in every checkpoint."""
-    env: dict[str, Any] = {
-        "torch": torch.__version__,
-        "device": device.type,
-        "threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env

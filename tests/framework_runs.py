@@ -1,0 +1,98 @@
+"""What the framework-integration tests share: an example installed for real processes, its
+uninterrupted reference run in a process of its own, and a job preempted by real SIGTERMs
+at random steps."""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from conftest import Env, wait_until
+from spotrun.jobs import Job, JobState
+from spotrun.store import JobStore
+
+REFERENCE = """
+import json, sys
+from spotrun.local import run_inline
+print("RESULT " + json.dumps(run_inline(sys.argv[1], json.loads(sys.argv[2]))))
+"""
+
+
+def reference_result(env: Env, pipeline: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The result of an uninterrupted run, in a process of its own (the framework is
+    imported there, not in the test process)."""
+    proc = subprocess.run([sys.executable, "-c", REFERENCE, pipeline, json.dumps(params)],
+                          env=env.vars, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return dict(json.loads(line[len("RESULT "):]))
+
+
+def _running_past(st: JobStore, job_id: str, step: int) -> str | None:
+    job = st.get(job_id, with_events=False)
+    if job.state is JobState.RUNNING and job.worker and job.progress.step >= step:
+        return job.worker
+    return None
+
+
+@dataclass
+class Preempted:
+    """A job after its preemptions: the steps it was handed back at, the metrics seen while
+    it ran, and the job once it ended."""
+
+    seed: int
+    handed: list[int] = field(default_factory=list)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    files: list[set[str]] = field(default_factory=list)  # of each hand-back's checkpoint
+    job: Job | None = None
+
+    def messages(self) -> list[str]:
+        assert self.job is not None
+        return [e.message for e in self.job.events]
+
+
+def preempt_three_times(env: Env, pipeline: str, params: dict[str, Any], *, total: int,
+                        step_delay: float) -> Preempted:
+    """Submit ``pipeline``, SIGTERM the worker running it three times at random steps
+    (each time past the previous hand-back), replace each worker, and wait for the end."""
+    args = ["submit", pipeline, "-p", f"step_delay={step_delay}"]
+    for k, v in params.items():
+        args += ["-p", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
+    job_id = env.cli(*args).stdout.strip()
+    st = env.store()
+    try:
+        live = {name: env.worker(name, preload=True) for name in ("w1", "w2")}
+        run = Preempted(seed=random.randrange(2**32))
+        rng = random.Random(run.seed)
+        last = 0
+        for round_ in range(3):
+            # Spread the three notices over the run, each at a random step.
+            target = last + rng.randint(3, max(4, (total - last) // (4 - round_) - 2))
+            name = wait_until(functools.partial(_running_past, st, job_id, target), 180,
+                              f"job past step {target} (seed {run.seed})")
+            run.metrics.append(dict(st.get(job_id, with_events=False).progress.metrics))
+            w = live.pop(name)
+            w.signal(signal.SIGTERM)
+            assert w.wait(60) == 0, w.log()
+            job = st.get(job_id)
+            assert job.preemptions == round_ + 1, [e.message for e in job.events]
+            handed = [e.message for e in job.events if e.kind == "preempted"][-1]
+            assert "checkpoint saved in" in handed, handed
+            last = int(handed.split("at step ")[1].split("/")[0])
+            assert job.checkpoint is not None
+            run.files.append({p.name for p in (env.home / "checkpoints" / job.checkpoint)
+                              .rglob("*") if p.is_file()})
+            run.handed.append(last)
+            live[f"w{round_ + 3}"] = env.worker(f"w{round_ + 3}", preload=True)
+        wait_until(lambda: st.get(job_id, with_events=False).state.is_final, 300,
+                   "the job to end")
+        run.job = st.get(job_id)
+        return run
+    finally:
+        st.close()
