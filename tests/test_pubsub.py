@@ -434,7 +434,7 @@ def test_the_database_stopped_during_a_burst_loses_and_duplicates_nothing(
         intake = IntakeProc(env, bus)
         intakes.append(intake)
         intake.wait_ready()
-        env.worker("w1", "--concurrency", "4")
+        w = env.worker("w1", "--concurrency", "4")
         total = 100
         published: list[str] = []
 
@@ -453,8 +453,9 @@ def test_the_database_stopped_during_a_burst_loses_and_duplicates_nothing(
         sender.join(120)
 
         store = JobStore.open(url)
-        wait_until(lambda: _all_succeeded(store, total), 300, f"{total} jobs to succeed",
-                   on_fail=intake.log, interval=0.5)
+        wait_until(lambda: _all_succeeded(store, total), 150, f"{total} jobs to succeed",
+                   on_fail=lambda: f"{store.count_by_state()}\n{intake.log()[-6000:]}\n"
+                   f"{w.log()[-3000:]}", interval=0.5)
         by_request = _jobs_by_request(store)
         assert sorted(by_request) == list(range(total))
         assert all(len(ids) == 1 for ids in by_request.values()), by_request

@@ -274,7 +274,14 @@ class JobStore:
         with self._hot_lock:
             pg = self._hot.pop() if self._hot else None
         if pg is None:
-            fairy = self.engine.raw_connection()
+            try:
+                fairy = self.engine.raw_connection()
+            except psycopg.Error as exc:
+                # The pool hands out the driver's own error when it cannot connect (the
+                # database is down): raise it as SQLAlchemy's, as callers expect.
+                raise sa.exc.DBAPIError.instance(
+                    sql, None, exc, psycopg.Error, hide_parameters=True,
+                    connection_invalidated=True) from exc
             pg = fairy.driver_connection
             assert pg is not None
             fairy.detach()  # ours until closed: out of the pool's size and its resets
