@@ -509,3 +509,38 @@ def test_a_job_preempted_twice_shows_preempted_and_resumed_on_the_topic(
     assert on_topic[-1].body["result"]["resumed_from"] == last_step
     assert intake.terminate() == 0, intake.log()
     store.close()
+
+
+def test_a_missing_subscription_or_topic_is_one_line_and_a_non_zero_exit(
+        bus: Bus, sqlite_url: str, env_factory: Callable[..., Env]) -> None:
+    env = env_factory(sqlite_url, PUBSUB_EMULATOR_HOST=bus.host)
+    for args, named in ((("--subscription", "no-such-subscription"), "no-such-subscription"),
+                        (("--subscription", "intake", "--events-topic", "no-such-topic"),
+                         "no-such-topic")):
+        proc = env.cli("intake", "pubsub", "--project", bus.project, *args, check=False)
+        assert proc.returncode == 2, proc.stderr
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("spotrun: ")]
+        assert len(lines) == 1 and named in lines[0], proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_the_server_runs_the_intake_beside_the_api(
+        bus: Bus, sqlite_url: str, env_factory: Callable[..., Env],
+        intakes: list[IntakeProc]) -> None:
+    env = env_factory(sqlite_url, SPOTRUN_PUBSUB_PROJECT=bus.project,
+                      SPOTRUN_PUBSUB_SUBSCRIPTION="intake",
+                      SPOTRUN_PUBSUB_EVENTS_TOPIC="events", SPOTRUN_PUBSUB_OWNER="backend")
+    server = IntakeProc(env, bus, command=("server", "--port", "0"))
+    intakes.append(server)
+    server.wait_ready("intake: taking jobs from")
+    store = env.store()
+    message_id = bus.publish(SLEEP_FAST)
+    job_id = wait_until(lambda: next((j.id for j in store.list_jobs()), None), 60,
+                        "the job to be queued", on_fail=server.log)
+    assert store.get(job_id).owner == "backend"
+    wait_until(lambda: any(r.attributes.get("job_id") == job_id
+                           for r in bus.collect("events-watch")), 60, "its queued event")
+    [queued] = [r for r in bus.received["events-watch"] if r.attributes["job_id"] == job_id]
+    assert queued.body["kind"] == "queued" and queued.attributes["message_id"] == message_id
+    assert server.terminate() == 0, server.log()
+    store.close()

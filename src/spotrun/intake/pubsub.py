@@ -183,24 +183,35 @@ class PubSubIntake:
         """
         pubsub_v1 = _pubsub()
         from google.api_core import exceptions as gexc
+        from google.auth import exceptions as auth_exc
 
         cfg = self.config
-        self._subscriber = pubsub_v1.SubscriberClient()
-        self._publisher = pubsub_v1.PublisherClient(
-            publisher_options=pubsub_v1.types.PublisherOptions(enable_message_ordering=True))
+        what = f"the subscription {cfg.subscription_path}"
         try:
+            self._subscriber = pubsub_v1.SubscriberClient()
+            self._publisher = pubsub_v1.PublisherClient(
+                publisher_options=pubsub_v1.types.PublisherOptions(
+                    enable_message_ordering=True))
             sub = self._subscriber.get_subscription(
                 request={"subscription": cfg.subscription_path}, timeout=30)
             self.dead_letter_topic = sub.dead_letter_policy.dead_letter_topic or None
             if cfg.events_topic_path is not None:
+                what = f"the events topic {cfg.events_topic_path}"
                 self._publisher.get_topic(request={"topic": cfg.events_topic_path},
                                           timeout=30)
-        except gexc.NotFound as exc:
+        except gexc.NotFound:
             self._close_clients()
-            raise IntakeError(f"not found: {exc.message}") from None
+            raise IntakeError(f"{what} does not exist") from None
         except gexc.GoogleAPICallError as exc:
             self._close_clients()
-            raise IntakeError(f"cannot reach Pub/Sub: {exc.message}") from None
+            raise IntakeError(f"cannot read {what}: {exc.message}") from None
+        except gexc.GoogleAPIError as exc:  # e.g. Pub/Sub unreachable until the timeout
+            self._close_clients()
+            raise IntakeError(f"cannot read {what}: {_first_line(exc)}") from None
+        except auth_exc.GoogleAuthError as exc:
+            self._close_clients()
+            raise IntakeError(f"no Google Cloud credentials ({_first_line(exc)}); on GKE "
+                              "bind the pod's service account with Workload Identity") from None
         self._subscribe()
         if cfg.events_topic_path is not None:
             self._events = EventPublisher(self.store, self._publisher, cfg.events_topic_path,
