@@ -1000,7 +1000,10 @@ class JobStore:
     def add_note(self, job_id: str, message: str, *, kind: str = EventKind.NOTE) -> None:
         """Append an event that changes nothing (e.g. a callback could not be delivered)."""
         with self._tx() as conn:
-            row = conn.execute(sa.select(jobs.c.attempt).where(jobs.c.id == job_id)).first()
+            # The job's row lock, as every other write that adds an event takes: a job's
+            # events then commit in id order, which the intake's event cursor relies on.
+            row = conn.execute(sa.select(jobs.c.attempt).where(jobs.c.id == job_id)
+                               .with_for_update()).first()
             if row is None:
                 raise JobNotFound(f"no job with id {job_id!r}")
             self._event(conn, job_id, kind, message, worker=None, attempt=row.attempt)
