@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from spotrun.api import ApiProblem, SubmitRequest, _check_text, validate_job_request
 from spotrun.jobs import Job
-from spotrun.store import JobStore
+from spotrun.store import DatabaseUnavailable, JobStore, StoreError
 
 IDEMPOTENCY_ATTRIBUTE = "idempotency_key"
 MAX_KEY_LENGTH = 200  # the store's column, and the API's Idempotency-Key header
@@ -115,10 +115,16 @@ def submit(store: JobStore, msg: Message, rules: IntakeRules) -> Job:
             idempotency_key=stored_key, callback_url=req.callback_url)
 
     try:
-        job = queue()
-    except sa.exc.IntegrityError:
-        # A concurrent delivery of the same request won the insert: take its job.
-        job = queue()
+        try:
+            job = queue()
+        except sa.exc.IntegrityError:
+            # A concurrent delivery of the same request won the insert: take its job.
+            job = queue()
+    except DatabaseUnavailable:
+        raise
+    except StoreError as exc:
+        # The store refusing the request itself (e.g. over a quota) is for good.
+        raise Rejected(str(exc.args[0]) if exc.args else str(exc)) from None
     if (job.pipeline, job.params) != (req.pipeline, params):
         raise Rejected(f"{IDEMPOTENCY_ATTRIBUTE} {stored_key!r} was used for a different "
                        f"job ({job.id}); use a new key for a new job")
