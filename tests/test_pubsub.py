@@ -261,6 +261,12 @@ def _jobs_by_request(store: JobStore) -> dict[int, list[str]]:
     return out
 
 
+def _missing(store: JobStore, n: int) -> str:
+    by_request = _jobs_by_request(store)
+    return (f"{store.count_by_state()}; requests without a job: "
+            f"{sorted(set(range(n)) - set(by_request))}\n")
+
+
 def _all_succeeded(store: JobStore, n: int) -> bool:
     return store.count_by_state()[JobState.SUCCEEDED.value] >= n
 
@@ -387,6 +393,7 @@ def test_a_burst_with_duplicates_and_invalid_messages_queues_each_request_once(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_an_intake_killed_mid_burst_and_restarted_queues_each_request_once(
         bus: Bus, pg_url: str, env_factory: Callable[..., Env],
         intakes: list[IntakeProc]) -> None:
@@ -408,8 +415,9 @@ def test_an_intake_killed_mid_burst_and_restarted_queues_each_request_once(
     intakes.append(second)
     second.wait_ready()
 
-    wait_until(lambda: _all_succeeded(store, 120), 300, "120 jobs to succeed",
-               on_fail=second.log, interval=0.5)
+    # The messages the killed intake held come back once their lease runs out.
+    wait_until(lambda: _all_succeeded(store, 120), 600, "120 jobs to succeed",
+               on_fail=lambda: _missing(store, 120) + second.log(), interval=0.5)
     by_request = _jobs_by_request(store)
     assert sorted(by_request) == list(range(120))
     assert all(len(ids) == 1 for ids in by_request.values()), by_request

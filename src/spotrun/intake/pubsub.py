@@ -64,6 +64,9 @@ class PubSubConfig:
     max_messages: int = 100
     max_bytes: int = 10 << 20
     threads: int = 8
+    # The most one lease extension asks for: it bounds how long the messages a crashed
+    # intake held stay invisible before Pub/Sub delivers them again.
+    lease_extension_seconds: int = 20
     poll_seconds: float = 0.5
     lease_seconds: float = 15.0
 
@@ -234,8 +237,9 @@ class PubSubIntake:
                                       thread_name_prefix="spotrun-intake")
         self._future = self._subscriber.subscribe(
             cfg.subscription_path, self._on_message,
-            flow_control=pubsub_v1.types.FlowControl(max_messages=cfg.max_messages,
-                                                     max_bytes=cfg.max_bytes),
+            flow_control=pubsub_v1.types.FlowControl(
+                max_messages=cfg.max_messages, max_bytes=cfg.max_bytes,
+                max_duration_per_lease_extension=cfg.lease_extension_seconds),
             scheduler=ThreadScheduler(executor), await_callbacks_on_shutdown=True)
 
     def watch(self) -> None:
