@@ -80,6 +80,8 @@ def test_a_message_is_refused_for_what_the_api_refuses_in_the_same_words(
     (json.dumps({"pipeline": "sleep", "colour": "red"}).encode(), "colour: unknown field"),
     (json.dumps({"pipeline": "sleep", "priority": 5000}).encode(), "priority: "),
     (json.dumps({"params": {}}).encode(), "pipeline: Field required"),
+    (json.dumps({"pipeline": "sleep", "params": {"x": "y" * 1_000_000}}).encode(),
+     "larger than the API's limit"),
 ])
 def test_a_message_that_is_not_a_request_is_refused_naming_the_problem(
         store: JobStore, data: bytes, why: str) -> None:

@@ -15,7 +15,13 @@ from typing import Any, ParamSpec, TypeVar
 import sqlalchemy as sa
 from pydantic import ValidationError
 
-from spotrun.api import ApiProblem, SubmitRequest, _check_text, validate_job_request
+from spotrun.api import (
+    MAX_BODY_BYTES,
+    ApiProblem,
+    SubmitRequest,
+    _check_text,
+    validate_job_request,
+)
 from spotrun.jobs import Job
 from spotrun.store import DatabaseUnavailable, JobStore, StoreError
 
@@ -82,6 +88,9 @@ def parse(store: JobStore, msg: Message, rules: IntakeRules
                            f"{MAX_KEY_LENGTH} characters")
         _api_check(_check_text, f"attributes.{IDEMPOTENCY_ATTRIBUTE}", key)
     owner = _owner(msg, rules)
+    if len(msg.data) > MAX_BODY_BYTES:
+        raise Rejected(f"the message is larger than the API's limit of {MAX_BODY_BYTES} "
+                       "bytes")
     try:
         body = json.loads(msg.data)
     except (ValueError, UnicodeDecodeError) as exc:
