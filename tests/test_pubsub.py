@@ -558,3 +558,43 @@ def test_the_server_runs_the_intake_beside_the_api(
     assert queued.body["kind"] == "queued" and queued.attributes["message_id"] == message_id
     assert server.terminate() == 0, server.log()
     store.close()
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_database_is_down_nacks_what_is_in_hand_and_exits_0(
+        bus: Bus, env_factory: Callable[..., Env], intakes: list[IntakeProc]) -> None:
+    try:
+        pg = chaos.PrivatePostgres.locate()
+    except chaos.ChaosError as exc:
+        if IN_CI:
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    url = pg.create()
+    try:
+        JobStore.open(url).close()
+        env = env_factory(url)
+        first = IntakeProc(env, bus)
+        intakes.append(first)
+        first.wait_ready()
+        assert pg.stop("fast"), pg.log_tail()
+        for i in range(10):
+            bus.publish(_request(i))
+        wait_until(lambda: "nacked, Pub/Sub redelivers it" in first.log(), 60,
+                   "the intake to nack", on_fail=first.log)
+        assert first.terminate() == 0, first.log()
+        assert "intake stopped" in first.log()
+        assert pg.start(), pg.log_tail()
+        second = IntakeProc(env, bus)
+        intakes.append(second)
+        second.wait_ready()
+        store = JobStore.open(url)
+        wait_until(lambda: len(store.list_jobs()) >= 10, 120, "10 jobs", on_fail=second.log)
+        by_request = _jobs_by_request(store)
+        assert sorted(by_request) == list(range(10))
+        assert all(len(ids) == 1 for ids in by_request.values()), by_request
+        assert second.terminate() == 0, second.log()
+        store.close()
+    finally:
+        for p in intakes:
+            p.kill()
+        pg.destroy()
