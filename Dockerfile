@@ -32,8 +32,8 @@ RUN python -m venv /opt/spotrun
 # and changes far less often than spotrun's code.
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY . /src
-RUN pip install "/src[ml,s3,gcs]" \
-    && python -c "import spotrun.cli, torch, gcsfs, s3fs"
+RUN pip install "/src[ml,s3,gcs,pubsub]" \
+    && python -c "import spotrun.cli, torch, gcsfs, s3fs, google.cloud.pubsub_v1"
 
 FROM ${PYTHON_IMAGE}
 # tini: a PID 1 that forwards signals and reaps zombies (DataLoader workers leave some).

@@ -203,7 +203,7 @@ def test_spot_workers_run_on_the_spot_pool(base: list[Doc]) -> None:
 
 
 @pytest.mark.parametrize("name", ["spotrun-worker-on-demand", "spotrun-api",
-                                  "spotrun-sql-proxy"])
+                                  "spotrun-sql-proxy", "spotrun-intake-pubsub"])
 def test_everything_else_stays_off_spot_nodes(base: list[Doc], name: str) -> None:
     spec = pod(find(base, "Deployment", name))
     assert GKE_SPOT not in spec.get("nodeSelector", {})
@@ -250,7 +250,8 @@ def test_every_database_user_has_a_native_cloud_sql_proxy_sidecar(base: list[Doc
     users = [d for d in deployments(base)
              if "SPOTRUN_DATABASE_URL" in env(main_container(d), base)]
     assert {d["metadata"]["name"] for d in users} == {
-        "spotrun-api", "spotrun-worker-spot", "spotrun-worker-on-demand"}
+        "spotrun-api", "spotrun-worker-spot", "spotrun-worker-on-demand",
+        "spotrun-intake-pubsub"}
     for d in users:
         name = d["metadata"]["name"]
         assert env(main_container(d), base)["SPOTRUN_DATABASE_URL"] == \
@@ -487,7 +488,7 @@ def test_the_image_installs_the_extras_and_a_pinned_torch(dockerfile: list[tuple
     assert "TORCH_INDEX_URL" in args
     runs = " ".join(rest for w, rest in dockerfile if w == "RUN")
     assert '--index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in runs
-    assert "[ml,s3,gcs]" in runs
+    assert "[ml,s3,gcs,pubsub]" in runs
     # The default torch must satisfy the package's own ml extra.
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     torch_req = next(Requirement(r) for r in pyproject["project"]["optional-dependencies"]["ml"]
@@ -498,3 +499,19 @@ def test_the_image_installs_the_extras_and_a_pinned_torch(dockerfile: list[tuple
 def test_the_build_context_leaves_out_what_the_image_does_not_need() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", "venv", "tests", "deploy"} <= ignored
+
+
+def test_the_pubsub_intake_is_configured_and_stops_inside_its_grace_period(
+        base: list[Doc]) -> None:
+    d = find(base, "Deployment", "spotrun-intake-pubsub")
+    c = main_container(d)
+    assert c["args"] == ["intake", "pubsub"]
+    e = env(c, base)
+    for key in ("SPOTRUN_PUBSUB_PROJECT", "SPOTRUN_PUBSUB_SUBSCRIPTION",
+                "SPOTRUN_PUBSUB_EVENTS_TOPIC", "SPOTRUN_PUBSUB_OWNER"):
+        assert e[key] and not e[key].startswith("<"), key
+    grace = pod(d)["terminationGracePeriodSeconds"]
+    assert float(e["SPOTRUN_GRACE_SECONDS"]) < grace
+    proxy = pod(d)["initContainers"][0]
+    assert float(e["SPOTRUN_GRACE_SECONDS"]) <= seconds(
+        flag_value(proxy["args"], "--max-sigterm-delay") or "") <= grace

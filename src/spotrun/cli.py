@@ -35,6 +35,8 @@ token_app = typer.Typer(no_args_is_help=True, help="Manage API tokens.")
 app.add_typer(token_app, name="token")
 quota_app = typer.Typer(no_args_is_help=True, help="Users' quotas on the shared fleet.")
 app.add_typer(quota_app, name="quota")
+intake_app = typer.Typer(no_args_is_help=True, help="Take jobs from a message bus.")
+app.add_typer(intake_app, name="intake")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -471,6 +473,51 @@ def _import_plugins() -> None:
             importlib.import_module(name)
         except Exception as exc:
             fail(f"SPOTRUN_IMPORT: cannot import {name!r}: {type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------------- intake
+
+
+@intake_app.command("pubsub")
+@friendly
+def intake_pubsub(
+    project: Annotated[str, typer.Option(envvar="SPOTRUN_PUBSUB_PROJECT",
+                                         help="Google Cloud project of the subscription")],
+    subscription: Annotated[str, typer.Option(
+        envvar="SPOTRUN_PUBSUB_SUBSCRIPTION", help="Subscription to take requests from")],
+    events_topic: Annotated[str | None, typer.Option(
+        envvar="SPOTRUN_PUBSUB_EVENTS_TOPIC",
+        help="Topic to publish the jobs' events (and rejections) to")] = None,
+    owner: Annotated[str, typer.Option(envvar="SPOTRUN_PUBSUB_OWNER",
+                                       help="Owner of the jobs")] = "pubsub",
+    owner_attribute: Annotated[str | None, typer.Option(
+        help="Let messages name their owner in this attribute")] = None,
+    allow_owner: Annotated[list[str] | None, typer.Option(
+        help="With --owner-attribute: an owner messages may name (repeatable; "
+             "default any)")] = None,
+    max_messages: Annotated[int, typer.Option(
+        min=1, max=10_000, help="Messages held at once (flow control)")] = 100,
+    grace_seconds: Annotated[float | None, typer.Option(
+        min=0.5, help="Budget to stop after SIGTERM [env SPOTRUN_GRACE_SECONDS, "
+                      "default 15]")] = None,
+) -> None:
+    """Queue the jobs that messages of a Pub/Sub subscription ask for, until SIGTERM."""
+    from spotrun import callbacks
+    from spotrun.intake import pubsub
+
+    s = settings()
+    config = pubsub.PubSubConfig(
+        project=project, subscription=subscription, events_topic=events_topic or None,
+        owner=owner, owner_attribute=owner_attribute,
+        allowed_owners=frozenset(allow_owner or ()), max_messages=max_messages)
+    if not owner.strip() or len(owner) > 100:
+        fail("--owner: must be 1 to 100 characters")
+    setup_logging()
+    with open_store(s) as store:
+        code = pubsub.run(store, config, echo=typer.echo,
+                          grace_seconds=grace_seconds or s.grace_seconds,
+                          allow_private_callbacks=callbacks.allow_private_from_env())
+    raise typer.Exit(code)
 
 
 # --------------------------------------------------------------------- preempt

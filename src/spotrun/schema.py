@@ -164,3 +164,39 @@ quotas = sa.Table(
     sa.Column("max_priority", sa.Integer, nullable=True),
     sa.Column("max_params_bytes", sa.Integer, nullable=True),
 )
+
+# Jobs that came from a message bus (``spotrun intake``): the message that asked for each,
+# and how far its events have been published back to the bus (a cursor per job, so that
+# events committed out of id order are never skipped).
+intake_requests = sa.Table(
+    "intake_requests",
+    metadata,
+    sa.Column(
+        "job_id", sa.String(32), sa.ForeignKey("jobs.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("source", sa.String(300), nullable=False),
+    sa.Column("message_id", sa.String(200), nullable=False),
+    sa.Column("idempotency_key", sa.String(200), nullable=True),
+    sa.Column("published_event_id", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("done", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+# The publisher follows only the jobs whose final event it has not published yet.
+sa.Index(
+    "ix_intake_requests_pending",
+    intake_requests.c.source,
+    intake_requests.c.job_id,
+    postgresql_where=sa.text("NOT done"),
+    sqlite_where=sa.text("NOT done"),
+)
+
+# Leases that let one process at a time do a singleton's work (the events publisher of a
+# bus source), whichever replica it runs in.
+intake_leases = sa.Table(
+    "intake_leases",
+    metadata,
+    sa.Column("name", sa.String(300), primary_key=True),
+    sa.Column("holder", sa.String(64), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+)

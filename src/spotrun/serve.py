@@ -25,12 +25,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import uvicorn
 
 from spotrun.config import ConfigError, Settings
 from spotrun.store import JobStore
+
+if TYPE_CHECKING:
+    from spotrun.intake.pubsub import PubSubIntake
 
 Echo = Callable[..., Any]
 _PR_SET_PDEATHSIG = 1
@@ -211,6 +214,11 @@ def _run(settings: Settings, *, host: str, port: int, echo: Echo, workers: int,
                 return 1
             url = base_url(host, srv.port)
             _print_urls(echo, url, token)
+            intake = _start_intake(store, echo)
+            if intake is False:
+                _stop_workers(procs, settings.grace_seconds + 5.0, echo)
+                srv.stop()
+                return 2
             if procs:
                 echo(f"  workers: {', '.join(n for n, _ in procs)} "
                      "(Ctrl-C stops everything; running jobs are handed back)")
@@ -229,6 +237,8 @@ def _run(settings: Settings, *, host: str, port: int, echo: Echo, workers: int,
                         reported.add(name)
                         echo(f"spotrun: worker {name} exited with status {proc.returncode}",
                              err=True)
+                if intake is not None:
+                    intake.watch()
                 time.sleep(0.1)
             if signals.received is None:
                 echo("spotrun: the HTTP server stopped unexpectedly", err=True)
@@ -236,6 +246,9 @@ def _run(settings: Settings, *, host: str, port: int, echo: Echo, workers: int,
             else:
                 echo(f"spotrun: {signal.Signals(signals.received).name} received: stopping"
                      + (" (workers hand their jobs back first)" if procs else ""))
+            # The intake first: what it has in hand still reaches the store.
+            if intake is not None and not intake.stop(max(1.0, settings.grace_seconds - 1.0)):
+                code = 1
             if not _stop_workers(procs, settings.grace_seconds + 5.0, echo):
                 code = 1
             srv.stop()
@@ -251,6 +264,28 @@ def _run(settings: Settings, *, host: str, port: int, echo: Echo, workers: int,
     if code == 0:
         echo("spotrun: stopped")
     return code
+
+
+def _start_intake(store: JobStore, echo: Echo
+                  ) -> PubSubIntake | Literal[False] | None:
+    """The Pub/Sub intake configured by SPOTRUN_PUBSUB_* (None if none; False if it
+    cannot start, said in one line)."""
+    from spotrun import callbacks
+    from spotrun.intake import pubsub
+
+    try:
+        config = pubsub.PubSubConfig.from_env()
+        if config is None:
+            return None
+        intake = pubsub.PubSubIntake(store, config,
+                                     allow_private_callbacks=callbacks.allow_private_from_env())
+        intake.start()
+    except pubsub.IntakeError as exc:
+        echo(f"spotrun: {exc}", err=True)
+        return False
+    echo(f"  intake: taking jobs from {config.subscription_path}"
+         + (f", events to {config.events_topic_path}" if config.events_topic_path else ""))
+    return intake
 
 
 def _start_worker(settings: Settings, name: str) -> subprocess.Popen[bytes]:

@@ -43,7 +43,17 @@ from spotrun.jobs import (
     from_epoch,
 )
 from spotrun.quotas import LIMIT_NAMES, Quota, QuotaExceeded
-from spotrun.schema import api_tokens, events, job_logs, jobs, quotas, web_sessions, workers
+from spotrun.schema import (
+    api_tokens,
+    events,
+    intake_leases,
+    intake_requests,
+    job_logs,
+    jobs,
+    quotas,
+    web_sessions,
+    workers,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -269,7 +279,14 @@ class JobStore:
         with self._hot_lock:
             pg = self._hot.pop() if self._hot else None
         if pg is None:
-            fairy = self.engine.raw_connection()
+            try:
+                fairy = self.engine.raw_connection()
+            except psycopg.Error as exc:
+                # The pool hands out the driver's own error when it cannot connect (the
+                # database is down): raise it as SQLAlchemy's, as callers expect.
+                raise sa.exc.DBAPIError.instance(
+                    sql, None, exc, psycopg.Error, hide_parameters=True,
+                    connection_invalidated=True) from exc
             pg = fairy.driver_connection
             assert pg is not None
             fairy.detach()  # ours until closed: out of the pool's size and its resets
@@ -1033,7 +1050,10 @@ class JobStore:
     def add_note(self, job_id: str, message: str, *, kind: str = EventKind.NOTE) -> None:
         """Append an event that changes nothing (e.g. a callback could not be delivered)."""
         with self._tx() as conn:
-            row = conn.execute(sa.select(jobs.c.attempt).where(jobs.c.id == job_id)).first()
+            # The job's row lock, as every other write that adds an event takes: a job's
+            # events then commit in id order, which the intake's event cursor relies on.
+            row = conn.execute(sa.select(jobs.c.attempt).where(jobs.c.id == job_id)
+                               .with_for_update()).first()
             if row is None:
                 raise JobNotFound(f"no job with id {job_id!r}")
             self._event(conn, job_id, kind, message, worker=None, attempt=row.attempt)
@@ -1177,6 +1197,96 @@ class JobStore:
         with self._tx(write=False) as conn:
             return [None if r[1] is None else max(0.0, float(r[1]) - float(r[0]))
                     for r in conn.execute(query).all()]
+
+    # ------------------------------------------------------------------ intake
+
+    def record_intake(self, job_id: str, *, source: str, message_id: str,
+                      idempotency_key: str | None) -> None:
+        """Remember the bus message that asked for a job; the first one recorded stays."""
+        row = {"job_id": job_id, "source": source, "message_id": message_id,
+               "idempotency_key": idempotency_key, "created_at": self._now}
+        try:
+            with self._tx() as conn:
+                if conn.execute(sa.select(intake_requests.c.job_id).where(
+                        intake_requests.c.job_id == job_id)).first() is None:
+                    conn.execute(intake_requests.insert().values(**row))
+        except sa.exc.IntegrityError:
+            pass  # a redelivery of the same request recorded it at the same time
+
+    def intake_request(self, job_id: str) -> tuple[str, str, str | None] | None:
+        """(source, message id, idempotency key) of a job that came from a bus, else None."""
+        with self._tx(write=False) as conn:
+            row = conn.execute(sa.select(
+                intake_requests.c.source, intake_requests.c.message_id,
+                intake_requests.c.idempotency_key).where(intake_requests.c.job_id == job_id)
+            ).first()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def intake_events(self, source: str, *, limit: int = 500) -> list[IntakeEvent]:
+        """Events not yet published of the jobs that came from ``source``, oldest first.
+
+        Each job has its own cursor, so an event that commits after a later one of another
+        job is still found; within a job, events commit in id order (its row is locked).
+        """
+        r = intake_requests
+        query = (
+            sa.select(events, r.c.message_id, r.c.idempotency_key, jobs.c.state,
+                      jobs.c.result, jobs.c.error)
+            .select_from(r)
+            .join(events, sa.and_(events.c.job_id == r.c.job_id,
+                                  events.c.id > r.c.published_event_id))
+            .join(jobs, jobs.c.id == r.c.job_id)
+            .where(r.c.source == source, sa.text("NOT intake_requests.done"))
+            .order_by(events.c.id)
+            .limit(limit)
+        )
+        with self._tx(write=False) as conn:
+            rows = conn.execute(query).mappings().all()
+        return [IntakeEvent(
+            event_id=int(x["id"]), job_id=x["job_id"], kind=x["kind"], at=float(x["at"]),
+            worker=x["worker"], attempt=int(x["attempt"]), message=x["message"],
+            data=_loads(x["data"]), message_id=x["message_id"],
+            idempotency_key=x["idempotency_key"], job_state=JobState(x["state"]),
+            result=_loads(x["result"]), error=x["error"]) for x in rows]
+
+    def mark_intake_published(self, job_id: str, event_id: int, *, done: bool) -> None:
+        """Move a job's publication cursor forward (never back); ``done`` after its final
+        event."""
+        values: dict[str, Any] = {"published_event_id": event_id}
+        if done:
+            values["done"] = True
+        with self._tx() as conn:
+            conn.execute(intake_requests.update().where(
+                intake_requests.c.job_id == job_id,
+                intake_requests.c.published_event_id < event_id).values(**values))
+
+    def take_lease(self, name: str, holder: str, seconds: float) -> bool:
+        """Take or renew the named lease for ``holder``; True while it holds the lease.
+
+        For work that one process at a time must do, in whichever replica it runs.
+        """
+        lease = intake_leases
+        try:
+            with self._tx() as conn:
+                n = conn.execute(lease.update().where(
+                    lease.c.name == name,
+                    sa.or_(lease.c.holder == holder, lease.c.expires_at < self._now),
+                ).values(holder=holder, expires_at=self._now + seconds)).rowcount
+                if n == 1:
+                    return True
+                if conn.execute(sa.select(lease.c.name).where(lease.c.name == name)
+                                ).first() is not None:
+                    return False
+                conn.execute(lease.insert().values(name=name, holder=holder,
+                                                   expires_at=self._now + seconds))
+                return True
+        except sa.exc.IntegrityError:
+            return False  # another process inserted it first
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with self._tx() as conn:
+            conn.execute(intake_leases.delete().where(intake_leases.c.name == name,
+                                                      intake_leases.c.holder == holder))
 
 
 def _sqlite_pick(conn: Connection, *, has_cuda: bool, pool: str | None) -> str | None:
@@ -1363,6 +1473,24 @@ class JobRecord(Job):
     started_at: float | None = None
     created_epoch: float = 0.0
 
+
+@dataclass(frozen=True)
+class IntakeEvent:
+    """An event of a job that came from a message bus, with what its publication needs."""
+
+    event_id: int
+    job_id: str
+    kind: str
+    at: float
+    worker: str | None
+    attempt: int
+    message: str
+    data: Any
+    message_id: str
+    idempotency_key: str | None
+    job_state: JobState
+    result: Any
+    error: str | None
 
 def _worker_from_row(r: Any) -> Worker:
     return Worker(

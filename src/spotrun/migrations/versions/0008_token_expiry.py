@@ -1,7 +1,7 @@
 """API tokens may expire; dashboard sessions; per-user quotas; fair share of the claim
 
 Revision ID: 0008
-Revises: 0003
+Revises: 0007
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ NEXT_JOB_0003 = importlib.import_module(
     "spotrun.migrations.versions.0003_pg_next_job").NEXT_JOB
 
 revision = '0008'
-down_revision = '0003'
+down_revision = '0007'
 branch_labels = None
 depends_on = None
 
