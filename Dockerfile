@@ -14,6 +14,11 @@
 #                    CUDA runtime, so the base image stays python:slim and only the node
 #                    needs the NVIDIA driver (GKE installs it on GPU node pools).
 #   PYTHON_IMAGE     the base image of both stages.
+#   PIP_FIND_LINKS   a folder of wheels pip looks in first, for a build without the
+#                    internet (mount it into the build, e.g. `buildah bud -v /opt/wheels:
+#                    /opt/wheels:ro --build-arg PIP_FIND_LINKS=/opt/wheels`); empty: none.
+#   PIP_INDEX_URL, PIP_EXTRA_INDEX_URL  the indexes of spotrun's own dependencies (a local
+#                    mirror, `file:///...`, mounted like the wheels); empty: PyPI.
 #
 # Signals: tini is PID 1 and forwards SIGTERM to spotrun, its only child; spotrun turns the
 # notice into a checkpoint and a hand-back. Never wrap the command in `sh -c`: a shell as
@@ -24,15 +29,21 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_FIND_LINKS=""
+ARG PIP_INDEX_URL=""
+ARG PIP_EXTRA_INDEX_URL=""
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/spotrun/bin:$PATH
 RUN python -m venv /opt/spotrun
 # torch first, from its own index and in its own layer: it is by far the largest download
 # and changes far less often than spotrun's code.
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+RUN pip install --index-url "${TORCH_INDEX_URL}" ${PIP_FIND_LINKS:+--find-links "$PIP_FIND_LINKS"} \
+        "torch==${TORCH_VERSION}"
 COPY . /src
-RUN pip install "/src[ml,s3,gcs]" \
+RUN pip install ${PIP_FIND_LINKS:+--find-links "$PIP_FIND_LINKS"} \
+        ${PIP_INDEX_URL:+--index-url "$PIP_INDEX_URL"} \
+        ${PIP_EXTRA_INDEX_URL:+--extra-index-url "$PIP_EXTRA_INDEX_URL"} "/src[ml,s3,gcs]" \
     && python -c "import spotrun.cli, torch, gcsfs, s3fs"
 
 FROM ${PYTHON_IMAGE}

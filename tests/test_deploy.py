@@ -486,7 +486,11 @@ def test_the_image_installs_the_extras_and_a_pinned_torch(dockerfile: list[tuple
     assert args["PYTHON_IMAGE"] == "python:3.11-slim"
     assert "TORCH_INDEX_URL" in args
     runs = " ".join(rest for w, rest in dockerfile if w == "RUN")
-    assert '--index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in runs
+    assert '--index-url "${TORCH_INDEX_URL}"' in runs and '"torch==${TORCH_VERSION}"' in runs
+    # The local-wheel arguments change nothing unless given: a user with the internet
+    # gets torch from the CPU index and the rest from PyPI.
+    assert args["PIP_FIND_LINKS"] == args["PIP_INDEX_URL"] == '""'
+    assert '${PIP_FIND_LINKS:+--find-links "$PIP_FIND_LINKS"}' in runs
     assert "[ml,s3,gcs]" in runs
     # The default torch must satisfy the package's own ml extra.
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
+from spotrun import kube
 from spotrun.checkpoints import (
     CheckpointCorrupt,
     CheckpointStore,
@@ -633,11 +634,24 @@ class Worker:
                                     daemon=True)
         reporter.start()
         waker = Waker(self.store)
+        # In a Kubernetes pod: scale-downs take idle workers first (kube.py).
+        pod_cost = kube.keep_deletion_cost(self.unsaved_seconds)
         try:
-            self._claim_loop(waker)
+            try:
+                self._claim_loop(waker)
+            finally:
+                waker.close()
+            return self._stop()
         finally:
-            waker.close()
-        return self._stop()
+            if pod_cost is not None:
+                pod_cost.stop()
+
+    def unsaved_seconds(self) -> list[float]:
+        """Seconds since each running job's last checkpoint: what a kill would redo."""
+        now = time.monotonic()
+        with self._lock:
+            return [now - r.last_checkpoint_mono for r in self.runners.values()
+                    if not r.done.is_set()]
 
     def _claim_loop(self, waker: Waker) -> None:
         while not self.coordinator.stopping:
