@@ -40,11 +40,21 @@ RUN python -m venv /opt/spotrun
 # and changes far less often than spotrun's code.
 RUN pip install --index-url "${TORCH_INDEX_URL}" ${PIP_FIND_LINKS:+--find-links "$PIP_FIND_LINKS"} \
         "torch==${TORCH_VERSION}"
-COPY . /src
-RUN pip install ${PIP_FIND_LINKS:+--find-links "$PIP_FIND_LINKS"} \
+# Then spotrun's dependencies (those of the ml, s3 and gcs extras), read from pyproject.toml
+# alone: a change to spotrun's code rebuilds neither this layer nor torch's, and the final
+# stage's copy of the environment stays cached too.
+ARG SPOTRUN_EXTRAS=ml,s3,gcs
+COPY pyproject.toml /src/pyproject.toml
+RUN python -c 'import tomllib, os; p = tomllib.load(open("/src/pyproject.toml", "rb"))["project"]; extras = os.environ["SPOTRUN_EXTRAS"].split(","); print("\n".join(p["dependencies"] + [r for e in extras for r in p["optional-dependencies"][e]]))' \
+        > /tmp/requirements.txt \
+    && pip install ${PIP_FIND_LINKS:+--find-links "$PIP_FIND_LINKS"} \
         ${PIP_INDEX_URL:+--index-url "$PIP_INDEX_URL"} \
-        ${PIP_EXTRA_INDEX_URL:+--extra-index-url "$PIP_EXTRA_INDEX_URL"} "/src[ml,s3,gcs]" \
-    && python -c "import spotrun.cli, torch, gcsfs, s3fs"
+        ${PIP_EXTRA_INDEX_URL:+--extra-index-url "$PIP_EXTRA_INDEX_URL"} -r /tmp/requirements.txt
+# spotrun itself, as a wheel the final stage installs on top.
+COPY . /src
+RUN pip wheel --no-deps ${PIP_FIND_LINKS:+--find-links "$PIP_FIND_LINKS"} \
+        ${PIP_INDEX_URL:+--index-url "$PIP_INDEX_URL"} \
+        ${PIP_EXTRA_INDEX_URL:+--extra-index-url "$PIP_EXTRA_INDEX_URL"} -w /dist /src
 
 FROM ${PYTHON_IMAGE}
 # tini: a PID 1 that forwards signals and reaps zombies (DataLoader workers leave some).
@@ -58,6 +68,11 @@ RUN groupadd --system --gid 10001 spotrun \
     && mkdir -p /var/lib/spotrun \
     && chown 10001:10001 /var/lib/spotrun
 COPY --from=build /opt/spotrun /opt/spotrun
+COPY --from=build /dist /tmp/dist
+RUN /opt/spotrun/bin/pip install --no-deps --no-cache-dir --disable-pip-version-check \
+        /tmp/dist/spotrun-*.whl \
+    && rm -rf /tmp/dist \
+    && /opt/spotrun/bin/python -c "import spotrun.cli, torch, gcsfs, s3fs"
 # SPOTRUN_HOME holds the embedded SQLite database and local checkpoints: writable by the
 # user (in Kubernetes an emptyDir is mounted there, the root filesystem stays read-only).
 ENV PATH=/opt/spotrun/bin:$PATH \

@@ -298,3 +298,44 @@ def test_up_runs_everything_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
             proc.kill()
             proc.wait(10)
         log.close()
+
+
+@pytest.fixture
+def api_only(sqlite_url: str, tmp_path: Path) -> Iterator[str]:
+    """The server alone, on a free port: its URL."""
+    store = JobStore.open(sqlite_url)
+    settings = Settings.from_env(home=str(tmp_path), database_url=sqlite_url)
+    srv = ServerThread(create_app(settings, store=store, deliverer=False), "127.0.0.1", 0,
+                       access_log=False)
+    srv.start()
+    try:
+        yield f"http://127.0.0.1:{srv.port}"
+    finally:
+        srv.stop()
+        store.close()
+
+
+def test_the_api_docs_work_offline(browser: Any, api_only: str) -> None:
+    from playwright.sync_api import expect
+
+    context = browser.new_context()
+    elsewhere: list[str] = []
+
+    def only_this_server(route: Any) -> None:
+        if route.request.url.startswith(api_only + "/"):
+            route.continue_()
+        else:  # a CDN, or anything else off this machine
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_this_server)
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    page.goto(f"{api_only}/docs")
+    expect(page.locator(".swagger-ui .title").first).to_contain_text("spotrun")
+    expect(page.locator(".opblock-summary-path", has_text="/v1/jobs/{job_id}").first
+           ).to_be_visible()
+    assert elsewhere == [] and problems == [], (elsewhere, problems)
+    assert httpx.get(f"{api_only}/docs/assets/swagger-ui-bundle.js").status_code == 200
+    context.close()
