@@ -132,3 +132,71 @@ def test_the_readme_says_where_a_cpu_torch_comes_from() -> None:
     index = next(line.split("=", 1)[1] for line in dockerfile.splitlines()
                  if line.startswith("ARG TORCH_INDEX_URL="))
     assert f"pip install torch==2.13.0 --index-url {index}" in readme
+
+
+def test_a_job_no_live_worker_can_run_says_so(env_factory: Callable[..., Env],
+                                              sqlite_url: str, tmp_path: Path) -> None:
+    import httpx
+
+    from spotrun.api import TOKEN_COOKIE, create_app
+    from spotrun.config import Settings
+    from spotrun.serve import ServerThread
+
+    env = env_factory(sqlite_url)
+    st = env.store()
+    # A live CPU worker of pool "spot" (registered as a worker process registers).
+    st.register_worker(name="cpu1", host="h", pid=1, pool="spot", has_cuda=False,
+                       lease_seconds=30)
+    ok = env.cli("submit", "sleep")
+    assert ok.stderr == ""  # no need a worker could lack: no warning
+    gpu = env.cli("submit", "sleep", "--pool", "gpu")
+    assert gpu.stderr.strip() == (
+        "spotrun: warning: no live worker can run this job: it runs only on pool 'gpu', "
+        "which has no live worker (start a worker in pool 'gpu': "
+        "`spotrun worker --pool gpu`)")
+    job_id = gpu.stdout.strip()
+    shown = env.cli("show", job_id).stdout.splitlines()
+    assert shown[1].startswith("warning: no live worker can run this job: it runs only on "
+                               "pool 'gpu'"), shown
+    assert "warning" not in env.cli("show", ok.stdout.strip()).stdout
+
+    token = st.create_token("admin", admin=True)
+    settings = Settings.from_env(home=str(tmp_path), database_url=sqlite_url)
+    srv = ServerThread(create_app(settings, store=st, deliverer=False), "127.0.0.1", 0,
+                       access_log=False)
+    srv.start()
+    try:
+        base = f"http://127.0.0.1:{srv.port}"
+        page = httpx.get(f"{base}/jobs/{job_id}", cookies={TOKEN_COOKIE: token}).text
+        assert 'id="job-unrunnable"' in page and "No live worker can run this job" in page
+        other = httpx.get(f"{base}/jobs/{ok.stdout.strip()}", cookies={TOKEN_COOKIE: token})
+        assert 'id="job-unrunnable"' not in other.text
+        # A worker of that pool starts: the page no longer says it.
+        st.register_worker(name="gpu1", host="h", pid=2, pool="gpu", has_cuda=True,
+                           lease_seconds=30)
+        again = httpx.get(f"{base}/jobs/{job_id}", cookies={TOKEN_COOKIE: token}).text
+        assert 'id="job-unrunnable"' not in again
+    finally:
+        srv.stop()
+    st.close()
+
+
+def test_what_makes_a_job_unrunnable() -> None:
+    import datetime as dt
+
+    from spotrun.capacity import unrunnable_reason
+    from spotrun.jobs import Worker
+
+    now = dt.datetime.now(dt.UTC)
+
+    def w(pool: str, cuda: bool, state: str = "idle") -> Worker:
+        return Worker("id", "w", "h", 1, pool, state, cuda, None, now, now)
+
+    assert unrunnable_reason(False, None, []) is None  # waits for the first worker
+    assert "needs CUDA" in (unrunnable_reason(True, None, [w("spot", False)]) or "")
+    assert unrunnable_reason(True, None, [w("spot", True)]) is None
+    assert unrunnable_reason(True, None, [w("spot", True, "gone")]) is not None
+    assert unrunnable_reason(False, "gpu", [w("gpu", False)]) is None
+    assert "pool 'gpu'" in (unrunnable_reason(True, "gpu", [w("spot", True)]) or "")
+    assert "needs CUDA and no live worker in pool 'gpu'" in (
+        unrunnable_reason(True, "gpu", [w("gpu", False)]) or "")

@@ -151,6 +151,16 @@ def test_train_preempt_and_resume_in_the_browser(
     expect(timeline).to_contain_text(f"resumed on {other} from step", timeout=60_000)
     expect(page.locator("#job-state")).to_have_text("Succeeded", timeout=90_000)
     expect(page.locator("#job-result")).to_contain_text("accuracy")
+    # The finished job: where it ran, and what it cost against on-demand machines.
+    expect(page.locator("#job-worker")).to_have_text(f"Ran on worker {other}.")
+    saving = page.locator("#job-cost-saving")
+    expect(saving).to_have_text(re.compile(r"\$0\.\d{4,6} \(\d+ %\)"))
+    assert float(saving.inner_text().split()[0][1:]) > 0
+    expect(page.locator("#job-cost-on-demand")).to_have_text("0.0 s")
+    spot_paid = page.locator("#job-cost-spot").inner_text()
+    assert spot_paid.endswith(" s") and float(spot_paid[:-2]) > 0, spot_paid
+    redone = page.locator("#job-cost-redone").inner_text()
+    assert redone.endswith(" s") and float(redone[:-2]) < float(spot_paid[:-2]), redone
     kinds = [e.kind for e in env.store().get(job_id).events]
     assert kinds.index("preempted") < kinds.index("resumed") < kinds.index("succeeded")
 

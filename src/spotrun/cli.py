@@ -189,6 +189,11 @@ def submit(
             max_preemptions=max_preemptions,
             deadline=None if deadline is None else store.now() + deadline,
         )
+        from spotrun.capacity import unrunnable_reason
+
+        unrunnable = unrunnable_reason(cuda, pool, store.list_workers(include_stopped=False))
+        if unrunnable:
+            typer.echo(f"spotrun: warning: {unrunnable}", err=True)
         if not wait_:
             _echo_json(job.to_json()) if as_json else typer.echo(job.id)
             return
@@ -263,9 +268,20 @@ def describe(job: Job) -> str:
 @friendly
 def show(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """A job's state, progress, result or error, and its history."""
+    from spotrun.capacity import job_unrunnable
+
     with open_store(read_only=True) as store:
         job = _get(store, job_id)
-    _echo_json(job.to_json()) if as_json else typer.echo(describe(job))
+        unrunnable = None if as_json or job.state.is_final else job_unrunnable(
+            job, store.list_workers(include_stopped=False))
+    if as_json:
+        _echo_json(job.to_json())
+        return
+    text = describe(job)
+    if unrunnable:
+        head, _, rest = text.partition("\n")
+        text = f"{head}\nwarning: {unrunnable}\n{rest}"
+    typer.echo(text)
 
 
 @app.command("jobs")

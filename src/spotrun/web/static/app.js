@@ -85,8 +85,13 @@ function showJob(job) {
   setBadge(document.getElementById("job-state"), job.state);
   setBar(document.getElementById("job-progress"), job);
   document.getElementById("job-progress-text").textContent = progressWords(job.progress);
-  document.getElementById("job-worker").textContent =
-    job.worker ? `Running on worker ${job.worker}.` : "";
+  let where = "";
+  if (job.worker) {
+    if (job.state === "running") { where = `Running on worker ${job.worker}.`; }
+    else if (FINAL.has(job.state)) { where = `Ran on worker ${job.worker}.`; }
+    else { where = `Last ran on worker ${job.worker}.`; }
+  }
+  document.getElementById("job-worker").textContent = where;
   const timeline = document.getElementById("timeline");
   const items = (job.events || []).map((e) => {
     const li = el("li");
@@ -113,8 +118,9 @@ function showJob(job) {
 function liveJob(jobId) {
   const source = new EventSource(`/v1/stream/jobs/${encodeURIComponent(jobId)}`);
   source.addEventListener("job", (ev) => showJob(JSON.parse(ev.data)));
-  // The job ended: the stream is done, do not let the browser reconnect.
-  source.addEventListener("end", () => source.close());
+  // The job ended: the stream is done, do not let the browser reconnect; load the page
+  // once more for what only the server works out (the cost of the whole run).
+  source.addEventListener("end", () => { source.close(); window.location.reload(); });
 }
 
 // --------------------------------------------------------------------- login
