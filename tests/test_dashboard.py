@@ -123,6 +123,16 @@ def test_train_preempt_and_resume_in_the_browser(
 
     first = wait_until(value, 60, "the progress bar to start", interval=0.1)
     wait_until(lambda: value() > first, 30, "the progress bar to move", interval=0.1)
+    # The training curve draws itself while the job runs: a line per metric, growing.
+    loss = page.locator('#curve polyline[data-metric="loss"]')
+    expect(loss).to_have_count(1, timeout=30_000)
+
+    def loss_points() -> int:
+        return len((loss.get_attribute("points") or "").split())
+
+    drawn = loss_points()
+    wait_until(lambda: loss_points() > drawn, 30, "the curve to grow", interval=0.1)
+    expect(page.locator("#curve-legend")).to_contain_text("loss")
     worker_text = page.locator("#job-worker")
     expect(worker_text).to_have_text(re.compile(r"Running on worker w[12]\."))
     running_on = re.search(r"w[12]", worker_text.inner_text())
@@ -149,6 +159,11 @@ def test_train_preempt_and_resume_in_the_browser(
     timeline = page.locator("#timeline")
     expect(timeline).to_contain_text(f"preempted on {victim}", timeout=30_000)
     expect(timeline).to_contain_text(f"resumed on {other} from step", timeout=60_000)
+    # ...and the curve marks where the job was taken away and where it went on.
+    expect(page.locator("#curve .marker-preempted")).to_have_count(1, timeout=30_000)
+    expect(page.locator("#curve .marker-resumed")).to_have_count(1, timeout=30_000)
+    expect(page.locator("#curve .marker-preempted title")).to_contain_text(
+        f"preempted on {victim}")
     expect(page.locator("#job-state")).to_have_text("Succeeded", timeout=90_000)
     expect(page.locator("#job-result")).to_contain_text("accuracy")
     # The finished job: where it ran, and what it cost against on-demand machines.
@@ -161,6 +176,11 @@ def test_train_preempt_and_resume_in_the_browser(
     assert spot_paid.endswith(" s") and float(spot_paid[:-2]) > 0, spot_paid
     redone = page.locator("#job-cost-redone").inner_text()
     assert redone.endswith(" s") and float(redone[:-2]) < float(spot_paid[:-2]), redone
+    # The finished page draws the same curve from the stored series.
+    expect(page.locator("#curve .marker-preempted")).to_have_count(1)
+    series = env.store().metric_series(job_id)
+    assert {p.attempt for p in series} == {1, 2} and len(series) >= 3
+    assert [p.step for p in series] == sorted(p.step for p in series)
     kinds = [e.kind for e in env.store().get(job_id).events]
     assert kinds.index("preempted") < kinds.index("resumed") < kinds.index("succeeded")
 

@@ -206,3 +206,17 @@ def iso(t: dt.datetime) -> str:
 
 def from_epoch(seconds: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    """One point of a job's training curve: the numeric metrics it reported at a step."""
+
+    step: int
+    attempt: int
+    at: dt.datetime
+    metrics: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "attempt": self.attempt, "at": iso(self.at),
+                "metrics": self.metrics}

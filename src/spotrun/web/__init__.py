@@ -269,7 +269,9 @@ def install(app: FastAPI, ctx: AppContext) -> None:
             return no_such_job(request, who, job_id)
         from spotrun.web import jobview
 
+        series, marks = jobview.curve_data(job, store)
         return page("job.html", request, who, job=job, cost=jobview.cost_view(job, store),
+                    curve_series=series, curve_marks=marks,
                     worker_words=jobview.worker_words(job),
                     unrunnable=jobview.unrunnable(job, store))
 

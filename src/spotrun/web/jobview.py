@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass
 
 from spotrun.capacity import job_unrunnable
@@ -72,3 +73,19 @@ def unrunnable(job: Job, store: object) -> str | None:
         return None
     reason = job_unrunnable(job, store.list_workers(include_stopped=False))
     return None if reason is None else reason[0].upper() + reason[1:] + "."
+
+
+# Events that end an attempt early, and the one that starts the next from a checkpoint.
+CURVE_MARKS = ("preempted", "lease_expired", "handed_back", "resumed")
+
+
+def curve_data(job: Job, store: object) -> tuple[str, str]:
+    """The job's metric series and the events the curve marks, as JSON for the page."""
+    from spotrun.store import JobStore
+
+    assert isinstance(store, JobStore)
+    series = [{"step": p.step, "attempt": p.attempt, "metrics": p.metrics}
+              for p in store.metric_series(job.id)]
+    marks = [{"kind": e.kind, "attempt": e.attempt, "message": e.message}
+             for e in job.events if e.kind in CURVE_MARKS]
+    return json.dumps(series), json.dumps(marks)
