@@ -176,6 +176,13 @@ def test_train_preempt_and_resume_in_the_browser(
     assert spot_paid.endswith(" s") and float(spot_paid[:-2]) > 0, spot_paid
     redone = page.locator("#job-cost-redone").inner_text()
     assert redone.endswith(" s") and float(redone[:-2]) < float(spot_paid[:-2]), redone
+    # History speaks plainly; how the checkpoint period was chosen opens under its line.
+    note = page.locator("#timeline details", has_text="chosen from how often this pool")
+    expect(note).to_have_count(1)
+    expect(note.locator(".detail")).to_be_hidden()
+    note.locator("summary").click()
+    expect(note.locator(".detail")).to_be_visible()
+    expect(note.locator(".detail")).to_contain_text("Young/Daly optimum sqrt(2 x C x M)")
     # The finished page draws the same curve from the stored series.
     expect(page.locator("#curve .marker-preempted")).to_have_count(1)
     series = env.store().metric_series(job_id)

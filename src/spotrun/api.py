@@ -128,6 +128,8 @@ class EventOut(BaseModel):
     worker: str | None
     attempt: int
     message: str
+    detail: str | None = Field(
+        None, description="How the message was worked out (a formula and its inputs)")
 
 
 class JobOut(BaseModel):

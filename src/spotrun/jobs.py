@@ -75,6 +75,8 @@ class Event:
     worker: str | None
     attempt: int
     message: str
+    # How the message was worked out (a formula, its inputs), for a reader who asks.
+    detail: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -83,6 +85,7 @@ class Event:
             "worker": self.worker,
             "attempt": self.attempt,
             "message": self.message,
+            "detail": self.detail,
         }
 
 

@@ -473,6 +473,7 @@ class JobStore:
                 worker=r["worker"],
                 attempt=r["attempt"],
                 message=r["message"],
+                detail=(_loads(r["data"]) or {}).get("detail") if r["data"] else None,
             )
 
     def logs(self, job_id: str) -> list[LogLine]:
@@ -676,8 +677,10 @@ class JobStore:
                 {"job_id": lease.job_id, "attempt": lease.attempt, "at": at, "level": level,
                  "message": msg} for at, level, msg in logs])
 
-    def add_event(self, lease: Lease, kind: str, message: str) -> None:
-        """Append an event on behalf of the lease holder (refused for a zombie)."""
+    def add_event(self, lease: Lease, kind: str, message: str, *,
+                  detail: str | None = None) -> None:
+        """Append an event on behalf of the lease holder (refused for a zombie); ``detail``
+        says how its message was worked out."""
         with self._tx() as conn:
             n = conn.execute(
                 jobs.update().where(self._fenced(lease)).values(updated_at=self._now)
@@ -685,7 +688,8 @@ class JobStore:
             if n != 1:
                 raise self._refused(conn, lease, "event")
             self._event(conn, lease.job_id, kind, message, worker=lease.worker_name,
-                        attempt=lease.attempt)
+                        attempt=lease.attempt,
+                        data=None if detail is None else {"detail": detail})
 
     def commit_checkpoint(
         self, lease: Lease, path: str, step: int, *, message: str | None = None

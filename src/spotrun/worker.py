@@ -314,7 +314,8 @@ class JobRunner:
         self.every_seconds = chosen.seconds
         if explain:
             self.worker.db.call(functools.partial(
-                self.store.add_event, self.lease, EventKind.NOTE, chosen.explanation))
+                self.store.add_event, self.lease, EventKind.NOTE, chosen.summary,
+                detail=chosen.explanation))
 
     def request_stop(self, reason: StopReason, detail: str = "") -> None:
         with self.lock:

@@ -203,7 +203,14 @@ function showJob(job) {
     const time = el("time");
     time.setAttribute("datetime", e.at);
     localTime(time);
-    li.append(time, " ", el("span", "msg", e.message));
+    if (e.detail) {
+      // The plain line; how it was worked out opens under it.
+      const details = el("details", "msg");
+      details.append(el("summary", "", e.message), el("p", "detail", e.detail));
+      li.append(time, " ", details);
+    } else {
+      li.append(time, " ", el("span", "msg", e.message));
+    }
     return li;
   });
   if (items.length) { timeline.replaceChildren(...items); }
