@@ -14,6 +14,11 @@
 #                    CUDA runtime, so the base image stays python:slim and only the node
 #                    needs the NVIDIA driver (GKE installs it on GPU node pools).
 #   PYTHON_IMAGE     the base image of both stages.
+#   PIP_FIND_LINKS   a folder of wheels pip looks in first, for a build without the
+#                    internet (mount it into the build, e.g. `buildah bud -v /opt/wheels:
+#                    /opt/wheels:ro --build-arg PIP_FIND_LINKS=/opt/wheels`); empty: none.
+#   PIP_INDEX_URL, PIP_EXTRA_INDEX_URL  the indexes of spotrun's own dependencies (a local
+#                    mirror, `file:///...`, mounted like the wheels); empty: PyPI.
 #
 # Signals: tini is PID 1 and forwards SIGTERM to spotrun, its only child; spotrun turns the
 # notice into a checkpoint and a hand-back. Never wrap the command in `sh -c`: a shell as
@@ -24,16 +29,32 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_FIND_LINKS=""
+ARG PIP_INDEX_URL=""
+ARG PIP_EXTRA_INDEX_URL=""
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/spotrun/bin:$PATH
 RUN python -m venv /opt/spotrun
 # torch first, from its own index and in its own layer: it is by far the largest download
 # and changes far less often than spotrun's code.
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+RUN pip install --index-url "${TORCH_INDEX_URL}" ${PIP_FIND_LINKS:+--find-links "$PIP_FIND_LINKS"} \
+        "torch==${TORCH_VERSION}"
+# Then spotrun's dependencies (those of the ml, s3 and gcs extras), read from pyproject.toml
+# alone: a change to spotrun's code rebuilds neither this layer nor torch's, and the final
+# stage's copy of the environment stays cached too.
+ARG SPOTRUN_EXTRAS=ml,s3,gcs,pubsub
+COPY pyproject.toml /src/pyproject.toml
+RUN python -c 'import tomllib, os; p = tomllib.load(open("/src/pyproject.toml", "rb"))["project"]; extras = os.environ["SPOTRUN_EXTRAS"].split(","); print("\n".join(p["dependencies"] + [r for e in extras for r in p["optional-dependencies"][e]]))' \
+        > /tmp/requirements.txt \
+    && pip install ${PIP_FIND_LINKS:+--find-links "$PIP_FIND_LINKS"} \
+        ${PIP_INDEX_URL:+--index-url "$PIP_INDEX_URL"} \
+        ${PIP_EXTRA_INDEX_URL:+--extra-index-url "$PIP_EXTRA_INDEX_URL"} -r /tmp/requirements.txt
+# spotrun itself, as a wheel the final stage installs on top.
 COPY . /src
-RUN pip install "/src[ml,s3,gcs,pubsub]" \
-    && python -c "import spotrun.cli, torch, gcsfs, s3fs, google.cloud.pubsub_v1"
+RUN pip wheel --no-deps ${PIP_FIND_LINKS:+--find-links "$PIP_FIND_LINKS"} \
+        ${PIP_INDEX_URL:+--index-url "$PIP_INDEX_URL"} \
+        ${PIP_EXTRA_INDEX_URL:+--extra-index-url "$PIP_EXTRA_INDEX_URL"} -w /dist /src
 
 FROM ${PYTHON_IMAGE}
 # tini: a PID 1 that forwards signals and reaps zombies (DataLoader workers leave some).
@@ -47,6 +68,11 @@ RUN groupadd --system --gid 10001 spotrun \
     && mkdir -p /var/lib/spotrun \
     && chown 10001:10001 /var/lib/spotrun
 COPY --from=build /opt/spotrun /opt/spotrun
+COPY --from=build /dist /tmp/dist
+RUN /opt/spotrun/bin/pip install --no-deps --no-cache-dir --disable-pip-version-check \
+        /tmp/dist/spotrun-*.whl \
+    && rm -rf /tmp/dist \
+    && /opt/spotrun/bin/python -c "import spotrun.cli, torch, gcsfs, s3fs"
 # SPOTRUN_HOME holds the embedded SQLite database and local checkpoints: writable by the
 # user (in Kubernetes an emptyDir is mounted there, the root filesystem stays read-only).
 ENV PATH=/opt/spotrun/bin:$PATH \

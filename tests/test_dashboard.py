@@ -127,6 +127,16 @@ def test_train_preempt_and_resume_in_the_browser(
 
     first = wait_until(value, 60, "the progress bar to start", interval=0.1)
     wait_until(lambda: value() > first, 30, "the progress bar to move", interval=0.1)
+    # The training curve draws itself while the job runs: a line per metric, growing.
+    loss = page.locator('#curve polyline[data-metric="loss"]')
+    expect(loss).to_have_count(1, timeout=30_000)
+
+    def loss_points() -> int:
+        return len((loss.get_attribute("points") or "").split())
+
+    drawn = loss_points()
+    wait_until(lambda: loss_points() > drawn, 30, "the curve to grow", interval=0.1)
+    expect(page.locator("#curve-legend")).to_contain_text("loss")
     worker_text = page.locator("#job-worker")
     expect(worker_text).to_have_text(re.compile(r"Running on worker w[12]\."))
     running_on = re.search(r"w[12]", worker_text.inner_text())
@@ -153,8 +163,35 @@ def test_train_preempt_and_resume_in_the_browser(
     timeline = page.locator("#timeline")
     expect(timeline).to_contain_text(f"preempted on {victim}", timeout=30_000)
     expect(timeline).to_contain_text(f"resumed on {other} from step", timeout=60_000)
+    # ...and the curve marks where the job was taken away and where it went on.
+    expect(page.locator("#curve .marker-preempted")).to_have_count(1, timeout=30_000)
+    expect(page.locator("#curve .marker-resumed")).to_have_count(1, timeout=30_000)
+    expect(page.locator("#curve .marker-preempted title")).to_contain_text(
+        f"preempted on {victim}")
     expect(page.locator("#job-state")).to_have_text("Succeeded", timeout=90_000)
     expect(page.locator("#job-result")).to_contain_text("accuracy")
+    # The finished job: where it ran, and what it cost against on-demand machines.
+    expect(page.locator("#job-worker")).to_have_text(f"Ran on worker {other}.")
+    saving = page.locator("#job-cost-saving")
+    expect(saving).to_have_text(re.compile(r"\$0\.\d{4,6} \(\d+ %\)"))
+    assert float(saving.inner_text().split()[0][1:]) > 0
+    expect(page.locator("#job-cost-on-demand")).to_have_text("0.0 s")
+    spot_paid = page.locator("#job-cost-spot").inner_text()
+    assert spot_paid.endswith(" s") and float(spot_paid[:-2]) > 0, spot_paid
+    redone = page.locator("#job-cost-redone").inner_text()
+    assert redone.endswith(" s") and float(redone[:-2]) < float(spot_paid[:-2]), redone
+    # History speaks plainly; how the checkpoint period was chosen opens under its line.
+    note = page.locator("#timeline details", has_text="chosen from how often this pool")
+    expect(note).to_have_count(1)
+    expect(note.locator(".detail")).to_be_hidden()
+    note.locator("summary").click()
+    expect(note.locator(".detail")).to_be_visible()
+    expect(note.locator(".detail")).to_contain_text("Young/Daly optimum sqrt(2 x C x M)")
+    # The finished page draws the same curve from the stored series.
+    expect(page.locator("#curve .marker-preempted")).to_have_count(1)
+    series = env.store().metric_series(job_id)
+    assert {p.attempt for p in series} == {1, 2} and len(series) >= 3
+    assert [p.step for p in series] == sorted(p.step for p in series)
     kinds = [e.kind for e in env.store().get(job_id).events]
     assert kinds.index("preempted") < kinds.index("resumed") < kinds.index("succeeded")
 
@@ -305,3 +342,44 @@ def test_up_runs_everything_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
             proc.kill()
             proc.wait(10)
         log.close()
+
+
+@pytest.fixture
+def api_only(sqlite_url: str, tmp_path: Path) -> Iterator[str]:
+    """The server alone, on a free port: its URL."""
+    store = JobStore.open(sqlite_url)
+    settings = Settings.from_env(home=str(tmp_path), database_url=sqlite_url)
+    srv = ServerThread(create_app(settings, store=store, deliverer=False), "127.0.0.1", 0,
+                       access_log=False)
+    srv.start()
+    try:
+        yield f"http://127.0.0.1:{srv.port}"
+    finally:
+        srv.stop()
+        store.close()
+
+
+def test_the_api_docs_work_offline(browser: Any, api_only: str) -> None:
+    from playwright.sync_api import expect
+
+    context = browser.new_context()
+    elsewhere: list[str] = []
+
+    def only_this_server(route: Any) -> None:
+        if route.request.url.startswith(api_only + "/"):
+            route.continue_()
+        else:  # a CDN, or anything else off this machine
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_this_server)
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    page.goto(f"{api_only}/docs")
+    expect(page.locator(".swagger-ui .title").first).to_contain_text("spotrun")
+    expect(page.locator(".opblock-summary-path", has_text="/v1/jobs/{job_id}").first
+           ).to_be_visible()
+    assert elsewhere == [] and problems == [], (elsewhere, problems)
+    assert httpx.get(f"{api_only}/docs/assets/swagger-ui-bundle.js").status_code == 200
+    context.close()

@@ -36,6 +36,8 @@ def test_young_daly_interval_and_its_explanation() -> None:
                                  interruptions=2, lo=10, hi=600)
     assert math.isclose(chosen.seconds, math.sqrt(2 * 2.0 * (7200 + 3600) / 3))
     assert "Young/Daly" in chosen.explanation and "2 lost without notice" in chosen.explanation
+    assert chosen.summary.startswith(f"checkpoints every {chosen.seconds:.0f} s, chosen from")
+    assert "sqrt" not in chosen.summary
     capped = checkpoint_interval(checkpoint_seconds=None, lived_seconds=0, interruptions=0,
                                  lo=10, hi=60)
     assert capped.seconds == 60 and "prior" in capped.explanation

@@ -478,9 +478,12 @@ def test_periodic_checkpoints_follow_young_daly_explained_once(
     job_id = submit(env, "sleep", "seconds=4", "steps=40")
     job = final(st, job_id, 60)
     assert job.state is JobState.SUCCEEDED
-    explained = [m for m in messages(job) if "Young/Daly" in m]
+    # A plain line, with the formula as its detail.
+    explained = [e for e in job.events if e.detail and "Young/Daly" in e.detail]
     assert len(explained) == 1, messages(job)
-    assert explained[0].startswith("periodic checkpoints every 1 s")
+    assert explained[0].message == ("checkpoints every 1 s, chosen from how often this pool "
+                                    "loses machines and how long a checkpoint takes")
+    assert explained[0].detail.startswith("periodic checkpoints every 1 s: the Young/Daly")
     periodic = [m for m in messages(job) if m.startswith("checkpoint at step")]
     assert 2 <= len(periodic) <= 5, messages(job)
     w.signal(signal.SIGTERM)

@@ -134,6 +134,8 @@ class EventOut(BaseModel):
     worker: str | None
     attempt: int
     message: str
+    detail: str | None = Field(
+        None, description="How the message was worked out (a formula and its inputs)")
 
 
 class JobOut(BaseModel):
@@ -801,6 +803,7 @@ def create_app(settings: Settings, *, store: JobStore | None = None,
     ``deliverer`` is None, none if it is False).
     """
     from spotrun import web
+    from spotrun.web import apidocs
 
     owns_store = store is None
     the_store = store if store is not None else JobStore.open(settings.database_url)
@@ -846,12 +849,14 @@ def create_app(settings: Settings, *, store: JobStore | None = None,
         description="Run machine-learning jobs on preemptible / spot workers without "
                     "losing work. Authenticate with `Authorization: Bearer TOKEN`.",
         lifespan=lifespan, default_response_class=StrictJSONResponse,
-        dependencies=[Depends(_known_query_only)])
+        dependencies=[Depends(_known_query_only)],
+        docs_url=None)  # /docs is served offline by web.apidocs
     app.state.ctx = ctx
     app.add_middleware(BodyLimit)
     _install_error_handlers(app)
     _install_routes(app, ctx)
     web.install(app, ctx)
+    apidocs.install(app)
     return app
 
 

@@ -258,6 +258,10 @@ def _storage_options(url: str) -> dict[str, Any]:
                     or os.environ.get("AWS_ENDPOINT_URL"))
         if endpoint and not ignore:
             options["endpoint_url"] = endpoint
+    elif os.environ.get("STORAGE_EMULATOR_HOST", "") not in ("", "default"):
+        # A GCS emulator takes no credentials; looking for real ones would only find
+        # something to send to it (or wait on a metadata server that is not there).
+        options["token"] = "anon"
     return options
 
 

@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
@@ -85,10 +86,18 @@ def settings() -> Settings:
 
 
 @contextlib.contextmanager
-def open_store(s: Settings | None = None) -> Iterator[Any]:
-    from spotrun.store import JobStore
+def open_store(s: Settings | None = None, *, read_only: bool = False) -> Iterator[Any]:
+    """The job store; with ``read_only`` a SQLite file that is not there is an error, not
+    a new empty database (a mistyped path must not look like an empty queue)."""
+    from spotrun.store import JobStore, normalize_url
 
     s = s or settings()
+    url = normalize_url(s.database_url)
+    if read_only and url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        path = Path(url.removeprefix("sqlite:///").split("?", 1)[0])
+        if not path.is_file():
+            fail(f"no database at {path} (check --home, SPOTRUN_HOME or "
+                 "SPOTRUN_DATABASE_URL; a worker or `spotrun submit` creates it)", 1)
     store = JobStore.open(s.database_url)
     try:
         yield store
@@ -185,6 +194,11 @@ def submit(
             max_preemptions=max_preemptions,
             deadline=None if deadline is None else store.now() + deadline,
         )
+        from spotrun.capacity import unrunnable_reason
+
+        unrunnable = unrunnable_reason(cuda, pool, store.list_workers(include_stopped=False))
+        if unrunnable:
+            typer.echo(f"spotrun: warning: {unrunnable}", err=True)
         if not wait_:
             _echo_json(job.to_json()) if as_json else typer.echo(job.id)
             return
@@ -213,6 +227,24 @@ def _fmt_time(t: Any) -> str:
     return str(t.astimezone().strftime("%H:%M:%S.%f")[:-3])
 
 
+RESULT_WIDTH = 100  # characters of a result shown on one line by `show`
+
+
+def result_lines(result: Any) -> list[str]:
+    """A result as `show` prints it: on one line when short; else a line per key, each
+    value cut at :data:`RESULT_WIDTH` with its full length said (``--json`` has it all)."""
+    whole = json.dumps(result, sort_keys=True)
+    if len(whole) <= RESULT_WIDTH or not isinstance(result, dict):
+        return [f"result: {_cut(whole)}"]
+    return ["result:", *(f"  {k}: {_cut(json.dumps(result[k]))}" for k in sorted(result))]
+
+
+def _cut(text: str) -> str:
+    if len(text) <= RESULT_WIDTH:
+        return text
+    return f"{text[:RESULT_WIDTH]}... ({len(text):,} characters; `show --json` has it all)"
+
+
 def describe(job: Job) -> str:
     """A job as a person reads it."""
     lines = [f"job {job.id}  {job.pipeline}  {job.state.value}"]
@@ -228,7 +260,7 @@ def describe(job: Job) -> str:
         lines.append(f"progress: [{bar}] {p.step}/{p.total} ({pct:.0f}%) {extra}".rstrip())
     lines.append(f"params: {json.dumps(job.params, sort_keys=True)}")
     if job.result is not None:
-        lines.append(f"result: {json.dumps(job.result, sort_keys=True)}")
+        lines.extend(result_lines(job.result))
     if job.error:
         lines.append(f"error: {job.error}")
     if job.events:
@@ -241,9 +273,20 @@ def describe(job: Job) -> str:
 @friendly
 def show(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """A job's state, progress, result or error, and its history."""
-    with open_store() as store:
+    from spotrun.capacity import job_unrunnable
+
+    with open_store(read_only=True) as store:
         job = _get(store, job_id)
-    _echo_json(job.to_json()) if as_json else typer.echo(describe(job))
+        unrunnable = None if as_json or job.state.is_final else job_unrunnable(
+            job, store.list_workers(include_stopped=False))
+    if as_json:
+        _echo_json(job.to_json())
+        return
+    text = describe(job)
+    if unrunnable:
+        head, _, rest = text.partition("\n")
+        text = f"{head}\nwarning: {unrunnable}\n{rest}"
+    typer.echo(text)
 
 
 @app.command("jobs")
@@ -255,7 +298,7 @@ def list_jobs(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List jobs, newest first."""
-    with open_store() as store:
+    with open_store(read_only=True) as store:
         found = store.list_jobs(state=state, pipeline=pipeline, limit=limit)
     if as_json:
         _echo_json([j.to_json(with_events=False) for j in found])
@@ -285,17 +328,50 @@ def _exit_code(job: Job) -> int:
     return 0 if job.state is JobState.SUCCEEDED else 1
 
 
-def _wait_for(store: Any, job_id: str, timeout: float | None) -> Job:
+def progress_line(job: Job, width: int = 20) -> str:
+    """One line of a job's state and progress: ``running [####....] 40/100 (40%) loss=…``."""
+    p = job.progress
+    line = job.state.value
+    if p.total:
+        done = int(width * min(p.step, p.total) / p.total)
+        line += (f" [{'#' * done}{'.' * (width - done)}] {p.step}/{p.total} "
+                 f"({100.0 * p.step / p.total:.0f}%)")
+    elif p.step:
+        line += f" step {p.step}"
+    extra = " ".join(f"{k}={v}" for k, v in p.metrics.items())
+    return f"{line} {extra}".rstrip()
+
+
+def _wait_for(store: Any, job_id: str, timeout: float | None, *,
+              show_progress: bool = False) -> Job:
+    """Poll until the job ends; with ``show_progress``, redraw its progress line on stderr
+    (for a terminal: nothing is written when it is not one)."""
     give_up = None if timeout is None else time.monotonic() + timeout
-    while True:
-        job: Job = store.get(job_id, with_events=False)
-        if job.state.is_final:
-            return store.get(job_id)  # type: ignore[no-any-return]
-        if give_up is not None and time.monotonic() >= give_up:
-            typer.echo(f"spotrun: job {job_id} still {job.state.value} after {timeout:g} s",
-                       err=True)
-            raise typer.Exit(EXIT_TIMEOUT)
-        time.sleep(0.2)
+    shown = ""
+    try:
+        while True:
+            job: Job = store.get(job_id, with_events=False)
+            if show_progress:
+                line = progress_line(job)
+                if line != shown:
+                    # \r and clear-to-end-of-line: the bar is redrawn in place.
+                    sys.stderr.write(f"\r{line}\x1b[K")
+                    sys.stderr.flush()
+                    shown = line
+            if job.state.is_final:
+                return store.get(job_id)  # type: ignore[no-any-return]
+            if give_up is not None and time.monotonic() >= give_up:
+                if shown:
+                    sys.stderr.write("\n")
+                    shown = ""
+                typer.echo(f"spotrun: job {job_id} still {job.state.value} after "
+                           f"{timeout:g} s", err=True)
+                raise typer.Exit(EXIT_TIMEOUT)
+            time.sleep(0.2)
+    finally:
+        if shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
 
 
 @app.command()
@@ -304,17 +380,25 @@ def wait(
     job_id: str,
     timeout: Annotated[float | None, typer.Option(
         min=0, help="Give up after S seconds (exit 3)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the ended job as JSON")
+                       ] = False,
 ) -> None:
-    """Wait until a job ends: exit 0 succeeded, 1 failed/cancelled/unknown, 3 timed out."""
+    """Wait until a job ends: exit 0 succeeded, 1 failed/cancelled/unknown, 3 gave up.
+
+    On a terminal a progress bar is drawn on stderr while it waits."""
     from spotrun.store import JobNotFound
 
-    with open_store() as store:
+    with open_store(read_only=True) as store:
         try:
             store.get(job_id, with_events=False)
         except JobNotFound:
             fail(f"no job with id {job_id!r}", 1)
-        job = _wait_for(store, job_id, timeout)
-    typer.echo(f"job {job_id} {job.state.value}" + (f": {job.error}" if job.error else ""))
+        tty = sys.stderr.isatty() and sys.stdout.isatty()
+        job = _wait_for(store, job_id, timeout, show_progress=tty and not as_json)
+    if as_json:
+        _echo_json(job.to_json())
+    else:
+        typer.echo(f"job {job_id} {job.state.value}" + (f": {job.error}" if job.error else ""))
     raise typer.Exit(_exit_code(job))
 
 
@@ -324,7 +408,7 @@ def logs(job_id: str) -> None:
     """The log lines a job's pipeline wrote."""
     from spotrun.store import JobNotFound
 
-    with open_store() as store:
+    with open_store(read_only=True) as store:
         try:
             lines = store.logs(job_id)
         except JobNotFound:
@@ -342,7 +426,7 @@ def workers(
                     ] = False,
 ) -> None:
     """Registered workers."""
-    with open_store() as store:
+    with open_store(read_only=True) as store:
         store.mark_gone_workers()
         found = store.list_workers(include_stopped=all_)
     if as_json:

@@ -75,6 +75,8 @@ class Event:
     worker: str | None
     attempt: int
     message: str
+    # How the message was worked out (a formula, its inputs), for a reader who asks.
+    detail: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -83,6 +85,7 @@ class Event:
             "worker": self.worker,
             "attempt": self.attempt,
             "message": self.message,
+            "detail": self.detail,
         }
 
 
@@ -206,3 +209,17 @@ def iso(t: dt.datetime) -> str:
 
 def from_epoch(seconds: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    """One point of a job's training curve: the numeric metrics it reported at a step."""
+
+    step: int
+    attempt: int
+    at: dt.datetime
+    metrics: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "attempt": self.attempt, "at": iso(self.at),
+                "metrics": self.metrics}

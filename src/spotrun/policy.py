@@ -73,7 +73,8 @@ def escalation_reason(*, preemptions: int, max_preemptions: int, deadline: float
 @dataclass(frozen=True)
 class CheckpointInterval:
     seconds: float
-    explanation: str
+    explanation: str  # the formula and its inputs
+    summary: str = ""  # the same choice in plain words
 
 
 def checkpoint_interval(*, checkpoint_seconds: float | None, lived_seconds: float,
@@ -89,4 +90,6 @@ def checkpoint_interval(*, checkpoint_seconds: float | None, lived_seconds: floa
     return CheckpointInterval(seconds, (
         f"periodic checkpoints every {seconds:.0f} s: the Young/Daly optimum sqrt(2 x C x M) "
         f"with C = {cost_words} per checkpoint and M = {mtbf:.0f} s between workers lost "
-        f"without notice in this pool ({seen}), kept within {lo:g}-{hi:g} s"))
+        f"without notice in this pool ({seen}), kept within {lo:g}-{hi:g} s"),
+        f"checkpoints every {seconds:.0f} s, chosen from how often this pool loses machines "
+        "and how long a checkpoint takes")

@@ -109,6 +109,23 @@ job_logs = sa.Table(
 )
 sa.Index("ix_job_logs_job", job_logs.c.job_id, job_logs.c.id)
 
+# The metrics a job reported (loss, accuracy, ...), as a series for its training curve:
+# numeric values only, at most MAX_METRIC_POINTS per job (store.py thins it by half when
+# it grows past that, so it always spans the whole run).
+job_metrics = sa.Table(
+    "job_metrics",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "job_id", sa.String(32), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("metrics", sa.Text, nullable=False),
+)
+sa.Index("ix_job_metrics_job", job_metrics.c.job_id, job_metrics.c.step)
+
 workers = sa.Table(
     "workers",
     metadata,

@@ -18,6 +18,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import math
 import os
 import secrets
 import threading
@@ -37,6 +38,7 @@ from spotrun.jobs import (
     Job,
     JobState,
     LogLine,
+    MetricPoint,
     OnPreempt,
     Progress,
     Worker,
@@ -49,6 +51,7 @@ from spotrun.schema import (
     intake_leases,
     intake_requests,
     job_logs,
+    job_metrics,
     jobs,
     quotas,
     web_sessions,
@@ -59,6 +62,8 @@ if TYPE_CHECKING:
     import psycopg
 
 NOTIFY_CHANNEL = "spotrun_jobs"
+# Points kept of a job's metric series (the training curve): a chart's width's worth.
+MAX_METRIC_POINTS = 300
 # PostgreSQL ends a session left idle inside a transaction this long (see create_engine).
 IDLE_IN_TRANSACTION_MS = 10_000
 _MIGRATION_LOCK_KEY = 0x5370_6F74  # "Spot": the advisory lock that serialises migrations
@@ -543,6 +548,7 @@ class JobStore:
                 worker=r["worker"],
                 attempt=r["attempt"],
                 message=r["message"],
+                detail=(_loads(r["data"]) or {}).get("detail") if r["data"] else None,
             )
 
     def logs(self, job_id: str) -> list[LogLine]:
@@ -697,7 +703,38 @@ class JobStore:
                 raise self._refused(conn, lease, "progress")
             self._notify(conn, lease.job_id)
             self._insert_logs(conn, lease, logs)
+            self._record_metrics(conn, lease, step, metrics)
             return bool(row[0])
+
+    def _record_metrics(self, conn: Connection, lease: Lease, step: int,
+                        metrics: dict[str, Any]) -> None:
+        """Add a point to the job's metric series, thinned by half past the bound."""
+        numeric = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, int | float) and not isinstance(v, bool)
+                   and math.isfinite(v)}
+        if not numeric:
+            return
+        conn.execute(job_metrics.insert().values(
+            job_id=lease.job_id, attempt=lease.attempt, step=step, at=self._now,
+            metrics=_dumps(numeric)))
+        count = conn.execute(sa.select(sa.func.count()).select_from(job_metrics)
+                             .where(job_metrics.c.job_id == lease.job_id)).scalar_one()
+        if count > MAX_METRIC_POINTS:
+            rows = conn.execute(sa.select(job_metrics.c.id, job_metrics.c.step)
+                                .where(job_metrics.c.job_id == lease.job_id)
+                                .order_by(job_metrics.c.step, job_metrics.c.id)).all()
+            keep = _even_sample([r.step for r in rows], MAX_METRIC_POINTS // 2)
+            conn.execute(job_metrics.delete().where(job_metrics.c.id.in_(
+                [r.id for i, r in enumerate(rows) if i not in keep])))
+
+    def metric_series(self, job_id: str) -> list[MetricPoint]:
+        """The job's metric series, oldest step first (at most MAX_METRIC_POINTS points)."""
+        with self._tx(write=False) as conn:
+            rows = conn.execute(sa.select(job_metrics)
+                                .where(job_metrics.c.job_id == job_id)
+                                .order_by(job_metrics.c.step, job_metrics.c.id)).all()
+        return [MetricPoint(r.step, r.attempt, from_epoch(r.at), _loads(r.metrics))
+                for r in rows]
 
     def _insert_logs(self, conn: Connection, lease: Lease,
                      logs: Sequence[tuple[float, str, str]]) -> None:
@@ -706,8 +743,10 @@ class JobStore:
                 {"job_id": lease.job_id, "attempt": lease.attempt, "at": at, "level": level,
                  "message": msg} for at, level, msg in logs])
 
-    def add_event(self, lease: Lease, kind: str, message: str) -> None:
-        """Append an event on behalf of the lease holder (refused for a zombie)."""
+    def add_event(self, lease: Lease, kind: str, message: str, *,
+                  detail: str | None = None) -> None:
+        """Append an event on behalf of the lease holder (refused for a zombie); ``detail``
+        says how its message was worked out."""
         with self._tx() as conn:
             n = conn.execute(
                 jobs.update().where(self._fenced(lease)).values(updated_at=self._now)
@@ -715,7 +754,8 @@ class JobStore:
             if n != 1:
                 raise self._refused(conn, lease, "event")
             self._event(conn, lease.job_id, kind, message, worker=lease.worker_name,
-                        attempt=lease.attempt)
+                        attempt=lease.attempt,
+                        data=None if detail is None else {"detail": detail})
 
     def commit_checkpoint(
         self, lease: Lease, path: str, step: int, *, message: str | None = None
@@ -1413,6 +1453,21 @@ WITH fin AS (
 
 
 # ---------------------------------------------------------------------- helpers
+
+def _even_sample(steps: Sequence[int], n: int) -> set[int]:
+    """Indexes of about ``n`` of the sorted ``steps``, spread evenly over their whole span
+    (the first and the last always kept): a thinned curve keeps its shape."""
+    if len(steps) <= n or n < 2:
+        return set(range(len(steps)))
+    lo, hi = steps[0], steps[-1]
+    keep, j = {0, len(steps) - 1}, 0
+    for i in range(1, n - 1):
+        target = lo + (hi - lo) * i / (n - 1)
+        while j + 1 < len(steps) and abs(steps[j + 1] - target) <= abs(steps[j] - target):
+            j += 1
+        keep.add(j)
+    return keep
+
 
 def _job_from_row(row: Any, evs: tuple[Event, ...]) -> JobRecord:
     metrics = _loads(row["progress_metrics"]) or {}

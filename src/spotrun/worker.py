@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
+from spotrun import kube
 from spotrun.checkpoints import (
     CheckpointCorrupt,
     CheckpointStore,
@@ -319,7 +320,8 @@ class JobRunner:
         self.every_seconds = chosen.seconds
         if explain:
             self.worker.db.call(functools.partial(
-                self.store.add_event, self.lease, EventKind.NOTE, chosen.explanation))
+                self.store.add_event, self.lease, EventKind.NOTE, chosen.summary,
+                detail=chosen.explanation))
 
     def request_stop(self, reason: StopReason, detail: str = "") -> None:
         with self.lock:
@@ -639,11 +641,24 @@ class Worker:
                                     daemon=True)
         reporter.start()
         waker = Waker(self.store)
+        # In a Kubernetes pod: scale-downs take idle workers first (kube.py).
+        pod_cost = kube.keep_deletion_cost(self.unsaved_seconds)
         try:
-            self._claim_loop(waker)
+            try:
+                self._claim_loop(waker)
+            finally:
+                waker.close()
+            return self._stop()
         finally:
-            waker.close()
-        return self._stop()
+            if pod_cost is not None:
+                pod_cost.stop()
+
+    def unsaved_seconds(self) -> list[float]:
+        """Seconds since each running job's last checkpoint: what a kill would redo."""
+        now = time.monotonic()
+        with self._lock:
+            return [now - r.last_checkpoint_mono for r in self.runners.values()
+                    if not r.done.is_set()]
 
     def _claim_loop(self, waker: Waker) -> None:
         while not self.coordinator.stopping:

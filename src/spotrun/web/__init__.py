@@ -285,7 +285,13 @@ def install(app: FastAPI, ctx: AppContext) -> None:
         job = visible(job_id, who)
         if job is None:
             return no_such_job(request, who, job_id)
-        return page("job.html", request, who, job=job)
+        from spotrun.web import jobview
+
+        series, marks = jobview.curve_data(job, store)
+        return page("job.html", request, who, job=job, cost=jobview.cost_view(job, store),
+                    curve_series=series, curve_marks=marks,
+                    worker_words=jobview.worker_words(job),
+                    unrunnable=jobview.unrunnable(job, store))
 
     @app.post("/jobs/{job_id}/cancel", include_in_schema=False)
     async def cancel(request: Request, job_id: str) -> Response:

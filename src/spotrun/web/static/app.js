@@ -79,14 +79,123 @@ function liveJobList() {
   });
 }
 
+// ------------------------------------------------------------ training curve
+
+const SVG = "http://www.w3.org/2000/svg";
+const MAX_POINTS = 300; // as the server keeps (store.py MAX_METRIC_POINTS)
+const INTERRUPTIONS = new Set(["preempted", "lease_expired", "handed_back"]);
+const curve = { series: [], marks: [] };
+
+function svgEl(tag, attrs) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs || {})) { node.setAttribute(k, String(v)); }
+  return node;
+}
+
+function numericMetrics(metrics) {
+  const out = {};
+  for (const [k, v] of Object.entries(metrics || {})) {
+    if (typeof v === "number" && isFinite(v)) { out[k] = v; }
+  }
+  return out;
+}
+
+function addPoint(job) {
+  // The job's JSON puts the metrics beside step and total in "progress".
+  const { step: _step, total: _total, ...reported } = job.progress;
+  const metrics = numericMetrics(reported);
+  if (!Object.keys(metrics).length) { return; }
+  const last = curve.series[curve.series.length - 1];
+  if (last && last.step === job.progress.step && last.attempt === job.attempt) { return; }
+  curve.series.push({ step: job.progress.step, attempt: job.attempt, metrics });
+  if (curve.series.length > MAX_POINTS) {
+    // Every other point but the newest, as the server thins it.
+    curve.series = curve.series.filter((_, i, a) => i === 0 || i === a.length - 1 || i % 2 === 0);
+  }
+}
+
+// Where each interruption and resume falls: the last step its attempt reported, and the
+// first step the next attempt did.
+function markSteps() {
+  const out = [];
+  for (const m of curve.marks) {
+    const pts = curve.series.filter((p) => p.attempt === m.attempt);
+    if (!pts.length) { continue; }
+    const resumed = m.kind === "resumed";
+    out.push({ kind: resumed ? "resumed" : (m.kind === "preempted" ? "preempted" : "lost"),
+               step: resumed ? pts[0].step : pts[pts.length - 1].step, message: m.message });
+  }
+  return out;
+}
+
+function drawCurve() {
+  const svg = document.getElementById("curve");
+  const legend = document.getElementById("curve-legend");
+  if (!svg || !curve.series.length) { return; }
+  document.getElementById("curve-section").hidden = false;
+  const W = 600, H = 200, PAD = 8;
+  const steps = curve.series.map((p) => p.step);
+  const x0 = Math.min(...steps), x1 = Math.max(...steps);
+  const xOf = (s) => PAD + (W - 2 * PAD) * (x1 > x0 ? (s - x0) / (x1 - x0) : 0.5);
+  const keys = [...new Set(curve.series.flatMap((p) => Object.keys(p.metrics)))];
+  const nodes = [];
+  const items = [];
+  keys.forEach((key, i) => {
+    const pts = curve.series.filter((p) => key in p.metrics);
+    const ys = pts.map((p) => p.metrics[key]);
+    const lo = Math.min(...ys), hi = Math.max(...ys);
+    // Each metric on its own scale: loss and accuracy differ by orders of magnitude.
+    const yOf = (v) => H - PAD - (H - 2 * PAD) * (hi > lo ? (v - lo) / (hi - lo) : 0.5);
+    const line = svgEl("polyline", {
+      class: `line line-${i % 6}`, "data-metric": key, fill: "none",
+      points: pts.map((p) => `${xOf(p.step).toFixed(1)},${yOf(p.metrics[key]).toFixed(1)}`).join(" "),
+    });
+    nodes.push(line);
+    const li = el("li", `legend-${i % 6}`, `${key} ${ys[ys.length - 1].toPrecision(4)} (${lo.toPrecision(3)} to ${hi.toPrecision(3)})`);
+    items.push(li);
+  });
+  for (const m of markSteps()) {
+    const g = svgEl("g", { class: `marker marker-${m.kind}` });
+    const x = xOf(m.step).toFixed(1);
+    g.append(svgEl("line", { x1: x, x2: x, y1: 0, y2: H }));
+    const title = svgEl("title");
+    title.textContent = m.message;
+    g.append(title);
+    nodes.push(g);
+  }
+  svg.replaceChildren(...nodes);
+  legend.replaceChildren(...items);
+}
+
+function initCurve() {
+  const svg = document.getElementById("curve");
+  if (!svg) { return; }
+  curve.series = JSON.parse(svg.dataset.series || "[]");
+  curve.marks = JSON.parse(svg.dataset.marks || "[]");
+  drawCurve();
+}
+
+function updateCurve(job) {
+  addPoint(job);
+  curve.marks = (job.events || [])
+    .filter((e) => INTERRUPTIONS.has(e.kind) || e.kind === "resumed")
+    .map((e) => ({ kind: e.kind, attempt: e.attempt, message: e.message }));
+  drawCurve();
+}
+
 // ------------------------------------------------------------------- one job
 
 function showJob(job) {
   setBadge(document.getElementById("job-state"), job.state);
   setBar(document.getElementById("job-progress"), job);
   document.getElementById("job-progress-text").textContent = progressWords(job.progress);
-  document.getElementById("job-worker").textContent =
-    job.worker ? `Running on worker ${job.worker}.` : "";
+  let where = "";
+  if (job.worker) {
+    if (job.state === "running") { where = `Running on worker ${job.worker}.`; }
+    else if (FINAL.has(job.state)) { where = `Ran on worker ${job.worker}.`; }
+    else { where = `Last ran on worker ${job.worker}.`; }
+  }
+  document.getElementById("job-worker").textContent = where;
   const timeline = document.getElementById("timeline");
   const items = (job.events || []).map((e) => {
     const li = el("li");
@@ -94,7 +203,14 @@ function showJob(job) {
     const time = el("time");
     time.setAttribute("datetime", e.at);
     localTime(time);
-    li.append(time, " ", el("span", "msg", e.message));
+    if (e.detail) {
+      // The plain line; how it was worked out opens under it.
+      const details = el("details", "msg");
+      details.append(el("summary", "", e.message), el("p", "detail", e.detail));
+      li.append(time, " ", details);
+    } else {
+      li.append(time, " ", el("span", "msg", e.message));
+    }
     return li;
   });
   if (items.length) { timeline.replaceChildren(...items); }
@@ -108,13 +224,15 @@ function showJob(job) {
   error.textContent = job.error || "";
   const cancel = document.getElementById("cancel-form");
   if (cancel && FINAL.has(job.state)) { cancel.hidden = true; }
+  updateCurve(job);
 }
 
 function liveJob(jobId) {
   const source = new EventSource(`/v1/stream/jobs/${encodeURIComponent(jobId)}`);
   source.addEventListener("job", (ev) => showJob(JSON.parse(ev.data)));
-  // The job ended: the stream is done, do not let the browser reconnect.
-  source.addEventListener("end", () => source.close());
+  // The job ended: the stream is done, do not let the browser reconnect; load the page
+  // once more for what only the server works out (the cost of the whole run).
+  source.addEventListener("end", () => { source.close(); window.location.reload(); });
 }
 
 // --------------------------------------------------------------------- login
@@ -138,6 +256,7 @@ document.addEventListener("DOMContentLoaded", () => {
   const page = document.body.dataset.page;
   if (page === "jobs") { liveJobList(); }
   if (page === "job") {
+    initCurve();
     const id = document.body.dataset.jobId;
     if (!FINAL.has(document.getElementById("job-state").dataset.state)) { liveJob(id); }
   }
