@@ -138,7 +138,7 @@ def test_a_job_no_live_worker_can_run_says_so(env_factory: Callable[..., Env],
                                               sqlite_url: str, tmp_path: Path) -> None:
     import httpx
 
-    from spotrun.api import TOKEN_COOKIE, create_app
+    from spotrun.api import SESSION_COOKIE, create_app
     from spotrun.config import Settings
     from spotrun.serve import ServerThread
 
@@ -160,21 +160,22 @@ def test_a_job_no_live_worker_can_run_says_so(env_factory: Callable[..., Env],
                                "pool 'gpu'"), shown
     assert "warning" not in env.cli("show", ok.stdout.strip()).stdout
 
-    token = st.create_token("admin", admin=True)
+    st.create_token("admin", admin=True)
+    token = st.create_session("admin", expires_in=600)  # the dashboard's sign-in
     settings = Settings.from_env(home=str(tmp_path), database_url=sqlite_url)
     srv = ServerThread(create_app(settings, store=st, deliverer=False), "127.0.0.1", 0,
                        access_log=False)
     srv.start()
     try:
         base = f"http://127.0.0.1:{srv.port}"
-        page = httpx.get(f"{base}/jobs/{job_id}", cookies={TOKEN_COOKIE: token}).text
+        page = httpx.get(f"{base}/jobs/{job_id}", cookies={SESSION_COOKIE: token}).text
         assert 'id="job-unrunnable"' in page and "No live worker can run this job" in page
-        other = httpx.get(f"{base}/jobs/{ok.stdout.strip()}", cookies={TOKEN_COOKIE: token})
+        other = httpx.get(f"{base}/jobs/{ok.stdout.strip()}", cookies={SESSION_COOKIE: token})
         assert 'id="job-unrunnable"' not in other.text
         # A worker of that pool starts: the page no longer says it.
         st.register_worker(name="gpu1", host="h", pid=2, pool="gpu", has_cuda=True,
                            lease_seconds=30)
-        again = httpx.get(f"{base}/jobs/{job_id}", cookies={TOKEN_COOKIE: token}).text
+        again = httpx.get(f"{base}/jobs/{job_id}", cookies={SESSION_COOKIE: token}).text
         assert 'id="job-unrunnable"' not in again
     finally:
         srv.stop()
