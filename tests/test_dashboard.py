@@ -59,7 +59,9 @@ def browser() -> Iterator[Any]:
 def dashboard(env_factory: Callable[..., Env], sqlite_url: str
               ) -> Iterator[tuple[str, str, Env]]:
     """The server on a free port with two real workers (torch preloaded): (url, token, env)."""
-    env = env_factory(sqlite_url)
+    # The periodic checkpoint's interval is chosen (and explained in the history) after a
+    # second of running, well before the test preempts the job.
+    env = env_factory(sqlite_url, SPOTRUN_CHECKPOINT_MIN_SECONDS="1")
     for name in ("w1", "w2"):
         env.worker(name, preload=True)
     store = JobStore.open(sqlite_url)
@@ -152,6 +154,8 @@ def test_train_preempt_and_resume_in_the_browser(
     wait_until(lambda: float(row_bar.evaluate("e => e.value")) > seen, 30,
                "the job list's bar to move", interval=0.1)
 
+    expect(page.locator("#timeline")).to_contain_text("chosen from how often this pool",
+                                                      timeout=30_000)
     # An admin presses "Simulate preemption" for the worker running it.
     workers.goto(f"{url}/workers")
     card = workers.locator(f'li.worker[data-worker="{victim}"]')
