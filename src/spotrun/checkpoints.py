@@ -3,7 +3,12 @@
 Layout under the store's root::
 
     jobs/<job id>/a<attempt>-s<step>/<data files...>, MANIFEST.json
+    jobs/<job id>/a<attempt>-s<step>-<tag>/files/<relative paths...>, MANIFEST.json
     models/<job id>/<data files...>, MANIFEST.json
+
+The second form is a directory checkpoint (a command job's ``SPOTRUN_CHECKPOINT_DIR``):
+files are streamed from and to a local directory, never held in memory, and each commit
+gets a path of its own, so a commit never writes over the one the job points to.
 
 A checkpoint exists for readers only once its manifest is written. The manifest lists every
 file's size and sha256; a load verifies both, so a truncated, corrupt or half-written
@@ -23,13 +28,16 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
+import shutil
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 MANIFEST = "MANIFEST.json"
+DIR_FILES = "files"  # a directory checkpoint's files live under this prefix
 FORMAT_VERSION = 1
 _CHUNK = 8 << 20
 # Object stores: no directories to make (making one can create the bucket), no rename.
@@ -162,6 +170,120 @@ class CheckpointStore:
                 hasher.join()
         return digest.hexdigest()
 
+    # ------------------------------------------------- directory checkpoints
+
+    def save_dir(self, job_id: str, attempt: int, step: int, source: str | os.PathLike[str],
+                 meta: Mapping[str, Any] | None = None) -> Saved:
+        """Commit the regular files under the local directory ``source`` (nested paths
+        kept, symlinks and other special files skipped) as a job's checkpoint.
+
+        Each file is streamed and hashed chunk by chunk; the manifest, written last, is the
+        commit. The caller must keep ``source`` still while this runs.
+        """
+        start = time.perf_counter()
+        rel = f"jobs/{job_id}/a{attempt:04d}-s{step:09d}-{secrets.token_hex(4)}"
+        directory = self._abs(rel)
+        listing: dict[str, dict[str, Any]] = {}
+        total = 0
+        for relpath, path in _regular_files(os.fspath(source)):
+            name = f"{DIR_FILES}/{relpath}"
+            size, digest = self._put_file(path, f"{directory}/{name}")
+            listing[name] = {"size": size, "sha256": digest}
+            total += size
+        manifest = {"format": FORMAT_VERSION, "job": job_id, "attempt": attempt,
+                    "step": step, "kind": "directory", "files": listing,
+                    "meta": dict(meta or {}), "created_at": time.time()}
+        if not self.object_store:
+            self.fs.makedirs(directory, exist_ok=True)
+        self._write_file(f"{directory}/{MANIFEST}",
+                         json.dumps(manifest, sort_keys=True).encode())
+        return Saved(rel, step, total, time.perf_counter() - start)
+
+    def restore_dir(self, rel: str, dest: str | os.PathLike[str]) -> Loaded:
+        """Write the files of the directory checkpoint ``rel`` into the empty local
+        directory ``dest``, verifying each file's size and sha256 as it streams.
+
+        Raises :class:`CheckpointCorrupt` (``dest`` emptied again) if any file fails; the
+        returned :class:`Loaded` has no files in memory, only the step and the meta.
+        """
+        directory = self._abs(rel)
+        target = os.fspath(dest)
+        raw = self._read(f"{directory}/{MANIFEST}", "its manifest",
+                         missing="its manifest is missing (never committed)")
+        try:
+            manifest = json.loads(raw)
+            files_meta = dict(manifest["files"])
+            step = int(manifest["step"])
+            fmt = manifest["format"]
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointCorrupt("its manifest is not valid JSON of the expected shape"
+                                    ) from None
+        if fmt != FORMAT_VERSION:
+            raise CheckpointCorrupt(f"format version {fmt!r} is not {FORMAT_VERSION}")
+        try:
+            for name, info in files_meta.items():
+                relpath = _safe_relpath(name)
+                self._get_file(f"{directory}/{name}", os.path.join(target, relpath), name,
+                               info if isinstance(info, dict) else {})
+        except BaseException:
+            _empty(target)
+            raise
+        return Loaded(rel, step, {}, dict(manifest.get("meta") or {}))
+
+    def _put_file(self, src: str, dst: str) -> tuple[int, str]:
+        """Copy a local file to ``dst`` in the store: (bytes, sha256 of those bytes)."""
+        digest = hashlib.sha256()
+        size = 0
+        if self.local:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            with open(src, "rb") as fin, open(dst, "wb") as fout:
+                for chunk in _chunks(fin):
+                    size += len(chunk)
+                    _hash_beside(digest, chunk, fout.write)
+                fout.flush()
+                os.fsync(fout.fileno())
+            return size, digest.hexdigest()
+        # Object stores: one upload (aborted on failure, so the object is whole or
+        # absent), hashed from the local file beside it.
+        hasher = threading.Thread(target=_hash_file, args=(src, digest),
+                                  name="spotrun-checkpoint-hash")
+        hasher.start()
+        try:
+            self.fs.put_file(src, dst)
+        finally:
+            hasher.join()
+        return os.path.getsize(src), digest.hexdigest()
+
+    def _get_file(self, src: str, dst: str, name: str, info: Mapping[str, Any]) -> None:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        digest = hashlib.sha256()
+        try:
+            if self.local:
+                with open(src, "rb") as fin, open(dst, "wb") as fout:
+                    for chunk in _chunks(fin):
+                        _hash_beside(digest, chunk, fout.write)
+            else:
+                self.fs.get_file(src, dst)
+                _hash_file(dst, digest)
+        except FileNotFoundError:
+            raise CheckpointCorrupt(f"file {name} is missing") from None
+        except OSError as exc:
+            if self.local:
+                raise CheckpointCorrupt(f"file {name} cannot be read: {exc}") from None
+            raise CheckpointUnavailable(f"file {name} cannot be read from {self.url}: "
+                                        f"{type(exc).__name__}: {exc}") from None
+        except CheckpointCorrupt:
+            raise
+        except Exception as exc:
+            raise CheckpointUnavailable(f"file {name} cannot be read from {self.url}: "
+                                        f"{type(exc).__name__}: {exc}") from None
+        size = os.path.getsize(dst)
+        if size != info.get("size"):
+            raise CheckpointCorrupt(f"file {name} has {size} bytes, the manifest says "
+                                    f"{info.get('size')} (truncated?)")
+        if digest.hexdigest() != info.get("sha256"):
+            raise CheckpointCorrupt(f"file {name} fails its sha256 check (corrupted)")
+
     # ----------------------------------------------------------------- reading
 
     def load(self, rel: str) -> Loaded:
@@ -254,6 +376,69 @@ def _storage_options(url: str) -> dict[str, Any]:
         if endpoint and not ignore:
             options["endpoint_url"] = endpoint
     return options
+
+
+def _regular_files(root: str) -> Iterator[tuple[str, str]]:
+    """(relative path with '/', absolute path) of every regular file under ``root``."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path) or not os.path.isfile(path):
+                continue
+            yield os.path.relpath(path, root).replace(os.sep, "/"), path
+
+
+def _safe_relpath(name: str) -> str:
+    """A manifest's file name as a path inside the restored directory, or CheckpointCorrupt:
+    a crafted manifest must not write outside it."""
+    prefix = f"{DIR_FILES}/"
+    rel = name[len(prefix):] if name.startswith(prefix) else ""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts) \
+            or "\0" in rel:
+        raise CheckpointCorrupt(f"its manifest names a bad file path {name!r}")
+    return os.path.join(*parts)
+
+
+def _chunks(fh: Any) -> Iterator[bytes]:
+    while True:
+        chunk = fh.read(_CHUNK)
+        if not chunk:
+            return
+        yield chunk
+
+
+def _hash_beside(digest: Any, chunk: bytes, write: Any) -> None:
+    """Write ``chunk`` while another thread hashes it: both release the GIL."""
+    if len(chunk) < _CHUNK:
+        digest.update(chunk)
+        write(chunk)
+        return
+    hasher = threading.Thread(target=digest.update, args=(chunk,),
+                              name="spotrun-checkpoint-hash")
+    hasher.start()
+    try:
+        write(chunk)
+    finally:
+        hasher.join()
+
+
+def _hash_file(path: str, digest: Any) -> None:
+    with open(path, "rb") as fh:
+        for chunk in _chunks(fh):
+            digest.update(chunk)
+
+
+def _empty(directory: str) -> None:
+    """Remove what is inside ``directory``, keeping the directory itself."""
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
 
 
 def _protocols(fs: Any) -> set[str]:
