@@ -466,3 +466,62 @@ def test_a_program_the_worker_cannot_find_fails_its_job_in_one_line(
     assert job.state is JobState.FAILED
     assert job.error == ("CommandError: program 'no-such-program-anywhere' was not found "
                          "on the PATH on worker w1")
+
+
+# ------------------------------------------------------------ who may submit
+
+
+def test_only_an_admin_token_or_an_allowed_program_submits_command_jobs(
+        sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    from starlette.exceptions import StarletteDeprecationWarning
+
+    from spotrun.api import create_app
+    from spotrun.config import Settings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StarletteDeprecationWarning)
+        from fastapi.testclient import TestClient
+
+    monkeypatch.setenv("SPOTRUN_COMMAND_PROGRAMS", f"/usr/bin/true{os.pathsep}true")
+    store = JobStore.open(sqlite_url)
+    settings = Settings.from_env(home=str(tmp_path / "home"), database_url=sqlite_url)
+    admin, alice = store.create_token("admin", admin=True), store.create_token("alice")
+    try:
+        with TestClient(create_app(settings, store=store, deliverer=False)) as client:
+            def post(token: str, **params: Any) -> Any:
+                return client.post("/v1/jobs", headers={"Authorization": f"Bearer {token}"},
+                                   json={"pipeline": "command", "params": params})
+
+            r = post(alice, argv=["/bin/sh", "-c", "echo hi"])
+            assert r.status_code == 403
+            assert r.json()["detail"].startswith("command jobs run programs on the workers: "
+                                                 "only an admin token may submit them")
+            # Only absolute paths count: a bare name could find another program on the
+            # worker's PATH.
+            assert post(alice, argv=["true"]).status_code == 403
+            r = post(alice, argv=["/usr/bin/true"], env={"LD_PRELOAD": "/tmp/evil.so"})
+            assert r.status_code == 403
+            assert r.json()["detail"] == "only an admin token may set env for a command job"
+            r = post(alice, argv=["/usr/bin/true"])
+            assert r.status_code == 201, r.text
+            r = post(admin, argv=["/bin/sh", "-c", "echo hi"], env={"A": "1"}, cwd="/tmp")
+            assert r.status_code == 201, r.text
+            assert r.json()["params"]["argv"] == ["/bin/sh", "-c", "echo hi"]
+            r = post(admin, argv=[])
+            assert r.status_code == 422
+
+            # The dashboard's form obeys the same rule.
+            client.cookies.set("spotrun_token", alice)
+            form = {"pipeline": "command", "argv": '["/bin/sh", "-c", "echo hi"]',
+                    "on_preempt": "resume"}
+            r = client.post("/submit", data=form, follow_redirects=False)
+            assert r.status_code == 403 and "only an admin token" in r.text
+            client.cookies.set("spotrun_token", admin)
+            r = client.post("/submit", data=form, follow_redirects=False)
+            assert r.status_code == 303, r.text
+        assert [j.owner for j in store.list_jobs()].count("alice") == 1
+        assert len(store.list_jobs()) == 3
+    finally:
+        store.close()
