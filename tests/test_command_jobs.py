@@ -103,6 +103,80 @@ def tree_digest(directory: Path) -> dict[str, str]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+# ---------------------------------------------------- directory checkpoints
+
+
+@pytest.fixture(params=["local", "s3"])
+def ckpt_store(request: pytest.FixtureRequest, tmp_path: Path,
+               monkeypatch: pytest.MonkeyPatch) -> Iterator[CheckpointStore]:
+    """A checkpoint store on a local directory, and on a real S3 server on loopback."""
+    if request.param == "local":
+        yield CheckpointStore(str(tmp_path / "store"))
+        return
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    from s3_server import S3Server, moto_server
+
+    (tmp_path / "moto").mkdir()
+    with moto_server(tmp_path / "moto") as server:
+        for name in S3Server.cleared():
+            monkeypatch.delenv(name, raising=False)
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        yield CheckpointStore(f"s3://{server.new_bucket()}/ckpts")
+
+
+def test_a_directory_checkpoint_comes_back_byte_for_byte_or_not_at_all(
+        ckpt_store: CheckpointStore, tmp_path: Path) -> None:
+    from spotrun.checkpoints import MANIFEST, CheckpointCorrupt
+
+    src = tmp_path / "src"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    (src / "weights.bin").write_bytes(os.urandom(9 << 20))  # over one 8 MiB chunk
+    (src / "sub" / "deeper" / "opt.bin").write_bytes(os.urandom(1000))
+    (src / "sub" / "empty.txt").write_bytes(b"")
+    (src / MANIFEST).write_text('{"the program": "owns this name too"}')
+    (src / "link").symlink_to(src / "weights.bin")  # not a regular file: not committed
+    saved = ckpt_store.save_dir("job1", 3, 120, src, {"kind": "command"})
+    again = ckpt_store.save_dir("job1", 3, 120, src)
+    assert saved.path.startswith("jobs/job1/a0003-s000000120-") and again.path != saved.path
+    assert saved.nbytes == (9 << 20) + 1000 + len((src / MANIFEST).read_bytes())
+
+    back = tmp_path / "back"
+    back.mkdir()
+    loaded = ckpt_store.restore_dir(saved.path, back)
+    assert (loaded.step, loaded.meta, loaded.files) == (120, {"kind": "command"}, {})
+    expected = tree_digest(src)
+    del expected["link"]
+    assert tree_digest(back) == expected
+
+    # One flipped byte, a truncated file, a manifest that points outside: refused, and
+    # the directory is left empty rather than half-restored.
+    fs, base = ckpt_store.fs, f"{ckpt_store.root}/{again.path}"
+    data = bytearray(fs.cat_file(f"{base}/files/weights.bin"))
+    data[5_000_000] ^= 1
+    fs.pipe_file(f"{base}/files/weights.bin", bytes(data))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with pytest.raises(CheckpointCorrupt, match="fails its sha256 check"):
+        ckpt_store.restore_dir(again.path, bad)
+    assert list(bad.iterdir()) == []
+    fs.pipe_file(f"{base}/files/weights.bin", bytes(data[:100]))
+    with pytest.raises(CheckpointCorrupt, match="truncated"):
+        ckpt_store.restore_dir(again.path, bad)
+    assert list(bad.iterdir()) == []
+    manifest = json.loads(fs.cat_file(f"{base}/{MANIFEST}"))
+    manifest["files"] = {"files/../../escaped.txt": {"size": 1, "sha256": "0" * 64}}
+    fs.pipe_file(f"{base}/{MANIFEST}", json.dumps(manifest).encode())
+    with pytest.raises(CheckpointCorrupt, match="bad file path"):
+        ckpt_store.restore_dir(again.path, bad)
+    assert not (tmp_path / "escaped.txt").exists() and list(bad.iterdir()) == []
+    # An uncommitted directory (no manifest) does not exist for readers.
+    fs.rm_file(f"{base}/{MANIFEST}")
+    with pytest.raises(CheckpointCorrupt, match="never committed"):
+        ckpt_store.restore_dir(again.path, bad)
+
+
 # ---------------------------------------------------------------- the notice
 
 
