@@ -588,6 +588,8 @@ def test_only_an_admin_token_or_an_allowed_program_submits_command_jobs(
 
             # The dashboard's form obeys the same rule.
             client.cookies.set("spotrun_token", alice)
+            r = client.get("/submit?pipeline=command")
+            assert r.status_code == 200 and 'name="argv"' in r.text
             form = {"pipeline": "command", "argv": '["/bin/sh", "-c", "echo hi"]',
                     "on_preempt": "resume"}
             r = client.post("/submit", data=form, follow_redirects=False)

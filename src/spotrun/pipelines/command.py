@@ -253,13 +253,16 @@ class _Program:
             self.commit_wanted.set()
 
     def resume(self) -> None:
-        self.signal(signal.SIGCONT)
+        # Released first: the program cannot print its next request before SIGCONT.
         self.paused.release()
+        self.signal(signal.SIGCONT)
 
     def finish_output(self) -> None:
-        """Wait for the last lines (with a bound: a grandchild may hold the pipes open)."""
+        """Wait for the last lines, with a bound: a process that left the group (a new
+        session of its own) may hold the pipes open."""
+        give_up = time.monotonic() + 2.0
         for t in self.readers:
-            t.join(5.0)
+            t.join(max(0.0, give_up - time.monotonic()))
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 with contextlib.suppress(OSError):
@@ -310,7 +313,9 @@ def _supervise(ctx: JobContext, p: CommandParams, argv: list[str], env: dict[str
             if prog.commit_wanted.is_set():
                 prog.commit_wanted.clear()
                 try:
-                    committed = _commit(ctx, prog, state_dir, committed)
+                    # A notice since the request: the commit at the exit will hold more.
+                    if not ctx.should_stop():
+                        committed = _commit(ctx, prog, state_dir, committed)
                 finally:
                     prog.resume()
             if ctx.should_stop():
