@@ -150,6 +150,16 @@ def test_a_directory_checkpoint_comes_back_byte_for_byte_or_not_at_all(
     del expected["link"]
     assert tree_digest(back) == expected
 
+    # A final commit (the program has exited) of a local store links instead of copying.
+    final = ckpt_store.save_dir("job1", 3, 121, src, final=True)
+    stored = f"{ckpt_store.root}/{final.path}/files/weights.bin"
+    if ckpt_store.local:
+        assert os.stat(stored).st_ino == (src / "weights.bin").stat().st_ino
+    back2 = tmp_path / "back2"
+    back2.mkdir()
+    ckpt_store.restore_dir(final.path, back2)
+    assert tree_digest(back2) == expected
+
     # One flipped byte, a truncated file, a manifest that points outside: refused, and
     # the directory is left empty rather than half-restored.
     fs, base = ckpt_store.fs, f"{ckpt_store.root}/{again.path}"

@@ -270,8 +270,9 @@ class JobRunner:
         start = time.perf_counter()
         self.may_have_files = True
         if state.directory is not None:
-            saved = self.worker.checkpoints.save_dir(self.lease.job_id, self.lease.attempt,
-                                                     state.step, state.directory, state.meta)
+            saved = self.worker.checkpoints.save_dir(
+                self.lease.job_id, self.lease.attempt, state.step, state.directory, state.meta,
+                final=state.directory_final)
         else:
             saved = self.worker.checkpoints.save(self.lease.job_id, self.lease.attempt,
                                                  state.step, state.files, state.meta)

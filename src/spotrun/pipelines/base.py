@@ -47,6 +47,8 @@ class State:
     # Or a local directory whose files are the state (then ``files`` is empty): committed
     # by streaming them, restored into ``JobContext.state_dir`` on the next attempt.
     directory: str | None = None
+    # Nothing writes ``directory`` after this commit: a local store may hard-link its files.
+    directory_final: bool = False
 
 
 class Driver(Protocol):

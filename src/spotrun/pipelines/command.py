@@ -340,7 +340,9 @@ def _supervise(ctx: JobContext, p: CommandParams, argv: list[str], env: dict[str
         ctx.stop()  # the worker already handed the job back with its last commit
     if ctx.should_stop():
         if fingerprint(state_dir) != committed:
-            ctx.checkpoint_now(State(prog.step, {}, {"kind": "command"}, str(state_dir)))
+            # The group is gone and the directory is deleted after the hand-back.
+            ctx.checkpoint_now(State(prog.step, {}, {"kind": "command"}, str(state_dir),
+                                     directory_final=True))
         ctx.stop()
     if code != 0:
         raise CommandError(_exit_words(code) + "".join(
