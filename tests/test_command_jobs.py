@@ -406,6 +406,54 @@ def test_a_program_asks_for_commits_while_it_runs(senv: Env, st: JobStore,
     assert sum(m.startswith("checkpoint at step") for m in messages(job)) == 2
 
 
+CORRUPTED = """
+    import json, os, signal, sys, time
+    from pathlib import Path
+
+    ckpt = Path(os.environ["SPOTRUN_CHECKPOINT_DIR"])
+    if os.environ["SPOTRUN_ATTEMPT"] != "1":
+        with open(os.environ["SPOTRUN_RESULT_FILE"], "w") as fh:
+            json.dump({"restored": (ckpt / "model.txt").read_text()}, fh)
+        sys.exit(0)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    for step in (1, 2):
+        (ckpt / "model.txt").write_text(f"weights at step {step}")
+        print(f"spotrun:progress step={step} total=3", flush=True)
+        print("spotrun:checkpoint", flush=True)
+        time.sleep(0.5)
+    while not stop:
+        time.sleep(0.01)
+    (ckpt / "model.txt").write_text("weights at step 3")
+    print("spotrun:progress step=3 total=3", flush=True)
+"""
+
+
+def test_a_corrupt_directory_checkpoint_is_refused_and_the_previous_one_restored(
+        senv: Env, st: JobStore, tmp_path: Path) -> None:
+    prog = script(tmp_path, "corrupted.py", CORRUPTED)
+    w1 = senv.worker("w1")
+    job_id = submit(senv, sys.executable, str(prog))
+    wait_until(lambda: sum(m.startswith("checkpoint at step 2") for m in
+                           messages(st.get(job_id))) == 1, 90, "the commit at step 2",
+               on_fail=lambda: describe(st, job_id))
+    w1.signal(signal.SIGTERM)
+    assert w1.wait(60) == 0, w1.log()
+    job = handed_back(st, job_id, 1)
+    assert job.checkpoint is not None and f"-s{3:09d}-" in job.checkpoint
+    stored = senv.home / "checkpoints" / job.checkpoint / "files" / "model.txt"
+    assert stored.read_text() == "weights at step 3"
+    stored.write_text("weights at step 4")  # same size, other bytes
+
+    senv.worker("w2")
+    job = final(st, job_id)
+    assert job.state is JobState.SUCCEEDED, describe(st, job_id)
+    assert job.result == {"restored": "weights at step 2"}
+    assert any(m.startswith("checkpoint at step 3 is unusable: file files/model.txt fails "
+                            "its sha256 check") and "previous checkpoint at step 2" in m
+               for m in messages(job)), messages(job)
+
+
 # ----------------------------------------------- result, progress and logs
 
 
