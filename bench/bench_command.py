@@ -118,7 +118,7 @@ def preempt_series(kind: str, mb: int, n: int, base: Path) -> dict[str, Any]:
                                    {"argv": [sys.executable, str(program), str(mb)]},
                                    max_retries=1000, max_preemptions=100000)
             else:
-                job = store.submit("sleep", {"seconds": 36000, "steps": 1_800_000,
+                job = store.submit("sleep", {"seconds": 20000, "steps": 1_000_000,
                                              "state_mb": mb},
                                    max_retries=1000, max_preemptions=100000)
             wait_until(lambda: stepping(job.id, 0), 300, "the job to step")
