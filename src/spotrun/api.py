@@ -606,6 +606,16 @@ def _check_text(field: str, value: str | None) -> None:
             raise _invalid(*bad)
 
 
+def command_refusal(pipeline: str, params: dict[str, Any], who: Principal) -> str | None:
+    """Why ``who`` may not submit this job, for command jobs (they run programs on the
+    workers: an admin's token, or a program the operator allowed); else None."""
+    if pipeline != "command":
+        return None
+    from spotrun.pipelines.command import may_submit
+
+    return may_submit(params, is_admin=who.is_admin)
+
+
 def validate_job_request(store: JobStore, req: SubmitRequest, *, allow_private: bool,
                          owner: str | None = None) -> tuple[dict[str, Any], bool]:
     """Validate a submission at the edge: (params as stored, requires CUDA).
@@ -960,7 +970,7 @@ def _install_routes(app: FastAPI, ctx: AppContext) -> None:
 
     @app.post("/v1/jobs", tags=["jobs"], status_code=201, response_model=JobOut,
               summary="Queue a job (within the caller's quotas: 429 names the one exceeded)",
-              responses=_errors(401, 409, 413, 422, 429, 503))
+              responses=_errors(401, 403, 409, 413, 422, 429, 503))
     def submit_job(
         body: SubmitRequest, who: Caller,
         idempotency_key: Annotated[str | None, Header(
@@ -971,6 +981,9 @@ def _install_routes(app: FastAPI, ctx: AppContext) -> None:
         params, cuda = validate_job_request(store, body,
                                             allow_private=ctx.allow_private_callbacks,
                                             owner=None if who.is_admin else who.name)
+        refused = command_refusal(body.pipeline, params, who)
+        if refused:
+            raise ApiProblem(403, refused)
         quota = None if who.is_admin else store.quota_for(who.name)
 
         def submit() -> Job:

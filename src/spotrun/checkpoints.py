@@ -3,7 +3,12 @@
 Layout under the store's root::
 
     jobs/<job id>/a<attempt>-s<step>/<data files...>, MANIFEST.json
+    jobs/<job id>/a<attempt>-s<step>-<tag>/files/<relative paths...>, MANIFEST.json
     models/<job id>/<data files...>, MANIFEST.json
+
+The second form is a directory checkpoint (a command job's ``SPOTRUN_CHECKPOINT_DIR``):
+files are streamed from and to a local directory, never held in memory, and each commit
+gets a path of its own, so a commit never writes over the one the job points to.
 
 A checkpoint exists for readers only once its manifest is written. The manifest lists every
 file's size and sha256; a load verifies both, so a truncated, corrupt or half-written
@@ -23,15 +28,20 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
+import shutil
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 MANIFEST = "MANIFEST.json"
+DIR_FILES = "files"  # a directory checkpoint's files live under this prefix
 FORMAT_VERSION = 1
 _CHUNK = 8 << 20
+_FILE_THREADS = 4  # files of a directory checkpoint copied at once
 # Object stores: no directories to make (making one can create the bucket), no rename.
 _OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs"})
 
@@ -167,6 +177,135 @@ class CheckpointStore:
                 hasher.join()
         return digest.hexdigest()
 
+    # ------------------------------------------------- directory checkpoints
+
+    def save_dir(self, job_id: str, attempt: int, step: int, source: str | os.PathLike[str],
+                 meta: Mapping[str, Any] | None = None, *, final: bool = False) -> Saved:
+        """Commit the regular files under the local directory ``source`` (nested paths
+        kept, symlinks and other special files skipped) as a job's checkpoint.
+
+        Each file is streamed and hashed chunk by chunk; the manifest, written last, is the
+        commit. The caller must keep ``source`` still while this runs. With ``final``
+        nothing writes to ``source`` ever again (its program has exited and the directory
+        is about to be deleted): a store on the same local filesystem then hard-links
+        each file instead of copying it, and only reads it to hash it.
+        """
+        start = time.perf_counter()
+        rel = f"jobs/{job_id}/a{attempt:04d}-s{step:09d}-{secrets.token_hex(4)}"
+        directory = self._abs(rel)
+        files = [(f"{DIR_FILES}/{relpath}", path)
+                 for relpath, path in _regular_files(os.fspath(source))]
+        # Files in parallel: reading, hashing, writing and fsync all release the GIL.
+        with ThreadPoolExecutor(_FILE_THREADS, "spotrun-checkpoint") as pool:
+            done = list(pool.map(
+                lambda f: self._put_file(f[1], f"{directory}/{f[0]}", link=final), files))
+        listing = {name: {"size": size, "sha256": digest}
+                   for (name, _path), (size, digest) in zip(files, done, strict=True)}
+        total = sum(size for size, _digest in done)
+        manifest = {"format": FORMAT_VERSION, "job": job_id, "attempt": attempt,
+                    "step": step, "kind": "directory", "files": listing,
+                    "meta": dict(meta or {}), "created_at": time.time()}
+        if not self.object_store:
+            self.fs.makedirs(directory, exist_ok=True)
+        self._write_file(f"{directory}/{MANIFEST}",
+                         json.dumps(manifest, sort_keys=True).encode())
+        return Saved(rel, step, total, time.perf_counter() - start)
+
+    def restore_dir(self, rel: str, dest: str | os.PathLike[str]) -> Loaded:
+        """Write the files of the directory checkpoint ``rel`` into the empty local
+        directory ``dest``, verifying each file's size and sha256 as it streams.
+
+        Raises :class:`CheckpointCorrupt` (``dest`` emptied again) if any file fails; the
+        returned :class:`Loaded` has no files in memory, only the step and the meta.
+        """
+        directory = self._abs(rel)
+        target = os.fspath(dest)
+        raw = self._read(f"{directory}/{MANIFEST}", "its manifest",
+                         missing="its manifest is missing (never committed)")
+        try:
+            manifest = json.loads(raw)
+            files_meta = dict(manifest["files"])
+            step = int(manifest["step"])
+            fmt = manifest["format"]
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointCorrupt("its manifest is not valid JSON of the expected shape"
+                                    ) from None
+        if fmt != FORMAT_VERSION:
+            raise CheckpointCorrupt(f"format version {fmt!r} is not {FORMAT_VERSION}")
+        try:
+            todo = [(name, os.path.join(target, _safe_relpath(name)),
+                     info if isinstance(info, dict) else {})
+                    for name, info in files_meta.items()]
+            with ThreadPoolExecutor(_FILE_THREADS, "spotrun-restore") as pool:
+                list(pool.map(lambda t: self._get_file(f"{directory}/{t[0]}", t[1], t[0],
+                                                       t[2]), todo))
+        except BaseException:
+            _empty(target)
+            raise
+        return Loaded(rel, step, {}, dict(manifest.get("meta") or {}))
+
+    def _put_file(self, src: str, dst: str, *, link: bool = False) -> tuple[int, str]:
+        """Copy a local file to ``dst`` in the store: (bytes, sha256 of those bytes)."""
+        digest = hashlib.sha256()
+        size = 0
+        if self.local:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            if link and _hard_link(src, dst):
+                # The same bytes, written to disk once (by the fsync) instead of twice.
+                with open(dst, "rb") as fh:
+                    for chunk in _chunks(fh):
+                        size += len(chunk)
+                        digest.update(chunk)
+                    os.fsync(fh.fileno())
+                return size, digest.hexdigest()
+            with open(src, "rb") as fin, open(dst, "wb") as fout:
+                for chunk in _chunks(fin):
+                    size += len(chunk)
+                    _hash_beside(digest, chunk, fout.write)
+                fout.flush()
+                os.fsync(fout.fileno())
+            return size, digest.hexdigest()
+        # Object stores: one upload (aborted on failure, so the object is whole or
+        # absent), hashed from the local file beside it.
+        hasher = threading.Thread(target=_hash_file, args=(src, digest),
+                                  name="spotrun-checkpoint-hash")
+        hasher.start()
+        try:
+            self.fs.put_file(src, dst)
+        finally:
+            hasher.join()
+        return os.path.getsize(src), digest.hexdigest()
+
+    def _get_file(self, src: str, dst: str, name: str, info: Mapping[str, Any]) -> None:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        digest = hashlib.sha256()
+        try:
+            if self.local:
+                with open(src, "rb") as fin, open(dst, "wb") as fout:
+                    for chunk in _chunks(fin):
+                        _hash_beside(digest, chunk, fout.write)
+            else:
+                self.fs.get_file(src, dst)
+                _hash_file(dst, digest)
+        except FileNotFoundError:
+            raise CheckpointCorrupt(f"file {name} is missing") from None
+        except OSError as exc:
+            if self.local:
+                raise CheckpointCorrupt(f"file {name} cannot be read: {exc}") from None
+            raise CheckpointUnavailable(f"file {name} cannot be read from {self.url}: "
+                                        f"{type(exc).__name__}: {exc}") from None
+        except CheckpointCorrupt:
+            raise
+        except Exception as exc:
+            raise CheckpointUnavailable(f"file {name} cannot be read from {self.url}: "
+                                        f"{type(exc).__name__}: {exc}") from None
+        size = os.path.getsize(dst)
+        if size != info.get("size"):
+            raise CheckpointCorrupt(f"file {name} has {size} bytes, the manifest says "
+                                    f"{info.get('size')} (truncated?)")
+        if digest.hexdigest() != info.get("sha256"):
+            raise CheckpointCorrupt(f"file {name} fails its sha256 check (corrupted)")
+
     # ----------------------------------------------------------------- reading
 
     def load(self, rel: str) -> Loaded:
@@ -263,6 +402,79 @@ def _storage_options(url: str) -> dict[str, Any]:
         # something to send to it (or wait on a metadata server that is not there).
         options["token"] = "anon"
     return options
+
+
+def _regular_files(root: str) -> Iterator[tuple[str, str]]:
+    """(relative path with '/', absolute path) of every regular file under ``root``."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path) or not os.path.isfile(path):
+                continue
+            yield os.path.relpath(path, root).replace(os.sep, "/"), path
+
+
+def _hard_link(src: str, dst: str) -> bool:
+    """Hard-link ``src`` at ``dst``; False where the filesystem cannot (another device,
+    no links), so that the caller copies instead."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        return False
+    return True
+
+
+def _safe_relpath(name: str) -> str:
+    """A manifest's file name as a path inside the restored directory, or CheckpointCorrupt:
+    a crafted manifest must not write outside it."""
+    prefix = f"{DIR_FILES}/"
+    rel = name[len(prefix):] if name.startswith(prefix) else ""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts) \
+            or "\0" in rel:
+        raise CheckpointCorrupt(f"its manifest names a bad file path {name!r}")
+    return os.path.join(*parts)
+
+
+def _chunks(fh: Any) -> Iterator[bytes]:
+    while True:
+        chunk = fh.read(_CHUNK)
+        if not chunk:
+            return
+        yield chunk
+
+
+def _hash_beside(digest: Any, chunk: bytes, write: Any) -> None:
+    """Write ``chunk`` while another thread hashes it: both release the GIL."""
+    if len(chunk) < _CHUNK:
+        digest.update(chunk)
+        write(chunk)
+        return
+    hasher = threading.Thread(target=digest.update, args=(chunk,),
+                              name="spotrun-checkpoint-hash")
+    hasher.start()
+    try:
+        write(chunk)
+    finally:
+        hasher.join()
+
+
+def _hash_file(path: str, digest: Any) -> None:
+    with open(path, "rb") as fh:
+        for chunk in _chunks(fh):
+            digest.update(chunk)
+
+
+def _empty(directory: str) -> None:
+    """Remove what is inside ``directory``, keeping the directory itself."""
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
 
 
 def _protocols(fs: Any) -> set[str]:

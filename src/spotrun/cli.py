@@ -172,8 +172,20 @@ def submit(
     wait_: Annotated[bool, typer.Option("--wait", help="Wait until the job ends")] = False,
     wait_timeout: Annotated[float | None, typer.Option(
         "--wait-timeout", min=0, help="With --wait: give up after S seconds (exit 3)")] = None,
+    env: Annotated[list[str] | None, typer.Option(
+        "-e", "--env", help="command jobs: KEY=VALUE added to the program's environment, "
+        "repeatable")] = None,
+    cwd: Annotated[str | None, typer.Option(
+        help="command jobs: the program's working directory on the worker")] = None,
+    argv: Annotated[list[str] | None, typer.Argument(
+        help="command jobs: `-- PROGRAM ARG...`, the program to run on the worker",
+        show_default=False)] = None,
 ) -> None:
-    """Queue a job; print its id (or the job as JSON)."""
+    """Queue a job; print its id (or the job as JSON).
+
+    `spotrun submit command [options] -- PROGRAM ARG...` runs a program on a worker (see
+    docs/command-jobs.md).
+    """
     from spotrun.pipelines.registry import validate_submission
 
     raw: dict[str, Any] = {}
@@ -182,6 +194,7 @@ def submit(
         if key in raw:
             fail(f"param {key!r} is given twice")
         raw[key] = value
+    _command_params(pipeline, raw, argv or [], env or [], cwd)
     if pool is not None:
         check_pool(pool, "--pool")
     with open_store() as store:
@@ -208,6 +221,40 @@ def submit(
         if as_json:
             _echo_json(final.to_json())
         raise typer.Exit(_exit_code(final))
+
+
+def _command_params(pipeline: str, raw: dict[str, Any], argv: list[str], env: list[str],
+                    cwd: str | None) -> None:
+    """Fold `-- PROGRAM ARG...`, --env and --cwd into a command job's params."""
+    if pipeline != "command":
+        if argv or env or cwd is not None:
+            what = "-- PROGRAM ARG..." if argv else "--env" if env else "--cwd"
+            fail(f"{what} is only for command jobs (`spotrun submit command -- PROGRAM ARG...`)"
+                 f"; {pipeline!r} takes params with -p")
+        return
+    if argv and "argv" in raw:
+        fail("the program is given twice: after `--` and as -p argv=...")
+    if argv:
+        raw["argv"] = argv
+    if "argv" not in raw:
+        fail("nothing to run: give the program after `--`, as in "
+             "`spotrun submit command -- python train.py`")
+    if env:
+        if "env" in raw:
+            fail("env is given twice: with --env and as -p env=...")
+        variables: dict[str, str] = {}
+        for item in env:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                fail(f"--env {item!r} is not KEY=VALUE")
+            if key in variables:
+                fail(f"--env {key} is given twice")
+            variables[key] = value
+        raw["env"] = variables
+    if cwd is not None:
+        if "cwd" in raw:
+            fail("cwd is given twice: with --cwd and as -p cwd=...")
+        raw["cwd"] = cwd
 
 
 # ------------------------------------------------------------------ show / jobs

@@ -20,12 +20,14 @@ import functools
 import importlib.util
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -40,7 +42,7 @@ from spotrun.checkpoints import (
 )
 from spotrun.config import Settings
 from spotrun.jobs import EventKind, OnPreempt, Progress
-from spotrun.pipelines.base import JobContext, JobStopped, State
+from spotrun.pipelines.base import JobContext, JobStopped, Pipeline, State
 from spotrun.policy import ON_DEMAND
 from spotrun.shutdown import Notice, ShutdownCoordinator
 from spotrun.store import (
@@ -214,6 +216,7 @@ class JobRunner:
         # written some (with or without a pointer), or this one did.
         self.may_have_files = lease.attempt > 1 or job.checkpoint is not None
         self.successor: JobRunner | None = None  # claimed by this runner's final write
+        self.ctx: JobContext | None = None
 
     # ------------------------------------------------------------- Driver API
 
@@ -267,8 +270,13 @@ class JobRunner:
     def _checkpoint(self, state: State, notice: bool) -> None:
         start = time.perf_counter()
         self.may_have_files = True
-        saved = self.worker.checkpoints.save(self.lease.job_id, self.lease.attempt,
-                                             state.step, state.files, state.meta)
+        if state.directory is not None:
+            saved = self.worker.checkpoints.save_dir(
+                self.lease.job_id, self.lease.attempt, state.step, state.directory, state.meta,
+                final=state.directory_final)
+        else:
+            saved = self.worker.checkpoints.save(self.lease.job_id, self.lease.attempt,
+                                                 state.step, state.files, state.meta)
         # The pointer moves only after the manifest is written; a refused write means a
         # newer attempt owns the job, and our files are left for its cleanup.
         message = None if notice else (
@@ -385,14 +393,38 @@ class JobRunner:
 
         pipe = get_pipeline(self.job.pipeline)
         params = pipe.validate(self.job.params)
+        state_dir: Path | None = None
+        if pipe.state_dir:
+            state_dir = self._make_state_dir()
         try:
-            resume = self._load_resume()
+            self._run_pipeline(pipe, params, state_dir)
+        finally:
+            if state_dir is not None:
+                shutil.rmtree(state_dir.parent, ignore_errors=True)
+
+    def _make_state_dir(self) -> Path:
+        """An empty local directory for this attempt's directory state."""
+        work = self.worker.settings.home / "work" / f"{self.job.id}-a{self.lease.attempt:04d}"
+        shutil.rmtree(work, ignore_errors=True)
+        (work / "checkpoint").mkdir(parents=True)
+        return work / "checkpoint"
+
+    def _run_pipeline(self, pipe: Pipeline, params: Any, state_dir: Path | None) -> None:
+        try:
+            if state_dir is None:
+                resume = self._load_resume()
+            else:
+                restore = functools.partial(self.worker.checkpoints.restore_dir,
+                                            dest=state_dir)
+                resume = self._load_resume(restore)
         except CheckpointUnavailable as exc:
             self._store_unavailable(str(exc))
             return
         ctx = JobContext(job_id=self.job.id, attempt=self.lease.attempt, params=params,
                          driver=self, resume=resume, logger=self.logger,
-                         worker=self.lease.worker_name, has_cuda=self.worker.has_cuda)
+                         worker=self.lease.worker_name, has_cuda=self.worker.has_cuda,
+                         state_dir=state_dir, deadline=self.worker.deadline)
+        self.ctx = ctx
         try:
             result = pipe.run(ctx)
         except JobStopped:
@@ -441,7 +473,8 @@ class JobRunner:
             self.lease, f"{self.lease.worker_name} could not read the job's checkpoint "
             f"({why}); back in the queue with its checkpoint kept", preempted=False))
 
-    def _load_resume(self) -> Loaded | None:
+    def _load_resume(self, load: Callable[[str], Loaded] | None = None) -> Loaded | None:
+        load = load or self.worker.checkpoints.load
         job = self.job
         candidates = [(job.checkpoint, job.checkpoint_step),
                       (job.checkpoint_prev, job.checkpoint_prev_step)]
@@ -449,7 +482,7 @@ class JobRunner:
             if not path:
                 continue
             try:
-                return self.worker.checkpoints.load(path)
+                return load(path)
             except CheckpointCorrupt as exc:
                 nxt = candidates[i + 1] if i + 1 < len(candidates) else (None, None)
                 fallback = (f"resuming from the previous checkpoint at step {nxt[1]}"
@@ -804,6 +837,12 @@ class Worker:
     def _force_hand_back(self, r: JobRunner) -> int:
         """The pipeline did not reach a step boundary in time: hand back without it."""
         r.abandoned = True
+        if r.ctx is not None and r.ctx.on_abandon is not None:
+            # Work outside this process (a command job's program) ends with the job here.
+            try:
+                r.ctx.on_abandon()
+            except Exception as exc:
+                log.warning("job %s: could not end its work: %s", r.job.id, exc)
         ck = r.last_checkpoint_step
         resume = (f"it will resume from the checkpoint at step {ck}" if ck is not None
                   and r.job.on_preempt is OnPreempt.RESUME

@@ -17,6 +17,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Protocol
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, WithJsonSchema
@@ -63,6 +64,11 @@ class State:
     step: int
     files: Mapping[str, bytes]
     meta: Mapping[str, Any] = field(default_factory=dict)
+    # Or a local directory whose files are the state (then ``files`` is empty): committed
+    # by streaming them, restored into ``JobContext.state_dir`` on the next attempt.
+    directory: str | None = None
+    # Nothing writes ``directory`` after this commit: a local store may hard-link its files.
+    directory_final: bool = False
 
 
 class Driver(Protocol):
@@ -88,7 +94,8 @@ class JobContext:
 
     def __init__(self, *, job_id: str, attempt: int, params: BaseModel, driver: Driver,
                  resume: Loaded | None = None, logger: logging.Logger | None = None,
-                 worker: str = "", has_cuda: bool = False) -> None:
+                 worker: str = "", has_cuda: bool = False, state_dir: Path | None = None,
+                 deadline: Callable[[], float | None] | None = None) -> None:
         self.job_id = job_id
         self.attempt = attempt
         self.params = params
@@ -98,6 +105,13 @@ class JobContext:
         self.log = logger or logging.getLogger(f"spotrun.job.{job_id}")
         self._driver = driver
         self._state_fn: Callable[[], State] | None = None
+        # For a pipeline declared with ``state_dir=True``: a local directory holding the
+        # files of the job's last committed directory checkpoint (empty on a first run).
+        self.state_dir = state_dir
+        self._deadline = deadline
+        # Set by a pipeline whose work outlives its thread (a child process): the worker
+        # calls it when it hands the job back without waiting for the pipeline.
+        self.on_abandon: Callable[[], None] | None = None
 
     def progress(self, step: int, total: int | None = None, **metrics: Any) -> bool:
         """Report progress at a step boundary; the worker may checkpoint here.
@@ -123,6 +137,17 @@ class JobContext:
     def stop(self) -> NoReturn:
         """Unwind the pipeline now (call it when :meth:`should_stop` is true)."""
         raise JobStopped()
+
+    def checkpoint_now(self, state: State) -> None:
+        """Commit ``state`` now, outside the schedule; once a stop was requested, only
+        where the job's policy wants a checkpoint (a notice, with on_preempt=resume)."""
+        if self.should_stop() and not self._driver.checkpoint_due(state.step):
+            return
+        self._driver.checkpoint(state)
+
+    def notice_deadline(self) -> float | None:
+        """The ``time.monotonic()`` by which the job is handed back, once a notice set one."""
+        return None if self._deadline is None else self._deadline()
 
     def set_state(self, fn: Callable[[], State]) -> None:
         """Give the worker a function that captures the state to checkpoint."""
@@ -156,6 +181,9 @@ class Pipeline:
     requires_cuda: Callable[[BaseModel], bool] = field(default=lambda p: False)
     # Extra submit-time checks that need the store (e.g. a model exists).
     check: Callable[[BaseModel, Any], None] | None = None
+    # Whether the worker gives the pipeline ``ctx.state_dir``, restored from the job's last
+    # directory checkpoint, instead of ``ctx.resume`` files in memory.
+    state_dir: bool = False
 
     def validate(self, raw: Mapping[str, Any]) -> BaseModel:
         return self.params.model_validate(dict(raw))
@@ -166,13 +194,14 @@ class Pipeline:
 
 def pipeline(name: str, *, params: type[BaseModel], description: str = "",
              requires_cuda: Callable[[BaseModel], bool] | None = None,
-             check: Callable[[BaseModel, Any], None] | None = None
-             ) -> Callable[[Runner], Pipeline]:
+             check: Callable[[BaseModel, Any], None] | None = None,
+             state_dir: bool = False) -> Callable[[Runner], Pipeline]:
     """Decorator that turns a function of a :class:`JobContext` into a :class:`Pipeline`."""
 
     def wrap(fn: Runner) -> Pipeline:
         return Pipeline(name=name, params=params, run=fn,
                         description=description or (fn.__doc__ or "").strip().split("\n")[0],
-                        requires_cuda=requires_cuda or (lambda p: False), check=check)
+                        requires_cuda=requires_cuda or (lambda p: False), check=check,
+                        state_dir=state_dir)
 
     return wrap

@@ -23,10 +23,10 @@ class UnknownPipeline(LookupError):
 @cache
 def registry() -> dict[str, Pipeline]:
     """Every known pipeline by name."""
-    from spotrun.pipelines import digits_infer, digits_train, sleep
+    from spotrun.pipelines import command, digits_infer, digits_train, sleep
 
     found: dict[str, Pipeline] = {}
-    for p in (digits_train.PIPELINE, digits_infer.PIPELINE, sleep.PIPELINE):
+    for p in (digits_train.PIPELINE, digits_infer.PIPELINE, sleep.PIPELINE, command.PIPELINE):
         found[p.name] = p
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:

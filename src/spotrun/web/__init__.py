@@ -360,6 +360,9 @@ def install(app: FastAPI, ctx: AppContext) -> None:
             return submit_page(request, who, name, status=422, values=form, error=words)
         except api.ApiProblem as exc:
             return submit_page(request, who, name, status=422, values=form, error=exc.detail)
+        refused = api.command_refusal(name, job_params, who)
+        if refused:
+            return submit_page(request, who, name, status=403, values=form, error=refused)
         try:
             job = await run(lambda: store.submit(
                 req.pipeline, job_params, priority=req.priority, on_preempt=req.on_preempt,
