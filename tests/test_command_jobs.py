@@ -644,16 +644,19 @@ def test_only_an_admin_token_or_an_allowed_program_submits_command_jobs(
             r = post(admin, argv=[])
             assert r.status_code == 422
 
-            # The dashboard's form obeys the same rule.
-            client.cookies.set("spotrun_token", alice)
+            # The dashboard's form obeys the same rule (signed in with a session each).
+            origin = {"Origin": "http://testserver"}
+            client.cookies.set("spotrun_session",
+                               store.create_session("alice", expires_in=600))
             r = client.get("/submit?pipeline=command")
             assert r.status_code == 200 and 'name="argv"' in r.text
             form = {"pipeline": "command", "argv": '["/bin/sh", "-c", "echo hi"]',
                     "on_preempt": "resume"}
-            r = client.post("/submit", data=form, follow_redirects=False)
+            r = client.post("/submit", data=form, headers=origin, follow_redirects=False)
             assert r.status_code == 403 and "only an admin token" in r.text
-            client.cookies.set("spotrun_token", admin)
-            r = client.post("/submit", data=form, follow_redirects=False)
+            client.cookies.set("spotrun_session",
+                               store.create_session("admin", expires_in=600))
+            r = client.post("/submit", data=form, headers=origin, follow_redirects=False)
             assert r.status_code == 303, r.text
         assert [j.owner for j in store.list_jobs()].count("alice") == 1
         assert len(store.list_jobs()) == 3

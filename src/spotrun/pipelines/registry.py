@@ -65,6 +65,8 @@ class VisibleJobs:
     def __init__(self, store: Any, owner: str | None) -> None:
         self._store = store
         self.owner = owner
+        # Which database it is (checks may depend on where the workers run).
+        self.is_postgres = bool(getattr(store, "is_postgres", True))
 
     def find(self, job_id: str) -> Any:
         """The job, or None when it does not exist or the caller may not see it."""
