@@ -48,12 +48,13 @@ def run(ctx: JobContext) -> dict[str, Any]:
         path = ctx.save_model({"who.json": json.dumps({"worker": ctx.worker}).encode()},
                               {"worker": ctx.worker})
         return {"model": path, "worker": ctx.worker}
-    if p.mode == "same-step":
-        ctx.progress(5, p.steps)  # a periodic checkpoint (every 5 steps) is taken here
+    if p.mode == "same-step" and ctx.attempt == 1:
+        step = 5
+        ctx.progress(step, p.steps)  # a periodic checkpoint (every 5 steps) is taken here
         os.kill(os.getpid(), signal.SIGTERM)
         while not ctx.should_stop():
             time.sleep(0.01)
-        ctx.progress(5, p.steps)  # the same boundary again, now after the notice
+        ctx.progress(step, p.steps)  # the same boundary again, now after the notice
         ctx.stop()
     while step < p.steps:
         if ctx.should_stop():

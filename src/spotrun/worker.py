@@ -38,7 +38,7 @@ from spotrun.checkpoints import (
     Saved,
 )
 from spotrun.config import Settings
-from spotrun.jobs import EventKind, OnPreempt, Progress
+from spotrun.jobs import EventKind, JobState, OnPreempt, Progress
 from spotrun.pipelines.base import JobContext, JobStopped, State
 from spotrun.policy import ON_DEMAND
 from spotrun.shutdown import Notice, ShutdownCoordinator
@@ -265,6 +265,8 @@ class JobRunner:
         # written some (with or without a pointer), or this one did.
         self.may_have_files = lease.attempt > 1 or job.checkpoint is not None
         self.successor: JobRunner | None = None  # claimed by this runner's final write
+        self.model_saved = False  # the pipeline wrote a final model (of this attempt)
+        self.won = False  # the store accepted this attempt's result
 
     # ------------------------------------------------------------- Driver API
 
@@ -354,10 +356,15 @@ class JobRunner:
             self.store.add_event, self.lease, EventKind.NOTE, message))
 
     def save_model(self, files: Mapping[str, bytes], meta: Mapping[str, Any]) -> Saved:
-        return self.worker.checkpoints.save_model(self.lease.job_id, files, meta)
+        # Under this attempt's own path: it becomes the job's model only if this attempt's
+        # result is accepted, so a zombie can never overwrite the model of a finished job.
+        self.model_saved = True
+        return self.worker.checkpoints.save_model(self.lease.job_id, files, meta,
+                                                  attempt=self.lease.attempt)
 
     def load_model(self, job_id: str) -> Loaded:
-        return self.worker.checkpoints.load_model(job_id)
+        job = self.worker.db.call(lambda: self.store.find(job_id))
+        return self.worker.checkpoints.load_model(job_id, job.attempt if job else 1)
 
     # ------------------------------------------------------------------ control
 
@@ -430,6 +437,7 @@ class JobRunner:
                                 traceback.format_exc(), run_seconds=self.run_seconds())
         finally:
             self.logger.removeHandler(self.logs)
+            self._settle_model()
             self.done.set()
             if self.successor is None:  # else the successor took over this one's slot
                 self.worker.wake()
@@ -477,6 +485,7 @@ class JobRunner:
         self._finish_then_next(lambda then: self.store.complete(
             self.lease, result, run_seconds=self.run_seconds(), progress=progress,
             logs=lines, then_claim=then))
+        self.won = True
 
     def _finish_then_next(
         self, write: Callable[[ClaimRequest | None], tuple[Lease, JobRecord] | None]
@@ -607,6 +616,27 @@ class JobRunner:
         lines = self.logs.take()
         self.worker.db.call(lambda: self.store.save_progress(
             self.lease, step, total, metrics, lines))
+
+    def _settle_model(self) -> None:
+        """Keep the model of the attempt that won; a loser deletes its own."""
+        if not self.model_saved:
+            return
+        job_id, attempt = self.lease.job_id, self.lease.attempt
+        try:
+            if not self.won:
+                # A refused result may be a retry of one that was accepted: ask the store.
+                job = self.store.find(job_id)
+                self.won = job is not None and job.state is JobState.SUCCEEDED and \
+                    job.attempt == attempt
+            if not self.won:
+                self.worker.checkpoints.delete_model(job_id, attempt)
+                log.info("job %s: attempt %d's result was not accepted; its model is deleted",
+                         job_id, attempt)
+            elif attempt > 1:
+                # Earlier attempts that died after saving theirs left files behind.
+                self.worker.checkpoints.delete_other_models(job_id, keep=attempt)
+        except Exception as exc:
+            log.warning("job %s: could not tidy the models of its attempts: %s", job_id, exc)
 
     def _cleanup(self) -> None:
         # Skipped when there can be nothing to delete: a listing per job is the largest
