@@ -72,6 +72,10 @@ class StopReason(enum.Enum):
 
 
 _NOTICES = (StopReason.PREEMPTED, StopReason.SHUTDOWN)
+# Stops that no deadline bounds: a pipeline that ignores one past the grace period is
+# abandoned (the words name the stop in the worker's log).
+_UNWAITED = {StopReason.CANCELLED: "cancel", StopReason.TIMED_OUT: "time limit",
+             StopReason.LEASE_LOST: "lost lease"}
 
 
 @dataclass(frozen=True)
@@ -879,6 +883,8 @@ class Worker:
         nothing the pipeline does later reaches the store.
         """
         r.abandoned = True
+        if reason is StopReason.LEASE_LOST:
+            return 0  # another attempt owns the job: nothing of this one may be written
         out = stop_outcome(reason, r.job.on_preempt, worker=self.name, where=r.where(),
                            detail=r.stop_detail, resume=r._checkpoint_words(), in_flight=True)
         try:
@@ -893,7 +899,7 @@ class Worker:
             return 1
 
     def _check_hung(self) -> None:
-        """A cancel or time limit the pipeline has not obeyed within the grace period.
+        """A cancel, time limit or lost lease the pipeline ignores past the grace period.
 
         Its thread cannot be stopped, so the job ends without it, and the worker stops:
         it hands its other jobs back and exits non-zero, for its supervisor to start a
@@ -903,15 +909,14 @@ class Worker:
         now = time.monotonic()
         with self._lock:
             hung = [r for r in self.runners.values()
-                    if r.stop_reason in (StopReason.CANCELLED, StopReason.TIMED_OUT)
+                    if r.stop_reason in _UNWAITED
                     and r.stop_mono is not None and now - r.stop_mono > grace
                     and not r.done.is_set() and not r.abandoned and not r.finishing]
         for r in hung:
             assert r.stop_reason is not None
             log.error("job %s: the pipeline did not stop within %.1f s (SPOTRUN_GRACE_SECONDS) "
                       "after its %s, stuck at %s; ending the job without it", r.job.id, grace,
-                      "cancel" if r.stop_reason is StopReason.CANCELLED else "time limit",
-                      r.where())
+                      _UNWAITED[r.stop_reason], r.where())
             self._force_stop(r, r.stop_reason)
             self.exit_code = EXIT_STUCK
         if hung and not self.coordinator.stopping:
