@@ -72,10 +72,11 @@ class StopReason(enum.Enum):
 
 
 _NOTICES = (StopReason.PREEMPTED, StopReason.SHUTDOWN)
-# Stops that no deadline bounds: a pipeline that ignores one past the grace period is
-# abandoned (the words name the stop in the worker's log).
-_UNWAITED = {StopReason.CANCELLED: "cancel", StopReason.TIMED_OUT: "time limit",
-             StopReason.LEASE_LOST: "lost lease"}
+# Stops that no notice's deadline bounds: a pipeline that ignores one past the grace period
+# is abandoned (the words name the stop in the worker's log). Not a lost lease: nothing of
+# that job can be written any more, and a zombie's slow step (an import of torch on a
+# loaded machine) must not cost its worker a restart.
+_UNWAITED = {StopReason.CANCELLED: "cancel", StopReason.TIMED_OUT: "time limit"}
 
 
 @dataclass(frozen=True)
@@ -899,7 +900,7 @@ class Worker:
             return 1
 
     def _check_hung(self) -> None:
-        """A cancel, time limit or lost lease the pipeline ignores past the grace period.
+        """A cancel or a time limit the pipeline ignores past the grace period.
 
         Its thread cannot be stopped, so the job ends without it, and the worker stops:
         it hands its other jobs back and exits non-zero, for its supervisor to start a
