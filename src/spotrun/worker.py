@@ -554,8 +554,12 @@ class JobRunner:
                            resume=self._checkpoint_words(), unwinding=unwinding)
         self.apply(out, self.store, give_up_at=self.worker.deadline())
 
-    def apply(self, out: StopOutcome, store: JobStore, *, give_up_at: float | None) -> None:
-        """Carry out a stop's outcome with one fenced write (``store``: whose connection)."""
+    def apply(self, out: StopOutcome, store: JobStore, *, give_up_at: float | None,
+              forced: bool = False) -> None:
+        """Carry out a stop's outcome with one fenced write (``store``: whose connection).
+
+        ``forced``: at the deadline, where no round trip may be spent but the write's.
+        """
         run = self.run_seconds()
         if out.action == "cancel":
             self.worker.db.call(lambda: store.finish_cancelled(self.lease, run_seconds=run),
@@ -564,13 +568,14 @@ class JobRunner:
             self.worker.db.call(lambda: store.fail(self.lease, out.message, run_seconds=run),
                                 give_up_at=give_up_at)
         else:
-            why = self._escalation(store) if out.preempted and out.keep_checkpoint else None
+            why = (self._escalation(None if forced else store)
+                   if out.preempted and out.keep_checkpoint else None)
             self.worker.db.call(lambda: store.hand_back(
                 self.lease, out.message, preempted=out.preempted,
                 keep_checkpoint=out.keep_checkpoint, run_seconds=run,
                 escalate_to=ON_DEMAND if why else None, escalation=why or ""),
                 give_up_at=give_up_at)
-        if out.cleanup:
+        if out.cleanup and not forced:  # at the deadline, exiting in time comes first
             self._cleanup()
 
     def _checkpoint_words(self) -> str:
@@ -588,7 +593,7 @@ class JobRunner:
             return f"will resume from the checkpoint at step {self.last_checkpoint_step}"
         return "no checkpoint, the next attempt starts from the beginning"
 
-    def _escalation(self, store: JobStore) -> str | None:
+    def _escalation(self, store: JobStore | None) -> str | None:
         from spotrun.policy import escalation_reason
 
         job = self.job
@@ -596,7 +601,7 @@ class JobRunner:
         if limit is None:
             limit = self.worker.settings.max_preemptions
         try:
-            now = store.now()
+            now = store.now() if store is not None else time.time()
         except Exception:
             now = time.time()
         return escalation_reason(
@@ -889,7 +894,8 @@ class Worker:
         out = stop_outcome(reason, r.job.on_preempt, worker=self.name, where=r.where(),
                            detail=r.stop_detail, resume=r._checkpoint_words(), in_flight=True)
         try:
-            r.apply(out, self.hb_store, give_up_at=time.monotonic() + 1.0)
+            r.apply(out, self.hb_store, give_up_at=time.monotonic() + 1.0,
+                    forced=self.coordinator.stopping)
             return 0
         except LeaseLost as exc:
             log.warning("job %s: %s", r.job.id, exc)
