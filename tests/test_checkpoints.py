@@ -65,7 +65,7 @@ def test_delete_and_delete_job(tmp_path: Path) -> None:
     store.delete_job("job1")
     assert not store.exists(b.path)
     assert store.load_model("job1").files == {"m": b"w"}
-    assert model.path == "models/job1"
+    assert model.path == "models/job1/a0001"
 
 
 def test_bad_file_names_are_refused(tmp_path: Path) -> None:

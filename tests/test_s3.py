@@ -84,7 +84,7 @@ def test_round_trip_model_delete_and_probe(s3: S3Server, bucket: str,
     assert store.exists(later.path)
 
     model = store.save_model("job1", {"model.safetensors": b"w" * 100}, {"step": 400})
-    assert model.path == "models/job1" and model.step == 400
+    assert model.path == "models/job1/a0001" and model.step == 400
     store.delete_job("job1")
     assert s3.keys(bucket, "ckpts/jobs/") == []
     assert store.load_model("job1").files == {"model.safetensors": b"w" * 100}
@@ -92,8 +92,8 @@ def test_round_trip_model_delete_and_probe(s3: S3Server, bucket: str,
 
     assert store.probe() > 0
     assert s3.keys(bucket, "ckpts/probe/") == []
-    assert s3.keys(bucket) == ["ckpts/models/job1/MANIFEST.json",
-                               "ckpts/models/job1/model.safetensors"]
+    assert s3.keys(bucket) == ["ckpts/models/job1/a0001/MANIFEST.json",
+                               "ckpts/models/job1/a0001/model.safetensors"]
 
 
 @pytest.mark.parametrize("damage, reason", [
@@ -263,10 +263,13 @@ def test_a_job_checkpointed_to_s3_is_resumed_by_another_host_bit_identical(
     assert job.state is JobState.SUCCEEDED, events
     assert f"resumed on w2 from step {step}/135" in events, events
     assert job.result["weights_sha256"] == reference
-    assert job.result["model"] == f"models/{job_id}"
+    # The model of the attempt whose result the store accepted.
+    assert job.result["model"] == f"models/{job_id}/a0002"
     assert s3.keys(bucket, f"ckpts/models/{job_id}/") == [
-        f"ckpts/models/{job_id}/{MANIFEST}", f"ckpts/models/{job_id}/model.safetensors"]
-    assert CheckpointStore(url).load_model(job_id).meta["weights_sha256"] == reference
+        f"ckpts/models/{job_id}/a0002/{MANIFEST}",
+        f"ckpts/models/{job_id}/a0002/model.safetensors"]
+    assert CheckpointStore(url).load_model(job_id, job.attempt).meta["weights_sha256"] == \
+        reference
     wait_until(lambda: s3.keys(bucket, f"ckpts/jobs/{job_id}/") == [], 10,
                "the job's checkpoints to be deleted")
     assert not (host2.home / "checkpoints").exists()

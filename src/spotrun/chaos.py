@@ -1388,19 +1388,26 @@ def _q(label: str, q: dict[str, Any], what: str) -> str:
 
 @contextlib.contextmanager
 def _interruptible() -> Iterator[None]:
-    """SIGTERM to the drill acts as Ctrl-C does: stop every child, remove every file."""
+    """Ctrl-C and SIGTERM stop the drill: stop every child, remove every file.
+
+    SIGINT gets a handler of its own too: Python turns SIGINT into KeyboardInterrupt only
+    when the process started with SIGINT at its default, and a process started in the
+    background of a non-interactive shell (CI runners, ``cmd &`` in scripts) inherits it
+    ignored; the drill then ran to its end on Ctrl-C.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def on_term(signum: int, frame: FrameType | None) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, on_term)
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ Layout under the store's root::
 
     jobs/<job id>/a<attempt>-s<step>/<data files...>, MANIFEST.json
     jobs/<job id>/a<attempt>-s<step>-<tag>/files/<relative paths...>, MANIFEST.json
-    models/<job id>/<data files...>, MANIFEST.json
+    models/<job id>/a<attempt>/<data files...>, MANIFEST.json
 
 The second form is a directory checkpoint (a command job's ``SPOTRUN_CHECKPOINT_DIR``):
 files are streamed from and to a local directory, never held in memory, and each commit
@@ -13,7 +13,9 @@ gets a path of its own, so a commit never writes over the one the job points to.
 A checkpoint exists for readers only once its manifest is written. The manifest lists every
 file's size and sha256; a load verifies both, so a truncated, corrupt or half-written
 checkpoint is reported, never loaded. Paths carry the job and the attempt, so files a zombie
-worker leaves behind can never be taken for the lease holder's. Nothing here unpickles.
+worker leaves behind can never be taken for the lease holder's: a job's model is the one of
+the attempt whose result the store accepted (a fenced write), never the last one written.
+Nothing here unpickles.
 
 On object stores (``s3://``, ``gs://``) there is no atomic rename: each object is written by
 one PUT (or a multipart upload that is aborted on failure), so an object is whole or absent,
@@ -56,6 +58,10 @@ class CheckpointUnavailable(Exception):
 
 class CheckpointCorrupt(Exception):
     """A checkpoint failed verification; the message says why."""
+
+
+class CheckpointExists(Exception):
+    """A save aimed at a committed checkpoint, which is never written again."""
 
 
 @dataclass(frozen=True)
@@ -109,15 +115,24 @@ class CheckpointStore:
         self, job_id: str, attempt: int, step: int, files: Mapping[str, bytes],
         meta: Mapping[str, Any] | None = None,
     ) -> Saved:
-        """Write a job's checkpoint and commit it; return its path relative to the root."""
+        """Write a job's checkpoint and commit it; return its path relative to the root.
+
+        Refuses (:class:`CheckpointExists`) to write into a committed checkpoint: a pointer
+        may name it, and a reader may be loading it.
+        """
         rel = f"jobs/{job_id}/a{attempt:04d}-s{step:09d}"
+        if self.exists(rel):
+            raise CheckpointExists(f"the checkpoint {rel} is committed already")
         return self._write(rel, step, files, meta or {}, {"job": job_id, "attempt": attempt})
 
     def save_model(self, job_id: str, files: Mapping[str, bytes],
-                   meta: Mapping[str, Any] | None = None) -> Saved:
-        """Write a job's final model under models/, where any worker or host can load it."""
-        return self._write(f"models/{job_id}", int((meta or {}).get("step", 0)), files,
-                           meta or {}, {"job": job_id})
+                   meta: Mapping[str, Any] | None = None, *, attempt: int = 1) -> Saved:
+        """Write an attempt's final model under models/, where any worker or host can load it.
+
+        It becomes the job's model only if the store accepts this attempt's result.
+        """
+        return self._write(model_path(job_id, attempt), int((meta or {}).get("step", 0)),
+                           files, meta or {}, {"job": job_id, "attempt": attempt})
 
     def _write(self, rel: str, step: int, files: Mapping[str, bytes],
                meta: Mapping[str, Any], extra: Mapping[str, Any]) -> Saved:
@@ -341,8 +356,9 @@ class CheckpointStore:
         except FileNotFoundError:
             raise CheckpointCorrupt(missing or f"{what} is missing") from None
         except OSError as exc:
-            if self.local:  # a local read error is the disk's: treat the data as bad
-                raise CheckpointCorrupt(f"{what} cannot be read: {exc}") from None
+            # EIO, ESTALE, EACCES, a hung NFS mount timing out: the read failed, which says
+            # nothing of the data. Only verified damage (size, checksum, a missing or
+            # unreadable manifest) may make a worker drop a pointer for good.
             raise CheckpointUnavailable(f"{what} cannot be read from {self.url}: "
                                         f"{type(exc).__name__}: {exc}") from None
         except Exception as exc:
@@ -350,8 +366,28 @@ class CheckpointStore:
             raise CheckpointUnavailable(f"{what} cannot be read from {self.url}: "
                                         f"{type(exc).__name__}: {exc}") from None
 
-    def load_model(self, job_id: str) -> Loaded:
-        return self.load(f"models/{job_id}")
+    def load_model(self, job_id: str, attempt: int = 1) -> Loaded:
+        """The model of this attempt of the job (the job's attempt, once it succeeded)."""
+        rel = model_path(job_id, attempt)
+        if not self.exists(rel) and self.exists(f"models/{job_id}"):
+            rel = f"models/{job_id}"  # written before models had an attempt of their own
+        return self.load(rel)
+
+    def delete_model(self, job_id: str, attempt: int) -> None:
+        """Delete the model one attempt wrote (an attempt whose result was refused)."""
+        self.delete(model_path(job_id, attempt))
+
+    def delete_other_models(self, job_id: str, keep: int) -> None:
+        """Delete the models of every attempt of a job but ``keep``, the one that won."""
+        try:
+            entries = self.fs.ls(self._abs(f"models/{job_id}"), detail=False)
+        except FileNotFoundError:
+            return
+        mine = model_path(job_id, keep).rsplit("/", 1)[1]
+        for entry in entries:
+            name = str(entry).rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith("a") and name[1:].isdigit() and name != mine:
+                self.delete(f"models/{job_id}/{name}")
 
     def exists(self, rel: str) -> bool:
         return bool(self.fs.exists(f"{self._abs(rel)}/{MANIFEST}"))
@@ -379,6 +415,11 @@ class CheckpointStore:
         self.load(saved.path)
         self.delete(rel)
         return time.perf_counter() - start
+
+
+def model_path(job_id: str, attempt: int) -> str:
+    """Where attempt ``attempt`` of a job writes its final model, relative to the root."""
+    return f"models/{job_id}/a{attempt:04d}"
 
 
 def _storage_options(url: str) -> dict[str, Any]:

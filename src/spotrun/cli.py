@@ -549,7 +549,10 @@ def worker(
     max_jobs: Annotated[int | None, typer.Option(min=1, help="Exit after N jobs")] = None,
     preload: Annotated[bool, typer.Option(help="Import the ML libraries at start")] = True,
 ) -> None:
-    """Run jobs until stopped. SIGTERM/SIGINT: hand the job back and exit 0."""
+    """Run jobs until stopped. SIGTERM/SIGINT: checkpoint, hand the job back and exit 0.
+
+    Exit 3: a step ignored a cancel or time limit; its job ended, the others handed back.
+    """
     from spotrun import shutdown
     from spotrun.worker import Worker
 

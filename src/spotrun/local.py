@@ -32,7 +32,7 @@ class _InlineDriver:
         pass
 
     def save_model(self, files: Mapping[str, bytes], meta: Mapping[str, Any]) -> Saved:
-        return self.store.save_model(self.job_id, files, meta)
+        return self.store.save_model(self.job_id, files, meta, attempt=1)
 
     def load_model(self, job_id: str) -> Loaded:
         return self.store.load_model(job_id)

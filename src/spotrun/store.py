@@ -760,7 +760,12 @@ class JobStore:
     def commit_checkpoint(
         self, lease: Lease, path: str, step: int, *, message: str | None = None
     ) -> str | None:
-        """Point the job at a committed checkpoint; return the pointer that fell off."""
+        """Point the job at a committed checkpoint; return the pointer that fell off.
+
+        Idempotent: a retry of a commit whose reply was lost finds the pointer moved and
+        changes nothing. The path returned is named by neither pointer, so its caller may
+        delete it.
+        """
         with self._tx() as conn:
             row = conn.execute(
                 sa.select(jobs.c.checkpoint, jobs.c.checkpoint_step, jobs.c.checkpoint_prev)
@@ -768,6 +773,8 @@ class JobStore:
             ).first()
             if row is None:
                 raise self._refused(conn, lease, "checkpoint pointer")
+            if row.checkpoint == path:
+                return None
             n = conn.execute(
                 jobs.update()
                 .where(self._fenced(lease))
@@ -785,7 +792,7 @@ class JobStore:
                 self._event(conn, lease.job_id, EventKind.CHECKPOINT, message,
                             worker=lease.worker_name, attempt=lease.attempt)
             dropped: str | None = row.checkpoint_prev
-            return dropped
+            return None if dropped in (path, row.checkpoint) else dropped
 
     def drop_checkpoint_pointer(self, lease: Lease, path: str) -> None:
         """Forget a pointer found corrupt, so that no later attempt tries it again."""

@@ -41,7 +41,7 @@ from spotrun.checkpoints import (
     Saved,
 )
 from spotrun.config import Settings
-from spotrun.jobs import EventKind, OnPreempt, Progress
+from spotrun.jobs import EventKind, JobState, OnPreempt, Progress
 from spotrun.pipelines.base import JobContext, JobStopped, Pipeline, State
 from spotrun.policy import ON_DEMAND
 from spotrun.shutdown import Notice, ShutdownCoordinator
@@ -62,6 +62,8 @@ T = TypeVar("T")
 LOG_LINES_PER_ATTEMPT = 2000
 LOG_BYTES_PER_ATTEMPT = 256_000
 PROGRESS_FLUSH_SECONDS = 0.5
+# The exit status of a worker that left a pipeline thread it could not stop.
+EXIT_STUCK = 3
 
 
 class StopReason(enum.Enum):
@@ -70,6 +72,58 @@ class StopReason(enum.Enum):
     CANCELLED = "cancelled"
     TIMED_OUT = "timed out"
     LEASE_LOST = "lease lost"
+
+
+_NOTICES = (StopReason.PREEMPTED, StopReason.SHUTDOWN)
+# Stops that no notice's deadline bounds: a pipeline that ignores one past the grace period
+# is abandoned (the words name the stop in the worker's log). Not a lost lease: nothing of
+# that job can be written any more, and a zombie's slow step (an import of torch on a
+# loaded machine) must not cost its worker a restart.
+_UNWAITED = {StopReason.CANCELLED: "cancel", StopReason.TIMED_OUT: "time limit"}
+
+
+@dataclass(frozen=True)
+class StopOutcome:
+    """What to write for a job that stopped: one of the store's final or hand-back writes."""
+
+    action: str  # "hand_back", "fail" or "cancel"
+    message: str
+    preempted: bool = False  # counts in the job's preemptions (and may escalate it)
+    keep_checkpoint: bool = True
+    cleanup: bool = False  # the job ended or restarts: its checkpoint files can go
+
+
+def stop_outcome(reason: StopReason, policy: OnPreempt, *, worker: str, where: str,
+                 detail: str = "", resume: str = "", in_flight: bool = False,
+                 unwinding: str | None = None) -> StopOutcome:
+    """The one policy for a job stopped on purpose, at a step boundary or not.
+
+    ``resume`` says what the next attempt resumes from; ``in_flight``: the pipeline never
+    reached a step boundary (the deadline, or a hung step, forced the stop); ``unwinding``:
+    the error the pipeline raised while it unwound after the stop was asked for. Only a
+    preemption (SIGTERM, a cloud's notice) applies ``on_preempt``; SIGINT is an operator
+    stopping the worker and hands the job back whatever its policy.
+    """
+    at = f"at {where}" + (" before the step in flight finished" if in_flight else "")
+    tail = f"; the pipeline raised {unwinding} while it unwound" if unwinding else ""
+    if reason is StopReason.CANCELLED:
+        return StopOutcome("cancel", "cancelled at the user's request" + tail, cleanup=True)
+    if reason is StopReason.TIMED_OUT:
+        hung = "; the step in flight never returned" if in_flight else ""
+        return StopOutcome("fail", f"stopped {'at ' + where}: {detail}{hung}{tail}",
+                           cleanup=True)
+    if reason is StopReason.SHUTDOWN:
+        return StopOutcome("hand_back", f"worker {worker} was stopped {at}; {resume}{tail}")
+    if policy is OnPreempt.FAIL:
+        return StopOutcome("fail", f"the machine running this job ({worker}) was preempted "
+                           f"{at}; this job asked not to be resumed (on_preempt=fail), so it "
+                           f"was stopped{tail}", cleanup=True)
+    if policy is OnPreempt.RESTART:
+        return StopOutcome("hand_back", f"preempted on {worker} {at}; it will restart from "
+                           f"the beginning (on_preempt=restart){tail}", preempted=True,
+                           keep_checkpoint=False, cleanup=True)
+    return StopOutcome("hand_back", f"preempted on {worker} {at}; {resume}{tail}",
+                       preempted=True)
 
 
 def seconds(x: float) -> str:
@@ -165,6 +219,7 @@ class _Checkpointed:
     step: int
     path: str
     seconds: float
+    reused: bool = False  # committed at this step already (periodic), not written again
 
 
 class JobRunner:
@@ -183,8 +238,10 @@ class JobRunner:
         self.last_flush = 0.0
         self.stop_reason: StopReason | None = None
         self.stop_detail = ""
+        self.stop_mono: float | None = None  # when the stop was asked for
         self.notice_checkpoint: _Checkpointed | None = None
         self.last_checkpoint_step: int | None = job.checkpoint_step
+        self.committed_path: str | None = job.checkpoint  # the job's current pointer
         self.last_checkpoint_mono = time.monotonic()
         self.abandoned = False  # the main thread handed the job back without us
         self.early_checkpoint = False  # an advisory asked for a checkpoint now
@@ -217,6 +274,8 @@ class JobRunner:
         self.may_have_files = lease.attempt > 1 or job.checkpoint is not None
         self.successor: JobRunner | None = None  # claimed by this runner's final write
         self.ctx: JobContext | None = None
+        self.model_saved = False  # the pipeline wrote a final model (of this attempt)
+        self.won = False  # the store accepted this attempt's result
 
     # ------------------------------------------------------------- Driver API
 
@@ -228,7 +287,7 @@ class JobRunner:
         return self.stop_reason is not None
 
     def checkpoint_due(self, step: int) -> bool:
-        if self.stop_reason is StopReason.PREEMPTED:
+        if self.stop_reason in _NOTICES:
             return (self.job.on_preempt is OnPreempt.RESUME and self.notice_checkpoint is None
                     and self.checkpoint_error is None and not self.abandoned)
         if self.stop_reason is not None or step == self.last_checkpoint_step or step == 0:
@@ -252,7 +311,7 @@ class JobRunner:
 
     def checkpoint(self, state: State) -> None:
         """Save and commit a checkpoint; a failure is the worker's, never the pipeline's."""
-        notice = self.stop_reason is StopReason.PREEMPTED
+        notice = self.stop_reason in _NOTICES
         try:
             self._checkpoint(state, notice)
         except LeaseLost as exc:
@@ -268,6 +327,17 @@ class JobRunner:
                 self.last_checkpoint_mono = time.monotonic()  # retry after a period
 
     def _checkpoint(self, state: State, notice: bool) -> None:
+        if state.step == self.last_checkpoint_step and self.committed_path is not None \
+                and state.directory is None:
+            # The checkpoint of this very step is committed already (a periodic one, then
+            # the notice at the same boundary): it is the notice's checkpoint. Writing it
+            # again would rewrite files a pointer names. (A directory's files may have
+            # changed at the same step, a command job's above all: each of its commits
+            # gets a path of its own instead.)
+            if notice:
+                self.notice_checkpoint = _Checkpointed(state.step, self.committed_path, 0.0,
+                                                       reused=True)
+            return
         start = time.perf_counter()
         self.may_have_files = True
         if state.directory is not None:
@@ -290,6 +360,7 @@ class JobRunner:
             if self.interval_set:
                 self._set_interval(explain=False)
         self.last_checkpoint_step = state.step
+        self.committed_path = saved.path
         self.last_checkpoint_mono = time.monotonic()
         if notice:
             self.notice_checkpoint = _Checkpointed(state.step, saved.path, elapsed)
@@ -302,16 +373,20 @@ class JobRunner:
             self.store.add_event, self.lease, EventKind.NOTE, message))
 
     def save_model(self, files: Mapping[str, bytes], meta: Mapping[str, Any]) -> Saved:
-        return self.worker.checkpoints.save_model(self.lease.job_id, files, meta)
+        # Under this attempt's own path: it becomes the job's model only if this attempt's
+        # result is accepted, so a zombie can never overwrite the model of a finished job.
+        self.model_saved = True
+        return self.worker.checkpoints.save_model(self.lease.job_id, files, meta,
+                                                  attempt=self.lease.attempt)
 
     def load_model(self, job_id: str) -> Loaded:
         # The submit checked that the caller may use this model; checked again here, as
         # the caller, so that no path (an old row, a plugin's own param) reaches another
         # user's model. An operator's job (no owner) may load any.
-        other = self.store.find(job_id)
+        other = self.worker.db.call(lambda: self.store.find(job_id))
         if other is None or (self.job.owner is not None and other.owner != self.job.owner):
             raise LookupError(f"no job with id {job_id!r}")
-        return self.worker.checkpoints.load_model(job_id)
+        return self.worker.checkpoints.load_model(job_id, other.attempt)
 
     # ------------------------------------------------------------------ control
 
@@ -335,6 +410,7 @@ class JobRunner:
         with self.lock:
             if self.stop_reason is None:
                 self.stop_reason, self.stop_detail = reason, detail
+                self.stop_mono = time.monotonic()
                 if reason is not StopReason.PREEMPTED:
                     log.info("job %s: stopping (%s) %s", self.job.id, reason.value, detail)
 
@@ -384,6 +460,7 @@ class JobRunner:
                                 traceback.format_exc(), run_seconds=self.run_seconds())
         finally:
             self.logger.removeHandler(self.logs)
+            self._settle_model()
             self.done.set()
             if self.successor is None:  # else the successor took over this one's slot
                 self.worker.wake()
@@ -435,6 +512,14 @@ class JobRunner:
                 log.warning("job %s: pipeline ended after its lease was lost: %r",
                             self.job.id, exc)
                 return
+            if self.stop_reason is not None:
+                # Asked to stop, the pipeline failed on the way out (its DataLoader or child
+                # process heard the same SIGTERM, say): the stop decides, not the error.
+                unwinding = f"{type(exc).__name__}: {exc}"[:300]
+                log.warning("job %s: the pipeline raised %s while it unwound after the stop "
+                            "(%s)", self.job.id, unwinding, self.stop_reason.value)
+                self._stopped(unwinding=unwinding)
+                return
             error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
             progress, lines = self._take()
             self._finish_then_next(lambda then: self.store.fail(
@@ -447,6 +532,7 @@ class JobRunner:
         self._finish_then_next(lambda then: self.store.complete(
             self.lease, result, run_seconds=self.run_seconds(), progress=progress,
             logs=lines, then_claim=then))
+        self.won = True
 
     def _finish_then_next(
         self, write: Callable[[ClaimRequest | None], tuple[Lease, JobRecord] | None]
@@ -494,7 +580,7 @@ class JobRunner:
                     self.store.add_event, self.lease, EventKind.CHECKPOINT_CORRUPT, message))
         return None
 
-    def _stopped(self) -> None:
+    def _stopped(self, unwinding: str | None = None) -> None:
         reason = self.stop_reason
         if reason is None:
             # The pipeline stopped on its own without a request: treat it as a failure.
@@ -506,27 +592,40 @@ class JobRunner:
         if self.abandoned or reason is StopReason.LEASE_LOST:
             return
         self._flush()
-        name, where = self.lease.worker_name, self.where()
-        if reason is StopReason.CANCELLED:
-            self.worker.db.call(lambda: self.store.finish_cancelled(
-                self.lease, run_seconds=self.run_seconds()))
-            self._cleanup()
-        elif reason is StopReason.TIMED_OUT:
-            self.worker.db.call(lambda: self.store.fail(
-                self.lease, f"stopped at {where}: {self.stop_detail}",
-                run_seconds=self.run_seconds()))
-            self._cleanup()
-        elif reason is StopReason.SHUTDOWN:
-            self.worker.db.call(lambda: self.store.hand_back(
-                self.lease, f"worker {name} was stopped at {where}; "
-                + self._checkpoint_words(), preempted=False,
-                run_seconds=self.run_seconds()), give_up_at=self.worker.deadline())
+        out = stop_outcome(reason, self.job.on_preempt, worker=self.lease.worker_name,
+                           where=self.where(), detail=self.stop_detail,
+                           resume=self._checkpoint_words(), unwinding=unwinding)
+        self.apply(out, self.store, give_up_at=self.worker.deadline())
+
+    def apply(self, out: StopOutcome, store: JobStore, *, give_up_at: float | None,
+              forced: bool = False) -> None:
+        """Carry out a stop's outcome with one fenced write (``store``: whose connection).
+
+        ``forced``: at the deadline, where no round trip may be spent but the write's.
+        """
+        run = self.run_seconds()
+        if out.action == "cancel":
+            self.worker.db.call(lambda: store.finish_cancelled(self.lease, run_seconds=run),
+                                give_up_at=give_up_at)
+        elif out.action == "fail":
+            self.worker.db.call(lambda: store.fail(self.lease, out.message, run_seconds=run),
+                                give_up_at=give_up_at)
         else:
-            self._hand_back_preempted(where)
+            why = (self._escalation(None if forced else store)
+                   if out.preempted and out.keep_checkpoint else None)
+            self.worker.db.call(lambda: store.hand_back(
+                self.lease, out.message, preempted=out.preempted,
+                keep_checkpoint=out.keep_checkpoint, run_seconds=run,
+                escalate_to=ON_DEMAND if why else None, escalation=why or ""),
+                give_up_at=give_up_at)
+        if out.cleanup and not forced:  # at the deadline, exiting in time comes first
+            self._cleanup()
 
     def _checkpoint_words(self) -> str:
         ck = self.notice_checkpoint
         if ck is not None:
+            if ck.reused:
+                return f"the checkpoint at step {ck.step} was saved at that step already"
             return f"checkpoint saved in {seconds(ck.seconds)}"
         if self.checkpoint_error is not None:
             fallback = (f"it will resume from the checkpoint at step {self.last_checkpoint_step}"
@@ -537,29 +636,7 @@ class JobRunner:
             return f"will resume from the checkpoint at step {self.last_checkpoint_step}"
         return "no checkpoint, the next attempt starts from the beginning"
 
-    def _hand_back_preempted(self, where: str) -> None:
-        name, policy = self.lease.worker_name, self.job.on_preempt
-        give_up = self.worker.deadline()
-        if policy is OnPreempt.FAIL:
-            self.worker.db.call(lambda: self.store.fail(
-                self.lease, f"the machine running this job ({name}) was preempted at {where}; "
-                "this job asked not to be resumed (on_preempt=fail), so it was stopped",
-                run_seconds=self.run_seconds()), give_up_at=give_up)
-            self._cleanup()
-        elif policy is OnPreempt.RESTART:
-            self.worker.db.call(lambda: self.store.hand_back(
-                self.lease, f"preempted on {name} at {where}; it will restart from the "
-                "beginning (on_preempt=restart)", keep_checkpoint=False,
-                run_seconds=self.run_seconds()), give_up_at=give_up)
-            self._cleanup()
-        else:
-            why = self._escalation()
-            self.worker.db.call(lambda: self.store.hand_back(
-                self.lease, f"preempted on {name} at {where}; " + self._checkpoint_words(),
-                run_seconds=self.run_seconds(), escalate_to=ON_DEMAND if why else None,
-                escalation=why or ""), give_up_at=give_up)
-
-    def _escalation(self) -> str | None:
+    def _escalation(self, store: JobStore | None) -> str | None:
         from spotrun.policy import escalation_reason
 
         job = self.job
@@ -567,7 +644,7 @@ class JobRunner:
         if limit is None:
             limit = self.worker.settings.max_preemptions
         try:
-            now = self.store.now()
+            now = store.now() if store is not None else time.time()
         except Exception:
             now = time.time()
         return escalation_reason(
@@ -592,6 +669,27 @@ class JobRunner:
         lines = self.logs.take()
         self.worker.db.call(lambda: self.store.save_progress(
             self.lease, step, total, metrics, lines))
+
+    def _settle_model(self) -> None:
+        """Keep the model of the attempt that won; a loser deletes its own."""
+        if not self.model_saved:
+            return
+        job_id, attempt = self.lease.job_id, self.lease.attempt
+        try:
+            if not self.won:
+                # A refused result may be a retry of one that was accepted: ask the store.
+                job = self.store.find(job_id)
+                self.won = job is not None and job.state is JobState.SUCCEEDED and \
+                    job.attempt == attempt
+            if not self.won:
+                self.worker.checkpoints.delete_model(job_id, attempt)
+                log.info("job %s: attempt %d's result was not accepted; its model is deleted",
+                         job_id, attempt)
+            elif attempt > 1:
+                # Earlier attempts that died after saving theirs left files behind.
+                self.worker.checkpoints.delete_other_models(job_id, keep=attempt)
+        except Exception as exc:
+            log.warning("job %s: could not tidy the models of its attempts: %s", job_id, exc)
 
     def _cleanup(self) -> None:
         # Skipped when there can be nothing to delete: a listing per job is the largest
@@ -626,6 +724,7 @@ class Worker:
         self._stop_reporter = threading.Event()
         self.worker_id = ""
         self.claimed = 0
+        self.exit_code = 0  # EXIT_STUCK once a pipeline thread could not be stopped
 
     def _open_store(self, settings: Settings) -> JobStore:
         """Wait for the database at start: a replacement may boot during an outage."""
@@ -699,6 +798,7 @@ class Worker:
                     not self.runners:
                 return
             self._reap()
+            self._check_hung()
             if len(self.runners) >= self.concurrency or (
                     self.max_jobs is not None and self.claimed >= self.max_jobs):
                 self._wake.wait(0.1)
@@ -764,7 +864,8 @@ class Worker:
 
     @staticmethod
     def _reason_for(notice: Notice | None) -> StopReason:
-        if notice is not None and notice.source == "signal" and notice.reason == "SIGINT":
+        if notice is not None and (notice.source == "worker" or (
+                notice.source == "signal" and notice.reason == "SIGINT")):
             return StopReason.SHUTDOWN
         return StopReason.PREEMPTED
 
@@ -799,13 +900,16 @@ class Worker:
                             str(exc).splitlines()[0][:200])
             runners = self._wait_runners(notice.deadline_mono)
             for r in runners:
+                if r.abandoned:
+                    continue  # already ended without its stuck thread
                 if not r.done.is_set():
-                    code |= self._force_hand_back(r)
+                    code |= self._force_stop(r, r.stop_reason or self._reason_for(notice))
                 elif r.write_failed:
                     code |= 1
         else:
             self._wait_runners(None)
         self._stop_reporter.set()
+        code |= self.exit_code
         if notice is not None:
             outcome = self.coordinator.run_hooks()
             if outcome:
@@ -826,7 +930,7 @@ class Worker:
         seen: list[JobRunner] = []
         while True:
             with self._lock:
-                new = [r for r in self.runners.values() if r not in seen]
+                new = [r for r in self.runners.values() if r not in seen and not r.abandoned]
             if not new:
                 return seen
             for r in new:
@@ -834,8 +938,12 @@ class Worker:
                             else max(0.0, deadline_mono - time.monotonic()))
             seen += new
 
-    def _force_hand_back(self, r: JobRunner) -> int:
-        """The pipeline did not reach a step boundary in time: hand back without it."""
+    def _force_stop(self, r: JobRunner, reason: StopReason) -> int:
+        """End a job whose pipeline is stuck in a step, by the policy of a step boundary.
+
+        From here on the runner is abandoned: the reporter no longer renews its lease and
+        nothing the pipeline does later reaches the store.
+        """
         r.abandoned = True
         if r.ctx is not None and r.ctx.on_abandon is not None:
             # Work outside this process (a command job's program) ends with the job here.
@@ -843,23 +951,48 @@ class Worker:
                 r.ctx.on_abandon()
             except Exception as exc:
                 log.warning("job %s: could not end its work: %s", r.job.id, exc)
-        ck = r.last_checkpoint_step
-        resume = (f"it will resume from the checkpoint at step {ck}" if ck is not None
-                  and r.job.on_preempt is OnPreempt.RESUME
-                  else "the next attempt starts from the beginning")
+        if reason is StopReason.LEASE_LOST:
+            return 0  # another attempt owns the job: nothing of this one may be written
+        out = stop_outcome(reason, r.job.on_preempt, worker=self.name, where=r.where(),
+                           detail=r.stop_detail, resume=r._checkpoint_words(), in_flight=True)
         try:
-            self.db.call(lambda: self.hb_store.hand_back(
-                r.lease, f"preempted on {self.name} at {r.where()} before the step in flight "
-                f"finished; {resume}", keep_checkpoint=r.job.on_preempt is OnPreempt.RESUME,
-                run_seconds=r.run_seconds()), give_up_at=time.monotonic() + 1.0)
+            r.apply(out, self.hb_store, give_up_at=time.monotonic() + 1.0,
+                    forced=self.coordinator.stopping)
             return 0
         except LeaseLost as exc:
             log.warning("job %s: %s", r.job.id, exc)
             return 0
         except Exception as exc:
-            log.error("job %s: could not hand back before the deadline (%s); its lease "
+            log.error("job %s: could not record its stop before the deadline (%s); its lease "
                       "will expire and bring it back", r.job.id, exc)
             return 1
+
+    def _check_hung(self) -> None:
+        """A cancel or a time limit the pipeline ignores past the grace period.
+
+        Its thread cannot be stopped, so the job ends without it, and the worker stops:
+        it hands its other jobs back and exits non-zero, for its supervisor to start a
+        fresh one in its place.
+        """
+        grace = self.settings.grace_seconds
+        now = time.monotonic()
+        with self._lock:
+            hung = [r for r in self.runners.values()
+                    if r.stop_reason in _UNWAITED
+                    and r.stop_mono is not None and now - r.stop_mono > grace
+                    and not r.done.is_set() and not r.abandoned and not r.finishing]
+        for r in hung:
+            assert r.stop_reason is not None
+            log.error("job %s: the pipeline did not stop within %.1f s (SPOTRUN_GRACE_SECONDS) "
+                      "after its %s, stuck at %s; ending the job without it", r.job.id, grace,
+                      _UNWAITED[r.stop_reason], r.where())
+            self._force_stop(r, r.stop_reason)
+            self.exit_code = EXIT_STUCK
+        if hung and not self.coordinator.stopping:
+            log.error("worker %s: a pipeline thread is stuck and cannot be stopped; handing "
+                      "back the other jobs and exiting %d so that a supervisor starts a "
+                      "fresh worker", self.name, EXIT_STUCK)
+            self.coordinator.notify("a pipeline thread is stuck", source="worker")
 
     # ---------------------------------------------------------------- reporter
 

@@ -49,8 +49,13 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class JobStopped(Exception):
-    """Raised by :meth:`JobContext.stop` to unwind a pipeline at a step boundary."""
+class JobStopped(BaseException):
+    """Raised by :meth:`JobContext.stop` to unwind a pipeline at a step boundary.
+
+    A ``BaseException``, as ``KeyboardInterrupt`` and asyncio's ``CancelledError`` are: a
+    pipeline's ``except Exception:`` cannot swallow the stop and return a partial result
+    as if the job had succeeded. Clean up in ``finally:`` blocks.
+    """
 
 
 class SubmitRefused(ValueError):
