@@ -364,6 +364,10 @@ def test_a_step_that_outlasts_the_budget_is_handed_back_anyway(
     w = env.worker("w1", "--grace-seconds", "3")
     job_id = submit(env, "sleep", "seconds=60", "steps=1")
     running_on(st, job_id)
+    # The pipeline's first report (step 0 of 1) reached the store: it is inside its one
+    # long step now, not before it (a notice there would checkpoint at step 0 at once).
+    wait_until(lambda: st.get(job_id, with_events=False).progress.total == 1, 30,
+               "the pipeline to report step 0/1")
     w.signal(signal.SIGTERM)
     exits_within(w, 4)
     job = st.get(job_id)
