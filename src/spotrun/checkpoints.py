@@ -4,6 +4,7 @@ Layout under the store's root::
 
     jobs/<job id>/a<attempt>-s<step>/<data files...>, MANIFEST.json
     models/<job id>/<data files...>, MANIFEST.json
+    inputs/<name>          files users place there for pipelines to read (no manifest)
 
 A checkpoint exists for readers only once its manifest is written. The manifest lists every
 file's size and sha256; a load verifies both, so a truncated, corrupt or half-written
@@ -23,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -34,6 +36,8 @@ FORMAT_VERSION = 1
 _CHUNK = 8 << 20
 # Object stores: no directories to make (making one can create the bucket), no rename.
 _OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs"})
+INPUTS = "inputs/"
+_INPUT_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 class CheckpointConfigError(ValueError):
@@ -46,6 +50,22 @@ class CheckpointUnavailable(Exception):
 
 class CheckpointCorrupt(Exception):
     """A checkpoint failed verification; the message says why."""
+
+
+class InputMissing(LookupError):
+    """A pipeline's input file is not in the checkpoint store."""
+
+
+def check_input_path(rel: str) -> str:
+    """``rel`` if it names a file under ``inputs/``, else ValueError saying why."""
+    parts = rel.split("/")
+    if not rel.startswith(INPUTS) or len(parts) < 2:
+        raise ValueError(f"{rel!r} is not under {INPUTS} (e.g. {INPUTS}texts.txt)")
+    for part in parts[1:]:
+        if not _INPUT_NAME.match(part) or part in (".", ".."):
+            raise ValueError(f"{rel!r}: each part of the path must be letters, digits, "
+                             "'.', '_' or '-' (and not '.' or '..')")
+    return rel
 
 
 @dataclass(frozen=True)
@@ -208,6 +228,21 @@ class CheckpointStore:
 
     def load_model(self, job_id: str) -> Loaded:
         return self.load(f"models/{job_id}")
+
+    def read_input(self, rel: str) -> bytes:
+        """Read a file a user placed under ``inputs/`` (with any tool: cp, aws s3 cp, gcloud
+        storage cp); :class:`InputMissing` if it is not there."""
+        path = self._abs(check_input_path(rel))
+        try:
+            return bytes(self.fs.cat_file(path))
+        except FileNotFoundError:
+            raise InputMissing(f"{rel} is not in the checkpoint store {self.url}") from None
+        except IsADirectoryError:
+            raise InputMissing(f"{rel} in the checkpoint store {self.url} is a directory, "
+                               "not a file") from None
+        except Exception as exc:
+            raise CheckpointUnavailable(f"{rel} cannot be read from {self.url}: "
+                                        f"{type(exc).__name__}: {exc}") from None
 
     def exists(self, rel: str) -> bool:
         return bool(self.fs.exists(f"{self._abs(rel)}/{MANIFEST}"))

@@ -298,6 +298,9 @@ class JobRunner:
     def load_model(self, job_id: str) -> Loaded:
         return self.worker.checkpoints.load_model(job_id)
 
+    def read_input(self, path: str) -> bytes:
+        return self.worker.checkpoints.read_input(path)
+
     # ------------------------------------------------------------------ control
 
     def _set_interval(self, *, explain: bool) -> None:
