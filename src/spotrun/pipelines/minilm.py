@@ -90,6 +90,13 @@ def load_encoder(device: torch.device) -> Any:
     return model.to(device).eval()
 
 
+def preload() -> None:
+    """Import transformers and read the tokenizer, for a worker waiting for its first job."""
+    import transformers.models.bert.modeling_bert  # noqa: F401
+
+    tokenizer()
+
+
 def tokenize(texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask for ``texts``, padded to the longest."""
     enc = tokenizer().encode_batch(texts)
