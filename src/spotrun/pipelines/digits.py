@@ -9,7 +9,6 @@ import functools
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -95,15 +94,3 @@ def pick_device(requested: str) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """What bit-identity depends on: recorded in every checkpoint."""
-    env: dict[str, Any] = {
-        "torch": torch.__version__,
-        "device": device.type,
-        "threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env

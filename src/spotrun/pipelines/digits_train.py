@@ -2,14 +2,16 @@
 
 Deterministic for a given seed on one device type, library version and thread count: the
 network is initialised from the seed, the data order of each epoch derives from (seed,
-epoch), and a checkpoint holds the weights, the optimizer state and the step. A resumed run
-therefore ends with the same weights, bit for bit, as an uninterrupted one.
+epoch), and a checkpoint (:class:`spotrun.integrations.torch.TrainState`) holds the weights,
+the optimizer state and the step. A resumed run therefore ends with the same weights, bit
+for bit, as an uninterrupted one. Checkpoints written before the state helpers still load.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -37,6 +39,13 @@ def run(ctx: JobContext) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
+    from spotrun.integrations.torch import (
+        TrainState,
+        environment,
+        epoch_order,
+        note_if_not_identical,
+        saved_environment,
+    )
     from spotrun.pipelines import digits
 
     p = ctx.params
@@ -50,27 +59,21 @@ def run(ctx: JobContext) -> dict[str, Any]:
 
     net = digits.init_net(p.hidden, p.seed).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=p.lr)
-    step = 0
-    env = digits.environment(device)
+    ts = TrainState(modules={"model": net}, optimizers={"optim": opt}, counters={"step": 0})
+    env = environment(device.type)
     if ctx.resume is not None:
-        step = _restore(ctx, net, opt, device)
-        saved_env = json.loads(ctx.resume.files["state.json"]).get("env", {})
-        if saved_env != env:
-            changed = ", ".join(f"{k} {saved_env.get(k)} -> {v}" for k, v in env.items()
-                                if saved_env.get(k) != v)
-            ctx.note(f"resumed on different hardware or software ({changed}): the result "
-                     "will be correct but not bit-identical to an uninterrupted run")
-        ctx.log.info("resumed from step %d/%d", step, total)
+        if _is_v0(ctx.resume.files):
+            ts.counters["step"] = _restore_v0(ctx, net, opt, device)
+            note_if_not_identical(ctx, saved_environment(ctx.resume.files), env)
+        else:
+            ts.resume(ctx)
+        ctx.log.info("resumed from step %d/%d", ts.counters["step"], total)
+    step = int(ts.counters["step"])
 
     def state() -> State:
-        tensors: dict[str, torch.Tensor] = {
-            f"model.{k}": v for k, v in net.state_dict().items()}
-        for i, st in opt.state_dict()["state"].items():
-            for key, value in st.items():
-                tensors[f"optim.{i}.{key}"] = torch.as_tensor(value)
-        meta = {"step": step, "total": total, "env": env, "params": p.model_dump()}
-        return State(step, {"tensors.safetensors": digits.tensors_to_bytes(tensors),
-                            "state.json": json.dumps(meta, sort_keys=True).encode()})
+        ts.counters["step"] = step
+        ts.position.epoch, ts.position.batch = divmod(step, per_epoch)
+        return ts.as_state(step)
 
     ctx.set_state(state)
     ctx.progress(step, total)
@@ -79,13 +82,12 @@ def run(ctx: JobContext) -> dict[str, Any]:
         if ctx.should_stop():
             ctx.stop()
         epoch, batch = divmod(step, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(
-            p.seed * 1_000_003 + epoch))
+        order = epoch_order(n, p.seed, epoch)
         idx = order[batch * p.batch_size:(batch + 1) * p.batch_size].to(device)
-        opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(net(x_train[idx]), y_train[idx])
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
+        opt.zero_grad(set_to_none=True)  # before a checkpoint: none holds gradients
         step += 1
         if p.step_delay:
             time.sleep(p.step_delay)
@@ -106,7 +108,12 @@ def run(ctx: JobContext) -> dict[str, Any]:
             "weights_sha256": sha, "model": model_path}
 
 
-def _restore(ctx: JobContext, net: Any, opt: Any, device: Any) -> int:
+def _is_v0(files: Mapping[str, bytes]) -> bool:
+    """A checkpoint of spotrun 0.1's digits-train, before the state helpers."""
+    return "format" not in json.loads(files["state.json"])
+
+
+def _restore_v0(ctx: JobContext, net: Any, opt: Any, device: Any) -> int:
     from spotrun.pipelines import digits
 
     assert ctx.resume is not None
