@@ -95,7 +95,7 @@ def test_minilm_finetune_preempted_three_times_ends_with_the_uninterrupted_weigh
     seed = random.SystemRandom().randrange(2**32)
     rng = random.Random(seed)
     job_id = submit(env, "minilm-finetune", *(f"{k}={json.dumps(v)}" for k, v in TUNE.items()),
-                    "step_delay=0.15")
+                    "step_delay=0.05")
     total = reference_tune["steps"]
     handed = _preempt_three_times(env, st, job_id, total, rng)
     job = final(st, job_id, 300)

@@ -115,6 +115,7 @@ def chunk_name(i: int, mode: str) -> str:
 def run(ctx: JobContext) -> dict[str, Any]:
     import torch
 
+    from spotrun.integrations import torch as spt
     from spotrun.pipelines import digits, minilm
 
     p = ctx.params
@@ -129,7 +130,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     n_chunks = (n + p.chunk_size - 1) // p.chunk_size
     mode = "classify" if p.model else "embed"
     digest = hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode()).hexdigest()
-    env = {**digits.environment(device), **minilm.versions()}
+    env = {**spt.environment(device.type), **minilm.versions()}
 
     encoder = minilm.load_encoder(device)
     labels: list[str] = []
