@@ -101,7 +101,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
     # Dropout draws from the global RNG: seed it, so that the uninterrupted run is itself
     # a function of the params; a resume then restores it with the rest.
     torch.manual_seed(p.seed)
-    if ts.resume(ctx):
+    resumed = ts.resume(ctx)
+    if resumed:
         ctx.log.info("resumed from step %d/%d", ts.counters["step"], total)
 
     def state() -> State:
@@ -131,6 +132,9 @@ def run(ctx: JobContext) -> dict[str, Any]:
             loss_value = float(loss.detach())
             if p.step_delay:
                 time.sleep(p.step_delay)
+            if resumed:  # the first step of a resumed attempt, for the job's log
+                resumed = False
+                ctx.log.info("first step after resuming done (step %d)", step)
             ctx.progress(step, total, loss=round(loss_value, 5), epoch=epoch + 1)
 
     head.eval()
