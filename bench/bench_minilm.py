@@ -57,9 +57,9 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            # The job is preempted on purpose many times: keep it in the spot pool.
            "SPOTRUN_MAX_PREEMPTIONS": "100000"}
 FIRST_STEP = "first step after resuming done"
-# A worker imports transformers at start (~2 s idle, more on a busy machine): the spare
-# gets this long before it is counted on to resume quickly.
-PRELOAD_S = 8.0
+# A worker imports torch and transformers at start (~3 s idle, 25 s on a busy machine) and
+# logs this when done; a spare is counted on to resume quickly only after it.
+PRELOADED = "ML libraries preloaded"
 TOPICS = ["the weather", "a football match", "a new phone", "dinner", "a train delay"]
 
 
@@ -76,15 +76,24 @@ class Cluster:
         self.env = {**OFFLINE, "SPOTRUN_HOME": str(home),
                     "SPOTRUN_CHECKPOINT_URL": str(home / "checkpoints")}
         self.procs: dict[str, Any] = {}
+        self.logs: dict[str, Path] = {}
         self.k = 0
 
     def start(self) -> str:
         self.k += 1
         name = f"{self.tag}{self.k}"
+        self.logs[name] = RESULTS / "logs" / f"minilm-{os.getpid()}-{name}.log"
         self.procs[name] = self.children.start(
             [*spotrun_argv(self.url), "worker", "--name", name], env=self.env,
-            log=RESULTS / "logs" / f"minilm-{name}.log")
+            log=self.logs[name])
         return name
+
+    def preloaded(self, name: str) -> bool:
+        return self.logs[name].exists() and PRELOADED in self.logs[name].read_text()
+
+    def wait_warm(self) -> None:
+        """Until every live worker has its ML libraries imported."""
+        wait_until(lambda: all(self.preloaded(n) for n in self.procs), 300, "preloads")
 
     def sigterm(self, name: str) -> float:
         """SIGTERM a worker; the seconds until it exited."""
@@ -116,7 +125,7 @@ def finetune_series(store: Any, url: str, base: Path, n: int) -> dict[str, Any]:
         c.start()
         for i in range(n):
             wait_until(lambda: spotrun_ready_workers(store, 1), 120, "an idle spare")
-            time.sleep(PRELOAD_S)
+            c.wait_warm()
             j = store.get(job.id, with_events=False)
             wait_until(lambda s=j.progress.step: stepping(store, job.id, s), 300, "a step")
             time.sleep(rng.uniform(1.0, 2.0))
@@ -157,7 +166,7 @@ def embed_run(store: Any, url: str, base: Path, items: list[str], preemptions: i
             c.start()
         wait_until(lambda: spotrun_ready_workers(store, 2 if preemptions else 1), 120,
                    "workers")
-        time.sleep(PRELOAD_S)
+        c.wait_warm()
         job = store.submit("minilm-embed", {"texts": items, "chunk_size": 32},
                            max_retries=1000, max_preemptions=100000)
         chunks = -(-len(items) // 32)
@@ -166,13 +175,15 @@ def embed_run(store: Any, url: str, base: Path, items: list[str], preemptions: i
             j = store.get(job.id, with_events=False)
             if j.progress.step >= chunks - 2:
                 break  # too late to preempt this run again
+            c.wait_warm()
             time.sleep(rng.uniform(0.5, 1.5))
             j = store.get(job.id, with_events=False)
             if j.state.value != "running":
                 break
             c.sigterm(str(j.worker))
             c.start()
-            wait_until(lambda: spotrun_ready_workers(store, 1), 120, "a spare")
+            wait_until(lambda: spotrun_ready_workers(store, 1) or
+                       store.get(job.id, with_events=False).state.is_final, 120, "a spare")
         wait_until(lambda: store.get(job.id, with_events=False).state.is_final, 900,
                    "the job to end")
         final = store.get(job.id)

@@ -387,6 +387,7 @@ def _preload_ml() -> None:
         return
 
     def load() -> None:
+        start = time.monotonic()
         with contextlib.suppress(Exception):
             from spotrun.pipelines import digits
 
@@ -396,6 +397,8 @@ def _preload_ml() -> None:
                 from spotrun.pipelines import minilm
 
                 minilm.preload()  # transformers (~2 s of imports) and the tokenizer
+        logging.getLogger("spotrun.worker").info(
+            "ML libraries preloaded in %.1f s", time.monotonic() - start)
 
     threading.Thread(target=load, name="spotrun-preload", daemon=True).start()
 
