@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from conftest import IN_CI, Env
+from conftest import IN_CI, Env, wait_until
 from spotrun.jobs import JobState
 from spotrun.store import JobStore
-from test_worker import exits_within, final, messages, running_on, submit
+from test_worker import exits_within, final, messages, submit
 
 pytestmark = pytest.mark.slow
 os.environ["HF_HUB_OFFLINE"] = "1"  # a download attempt would fail the test, not hang
@@ -62,6 +62,20 @@ def reference_tune() -> dict[str, Any]:
     return dict(run_inline("minilm-finetune", TUNE))
 
 
+def _running_on(st: JobStore, job_id: str, min_step: int) -> str:
+    """The worker running the job once it is past ``min_step`` (generous: the first attempt
+    runs the encoder over the data set, slow on a busy machine)."""
+    def ready() -> str | None:
+        job = st.get(job_id, with_events=False)
+        assert not job.state.is_final, (job.state, job.error)
+        if job.state is JobState.RUNNING and job.worker and job.progress.step >= min_step:
+            return job.worker
+        return None
+
+    return str(wait_until(ready, 300, f"job {job_id} running past step {min_step}",
+                          on_fail=lambda: "\n".join(messages(st.get(job_id)))))
+
+
 def _preempt_three_times(env: Env, st: JobStore, job_id: str, total: int,
                          rng: random.Random) -> list[int]:
     """SIGTERM the job's worker at three random steps; return the steps handed back at."""
@@ -69,7 +83,7 @@ def _preempt_three_times(env: Env, st: JobStore, job_id: str, total: int,
     cuts = sorted(rng.sample(range(2, total - 2), 3))
     handed: list[int] = []
     for round_, cut in enumerate(cuts):
-        name = running_on(st, job_id, min_step=max(cut, handed[-1] + 1 if handed else 0))
+        name = _running_on(st, job_id, max(cut, handed[-1] + 1 if handed else 0))
         w = live.pop(name)
         w.signal(signal.SIGTERM)
         exits_within(w, 20)
