@@ -42,7 +42,7 @@ def test_submit_prints_the_id_and_show_json_has_the_contract(cli_env: Env) -> No
 
 @pytest.mark.parametrize("args, message", [
     (["submit", "nope"], "unknown pipeline 'nope'; known pipelines: command, "
-                         "digits-infer, digits-train, sleep"),
+                         "digits-infer, digits-train, minilm-embed, minilm-finetune, sleep"),
     (["submit", "digits-train", "-p", "colour=red"], "unknown param 'colour'"),
     (["submit", "digits-train", "-p", "epochs=many"], "param 'epochs'"),
     (["submit", "digits-train", "-p", "epochs=0"], "param 'epochs': Input should be "

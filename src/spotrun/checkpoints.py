@@ -5,6 +5,7 @@ Layout under the store's root::
     jobs/<job id>/a<attempt>-s<step>/<data files...>, MANIFEST.json
     jobs/<job id>/a<attempt>-s<step>-<tag>/files/<relative paths...>, MANIFEST.json
     models/<job id>/a<attempt>/<data files...>, MANIFEST.json
+    inputs/<name>          files users place there for pipelines to read (no manifest)
 
 The second form is a directory checkpoint (a command job's ``SPOTRUN_CHECKPOINT_DIR``):
 files are streamed from and to a local directory, never held in memory, and each commit
@@ -30,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import threading
@@ -46,6 +48,8 @@ _CHUNK = 8 << 20
 _FILE_THREADS = 4  # files of a directory checkpoint copied at once
 # Object stores: no directories to make (making one can create the bucket), no rename.
 _OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs"})
+INPUTS = "inputs/"
+_INPUT_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 class CheckpointConfigError(ValueError):
@@ -62,6 +66,22 @@ class CheckpointCorrupt(Exception):
 
 class CheckpointExists(Exception):
     """A save aimed at a committed checkpoint, which is never written again."""
+
+
+class InputMissing(LookupError):
+    """A pipeline's input file is not in the checkpoint store."""
+
+
+def check_input_path(rel: str) -> str:
+    """``rel`` if it names a file under ``inputs/``, else ValueError saying why."""
+    parts = rel.split("/")
+    if not rel.startswith(INPUTS) or len(parts) < 2:
+        raise ValueError(f"{rel!r} is not under {INPUTS} (e.g. {INPUTS}texts.txt)")
+    for part in parts[1:]:
+        if not _INPUT_NAME.match(part) or part in (".", ".."):
+            raise ValueError(f"{rel!r}: each part of the path must be letters, digits, "
+                             "'.', '_' or '-' (and not '.' or '..')")
+    return rel
 
 
 @dataclass(frozen=True)
@@ -388,6 +408,21 @@ class CheckpointStore:
             name = str(entry).rstrip("/").rsplit("/", 1)[-1]
             if name.startswith("a") and name[1:].isdigit() and name != mine:
                 self.delete(f"models/{job_id}/{name}")
+
+    def read_input(self, rel: str) -> bytes:
+        """Read a file a user placed under ``inputs/`` (with any tool: cp, aws s3 cp, gcloud
+        storage cp); :class:`InputMissing` if it is not there."""
+        path = self._abs(check_input_path(rel))
+        try:
+            return bytes(self.fs.cat_file(path))
+        except FileNotFoundError:
+            raise InputMissing(f"{rel} is not in the checkpoint store {self.url}") from None
+        except IsADirectoryError:
+            raise InputMissing(f"{rel} in the checkpoint store {self.url} is a directory, "
+                               "not a file") from None
+        except Exception as exc:
+            raise CheckpointUnavailable(f"{rel} cannot be read from {self.url}: "
+                                        f"{type(exc).__name__}: {exc}") from None
 
     def exists(self, rel: str) -> bool:
         return bool(self.fs.exists(f"{self._abs(rel)}/{MANIFEST}"))

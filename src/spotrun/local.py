@@ -37,6 +37,9 @@ class _InlineDriver:
     def load_model(self, job_id: str) -> Loaded:
         return self.store.load_model(job_id)
 
+    def read_input(self, path: str) -> bytes:
+        return self.store.read_input(path)
+
 
 def is_spotrun_process(pid: int) -> bool:
     """Whether ``pid`` is a live process of this machine whose command line names spotrun."""

@@ -388,6 +388,9 @@ class JobRunner:
             raise LookupError(f"no job with id {job_id!r}")
         return self.worker.checkpoints.load_model(job_id, other.attempt)
 
+    def read_input(self, path: str) -> bytes:
+        return self.worker.checkpoints.read_input(path)
+
     # ------------------------------------------------------------------ control
 
     def _set_interval(self, *, explain: bool) -> None:

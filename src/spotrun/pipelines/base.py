@@ -93,6 +93,8 @@ class Driver(Protocol):
 
     def load_model(self, job_id: str) -> Loaded: ...
 
+    def read_input(self, path: str) -> bytes: ...
+
 
 class JobContext:
     """What a running pipeline sees of its job."""
@@ -169,6 +171,11 @@ class JobContext:
     def load_model(self, job_id: str) -> Loaded:
         """Load and verify the final model of another job."""
         return self._driver.load_model(job_id)
+
+    def read_input(self, path: str) -> bytes:
+        """Read a file placed under ``inputs/`` in the checkpoint store (e.g.
+        ``inputs/texts.txt``); raises ``spotrun.checkpoints.InputMissing`` if absent."""
+        return self._driver.read_input(path)
 
 
 Runner = Callable[[JobContext], Any]

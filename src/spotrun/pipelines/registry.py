@@ -23,10 +23,18 @@ class UnknownPipeline(LookupError):
 @cache
 def registry() -> dict[str, Pipeline]:
     """Every known pipeline by name."""
-    from spotrun.pipelines import command, digits_infer, digits_train, sleep
+    from spotrun.pipelines import (
+        command,
+        digits_infer,
+        digits_train,
+        minilm_embed,
+        minilm_finetune,
+        sleep,
+    )
 
     found: dict[str, Pipeline] = {}
-    for p in (digits_train.PIPELINE, digits_infer.PIPELINE, sleep.PIPELINE, command.PIPELINE):
+    for p in (digits_train.PIPELINE, digits_infer.PIPELINE, minilm_finetune.PIPELINE,
+              minilm_embed.PIPELINE, sleep.PIPELINE, command.PIPELINE):
         found[p.name] = p
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
