@@ -15,7 +15,7 @@ Without ``model`` the output is ``embeddings.safetensors`` (tensors ``embeddings
 [n, 384], L2-normalised, and ``index``, int64 [n], the item each row belongs to). With
 ``model`` (a succeeded minilm-finetune job) it is ``predictions.jsonl``, one line per item:
 ``{"index": i, "label": ..., "score": ...}``. The output is saved with the job's model, at
-``models/<job id>/`` in the checkpoint store.
+``models/<job id>/a<attempt>/`` in the checkpoint store (the succeeded attempt).
 """
 
 from __future__ import annotations
