@@ -266,7 +266,14 @@ class JobStore:
         with self._hot_lock:
             pg = self._hot.pop() if self._hot else None
         if pg is None:
-            fairy = self.engine.raw_connection()
+            try:
+                fairy = self.engine.raw_connection()
+            except psycopg.Error as exc:
+                # A refused or timed-out connect (a restart, a failover) must reach the
+                # caller as the store's other errors do, or its retrier cannot know it.
+                raise sa.exc.DBAPIError.instance(
+                    sql, None, exc, psycopg.Error, hide_parameters=True,
+                    connection_invalidated=True) from exc
             pg = fairy.driver_connection
             assert pg is not None
             fairy.detach()  # ours until closed: out of the pool's size and its resets
