@@ -8,7 +8,9 @@ the shared one; the other faults go through loopback proxies in ``fault_proxy``.
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -77,4 +79,50 @@ def test_a_database_restart_while_idle_and_while_busy_crashes_no_worker(
     assert "database unreachable" in log, log
     w.signal(signal.SIGTERM)
     assert w.wait(30) == 0, w.log()
+    st.close()
+
+
+def _waiting_on_a_lock(admin: Any, dbname: str) -> bool:
+    row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                        "AND wait_event_type = 'Lock'", (dbname,)).fetchone()
+    return bool(row and row[0] > 0)
+
+
+def test_a_cancel_racing_a_claim_is_a_running_cancel_never_a_false_history(
+        pg_url: str) -> None:
+    import psycopg
+
+    from spotrun.store import _PG_CLAIM, ClaimRequest
+
+    st = JobStore.open(pg_url)
+    job = st.submit("sleep", {"seconds": 1})
+    dbname = pg_url.rsplit("/", 1)[1]
+    claimer = psycopg.connect(pg_url, autocommit=False)
+    admin = psycopg.connect(pg_url, autocommit=True)
+    try:
+        # A worker's claim, in flight: its row is locked, its commit not yet sent.
+        claimed = claimer.execute(_PG_CLAIM, ClaimRequest("w-id", "w1", 30.0).params()
+                                  ).fetchone()
+        assert claimed is not None
+        outcome: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: outcome.update(job=st.cancel(job.id)))
+        t.start()
+        wait_until(lambda: _waiting_on_a_lock(admin, dbname), 30,
+                   "the cancel to wait on the claim's row")
+        claimer.commit()
+        t.join(30)
+        assert not t.is_alive()
+    finally:
+        claimer.close()
+        admin.close()
+    after = st.get(job.id)
+    kinds = [e.kind for e in after.events]
+    assert after.state is JobState.RUNNING and after.cancel_requested, kinds
+    assert EventKind.CANCELLED not in kinds, [e.message for e in after.events]
+    assert EventKind.CANCEL_REQUESTED in kinds
+    # The worker holding it hears the cancel at its next heartbeat.
+    from spotrun.store import Lease
+
+    beat = st.heartbeat("w-id", [Lease(job.id, after.attempt, "w-id", "w1")], 30.0)
+    assert beat == {job.id: True}
     st.close()

@@ -844,16 +844,25 @@ class JobStore:
     def cancel(self, job_id: str, *, owner: str | None = None) -> Job:
         """Cancel a queued job now, or ask a running one to stop at its next step."""
         with self._tx() as conn:
+            if self.is_postgres:
+                # Lock the row before reading its state: a claim committing between the
+                # read and the write would otherwise leave "cancelled before it started"
+                # in the history of a job that runs. The claim skips a locked row.
+                conn.execute(sa.select(jobs.c.id).where(jobs.c.id == job_id)
+                             .with_for_update())
             job = self._get(conn, job_id, with_events=False)
             if owner is not None and job.owner != owner:
                 raise JobNotFound(f"no job with id {job_id!r}")
             if job.state is JobState.QUEUED:
-                conn.execute(
+                n = conn.execute(
                     jobs.update()
                     .where(jobs.c.id == job_id, jobs.c.state == JobState.QUEUED.value)
                     .values(state=JobState.CANCELLED.value, error="cancelled",
                             finished_at=self._now, updated_at=self._now)
-                )
+                ).rowcount
+                if n != 1:  # cannot happen under the lock; never write a false history
+                    raise StoreError(f"job {job_id} changed while it was being cancelled; "
+                                     "try again")
                 self._event(conn, job_id, EventKind.CANCELLED,
                             "cancelled at the user's request before it started",
                             worker=None, attempt=job.attempt)
