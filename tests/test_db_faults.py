@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from conftest import Env, wait_until
+from fault_proxy import pg_proxy
 from spotrun.chaos import ChaosError, PrivatePostgres
 from spotrun.jobs import EventKind, JobState
 from spotrun.store import JobStore
@@ -125,4 +126,63 @@ def test_a_cancel_racing_a_claim_is_a_running_cancel_never_a_false_history(
 
     beat = st.heartbeat("w-id", [Lease(job.id, after.attempt, "w-id", "w1")], 30.0)
     assert beat == {job.id: True}
+    st.close()
+
+
+# ------------------------------------------------- a dead link in the stop path
+
+
+def test_a_blackholed_database_link_at_the_notice_exits_in_the_budget_non_zero(
+        env_factory: Callable[..., Env], pg_url: str) -> None:
+    with pg_proxy(pg_url) as proxy:
+        env = env_factory(proxy.url_for(pg_url))
+        st = JobStore.open(pg_url)
+        w1 = env.worker("w1", "--grace-seconds", "3", *FAST)
+        job_id = submit(env, "sleep", "seconds=8", "steps=80")
+        wait_until(lambda: st.get(job_id, with_events=False).progress.step >= 3, 60,
+                   "the job to run", on_fail=w1.log)
+        proxy.blackhole()
+        w1.signal(signal.SIGTERM)
+        # The budget is 3 s; a call waiting on the dead link would hold it for minutes, and
+        # each new connection for its connect timeout (5 s). The slack is for a slow host.
+        code = w1.wait(3 + 7)
+        assert code != 0, w1.log()
+        assert "did not answer before the deadline" in w1.log() or \
+            "lease will expire" in w1.log(), w1.log()
+    env2 = env_factory(pg_url)
+    env2.worker("w2", *FAST)
+    wait_until(lambda: st.get(job_id, with_events=False).state.is_final, 90, "the job to end")
+    job = st.get(job_id)
+    assert job.state is JobState.SUCCEEDED and job.worker == "w2"
+    assert any(e.kind == EventKind.LEASE_EXPIRED and "w1" in e.message for e in job.events)
+    st.close()
+
+
+def test_a_locked_sqlite_database_at_the_notice_exits_in_the_budget_non_zero(
+        env_factory: Callable[..., Env], sqlite_url: str) -> None:
+    import sqlite3
+
+    env = env_factory(sqlite_url)
+    st = JobStore.open(sqlite_url)
+    w1 = env.worker("w1", "--grace-seconds", "3", *FAST)
+    job_id = submit(env, "sleep", "seconds=8", "steps=80")
+    wait_until(lambda: st.get(job_id, with_events=False).progress.step >= 3, 60,
+               "the job to run", on_fail=w1.log)
+    # Another process's writer holds the database's write lock (a long migration, a
+    # wedged tool): every write waits on SQLite's busy timeout.
+    holder = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        w1.signal(signal.SIGTERM)
+        code = w1.wait(3 + 7)
+        assert code != 0, w1.log()
+        assert "lease will expire" in w1.log() or "before the deadline" in w1.log(), w1.log()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    env.worker("w2", *FAST)
+    wait_until(lambda: st.get(job_id, with_events=False).state.is_final, 90, "the job to end")
+    job = st.get(job_id)
+    assert job.state is JobState.SUCCEEDED and job.worker == "w2"
+    assert any(e.kind == EventKind.LEASE_EXPIRED and "w1" in e.message for e in job.events)
     st.close()

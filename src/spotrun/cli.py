@@ -444,7 +444,7 @@ def worker(
     if preload:
         _preload_ml()
     w = Worker(s, name=name, concurrency=concurrency, coordinator=coordinator,
-               max_jobs=max_jobs)
+               max_jobs=max_jobs, exit_at_deadline=True)
     for watcher in cloud_watchers:
         watcher.start()
     logging.getLogger("spotrun.watchers").info("preemption sources: signals%s", "".join(

@@ -159,6 +159,7 @@ class JobStore:
         self._hot_lock = threading.Lock()
         self._hot_columns: dict[str, list[str]] = {}
         self._closed = False
+        self._bounded_ms: int | None = None  # see bound_lock_waits
         if self.is_postgres:
             self._now: sa.ColumnElement[float] = sa.cast(
                 sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Float
@@ -170,14 +171,16 @@ class JobStore:
 
     @classmethod
     def open(cls, url: str, *, migrate: bool = True, pool_size: int = 5,
-             pre_ping: bool = True) -> JobStore:
+             pre_ping: bool = True, statement_timeout: float | None = None) -> JobStore:
         """Connect, and create or upgrade the schema (safe when many processes start).
 
         Without ``pre_ping`` a connection that died (a database restart) fails on its next
         use instead of being replaced first: for callers that retry, like the worker.
+        ``statement_timeout`` (seconds, PostgreSQL) bounds each statement and lock wait.
         """
         url = normalize_url(url)
-        engine = create_engine(url, pool_size=pool_size, pre_ping=pre_ping)
+        engine = create_engine(url, pool_size=pool_size, pre_ping=pre_ping,
+                               statement_timeout=statement_timeout)
         store = cls(engine)
         try:
             if migrate:
@@ -210,6 +213,9 @@ class JobStore:
             return
         if self.is_postgres:
             with self.engine.connect() as conn, conn.begin():
+                # A migration may rewrite a large table: no worker's statement bound.
+                conn.execute(sa.text("SET LOCAL statement_timeout = 0"))
+                conn.execute(sa.text("SET LOCAL lock_timeout = 0"))
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY)))
                 migrations.upgrade(conn)
         else:
@@ -305,6 +311,29 @@ class JobStore:
                 pg.close()
             else:
                 self._hot.append(pg)
+
+    def bound_lock_waits(self, seconds: float) -> None:
+        """From now on a transaction waits at most ``seconds`` for a lock (a stop path).
+
+        On SQLite the busy timeout of every connection checked out from now on; on
+        PostgreSQL the lock timeout of pooled connections. Not a cost before it is called.
+        """
+        ms = max(1, int(seconds * 1000))
+        if self._bounded_ms is not None:
+            self._bounded_ms = min(self._bounded_ms, ms)
+            return
+        self._bounded_ms = ms
+
+        def on_checkout(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+            if self.is_postgres:
+                autocommit = dbapi_conn.autocommit
+                dbapi_conn.autocommit = True
+                dbapi_conn.execute(f"SET lock_timeout = {self._bounded_ms}")
+                dbapi_conn.autocommit = autocommit
+            else:
+                dbapi_conn.execute(f"PRAGMA busy_timeout = {self._bounded_ms}")
+
+        sa_event.listen(self.engine, "checkout", on_checkout)
 
     def now(self) -> float:
         """The database's clock, in seconds since the epoch."""
@@ -1240,8 +1269,22 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(orig).__name__
 
 
-def create_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Engine:
-    """An engine tuned for the queue: WAL and a busy timeout on SQLite, pre-ping on PG."""
+# TCP keepalives and a user timeout: a connection whose peer vanished without a reset (a
+# partitioned network, a failed-over address) is found dead in about half a minute, idle or
+# not, instead of after the kernel's two hours.
+PG_KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+    "tcp_user_timeout": 20_000}
+PG_CONNECT_TIMEOUT = 5
+
+
+def create_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True,
+                  statement_timeout: float | None = None) -> Engine:
+    """An engine tuned for the queue: WAL and a busy timeout on SQLite, pre-ping on PG.
+
+    On PostgreSQL every connection has a connect timeout and TCP keepalives, and with
+    ``statement_timeout`` (seconds) a bound on each statement and each lock wait.
+    """
     try:
         u = make_url(url)
     except sa.exc.ArgumentError:
@@ -1278,8 +1321,9 @@ def create_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Eng
     if u.get_backend_name() == "postgresql":
         engine = sa.create_engine(
             u, pool_pre_ping=pre_ping, pool_size=pool_size, max_overflow=10,
-            connect_args={"connect_timeout": 5},
+            connect_args={"connect_timeout": PG_CONNECT_TIMEOUT, **PG_KEEPALIVES},
         )
+        bound_ms = None if statement_timeout is None else max(1, int(statement_timeout * 1000))
 
         @sa_event.listens_for(engine, "connect")
         def _on_pg_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -1290,6 +1334,10 @@ def create_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Eng
             dbapi_conn.autocommit = True
             dbapi_conn.execute(
                 f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}")
+            if bound_ms is not None:
+                # A statement or lock wait longer than a lease is an outage to its caller.
+                dbapi_conn.execute(f"SET statement_timeout = {bound_ms}")
+                dbapi_conn.execute(f"SET lock_timeout = {bound_ms}")
             dbapi_conn.autocommit = autocommit
 
         return engine
@@ -1319,7 +1367,8 @@ class Waker:
             u = self.store.engine.url
             self._pg = psycopg.connect(
                 host=u.host or "localhost", port=u.port or 5432, user=u.username,
-                password=u.password, dbname=u.database, autocommit=True, connect_timeout=5,
+                password=u.password, dbname=u.database, autocommit=True,
+                connect_timeout=PG_CONNECT_TIMEOUT, **PG_KEEPALIVES,
             )
         else:
             import sqlite3

@@ -565,8 +565,12 @@ class Worker:
 
     def __init__(self, settings: Settings, *, name: str | None = None, concurrency: int = 1,
                  coordinator: ShutdownCoordinator | None = None, pool: str | None = None,
-                 store: JobStore | None = None, max_jobs: int | None = None) -> None:
+                 store: JobStore | None = None, max_jobs: int | None = None,
+                 exit_at_deadline: bool = False) -> None:
         self.settings = settings
+        # A process of its own (the CLI's) may end itself at a notice's deadline.
+        self.exit_at_deadline = exit_at_deadline
+        self._stopped = threading.Event()
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.concurrency = max(1, concurrency)
         self.pool = pool or settings.pool
@@ -593,7 +597,8 @@ class Worker:
             try:
                 # No pre-ping: a round trip per transaction; the retrier covers restarts.
                 return JobStore.open(settings.database_url, pool_size=self.concurrency + 2,
-                                     pre_ping=False)
+                                     pre_ping=False,
+                                     statement_timeout=self._statement_timeout(settings))
             except DatabaseUnavailable as exc:
                 if self.coordinator.stopping:
                     raise
@@ -604,11 +609,16 @@ class Worker:
                 delay = min(delay * 2, 5.0)
 
     @staticmethod
-    def _engine_like(store: JobStore) -> sa.Engine:
+    def _statement_timeout(settings: Settings) -> float:
+        # A call that waits longer than a lease has lost the lease anyway.
+        return max(1.0, settings.lease_seconds)
+
+    def _engine_like(self, store: JobStore) -> sa.Engine:
         from spotrun.store import create_engine
 
         return create_engine(store.engine.url.render_as_string(hide_password=False),
-                             pool_size=1, pre_ping=False)
+                             pool_size=1, pre_ping=False,
+                             statement_timeout=self._statement_timeout(self.settings))
 
     def wake(self) -> None:
         self._wake.set()
@@ -628,6 +638,7 @@ class Worker:
                  self.name, self.worker_id, self.pool, self.settings.lease_seconds,
                  self.settings.heartbeat_seconds, ", CUDA" if self.has_cuda else "")
         self.coordinator.on_notice(self._on_notice)
+        self.coordinator.on_notice(self._bound_waits)
         self.coordinator.on_advisory(self._on_advisory)
         reporter = threading.Thread(target=self._report_loop, name="spotrun-reporter",
                                     daemon=True)
@@ -637,7 +648,41 @@ class Worker:
             self._claim_loop(waker)
         finally:
             waker.close()
-        return self._stop()
+        try:
+            return self._stop()
+        finally:
+            self._stopped.set()
+
+    def _bound_waits(self, notice: Notice) -> None:
+        """From a notice on, no wait on the database may outlast the budget.
+
+        SQLite waits for a lock up to a short share of the budget. A link that blackholes
+        (no reset, no reply: a partitioned network, a dead NAT entry) would hold a call on
+        PostgreSQL for as long as TCP takes to give up, minutes: at the deadline the
+        process exits non-zero instead, and the leases bring its jobs back.
+        """
+        for st in (self.store, self.hb_store):
+            st.bound_lock_waits(max(0.1, self.coordinator.time_left() / 4))
+        if self.exit_at_deadline and not getattr(self, "_deadline_armed", False):
+            self._deadline_armed = True
+            threading.Thread(target=self._exit_at_deadline, name="spotrun-deadline",
+                             daemon=True).start()
+
+    def _exit_at_deadline(self) -> None:
+        # Half the safety margin past the deadline: the stop path had its whole budget.
+        while not self._stopped.wait(max(0.0, self.coordinator.time_left()
+                                         + self.settings.safety_margin_seconds / 2)):
+            if self.coordinator.time_left() + self.settings.safety_margin_seconds / 2 > 0:
+                continue  # a later notice moved the deadline
+            with self._lock:
+                held = [r.job.id for r in self.runners.values() if not r.done.is_set()]
+            log.error("worker %s: the database did not answer before the deadline; exiting "
+                      "now, the leases of %s will bring them back", self.name,
+                      ", ".join(held) if held else "its jobs")
+            for h in logging.getLogger().handlers:
+                with contextlib.suppress(Exception):
+                    h.flush()
+            os._exit(1)
 
     def _claim_loop(self, waker: Waker) -> None:
         while not self.coordinator.stopping:
