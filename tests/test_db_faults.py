@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from conftest import Env, wait_until
-from fault_proxy import pg_proxy
+from fault_proxy import SlowDeletes, pg_proxy
 from spotrun.chaos import ChaosError, PrivatePostgres
 from spotrun.jobs import EventKind, JobState
 from spotrun.store import JobStore
@@ -186,3 +186,47 @@ def test_a_locked_sqlite_database_at_the_notice_exits_in_the_budget_non_zero(
     assert job.state is JobState.SUCCEEDED and job.worker == "w2"
     assert any(e.kind == EventKind.LEASE_EXPIRED and "w1" in e.message for e in job.events)
     st.close()
+
+
+# --------------------------------------------- a chained job and a slow clean-up
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    pytest.importorskip("moto")
+    pytest.importorskip("s3fs")
+    from s3_server import moto_server
+
+    with moto_server(tmp_path_factory.mktemp("moto")) as server:
+        yield server
+
+
+def test_a_chained_jobs_lease_is_renewed_while_a_slow_store_deletes_the_last_ones_files(
+        env_factory: Callable[..., Env], db_url: str, s3: Any) -> None:
+    from s3_server import S3Server
+
+    slow = SlowDeletes(s3.endpoint, delay=15.0)
+    try:
+        bucket = s3.new_bucket()
+        endpoint = {"AWS_ENDPOINT_URL_S3": slow.endpoint, "AWS_ENDPOINT_URL": slow.endpoint}
+        env = env_factory(db_url, **{**s3.env(), **endpoint},
+                          SPOTRUN_CHECKPOINT_URL=f"s3://{bucket}/ckpts")
+        for name in S3Server.cleared():
+            env.vars.pop(name, None)
+        st = JobStore.open(db_url)
+        first = env.cli("submit", "sleep", "-p", "seconds=1", "-p", "steps=8",
+                        "--checkpoint-every-steps", "5").stdout.strip()
+        second = submit(env, "sleep", "seconds=2", "steps=20")
+        w = env.worker("w1", *FAST)
+        wait_until(lambda: st.get(second, with_events=False).state.is_final, 120,
+                   "the chained job to end", on_fail=w.log)
+        assert slow.deletes >= 1, "the first job's files were never deleted"
+        for job_id in (first, second):
+            job = st.get(job_id)
+            kinds = [e.kind for e in job.events]
+            assert job.state is JobState.SUCCEEDED, [e.message for e in job.events]
+            assert job.attempt == 1 and job.retries == 0, [e.message for e in job.events]
+            assert EventKind.LEASE_EXPIRED not in kinds
+        st.close()
+    finally:
+        slow.close()

@@ -418,11 +418,15 @@ class JobRunner:
         except BaseException:
             self.worker.release_claim(then)
             raise
-        self._cleanup()
         if nxt is None:
             self.worker.release_claim(then)
         else:
+            # Registered before the clean-up: from now on the reporter renews its lease,
+            # however long a slow store takes to delete this job's files.
             self.successor = self.worker.add_runner(*nxt)
+        self._cleanup()
+        if self.successor is not None:
+            self.successor.started = time.monotonic()  # its run time starts when it does
 
     def _store_unavailable(self, why: str) -> None:
         """The checkpoint store is out of reach: keep the pointer, hand the job back."""
