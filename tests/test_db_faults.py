@@ -230,3 +230,53 @@ def test_a_chained_jobs_lease_is_renewed_while_a_slow_store_deletes_the_last_one
         st.close()
     finally:
         slow.close()
+
+
+# ------------------------------------------------------------ a database stall
+
+
+def test_a_database_stall_requeues_no_live_job(
+        env_factory: Callable[..., Env], db_url: str) -> None:
+    import time
+
+    env = env_factory(db_url)
+    st = JobStore.open(db_url)
+    lease = ("--lease-seconds", "4", "--heartbeat-seconds", "0.5")
+    workers = [env.worker(f"w{i}", *lease) for i in range(4)]
+    job_ids = [submit(env, "sleep", "seconds=30", "steps=300") for _ in range(3)]
+
+    def all_running() -> bool:
+        return all(st.get(j, with_events=False).progress.step >= 2 for j in job_ids)
+
+    wait_until(all_running, 90, "three jobs running",
+               on_fail=lambda: "\n".join(w.log() for w in workers))
+    # A long lock on jobs (CREATE INDEX without CONCURRENTLY takes this one): every write
+    # to the table waits, every read goes on. On SQLite: a writer holding the lock.
+    if st.is_postgres:
+        import psycopg
+
+        holder: Any = psycopg.connect(db_url.replace("postgresql+psycopg://", "postgresql://"))
+        holder.execute("LOCK TABLE jobs IN SHARE MODE")
+    else:
+        import sqlite3
+
+        holder = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+    try:
+        time.sleep(15)  # the fault's length, not a wait for a result
+    finally:
+        holder.rollback() if st.is_postgres else holder.execute("ROLLBACK")
+        holder.close()
+    for j in job_ids:
+        wait_until(lambda j=j: st.get(j, with_events=False).state.is_final, 120,
+                   f"job {j} to end", on_fail=lambda: "\n".join(w.log() for w in workers))
+    for j in job_ids:
+        job = st.get(j)
+        history = [e.message for e in job.events]
+        assert job.state is JobState.SUCCEEDED, history
+        assert job.attempt == 1 and job.retries == 0, history
+        assert EventKind.LEASE_EXPIRED not in [e.kind for e in job.events], history
+    logs = "\n".join(w.log() for w in workers)
+    assert "the database took" in logs or "database unreachable" in logs \
+        or "the database was slow" in logs, logs
+    st.close()

@@ -60,6 +60,10 @@ class DatabaseUnavailable(StoreError):
     """The database cannot be reached."""
 
 
+class DatabaseSlow(StoreError):
+    """A call took so long that the database, not its callers, was the one late."""
+
+
 class JobNotFound(StoreError):
     pass
 
@@ -908,11 +912,17 @@ class JobStore:
 
     # ------------------------------------------------------------------- sweep
 
-    def sweep_expired(self) -> list[str]:
+    def sweep_expired(self, *, within: float | None = None) -> list[str]:
         """Put jobs whose lease expired back in the queue (or end them); mark workers gone.
 
         Returns the ids of the jobs it moved. Any live worker may call it.
+
+        With ``within`` (seconds), a sweep that took longer than that is rolled back and
+        raises :class:`DatabaseSlow`: a sweep slowed down by a stall (a long lock on
+        ``jobs``, a writer holding SQLite's lock) finds every lease lapsed by the database
+        clock while their holders' heartbeats were waiting on that same stall.
         """
+        start = time.monotonic()
         expired = sa.and_(sa.text("jobs.state = 'running'"), jobs.c.lease_expires_at < self._now)
         with self._tx(write=False) as conn:
             any_expired = conn.execute(sa.select(jobs.c.id).where(expired).limit(1)).first()
@@ -925,6 +935,9 @@ class JobStore:
                 for row in conn.execute(pick).mappings().all():
                     self._expire(conn, row)
                     moved.append(row["id"])
+                took = time.monotonic() - start
+                if within is not None and took > within:
+                    raise DatabaseSlow(f"a sweep took {took:.1f} s; rolled back")  # rollback
         self.mark_gone_workers()
         return moved
 

@@ -44,6 +44,7 @@ from spotrun.policy import ON_DEMAND
 from spotrun.shutdown import Notice, ShutdownCoordinator
 from spotrun.store import (
     ClaimRequest,
+    DatabaseSlow,
     DatabaseUnavailable,
     JobRecord,
     JobStore,
@@ -859,6 +860,11 @@ class Worker:
         # After an outage every lease may have lapsed; sweeping before the other workers
         # had a full lease to beat again would requeue the jobs of live workers.
         ok_since: float | None = time.monotonic()
+        # A call slower than this counts as an outage: the database, not the workers, was
+        # late, and every heartbeat waited on it as this one did.
+        slow = max(self.settings.heartbeat_seconds,
+                   (self.settings.lease_seconds - self.settings.heartbeat_seconds) / 2)
+        slow_logged = False
         while not self._stop_reporter.wait(tick):
             now = time.monotonic()
             touched = False
@@ -877,8 +883,23 @@ class Worker:
                     self._beat(runners)
                     if ok_since is None:
                         ok_since = now
-                    if now - ok_since >= self.settings.lease_seconds:
-                        self.hb_store.sweep_expired()
+                    took = time.monotonic() - now
+                    if took > slow:
+                        ok_since = time.monotonic()
+                        if not slow_logged:
+                            slow_logged = True
+                            log.warning("heartbeat of %s: the database took %.1f s to answer; "
+                                        "no sweep until it has answered in time for a lease",
+                                        self.name, took)
+                    elif time.monotonic() - ok_since >= self.settings.lease_seconds:
+                        slow_logged = False
+                        try:
+                            self.hb_store.sweep_expired(within=slow)
+                        except DatabaseSlow as exc:
+                            ok_since = time.monotonic()
+                            log.warning("heartbeat of %s: %s (the database was slow); no "
+                                        "sweep until it has answered in time for a lease",
+                                        self.name, exc)
                 if touched and hb.down_since is not None:
                     log.warning("heartbeat of %s: database reachable again", self.name)
                     hb.down_since = None
