@@ -280,3 +280,34 @@ def test_a_database_stall_requeues_no_live_job(
     assert "the database took" in logs or "database unreachable" in logs \
         or "the database was slow" in logs, logs
     st.close()
+
+
+# ---------------------------------------------------- a reply lost after its commit
+
+
+def test_a_claim_and_a_chained_result_whose_replies_are_lost_are_not_redone(
+        env_factory: Callable[..., Env], pg_url: str) -> None:
+    with pg_proxy(pg_url) as proxy:
+        env = env_factory(proxy.url_for(pg_url))
+        st = JobStore.open(pg_url)
+        job_ids = [submit(env, "sleep", "seconds=0.5", "steps=5") for _ in range(3)]
+        # The first claim, then the first result with its chained claim, commit; the
+        # connection is cut before the worker hears either.
+        proxy.cut_after_reply(b"spotrun_next_job")
+        proxy.cut_after_reply(b"fin_event")
+        w = env.worker("w1", *FAST)
+        for j in job_ids:
+            wait_until(lambda j=j: st.get(j, with_events=False).state.is_final, 90,
+                       f"job {j} to end", on_fail=w.log)
+        assert proxy.cut == [b"spotrun_next_job", b"fin_event"], w.log()
+        for j in job_ids:
+            job = st.get(j)
+            history = [e.message for e in job.events]
+            assert job.state is JobState.SUCCEEDED, history
+            assert job.attempt == 1 and job.retries == 0, history
+            kinds = [e.kind for e in job.events]
+            assert EventKind.LEASE_EXPIRED not in kinds, history
+            assert kinds.count(EventKind.STARTED) == 1, history
+            assert kinds.count(EventKind.SUCCEEDED) == 1, history
+        assert "LeaseLost" not in w.log() and "refused" not in w.log(), w.log()
+        st.close()

@@ -52,6 +52,9 @@ jobs = sa.Table(
     # seconds) can no longer be met at the progress rate seen so far.
     sa.Column("max_preemptions", sa.Integer, nullable=True),
     sa.Column("deadline", sa.Float, nullable=True),
+    # The request of the write that last claimed or ended the job: a worker retrying a
+    # write whose reply was lost finds its own committed write by it (see JobStore.claim).
+    sa.Column("request_id", sa.String(32), nullable=True),
     sa.UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
 )
 

@@ -84,18 +84,23 @@ class Lease:
 
 @dataclass(frozen=True)
 class ClaimRequest:
-    """What a worker asks of a claim: who it is, how long a lease, what it can run."""
+    """What a worker asks of a claim: who it is, how long a lease, what it can run.
+
+    ``request_id`` names this one request: retried with the same id after an error, the
+    claim (or the result that chains it) finds its own write if that had committed.
+    """
 
     worker_id: str
     worker_name: str
     lease_seconds: float
     has_cuda: bool = False
     pool: str | None = None
+    request_id: str | None = None
 
     def params(self) -> dict[str, Any]:
         return {"worker_id": self.worker_id, "worker_name": self.worker_name,
                 "lease_seconds": float(self.lease_seconds), "has_cuda": self.has_cuda,
-                "pool": self.pool}
+                "pool": self.pool, "request_id": self.request_id}
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,8 @@ class JobStore:
         self._hot_columns: dict[str, list[str]] = {}
         self._closed = False
         self._bounded_ms: int | None = None  # see bound_lock_waits
+        # Request ids of writes that raised: committed or not, nobody knows (see claim).
+        self._unsure: set[str] = set()
         if self.is_postgres:
             self._now: sa.ColumnElement[float] = sa.cast(
                 sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Float
@@ -540,11 +547,54 @@ class JobStore:
         lease_seconds: float,
         has_cuda: bool = False,
         pool: str | None = None,
+        request_id: str | None = None,
     ) -> tuple[Lease, JobRecord] | None:
-        """Take the next queued job in (priority, first-in) order, with a fresh lease."""
+        """Take the next queued job in (priority, first-in) order, with a fresh lease.
+
+        With ``request_id``, the claim is recorded with it: if a call raised (a reply lost
+        after the commit: a cut connection, a failover), its retry with the same id first
+        looks for the job that call claimed, instead of taking a second one.
+        """
+        if request_id is not None and request_id in self._unsure:
+            mine = self._claimed_by(request_id, worker_id, worker_name)
+            if mine is not None:
+                self._unsure.discard(request_id)
+                return mine
+        try:
+            got = self._claim(worker_id=worker_id, worker_name=worker_name,
+                              lease_seconds=lease_seconds, has_cuda=has_cuda, pool=pool,
+                              request_id=request_id)
+        except Exception:
+            self._unsure_of(request_id)
+            raise
+        if request_id is not None:
+            self._unsure.discard(request_id)
+        return got
+
+    def _unsure_of(self, request_id: str | None) -> None:
+        if request_id is not None:
+            if len(self._unsure) > 1000:  # ids of requests never retried
+                self._unsure.clear()
+            self._unsure.add(request_id)
+
+    def _claimed_by(self, request_id: str, worker_id: str, worker_name: str
+                    ) -> tuple[Lease, JobRecord] | None:
+        """The job a claim with this request id took and still holds, if any."""
+        with self._tx(write=False) as conn:
+            row = conn.execute(sa.select(jobs).where(
+                sa.text("jobs.state = 'running'"), jobs.c.request_id == request_id,
+                jobs.c.worker_id == worker_id)).mappings().first()
+        if row is None:
+            return None
+        job = _job_from_row(row, ())
+        return Lease(job.id, job.attempt, worker_id, worker_name), job
+
+    def _claim(self, *, worker_id: str, worker_name: str, lease_seconds: float,
+               has_cuda: bool, pool: str | None, request_id: str | None
+               ) -> tuple[Lease, JobRecord] | None:
         if self.is_postgres:
             picked = self._pg_one(_PG_CLAIM, ClaimRequest(
-                worker_id, worker_name, lease_seconds, has_cuda, pool).params())
+                worker_id, worker_name, lease_seconds, has_cuda, pool, request_id).params())
             if picked is None:
                 return None
             job = _job_from_row(picked, ())
@@ -569,6 +619,7 @@ class JobStore:
                 attempt=jobs.c.attempt + 1,
                 worker_id=worker_id,
                 worker_name=worker_name,
+                request_id=request_id,
                 lease_expires_at=self._now + lease_seconds,
                 started_at=sa.func.coalesce(jobs.c.started_at, self._now),
                 updated_at=self._now,
@@ -817,6 +868,40 @@ class JobStore:
                 logs: Sequence[tuple[float, str, str]] = (),
                 then_claim: ClaimRequest | None = None,
                 **values: Any) -> tuple[Lease, JobRecord] | None:
+        # The result is recorded with its chained claim's request id: a retry after a lost
+        # reply finds both its result and the job it claimed.
+        rid = None if then_claim is None else then_claim.request_id
+        if rid is not None and rid in self._unsure and self._finished_by(lease, state, rid):
+            self._unsure.discard(rid)
+            assert then_claim is not None
+            return self._claimed_by(rid, then_claim.worker_id, then_claim.worker_name)
+        try:
+            got = self._finish_once(lease, state, kind, message, run_seconds=run_seconds,
+                                    progress=progress, logs=logs, then_claim=then_claim,
+                                    request_id=rid, **values)
+        except StoreError:
+            raise
+        except Exception:
+            self._unsure_of(rid)
+            raise
+        if rid is not None:
+            self._unsure.discard(rid)
+        return got
+
+    def _finished_by(self, lease: Lease, state: JobState, request_id: str) -> bool:
+        """Whether the result this request id wrote (the job's attempt, in ``state``)."""
+        with self._tx(write=False) as conn:
+            return conn.execute(sa.select(jobs.c.id).where(
+                jobs.c.id == lease.job_id, jobs.c.attempt == lease.attempt,
+                jobs.c.state == state.value, jobs.c.request_id == request_id)).first() \
+                is not None
+
+    def _finish_once(self, lease: Lease, state: JobState, kind: str, message: str, *,
+                     run_seconds: float, progress: Progress | None,
+                     logs: Sequence[tuple[float, str, str]],
+                     then_claim: ClaimRequest | None, request_id: str | None,
+                     **values: Any) -> tuple[Lease, JobRecord] | None:
+        values["request_id"] = request_id
         if progress is not None:
             values.update(progress_step=progress.step, progress_total=progress.total,
                           progress_metrics=_dumps(progress.metrics) if progress.metrics
@@ -1144,7 +1229,7 @@ pick AS (
 ), upd AS (
     UPDATE jobs SET state = '{JobState.RUNNING.value}', attempt = jobs.attempt + 1,
         worker_id = %(worker_id)s, worker_name = %(worker_name)s,
-        lease_expires_at = {_PG_NOW} + %(lease_seconds)s,
+        request_id = %(request_id)s, lease_expires_at = {_PG_NOW} + %(lease_seconds)s,
         started_at = coalesce(jobs.started_at, {_PG_NOW}), updated_at = {_PG_NOW}
     -- The function locked a queued row; matching on the id alone keeps the primary key
     -- as the plan whatever the statistics say.

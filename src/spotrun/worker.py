@@ -20,6 +20,7 @@ import functools
 import importlib.util
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -690,6 +691,9 @@ class Worker:
             os._exit(1)
 
     def _claim_loop(self, waker: Waker) -> None:
+        # One request id until a claim is known to have happened or not: a retry after a
+        # lost reply must find the job that claim took, not take another.
+        pending: ClaimRequest | None = None
         while not self.coordinator.stopping:
             if self.max_jobs is not None and self.claimed >= self.max_jobs and \
                     not self.runners:
@@ -700,8 +704,12 @@ class Worker:
                 self._wake.wait(0.1)
                 self._wake.clear()
                 continue
+            if pending is None:
+                pending = self._claim_request()
             try:
-                claimed = self.db.call(self._claim_one, give_up_at=time.monotonic() + 2)
+                claimed = self.db.call(functools.partial(self._claim_one, pending),
+                                       give_up_at=time.monotonic() + 2)
+                pending = None
             except Exception as exc:
                 if not _is_db_error(exc):
                     raise
@@ -711,10 +719,10 @@ class Worker:
             else:
                 waker.wait(0.1 if self.db.down_since is None else 1.0)
 
-    def _claim_one(self) -> bool:
+    def _claim_one(self, request: ClaimRequest) -> bool:
         if self.coordinator.stopping:
             return False
-        got = self.store.claim(**self._claim_request().params())
+        got = self.store.claim(**request.params())
         if got is None:
             return False
         with self._lock:
@@ -724,7 +732,7 @@ class Worker:
 
     def _claim_request(self) -> ClaimRequest:
         return ClaimRequest(self.worker_id, self.name, self.settings.lease_seconds,
-                            self.has_cuda, self.pool)
+                            self.has_cuda, self.pool, secrets.token_hex(16))
 
     def reserve_claim(self) -> ClaimRequest | None:
         """A claim for a finishing runner to make, unless this worker takes no more jobs."""
