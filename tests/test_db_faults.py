@@ -311,3 +311,148 @@ def test_a_claim_and_a_chained_result_whose_replies_are_lost_are_not_redone(
             assert kinds.count(EventKind.SUCCEEDED) == 1, history
         assert "LeaseLost" not in w.log() and "refused" not in w.log(), w.log()
         st.close()
+
+
+# ------------------------------------------- callbacks from several server processes
+
+
+class _Receiver:
+    """A loopback HTTP server recording every callback: (delivery id, event, job id)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import json
+
+        self.got: list[tuple[int, str, str]] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with outer.lock:
+                    outer.got.append((int(self.headers["X-Spotrun-Delivery"]),
+                                      self.headers["X-Spotrun-Event"], body["id"]))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def delivered(self) -> list[tuple[int, str, str]]:
+        with self.lock:
+            return list(self.got)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_callbacks_from_two_servers_arrive_once_each_in_order_late_commits_too(
+        env_factory: Callable[..., Env], db_url: str) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from spotrun.callbacks import STATE_CHANGES
+    from spotrun.schema import events, jobs
+
+    receiver = _Receiver()
+    env = env_factory(db_url, SPOTRUN_CALLBACK_ALLOW_PRIVATE="1")
+    st = JobStore.open(db_url)
+    servers: list[subprocess.Popen[bytes]] = []
+    held: list[Any] = []
+    try:
+        late = [st.submit("sleep", {}, callback_url=receiver.url) for _ in range(5)]
+        for _ in range(2):
+            log = open(env.home / f"server-{len(servers)}.log", "wb")  # noqa: SIM115
+            servers.append(subprocess.Popen(
+                [sys.executable, "-m", "spotrun", "server", "--port", str(_free_port())],
+                env=env.vars, stdout=log, stderr=subprocess.STDOUT))
+        if st.is_postgres:
+            # Cancels whose transactions take their event ids now and commit last: the
+            # events of the 100 jobs below get later ids and commit first. (Sessions of
+            # their own: spotrun's end a transaction left idle for 10 s.)
+            import psycopg
+
+            for job in late:
+                conn = psycopg.connect(db_url.replace("postgresql+psycopg://", "postgresql://"))
+                conn.execute("UPDATE jobs SET state = 'cancelled', error = 'cancelled', "
+                             "finished_at = extract(epoch FROM now()), "
+                             "updated_at = extract(epoch FROM now()) WHERE id = %s", (job.id,))
+                conn.execute("INSERT INTO events (job_id, at, kind, worker, attempt, message) "
+                             "VALUES (%s, extract(epoch FROM clock_timestamp()), 'cancelled', "
+                             "NULL, 0, 'cancelled at the user''s request before it started')",
+                             (job.id,))
+                held.append(conn)
+        ids = [st.submit("sleep", {}, callback_url=receiver.url).id for _ in range(100)]
+        for _ in ids:
+            got = st.claim(worker_id="w-id", worker_name="w1", lease_seconds=30)
+            assert got is not None
+            st.complete(got[0], {"slept": 0})
+        wait_until(lambda: len(receiver.delivered()) >= 300, 120,
+                   "the 100 jobs' callbacks")
+        for conn in held:
+            conn.commit()
+            conn.close()
+        held.clear()
+
+        def expected() -> set[int]:
+            with st.engine.connect() as conn:
+                rows = conn.execute(sa_select_events(events, jobs, STATE_CHANGES)).all()
+            return {int(r[0]) for r in rows}
+
+        want = expected()
+
+        def arrived() -> set[int]:
+            return {d for d, _, _ in receiver.delivered()}
+
+        wait_until(lambda: arrived() >= want, 120, "every event delivered",
+                   on_fail=lambda: f"missing {sorted(want - arrived())}")
+        time.sleep(3 * 2.0)  # more polls of both servers: a duplicate would arrive by now
+    finally:
+        for conn in held:
+            conn.rollback()
+            conn.close()
+        for p in servers:
+            p.send_signal(signal.SIGTERM)
+        for p in servers:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+        receiver.close()
+    got = receiver.delivered()
+    counts: dict[int, int] = {}
+    for d, _, _ in got:
+        counts[d] = counts.get(d, 0) + 1
+    assert {d for d, n in counts.items() if n > 1} == set(), "delivered more than once"
+    assert set(counts) == want
+    per_job: dict[str, list[int]] = {}
+    for d, _, job_id in got:
+        per_job.setdefault(job_id, []).append(d)
+    assert all(seq == sorted(seq) for seq in per_job.values()), per_job
+    if st.is_postgres:
+        assert {job_id for _, kind, job_id in got if kind == "cancelled"} == \
+            {j.id for j in late}
+    st.close()
+
+
+def sa_select_events(events: Any, jobs: Any, kinds: frozenset[str]) -> Any:
+    import sqlalchemy as sa
+
+    return (sa.select(events.c.id).join(jobs, jobs.c.id == events.c.job_id)
+            .where(jobs.c.callback_url.is_not(None), events.c.kind.in_(sorted(kinds))))

@@ -136,3 +136,22 @@ api_tokens = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("revoked_at", sa.Float, nullable=True),
 )
+
+# Callbacks: one deliverer at a time across every server process (a leader by lease, judged
+# by the database clock), and a record of each event delivered (or given up on). Events at
+# or below ``horizon`` are settled: all delivered, and too old to be a late commit.
+callback_leader = sa.Table(
+    "callback_leader",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("holder", sa.String(100), nullable=True),
+    sa.Column("expires_at", sa.Float, nullable=True),
+    sa.Column("horizon", sa.Integer, nullable=False, server_default="0"),
+)
+
+callback_deliveries = sa.Table(
+    "callback_deliveries",
+    metadata,
+    sa.Column("event_id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("at", sa.Float, nullable=False),
+)

@@ -41,7 +41,15 @@ from spotrun.jobs import (
     Worker,
     from_epoch,
 )
-from spotrun.schema import api_tokens, events, job_logs, jobs, workers
+from spotrun.schema import (
+    api_tokens,
+    callback_deliveries,
+    callback_leader,
+    events,
+    job_logs,
+    jobs,
+    workers,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -1148,6 +1156,99 @@ class JobStore:
                 .limit(limit)
             ).all()
         return [(int(r[0]), str(r[1]), str(r[2]), r[3]) for r in rows]
+
+    # --------------------------------------------------------------- callbacks
+
+    def callback_lead(self, holder: str, seconds: float) -> int | None:
+        """Take or renew the callback deliverer's lease for ``seconds`` (database clock).
+
+        Returns the settled horizon if ``holder`` now leads, else None: one deliverer at a
+        time across every server process sharing the database.
+        """
+        with self._tx() as conn:
+            row = conn.execute(
+                callback_leader.update()
+                .where(callback_leader.c.id == 1, sa.or_(
+                    callback_leader.c.holder.is_(None), callback_leader.c.holder == holder,
+                    callback_leader.c.expires_at < self._now))
+                .values(holder=holder, expires_at=self._now + seconds)
+                .returning(callback_leader.c.horizon)
+            ).first()
+        return None if row is None else int(row[0])
+
+    def callback_resign(self, holder: str) -> None:
+        """Give the lease up (a server stopping), so another leads at once."""
+        with self._tx() as conn:
+            conn.execute(callback_leader.update().where(
+                callback_leader.c.id == 1, callback_leader.c.holder == holder
+            ).values(holder=None, expires_at=None))
+
+    def callbacks_pending(self, horizon: int, kinds: Sequence[str], *, limit: int = 500
+                          ) -> list[tuple[int, str, str, str]]:
+        """Events above the horizon, of these kinds, of jobs with a callback, that no
+        deliverer recorded yet: (event id, job id, kind, URL), in id order.
+
+        Not a cursor: an event whose transaction committed after a later id's is found at
+        the next call all the same.
+        """
+        done = sa.select(callback_deliveries.c.event_id).where(
+            callback_deliveries.c.event_id == events.c.id).exists()
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                sa.select(events.c.id, events.c.job_id, events.c.kind, jobs.c.callback_url)
+                .join(jobs, jobs.c.id == events.c.job_id)
+                .where(events.c.id > horizon, jobs.c.callback_url.is_not(None),
+                       events.c.kind.in_(list(kinds)), ~done)
+                .order_by(events.c.id)
+                .limit(limit)
+            ).all()
+        return [(int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
+
+    def callback_done(self, holder: str, event_id: int) -> bool:
+        """Record an event delivered (or given up on), if ``holder`` still leads."""
+        leads = sa.select(callback_leader.c.id).where(
+            callback_leader.c.id == 1, callback_leader.c.holder == holder,
+            callback_leader.c.expires_at >= self._now).exists()
+        with self._tx() as conn:
+            if not conn.execute(sa.select(leads)).scalar():
+                return False
+            exists = conn.execute(sa.select(callback_deliveries.c.event_id).where(
+                callback_deliveries.c.event_id == event_id)).first()
+            if exists is None:
+                conn.execute(callback_deliveries.insert().values(event_id=event_id,
+                                                                 at=self._now))
+            return True
+
+    def callback_settle(self, holder: str, kinds: Sequence[str], settle_seconds: float
+                        ) -> int | None:
+        """Move the horizon up past events all delivered and older than ``settle_seconds``
+        (no transaction of spotrun's lasts that long, so none of them can still commit),
+        and forget their records. Returns the new horizon (None if not the leader)."""
+        with self._tx() as conn:
+            row = conn.execute(sa.select(callback_leader.c.horizon).where(
+                callback_leader.c.id == 1, callback_leader.c.holder == holder)).first()
+            if row is None:
+                return None
+            horizon = int(row[0])
+            old = conn.execute(sa.select(sa.func.max(events.c.id)).where(
+                events.c.id > horizon, events.c.at < self._now - settle_seconds)).scalar()
+            if old is None:
+                return horizon
+            done = sa.select(callback_deliveries.c.event_id).where(
+                callback_deliveries.c.event_id == events.c.id).exists()
+            first_open = conn.execute(
+                sa.select(sa.func.min(events.c.id))
+                .join(jobs, jobs.c.id == events.c.job_id)
+                .where(events.c.id > horizon, events.c.id <= old,
+                       jobs.c.callback_url.is_not(None), events.c.kind.in_(list(kinds)),
+                       ~done)).scalar()
+            new = int(old) if first_open is None else int(first_open) - 1
+            if new > horizon:
+                conn.execute(callback_leader.update().where(callback_leader.c.id == 1)
+                             .values(horizon=new))
+                conn.execute(callback_deliveries.delete().where(
+                    callback_deliveries.c.event_id <= new))
+            return max(new, horizon)
 
     def last_event_id(self) -> int:
         with self._tx(write=False) as conn:
