@@ -683,7 +683,7 @@ class Worker:
             with self._lock:
                 held = [r.job.id for r in self.runners.values() if not r.done.is_set()]
             log.error("worker %s: the database did not answer before the deadline; exiting "
-                      "now, the leases of %s will bring them back", self.name,
+                      "now: the lease will expire and bring back %s", self.name,
                       ", ".join(held) if held else "its jobs")
             for h in logging.getLogger().handlers:
                 with contextlib.suppress(Exception):
