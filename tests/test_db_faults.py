@@ -1,8 +1,11 @@
 """Database faults a spot fleet meets, reproduced for real: a restart of the server, a
-stalled table, a link that blackholes, a reply lost after its commit.
+stalled table, a link that blackholes, a reply lost after its commit, a cancel racing a
+claim, a slow checkpoint store under a chained job, several API replicas delivering
+callbacks.
 
 A restart runs against a private PostgreSQL (as ``spotrun chaos --db-restart`` does), never
-the shared one; the other faults go through loopback proxies in ``fault_proxy``.
+the shared one; the other faults go through loopback proxies (``spotrun.faultproxy``, and
+``fault_proxy`` for an object store) or real PostgreSQL sessions.
 """
 
 from __future__ import annotations
@@ -193,8 +196,15 @@ def test_a_locked_sqlite_database_at_the_notice_exits_in_the_budget_non_zero(
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    pytest.importorskip("moto")
-    pytest.importorskip("s3fs")
+    import importlib.util
+
+    from conftest import IN_CI
+
+    missing = [m for m in ("moto", "s3fs", "boto3") if importlib.util.find_spec(m) is None]
+    if missing:
+        if IN_CI:
+            pytest.fail(f"{', '.join(missing)} not installed (pip install -e '.[test]')")
+        pytest.skip(f"{', '.join(missing)} not installed")
     from s3_server import moto_server
 
     with moto_server(tmp_path_factory.mktemp("moto")) as server:

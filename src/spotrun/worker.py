@@ -576,6 +576,7 @@ class Worker:
         self.settings = settings
         # A process of its own (the CLI's) may end itself at a notice's deadline.
         self.exit_at_deadline = exit_at_deadline
+        self._deadline_armed = False
         self._stopped = threading.Event()
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.concurrency = max(1, concurrency)
@@ -669,7 +670,7 @@ class Worker:
         """
         for st in (self.store, self.hb_store):
             st.bound_lock_waits(max(0.1, self.coordinator.time_left() / 4))
-        if self.exit_at_deadline and not getattr(self, "_deadline_armed", False):
+        if self.exit_at_deadline and not self._deadline_armed:
             self._deadline_armed = True
             threading.Thread(target=self._exit_at_deadline, name="spotrun-deadline",
                              daemon=True).start()
