@@ -1005,7 +1005,7 @@ class JobStore:
 
     # ------------------------------------------------------------------- sweep
 
-    def sweep_expired(self, *, within: float | None = None) -> list[str]:
+    def sweep_expired(self, *, within: float | None = None, probe: bool = False) -> list[str]:
         """Put jobs whose lease expired back in the queue (or end them); mark workers gone.
 
         Returns the ids of the jobs it moved. Any live worker may call it.
@@ -1014,6 +1014,10 @@ class JobStore:
         raises :class:`DatabaseSlow`: a sweep slowed down by a stall (a long lock on
         ``jobs``, a writer holding SQLite's lock) finds every lease lapsed by the database
         clock while their holders' heartbeats were waiting on that same stall.
+
+        With ``probe``, nothing is moved: if a lease has lapsed, the sweep only checks that
+        it could take its locks at once (else :class:`DatabaseSlow`); a
+        caller that waits out a stall learns whether the stall goes on.
         """
         start = time.monotonic()
         expired = sa.and_(sa.text("jobs.state = 'running'"), jobs.c.lease_expires_at < self._now)
@@ -1026,6 +1030,10 @@ class JobStore:
                 pick = pick.with_for_update(skip_locked=True)
             try:
                 with self._sweep_tx(within) as conn:
+                    if probe:
+                        if self.is_postgres:
+                            conn.execute(sa.text("LOCK TABLE jobs IN ROW EXCLUSIVE MODE"))
+                        return []  # nothing written: the commit only ends the probe
                     for row in conn.execute(pick).mappings().all():
                         self._expire(conn, row)
                         moved.append(row["id"])
@@ -1037,6 +1045,8 @@ class JobStore:
                     raise
                 raise DatabaseSlow(f"a sweep could not take its locks at once "
                                    f"({_first_line(exc)}); rolled back") from None
+        if probe:
+            return moved
         self.mark_gone_workers()
         return moved
 

@@ -900,15 +900,21 @@ class Worker:
                             log.warning("heartbeat of %s: the database took %.1f s to answer; "
                                         "no sweep until it has answered in time for a lease",
                                         self.name, took)
-                    elif time.monotonic() - ok_since >= self.settings.lease_seconds:
-                        slow_logged = False
+                    else:
+                        # Inside the guard the sweep only probes: a stall that goes on must
+                        # keep the guard closed until a lease after it ends.
+                        guard_ok = time.monotonic() - ok_since >= self.settings.lease_seconds
+                        if guard_ok:
+                            slow_logged = False
                         try:
-                            self.hb_store.sweep_expired(within=slow)
+                            self.hb_store.sweep_expired(within=slow, probe=not guard_ok)
                         except DatabaseSlow as exc:
                             ok_since = time.monotonic()
-                            log.warning("heartbeat of %s: %s (the database was slow); no "
-                                        "sweep until it has answered in time for a lease",
-                                        self.name, exc)
+                            if not slow_logged:
+                                slow_logged = True
+                                log.warning("heartbeat of %s: %s (the database was slow); "
+                                            "no sweep until it has answered in time for a "
+                                            "lease", self.name, exc)
                 if touched and hb.down_since is not None:
                     log.warning("heartbeat of %s: database reachable again", self.name)
                     hb.down_since = None
