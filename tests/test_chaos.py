@@ -64,6 +64,14 @@ def test_schedule_mix_and_kill_counts() -> None:
     assert _schedule(1, with_torch=False).count("sleep") == 40
 
 
+def test_stall_and_cuts_are_drawn_after_everything_else() -> None:
+    plain, faulted = _schedule(7), _schedule(7, db_stall=True, cut_replies=True)
+    assert (plain.jobs, plain.kills) == (faulted.jobs, faulted.kills)
+    assert faulted.db_stall_at is not None and 6 <= faulted.db_stall_at <= 15
+    assert len(faulted.cuts) == 6 and all(0 < t < 60 for t in faulted.cuts)
+    assert plain.db_stall_at is None and plain.cuts == ()
+
+
 def test_db_restart_schedules_a_replacement_during_the_outage() -> None:
     s = _schedule(3, db_restart=True)
     assert s.db_restart_at is not None and 18 <= s.db_restart_at <= 36
@@ -180,7 +188,8 @@ def _drill(home: Path, db_url: str | None, *args: str, timeout: float = 170,
 def test_chaos_drill_sqlite_then_its_cost(sqlite_url: str, tmp_path: Path) -> None:
     # Priced pools: the drill's spot workers declare $0.35/h; on-demand costs $1.20/h.
     report = _drill(tmp_path, sqlite_url, "--workers", "3", "--jobs", "12", "--duration",
-                    "20", *RATES, "--seed", "1", SPOTRUN_PRICE_PER_HOUR="0.35")
+                    "20", *RATES, "--seed", "1", "--db-stall", SPOTRUN_PRICE_PER_HOUR="0.35")
+    assert report["metrics"]["db_stall"]["ok"] is True
     m = report["metrics"]
     assert m["lease_expiries"] >= 1 and m["preemptions"] >= 1
     assert 0 < m["goodput"]["ratio"] <= 1
@@ -208,6 +217,27 @@ def test_chaos_drill_sqlite_then_its_cost(sqlite_url: str, tmp_path: Path) -> No
 def test_chaos_drill_postgres(pg_url: str, tmp_path: Path) -> None:
     _drill(tmp_path, pg_url, "--workers", "3", "--jobs", "12", "--duration", "20", *RATES,
            "--seed", "2")
+
+
+@pytest.mark.slow
+def test_chaos_drill_postgres_stall_and_replies_cut_after_commit(
+        pg_url: str, tmp_path: Path) -> None:
+    report = _drill(tmp_path, pg_url, "--workers", "3", "--jobs", "12", "--duration", "20",
+                    *RATES, "--seed", "4", "--db-stall", "--cut-replies")
+    names = {c["name"] for c in report["checks"]}
+    assert {"a database stall requeued no live job",
+            "a reply lost after its commit was not redone"} <= names
+    assert report["metrics"]["replies_cut"] >= 1
+    assert report["metrics"]["db_stall"]["ok"] is True
+
+
+def test_cut_replies_on_sqlite_is_one_line_and_exit_2(sqlite_url: str, tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "spotrun", "chaos", "--workers", "1",
+                           "--jobs", "1", "--duration", "1", "--cut-replies"],
+                          env=_env(tmp_path, sqlite_url), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "PostgreSQL" in proc.stderr, proc.stderr
 
 
 @pytest.mark.slow

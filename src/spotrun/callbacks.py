@@ -12,8 +12,16 @@ non-public address is refused at submit, and checked again before each delivery 
 may resolve differently by then), unless the operator sets
 ``SPOTRUN_CALLBACK_ALLOW_PRIVATE=1``. Redirects are never followed.
 
-Delivery is at most once per event across server restarts: a restarted server follows the
-events written after it started.
+Exactly once per event and callback across any number of server processes: one deliverer
+leads at a time (a lease in ``callback_leader``, judged by the database clock, renewed at
+each poll and used for only half its length), and each event delivered or given up on is
+recorded in ``callback_deliveries``. The feed is not a cursor: every poll asks for the
+events above a settled horizon that no one recorded, so an event whose transaction committed
+after a later id's is found all the same; the horizon moves only past events that are all
+recorded and older than a minute. A leader that dies between a POST and its record leaves
+that event to the next leader, which sends it again: receivers that must never see a
+duplicate use the ``X-Spotrun-Delivery`` header (the event id). A restarted server resumes
+where the last leader stopped.
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ import contextlib
 import ipaddress
 import logging
 import os
+import secrets
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -134,8 +144,12 @@ class Delivery:
     url: str
 
 
+LEADER_SECONDS = 10.0  # the deliverer's lease; it sends only in the first half
+SETTLE_SECONDS = 60.0  # older events cannot still commit: the horizon may pass them
+
+
 class CallbackDeliverer:
-    """Follows the event feed from where the server started and delivers callbacks.
+    """Delivers callbacks while it leads the server processes sharing the database.
 
     ``attempts`` tries per delivery, waiting ``backoff_seconds * 2**n`` between them.
     """
@@ -149,7 +163,14 @@ class CallbackDeliverer:
         self.backoff_seconds = backoff_seconds
         self.timeout_seconds = timeout_seconds
         self.poll_seconds = poll_seconds
-        self._cursor: int | None = None
+        self.holder = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self._leading_until = 0.0  # time.monotonic(); sends stop at this instant
+        self._queued: set[int] = set()  # event ids queued or in flight here
+        self._unrecorded: list[int] = []  # delivered, not yet recorded (database away)
+        # Recorded while a read of the feed may have been under way, which then still
+        # lists them as pending: event id -> when it was recorded (time.monotonic()).
+        self._recent: dict[int, float] = {}
+        self._last_settle = 0.0
         self._queues: dict[str, asyncio.Queue[Delivery]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -164,33 +185,73 @@ class CallbackDeliverer:
         """Follow the feed until cancelled."""
         self._client = httpx.AsyncClient(timeout=self.timeout_seconds, follow_redirects=False,
                                          headers={"User-Agent": "spotrun-callbacks"})
+        failing = False
         try:
-            if self._cursor is None:
-                self._cursor = await asyncio.to_thread(self.store.last_event_id)
             while True:
+                try:
+                    await self._read_feed()
+                    if failing:
+                        log.warning("callbacks: the event feed is readable again")
+                    failing = False
+                except Exception as exc:  # the database may be away for a while
+                    self._leading_until = 0.0
+                    if not failing:
+                        log.warning("callbacks: cannot read the event feed: %s", exc)
+                    failing = True
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
                 self._wake.clear()
-                try:
-                    await self._read_feed()
-                except Exception as exc:  # the database may be away for a while
-                    log.warning("callbacks: cannot read the event feed: %s", exc)
         finally:
+            self._leading_until = 0.0
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._client.aclose()
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.store.callback_resign, self.holder)
+
+    def leading(self) -> bool:
+        return time.monotonic() < self._leading_until
 
     async def _read_feed(self) -> None:
-        assert self._cursor is not None
+        asked = time.monotonic()
+        horizon = await asyncio.to_thread(self.store.callback_lead, self.holder,
+                                          LEADER_SECONDS)
+        if horizon is None:
+            self._leading_until = 0.0
+            return
+        # Half the lease, from before it was asked for: a leader that stops renewing stops
+        # sending well before another can take over.
+        self._leading_until = asked + LEADER_SECONDS / 2
+        while self._unrecorded:
+            await self._record(self._unrecorded.pop(0))
+        kinds = sorted(STATE_CHANGES)
+        after = horizon
+        read_from = time.monotonic()
         while True:
-            rows = await asyncio.to_thread(self.store.events_after, self._cursor)
+            rows = await asyncio.to_thread(self.store.callbacks_pending, after, kinds)
             for event_id, job_id, kind, url in rows:
-                self._cursor = event_id
-                if url and kind in STATE_CHANGES:
+                if event_id not in self._queued and event_id not in self._recent:
+                    self._queued.add(event_id)
                     self._enqueue(Delivery(event_id, job_id, kind, url))
             if len(rows) < 500:
-                return
+                break
+            after = rows[-1][0]
+        # A record made before this read began was seen by it: no need to remember it.
+        self._recent = {i: t for i, t in self._recent.items() if t >= read_from}
+        if time.monotonic() - self._last_settle >= SETTLE_SECONDS / 4:
+            self._last_settle = time.monotonic()
+            await asyncio.to_thread(self.store.callback_settle, self.holder, kinds,
+                                    SETTLE_SECONDS)
+
+    async def _record(self, event_id: int) -> None:
+        try:
+            await asyncio.to_thread(self.store.callback_done, self.holder, event_id)
+        except Exception:
+            self._unrecorded.append(event_id)  # recorded at the next poll that can
+            return
+        self._recent[event_id] = time.monotonic()
+        self._queued.discard(event_id)
 
     def _enqueue(self, d: Delivery) -> None:
         # One queue and one task per job keeps a job's callbacks in order without letting
@@ -208,25 +269,38 @@ class CallbackDeliverer:
             while not queue.empty():
                 d = queue.get_nowait()
                 async with self._slots:
-                    await self._deliver(d)
+                    sent = await self._deliver(d)
+                if sent:
+                    await self._record(d.event_id)
+                    continue
+                # No longer the leader: this job's callbacks are the next leader's, from
+                # this one on, in order.
+                self._queued.discard(d.event_id)
+                while not queue.empty():
+                    self._queued.discard(queue.get_nowait().event_id)
         finally:
             self._queues.pop(job_id, None)
 
-    async def _deliver(self, d: Delivery) -> None:
+    async def _deliver(self, d: Delivery) -> bool:
+        """Deliver (or give up and note it); False if this process stopped leading."""
         last_error = ""
         for attempt in range(self.attempts):
             if attempt:
                 await asyncio.sleep(self.backoff_seconds * 2 ** (attempt - 1))
+            if not self.leading():
+                return False
             try:
                 await asyncio.to_thread(check_callback_url, d.url,
                                         allow_private=self.allow_private)
             except CallbackRefused as exc:
                 await self._note(d, f"callback for '{d.kind}' not sent: {exc}")
-                return
+                return True
             try:
                 job = await asyncio.to_thread(self.store.get, d.job_id, with_events=False)
             except JobNotFound:
-                return
+                return True
+            if not self.leading():
+                return False
             headers = {"X-Spotrun-Event": d.kind, "X-Spotrun-Delivery": str(d.event_id)}
             try:
                 status = await self._send(d.url, job.to_json(with_events=False), headers)
@@ -234,11 +308,12 @@ class CallbackDeliverer:
                 last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 continue
             if 200 <= status < 300:
-                return
+                return True
             last_error = f"HTTP {status}"
         await self._note(d, f"callback for '{d.kind}' could not be delivered to "
                             f"{redact_url(d.url)} after {self.attempts} attempts "
                             f"(last: {last_error})")
+        return True
 
     async def _send(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> int:
         from spotrun.api import json_bytes

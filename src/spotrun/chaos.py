@@ -4,10 +4,13 @@ The drill starts N real ``spotrun worker`` processes on a store, submits a mix o
 (digits-train, digits-infer once a model exists, sleep), and for the chaos window sends
 SIGTERM (a notice; SIGKILL if the worker outlives the grace period), SIGKILL (no notice) and
 SIGSTOP past the lease, then SIGCONT (a frozen VM), restarting a private PostgreSQL on
-request. An autoscaler's part: every worker that exits is replaced. Once every job has
-ended it checks, from the store alone, that nothing was lost, nothing ran to completion
-twice, every result came from the lease holder and every digits-train result is
-bit-identical to an uninterrupted run; then it reports what the chaos cost.
+request; on request too, it stalls the database (a lock on ``jobs`` held past a lease) and
+cuts workers' connections right after the server's reply to a claim or a result (through a
+loopback proxy, :mod:`spotrun.faultproxy`). An autoscaler's part: every worker that exits
+is replaced. Once every job has ended it checks, from the store alone, that nothing was
+lost, nothing ran to completion twice, every result came from the lease holder and every
+digits-train result is bit-identical to an uninterrupted run; then it reports what the
+chaos cost.
 
 The schedule (jobs, their params and arrival times, the kills, the database restart) comes
 from ``random.Random(seed)`` before anything starts, so a seed always gives the same
@@ -46,6 +49,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from spotrun.config import Settings
+from spotrun.faultproxy import PgProxy
 from spotrun.jobs import Event, EventKind, JobState
 from spotrun.store import DatabaseUnavailable, JobRecord, JobStore, StoreError, redact
 
@@ -58,6 +62,10 @@ GRACE_SECONDS = 10.0
 # certainly requeued the job when the frozen one wakes up as a zombie.
 FREEZE_PAST_LEASE = 2.0
 DB_OUTAGE_SECONDS = 2.0
+# A stall of twice a lease: long enough that every lease lapses by the database's clock.
+DB_STALL_SECONDS = 2 * LEASE_SECONDS
+# The statements whose replies --cut-replies loses: a claim, and a result (with its claim).
+CUT_MARKERS = (b"spotrun_next_job", b"fin_event")
 # A kill finds no victim while every worker is starting, frozen or already stopping; it
 # waits for one, this long at most past the window.
 KILL_LATE_SECONDS = 5.0
@@ -109,6 +117,8 @@ class Schedule:
     jobs: tuple[PlannedJob, ...]
     kills: tuple[PlannedKill, ...]
     db_restart_at: float | None
+    db_stall_at: float | None = None
+    cuts: tuple[float, ...] = ()  # when a claim's and a result's replies are cut
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,7 +137,8 @@ KILL_KINDS = ("sigterm", "sigkill", "freeze")
 
 def make_schedule(*, seed: int, workers: int, jobs: int, duration: float,
                   sigterm_rate: float, sigkill_rate: float, freeze_rate: float,
-                  db_restart: bool, with_torch: bool = True) -> Schedule:
+                  db_restart: bool, with_torch: bool = True, db_stall: bool = False,
+                  cut_replies: bool = False) -> Schedule:
     """Everything the drill will do, drawn from ``random.Random(seed)`` alone."""
     rng = random.Random(seed)
     n_train = max(1, round(jobs * 0.15)) if with_torch else 0
@@ -171,7 +182,15 @@ def make_schedule(*, seed: int, workers: int, jobs: int, duration: float,
         kills[kills.index(nearest)] = PlannedKill(round(restart_at + 0.5, 2), nearest.kind,
                                                   nearest.slot)
     kills.sort(key=lambda k: (k.at, k.kind))
-    return Schedule(seed, workers, duration, tuple(planned), tuple(kills), restart_at)
+    # Drawn last, so that a seed's jobs, kills and restart stay what they were without.
+    stall_at = round(rng.uniform(0.1, 0.25) * duration, 2) if db_stall else None
+    cuts: list[float] = []
+    if cut_replies:
+        n = max(2, round(duration / 10))
+        cuts = [round(0.05 * duration + (i + rng.uniform(0.1, 0.9)) * 0.85 * duration / n, 2)
+                for i in range(n)]
+    return Schedule(seed, workers, duration, tuple(planned), tuple(kills), restart_at,
+                    stall_at, tuple(cuts))
 
 
 # -------------------------------------------------------------- private PostgreSQL
@@ -471,6 +490,10 @@ class Drill:
         self.db_down_since: float | None = None
         self.db_restart: dict[str, Any] | None = None
         self._db_began_mono = self._db_stopped_mono = 0.0
+        self.proxy: PgProxy | None = None  # between the workers and the database
+        self.db_stall: dict[str, Any] | None = None
+        self.pending_cuts = list(schedule.cuts)
+        self.cuts_armed = 0
         self.reference_proc: subprocess.Popen[bytes] | None = None
         self.notes: list[str] = []
         self.t0 = 0.0
@@ -489,9 +512,10 @@ class Drill:
             self.echo(f"{self.now():7.1f} s  {msg}" if self.t0 else f"  setup    {msg}")
 
     def worker_env(self) -> dict[str, str]:
+        url = self.url if self.proxy is None else self.proxy.url_for(self.url)
         return {**os.environ,
                 "SPOTRUN_HOME": str(self.settings.home),
-                "SPOTRUN_DATABASE_URL": self.url,
+                "SPOTRUN_DATABASE_URL": url,
                 "SPOTRUN_CHECKPOINT_URL": self.checkpoint_url,
                 "SPOTRUN_PREEMPTION_SOURCES": "signal",
                 "PYTHONUNBUFFERED": "1",
@@ -522,6 +546,11 @@ class Drill:
             self.checkpoint_url = str(self.workspace / "checkpoints")
             self.say(f"private PostgreSQL up on 127.0.0.1:{self.pg.port}")
         self.store = JobStore.open(self.url)
+        if self.schedule.cuts:
+            if not self.store.is_postgres:
+                raise ChaosError("--cut-replies cuts connections to a database server: use "
+                                 "PostgreSQL (or --db-restart, which runs one)")
+            self.proxy = PgProxy(self.store.engine.url.port or 5432)
         self._preflight()
         self.t0, self.wall0 = time.monotonic(), time.time()
         self._start_references()
@@ -537,6 +566,8 @@ class Drill:
             if now < self.schedule.duration + KILL_LATE_SECONDS:
                 self._fire_kills(now)
             self._db_restart_step(now)
+            self._db_stall_step(now)
+            self._cut_step(now)
             self._submit_due(now)
             if now >= next_poll:
                 next_poll = now + POLL_SECONDS
@@ -567,6 +598,9 @@ class Drill:
         """Nothing of the drill's own still in flight: no freeze, no notice, no outage."""
         restarted = self.pg is None or self.schedule.db_restart_at is None or (
             self.db_restart is not None and "started_at" in self.db_restart)
+        stalled = self.schedule.db_stall_at is None or (
+            self.db_stall is not None and "ended_at" in self.db_stall)
+        restarted = restarted and stalled and not self.pending_cuts
         kills_done = not self.pending_kills or \
             self.now() >= self.schedule.duration + KILL_LATE_SECONDS
         return restarted and kills_done and not any(
@@ -733,6 +767,53 @@ class Drill:
             self.say("private PostgreSQL back up" if ok else
                      f"the private PostgreSQL did not come back: {self.pg.log_tail()}")
 
+    def _db_stall_step(self, now: float) -> None:
+        at = self.schedule.db_stall_at
+        if at is None or now < at or self.db_stall is not None:
+            return
+        self.db_stall = {"began_at": round(now, 2)}
+        self.say(f"stalling the database for {DB_STALL_SECONDS:g} s (a lock on jobs held "
+                 "past the lease)")
+        # On a thread: the drill's own writes to jobs wait on the lock too.
+        threading.Thread(target=self._stall, daemon=True).start()
+
+    def _stall(self) -> None:
+        assert self.store is not None and self.db_stall is not None
+        url = self.store.engine.url
+        try:
+            if self.store.is_postgres:
+                import psycopg
+
+                with psycopg.connect(host=url.host or "127.0.0.1", port=url.port or 5432,
+                                     user=url.username, password=url.password,
+                                     dbname=url.database, connect_timeout=5) as conn:
+                    # What CREATE INDEX without CONCURRENTLY takes: writes wait, reads go on.
+                    conn.execute("LOCK TABLE jobs IN SHARE MODE")
+                    time.sleep(DB_STALL_SECONDS)
+                    conn.rollback()
+            else:
+                import sqlite3
+
+                conn2 = sqlite3.connect(url.database or "", isolation_level=None, timeout=30)
+                try:
+                    conn2.execute("BEGIN IMMEDIATE")  # a writer holding the lock
+                    time.sleep(DB_STALL_SECONDS)
+                    conn2.execute("ROLLBACK")
+                finally:
+                    conn2.close()
+            self.db_stall["ok"] = True
+        except Exception as exc:
+            self.db_stall.update(ok=False, error=_last_line(str(exc)))
+        self.db_stall["ended_at"] = round(self.now(), 2)
+
+    def _cut_step(self, now: float) -> None:
+        while self.pending_cuts and self.pending_cuts[0] <= now and self.proxy is not None:
+            self.pending_cuts.pop(0)
+            for marker in CUT_MARKERS:
+                self.proxy.cut_after_reply(marker)
+            self.cuts_armed += len(CUT_MARKERS)
+            self.say("armed a cut of the next claim's and the next result's reply")
+
     def _db(self, fn: Callable[[], Any]) -> Any:
         """Run a store call; during an outage return None and try again next time."""
         try:
@@ -870,6 +951,8 @@ class Drill:
                 kept = str(keep_logs_in)
             except OSError:
                 kept = None
+        if self.proxy is not None:
+            self.proxy.close()
         if self.pg is not None:
             self.pg.destroy()
         shutil.rmtree(self.workspace, ignore_errors=True)
@@ -931,15 +1014,22 @@ class Drill:
         checks.append(self._check_identical(jobs, refs))
 
         terms = [w for w in self.procs if w.term_sent is not None]
+        # A worker noticed during the stall cannot reach the database before its deadline:
+        # it exits 1 inside the grace and its lease brings the job back, as it should.
+        stalled = [w for w in terms if w.exit_code == 1 and w.name not in self.escalated
+                   and self._stall_overlaps(w.term_sent)]
         late = [f"{w.name} (needed SIGKILL)" if w.name in self.escalated else
                 f"{w.name} (exit code {w.exit_code})"
-                for w in terms if w.name in self.escalated or w.exit_code != 0]
+                for w in terms if (w.name in self.escalated or w.exit_code != 0)
+                and w not in stalled]
         slowest = max((w.exited_at - w.term_sent for w in terms
                        if w.exited_at is not None and w.term_sent is not None), default=0.0)
         checks.append(Check(
             "SIGTERMed workers handed back and exited 0 within the grace period", not late,
             f"{len(terms) - len(late)} of {len(terms)} did (slowest {slowest:.2f} s, grace "
-            f"{GRACE_SECONDS:g} s)" + ("; not: " + ", ".join(late) if late else "")))
+            f"{GRACE_SECONDS:g} s)" + ("; not: " + ", ".join(late) if late else "")
+            + (f"; {len(stalled)} noticed during the database stall exited 1 inside the "
+               "grace, their leases bringing the jobs back" if stalled else "")))
 
         detail = "every worker exit was a kill of the drill's"
         if self.unexpected:
@@ -963,6 +1053,11 @@ class Drill:
                       f"restart incomplete: {r or 'never reached its time'}")
             checks.append(Check("database restarted mid-drill", ok, detail))
 
+        if self.schedule.db_stall_at is not None:
+            checks.append(self._check_stall(jobs))
+        if self.schedule.cuts:
+            checks.append(self._check_cuts(jobs))
+
         metrics = self._metrics(jobs, refs)
         config = {"workers": self.n, "jobs": n_planned, "duration": sched.duration,
                   "seed": sched.seed, "schedule_fingerprint": sched.fingerprint(),
@@ -970,10 +1065,52 @@ class Drill:
                   "lease_seconds": LEASE_SECONDS, "heartbeat_seconds": HEARTBEAT_SECONDS,
                   "grace_seconds": GRACE_SECONDS,
                   "freeze_seconds": LEASE_SECONDS + FREEZE_PAST_LEASE,
-                  "max_retries": MAX_RETRIES,
+                  "max_retries": MAX_RETRIES, "cut_replies": bool(sched.cuts),
                   "mix": {p: sched.count(p) for p in ("digits-train", "digits-infer", "sleep")}}
         return Report(all(c.ok for c in checks), checks, metrics, config, sched,
                       notes=list(self.notes))
+
+    def _stall_overlaps(self, term_sent: float | None) -> bool:
+        """Whether a notice at ``term_sent`` (monotonic) had its grace during the stall."""
+        r = self.db_stall or {}
+        if term_sent is None or "began_at" not in r:
+            return False
+        at = term_sent - self.t0
+        end = float(r.get("ended_at", float("inf")))
+        return at <= end and at + GRACE_SECONDS >= float(r["began_at"])
+
+    def _check_stall(self, jobs: dict[str, JobRecord]) -> Check:
+        """The stall ran, and no live worker's job was requeued during it or just after."""
+        r = self.db_stall or {}
+        name = "a database stall requeued no live job"
+        if not r.get("ok"):
+            return Check(name, False, f"the stall did not run: {r or 'never reached its time'}")
+        lo, hi = float(r["began_at"]), float(r["ended_at"]) + LEASE_SECONDS + 1.0
+        hit = [x for x in self._live_expiries(jobs) if lo <= float(x["at"]) <= hi]
+        detail = (f"jobs locked from {lo:.1f} s to {float(r['ended_at']):.1f} s; "
+                  + ("no lease of a live worker expired" if not hit else
+                     "expired: " + ", ".join(f"{x['job']} on {x['worker']} at {x['at']:.1f} s"
+                                             for x in hit)))
+        return Check(name, not hit, detail)
+
+    def _check_cuts(self, jobs: dict[str, JobRecord]) -> Check:
+        """Replies were cut after their commit, and none of them cost a live job a retry."""
+        assert self.proxy is not None
+        cut = len(self.proxy.cut)
+        live = self._live_expiries(jobs)
+        # A claim whose reply is lost and not found again leaks its job until the lease
+        # expires: an expiry of a live worker's job that no other fault explains.
+        unexplained = [x for x in live if not x["during_db_restart"] and not (
+            self.db_stall and "ended_at" in self.db_stall
+            and float(self.db_stall["began_at"]) <= float(x["at"])
+            <= float(self.db_stall["ended_at"]) + LEASE_SECONDS + 1.0)]
+        ok = cut >= 1 and not unexplained
+        detail = (f"{cut} of {self.cuts_armed} armed cuts happened (a claim's or a result's "
+                  "reply lost after its commit); "
+                  + ("no live worker's lease expired for it" if not unexplained else
+                     "expired: " + ", ".join(f"{x['job']} on {x['worker']} at {x['at']:.1f} s"
+                                             for x in unexplained)))
+        return Check("a reply lost after its commit was not redone", ok, detail)
 
     def _live_expiries(self, jobs: dict[str, JobRecord]) -> list[dict[str, Any]]:
         """Lease expiries the drill did not cause: the worker was neither killed, frozen
@@ -1134,6 +1271,8 @@ class Drill:
             "workers_started": len(self.procs),
             "replacements": len(self.procs) - self.n,
             "db_restart": self.db_restart,
+            "db_stall": self.db_stall,
+            "replies_cut": 0 if self.proxy is None else len(self.proxy.cut),
             "jobs": {s.value: sum(1 for j in jobs.values() if j.state is s)
                      for s in JobState} | {"submitted": len(self.ids),
                                            "planned": len(self.schedule.jobs)},
@@ -1325,6 +1464,12 @@ def format_report(r: Report) -> str:
         lines.append(f"  database  stopped at {db.get('stopped_at', 0):.1f} s, back at "
                      f"{db.get('started_at', float('nan')):.1f} s "
                      f"({db.get('outage_seconds', float('nan')):.1f} s without it)")
+    stall = m.get("db_stall")
+    if stall:
+        lines.append(f"  stall     jobs locked from {stall.get('began_at', 0):.1f} s to "
+                     f"{stall.get('ended_at', float('nan')):.1f} s")
+    if c.get("cut_replies"):
+        lines.append(f"  cuts      {m['replies_cut']} replies cut right after their commit")
     lines.append(f"  workers   {m['workers_started']} started ({c['workers']} + "
                  f"{m['replacements']} replacements); the drill took {m['wall_seconds']:.1f} s")
     lines += ["", "checks"]
@@ -1432,7 +1577,8 @@ def _torch_available() -> bool:
 
 def main(settings: Settings, *, workers: int, jobs: int, duration: float,
          sigterm_rate: float, sigkill_rate: float, freeze_rate: float, db_restart: bool,
-         seed: int, as_json: bool, echo: Echo) -> int:
+         seed: int, as_json: bool, echo: Echo, db_stall: bool = False,
+         cut_replies: bool = False) -> int:
     """Run the drill; print the report; 0 if every check passed, 1 if not, 2 bad input."""
     def fail(msg: str, code: int) -> int:
         print(f"spotrun: {msg}", file=sys.stderr)
@@ -1443,6 +1589,10 @@ def main(settings: Settings, *, workers: int, jobs: int, duration: float,
             raise ChaosError("--workers, --jobs and --duration must be positive")
         if min(sigterm_rate, sigkill_rate, freeze_rate) < 0:
             raise ChaosError("kill rates must not be negative")
+        if cut_replies and not db_restart and \
+                not settings.database_url.startswith(("postgresql", "postgres:")):
+            raise ChaosError("--cut-replies cuts connections to a database server: use "
+                             "PostgreSQL (or --db-restart, which runs one)")
         pg = PrivatePostgres.locate() if db_restart else None
     except ChaosError as exc:
         return fail(str(exc), EXIT_BAD_INPUT)
@@ -1450,7 +1600,8 @@ def main(settings: Settings, *, workers: int, jobs: int, duration: float,
     schedule = make_schedule(seed=seed, workers=workers, jobs=jobs, duration=duration,
                              sigterm_rate=sigterm_rate, sigkill_rate=sigkill_rate,
                              freeze_rate=freeze_rate, db_restart=db_restart,
-                             with_torch=with_torch)
+                             with_torch=with_torch, db_stall=db_stall,
+                             cut_replies=cut_replies)
     drill: Drill | None = None
     report: Report | None = None
     error: tuple[str, int] | None = None

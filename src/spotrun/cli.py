@@ -591,7 +591,7 @@ def worker(
     if preload:
         _preload_ml()
     w = Worker(s, name=name, concurrency=concurrency, coordinator=coordinator,
-               max_jobs=max_jobs)
+               max_jobs=max_jobs, exit_at_deadline=True)
     for watcher in cloud_watchers:
         watcher.start()
     logging.getLogger("spotrun.watchers").info("preemption sources: signals%s", "".join(
@@ -884,6 +884,11 @@ def chaos(
         min=0, help="SIGSTOP-past-the-lease freezes per second")] = 0.03,
     db_restart: Annotated[bool, typer.Option(
         "--db-restart", help="Run a private PostgreSQL and restart it mid-drill")] = False,
+    db_stall: Annotated[bool, typer.Option(
+        "--db-stall", help="Hold a lock on the jobs table for two leases mid-drill")] = False,
+    cut_replies: Annotated[bool, typer.Option(
+        "--cut-replies", help="Cut connections right after claims and results commit "
+        "(PostgreSQL)")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the drill's randomness")] = 0,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -893,7 +898,8 @@ def chaos(
     raise typer.Exit(chaos_mod.main(
         settings(), workers=workers_, jobs=jobs_, duration=duration,
         sigterm_rate=sigterm_rate, sigkill_rate=sigkill_rate, freeze_rate=freeze_rate,
-        db_restart=db_restart, seed=seed, as_json=as_json, echo=typer.echo))
+        db_restart=db_restart, seed=seed, as_json=as_json, echo=typer.echo,
+        db_stall=db_stall, cut_replies=cut_replies))
 
 
 @app.command()

@@ -52,6 +52,9 @@ jobs = sa.Table(
     # seconds) can no longer be met at the progress rate seen so far.
     sa.Column("max_preemptions", sa.Integer, nullable=True),
     sa.Column("deadline", sa.Float, nullable=True),
+    # The request of the write that last claimed or ended the job: a worker retrying a
+    # write whose reply was lost finds its own committed write by it (see JobStore.claim).
+    sa.Column("request_id", sa.String(32), nullable=True),
     sa.UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
 )
 
@@ -216,4 +219,23 @@ intake_leases = sa.Table(
     sa.Column("name", sa.String(300), primary_key=True),
     sa.Column("holder", sa.String(64), nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False),
+)
+
+# Callbacks: one deliverer at a time across every server process (a leader by lease, judged
+# by the database clock), and a record of each event delivered (or given up on). Events at
+# or below ``horizon`` are settled: all delivered, and too old to be a late commit.
+callback_leader = sa.Table(
+    "callback_leader",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("holder", sa.String(100), nullable=True),
+    sa.Column("expires_at", sa.Float, nullable=True),
+    sa.Column("horizon", sa.Integer, nullable=False, server_default="0"),
+)
+
+callback_deliveries = sa.Table(
+    "callback_deliveries",
+    metadata,
+    sa.Column("event_id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("at", sa.Float, nullable=False),
 )

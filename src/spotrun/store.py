@@ -47,6 +47,8 @@ from spotrun.jobs import (
 from spotrun.quotas import LIMIT_NAMES, Quota, QuotaExceeded
 from spotrun.schema import (
     api_tokens,
+    callback_deliveries,
+    callback_leader,
     events,
     intake_leases,
     intake_requests,
@@ -77,6 +79,10 @@ class DatabaseUnavailable(StoreError):
     """The database cannot be reached."""
 
 
+class DatabaseSlow(StoreError):
+    """A call took so long that the database, not its callers, was the one late."""
+
+
 class JobNotFound(StoreError):
     pass
 
@@ -97,18 +103,23 @@ class Lease:
 
 @dataclass(frozen=True)
 class ClaimRequest:
-    """What a worker asks of a claim: who it is, how long a lease, what it can run."""
+    """What a worker asks of a claim: who it is, how long a lease, what it can run.
+
+    ``request_id`` names this one request: retried with the same id after an error, the
+    claim (or the result that chains it) finds its own write if that had committed.
+    """
 
     worker_id: str
     worker_name: str
     lease_seconds: float
     has_cuda: bool = False
     pool: str | None = None
+    request_id: str | None = None
 
     def params(self) -> dict[str, Any]:
         return {"worker_id": self.worker_id, "worker_name": self.worker_name,
                 "lease_seconds": float(self.lease_seconds), "has_cuda": self.has_cuda,
-                "pool": self.pool}
+                "pool": self.pool, "request_id": self.request_id}
 
 
 @dataclass(frozen=True)
@@ -177,6 +188,9 @@ class JobStore:
         self._hot_lock = threading.Lock()
         self._hot_columns: dict[str, list[str]] = {}
         self._closed = False
+        self._bounded_ms: int | None = None  # see bound_lock_waits
+        # Request ids of writes that raised: committed or not, nobody knows (see claim).
+        self._unsure: set[str] = set()
         if self.is_postgres:
             self._now: sa.ColumnElement[float] = sa.cast(
                 sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Float
@@ -188,14 +202,16 @@ class JobStore:
 
     @classmethod
     def open(cls, url: str, *, migrate: bool = True, pool_size: int = 5,
-             pre_ping: bool = True) -> JobStore:
+             pre_ping: bool = True, statement_timeout: float | None = None) -> JobStore:
         """Connect, and create or upgrade the schema (safe when many processes start).
 
         Without ``pre_ping`` a connection that died (a database restart) fails on its next
         use instead of being replaced first: for callers that retry, like the worker.
+        ``statement_timeout`` (seconds, PostgreSQL) bounds each statement and lock wait.
         """
         url = normalize_url(url)
-        engine = create_engine(url, pool_size=pool_size, pre_ping=pre_ping)
+        engine = create_engine(url, pool_size=pool_size, pre_ping=pre_ping,
+                               statement_timeout=statement_timeout)
         store = cls(engine)
         try:
             if migrate:
@@ -228,6 +244,9 @@ class JobStore:
             return
         if self.is_postgres:
             with self.engine.connect() as conn, conn.begin():
+                # A migration may rewrite a large table: no worker's statement bound.
+                conn.execute(sa.text("SET LOCAL statement_timeout = 0"))
+                conn.execute(sa.text("SET LOCAL lock_timeout = 0"))
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY)))
                 migrations.upgrade(conn)
         else:
@@ -287,8 +306,8 @@ class JobStore:
             try:
                 fairy = self.engine.raw_connection()
             except psycopg.Error as exc:
-                # The pool hands out the driver's own error when it cannot connect (the
-                # database is down): raise it as SQLAlchemy's, as callers expect.
+                # A refused or timed-out connect (a restart, a failover) must reach the
+                # caller as the store's other errors do, or its retrier cannot know it.
                 raise sa.exc.DBAPIError.instance(
                     sql, None, exc, psycopg.Error, hide_parameters=True,
                     connection_invalidated=True) from exc
@@ -323,6 +342,29 @@ class JobStore:
                 pg.close()
             else:
                 self._hot.append(pg)
+
+    def bound_lock_waits(self, seconds: float) -> None:
+        """From now on a transaction waits at most ``seconds`` for a lock (a stop path).
+
+        On SQLite the busy timeout of every connection checked out from now on; on
+        PostgreSQL the lock timeout of pooled connections. Not a cost before it is called.
+        """
+        ms = max(1, int(seconds * 1000))
+        if self._bounded_ms is not None:
+            self._bounded_ms = min(self._bounded_ms, ms)
+            return
+        self._bounded_ms = ms
+
+        def on_checkout(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+            if self.is_postgres:
+                autocommit = dbapi_conn.autocommit
+                dbapi_conn.autocommit = True
+                dbapi_conn.execute(f"SET lock_timeout = {self._bounded_ms}")
+                dbapi_conn.autocommit = autocommit
+            else:
+                dbapi_conn.execute(f"PRAGMA busy_timeout = {self._bounded_ms}")
+
+        sa_event.listen(self.engine, "checkout", on_checkout)
 
     def now(self) -> float:
         """The database's clock, in seconds since the epoch."""
@@ -580,11 +622,54 @@ class JobStore:
         lease_seconds: float,
         has_cuda: bool = False,
         pool: str | None = None,
+        request_id: str | None = None,
     ) -> tuple[Lease, JobRecord] | None:
-        """Take the next queued job in (priority, first-in) order, with a fresh lease."""
+        """Take the next queued job in (priority, first-in) order, with a fresh lease.
+
+        With ``request_id``, the claim is recorded with it: if a call raised (a reply lost
+        after the commit: a cut connection, a failover), its retry with the same id first
+        looks for the job that call claimed, instead of taking a second one.
+        """
+        if request_id is not None and request_id in self._unsure:
+            mine = self._claimed_by(request_id, worker_id, worker_name)
+            if mine is not None:
+                self._unsure.discard(request_id)
+                return mine
+        try:
+            got = self._claim(worker_id=worker_id, worker_name=worker_name,
+                              lease_seconds=lease_seconds, has_cuda=has_cuda, pool=pool,
+                              request_id=request_id)
+        except Exception:
+            self._unsure_of(request_id)
+            raise
+        if request_id is not None:
+            self._unsure.discard(request_id)
+        return got
+
+    def _unsure_of(self, request_id: str | None) -> None:
+        if request_id is not None:
+            if len(self._unsure) > 1000:  # ids of requests never retried
+                self._unsure.clear()
+            self._unsure.add(request_id)
+
+    def _claimed_by(self, request_id: str, worker_id: str, worker_name: str
+                    ) -> tuple[Lease, JobRecord] | None:
+        """The job a claim with this request id took and still holds, if any."""
+        with self._tx(write=False) as conn:
+            row = conn.execute(sa.select(jobs).where(
+                sa.text("jobs.state = 'running'"), jobs.c.request_id == request_id,
+                jobs.c.worker_id == worker_id)).mappings().first()
+        if row is None:
+            return None
+        job = _job_from_row(row, ())
+        return Lease(job.id, job.attempt, worker_id, worker_name), job
+
+    def _claim(self, *, worker_id: str, worker_name: str, lease_seconds: float,
+               has_cuda: bool, pool: str | None, request_id: str | None
+               ) -> tuple[Lease, JobRecord] | None:
         if self.is_postgres:
             picked = self._pg_one(_PG_CLAIM, ClaimRequest(
-                worker_id, worker_name, lease_seconds, has_cuda, pool).params())
+                worker_id, worker_name, lease_seconds, has_cuda, pool, request_id).params())
             if picked is None:
                 return None
             job = _job_from_row(picked, ())
@@ -597,6 +682,7 @@ class JobStore:
                 attempt=jobs.c.attempt + 1,
                 worker_id=worker_id,
                 worker_name=worker_name,
+                request_id=request_id,
                 lease_expires_at=self._now + lease_seconds,
                 started_at=sa.func.coalesce(jobs.c.started_at, self._now),
                 updated_at=self._now,
@@ -889,6 +975,40 @@ class JobStore:
                 logs: Sequence[tuple[float, str, str]] = (),
                 then_claim: ClaimRequest | None = None,
                 **values: Any) -> tuple[Lease, JobRecord] | None:
+        # The result is recorded with its chained claim's request id: a retry after a lost
+        # reply finds both its result and the job it claimed.
+        rid = None if then_claim is None else then_claim.request_id
+        if rid is not None and rid in self._unsure and self._finished_by(lease, state, rid):
+            self._unsure.discard(rid)
+            assert then_claim is not None
+            return self._claimed_by(rid, then_claim.worker_id, then_claim.worker_name)
+        try:
+            got = self._finish_once(lease, state, kind, message, run_seconds=run_seconds,
+                                    progress=progress, logs=logs, then_claim=then_claim,
+                                    request_id=rid, **values)
+        except StoreError:
+            raise
+        except Exception:
+            self._unsure_of(rid)
+            raise
+        if rid is not None:
+            self._unsure.discard(rid)
+        return got
+
+    def _finished_by(self, lease: Lease, state: JobState, request_id: str) -> bool:
+        """Whether the result this request id wrote (the job's attempt, in ``state``)."""
+        with self._tx(write=False) as conn:
+            return conn.execute(sa.select(jobs.c.id).where(
+                jobs.c.id == lease.job_id, jobs.c.attempt == lease.attempt,
+                jobs.c.state == state.value, jobs.c.request_id == request_id)).first() \
+                is not None
+
+    def _finish_once(self, lease: Lease, state: JobState, kind: str, message: str, *,
+                     run_seconds: float, progress: Progress | None,
+                     logs: Sequence[tuple[float, str, str]],
+                     then_claim: ClaimRequest | None, request_id: str | None,
+                     **values: Any) -> tuple[Lease, JobRecord] | None:
+        values["request_id"] = request_id
         if progress is not None:
             values.update(progress_step=progress.step, progress_total=progress.total,
                           progress_metrics=_dumps(progress.metrics) if progress.metrics
@@ -949,16 +1069,25 @@ class JobStore:
     def cancel(self, job_id: str, *, owner: str | None = None) -> Job:
         """Cancel a queued job now, or ask a running one to stop at its next step."""
         with self._tx() as conn:
+            if self.is_postgres:
+                # Lock the row before reading its state: a claim committing between the
+                # read and the write would otherwise leave "cancelled before it started"
+                # in the history of a job that runs. The claim skips a locked row.
+                conn.execute(sa.select(jobs.c.id).where(jobs.c.id == job_id)
+                             .with_for_update())
             job = self._get(conn, job_id, with_events=False)
             if owner is not None and job.owner != owner:
                 raise JobNotFound(f"no job with id {job_id!r}")
             if job.state is JobState.QUEUED:
-                conn.execute(
+                n = conn.execute(
                     jobs.update()
                     .where(jobs.c.id == job_id, jobs.c.state == JobState.QUEUED.value)
                     .values(state=JobState.CANCELLED.value, error="cancelled",
                             finished_at=self._now, updated_at=self._now)
-                )
+                ).rowcount
+                if n != 1:  # cannot happen under the lock; never write a false history
+                    raise StoreError(f"job {job_id} changed while it was being cancelled; "
+                                     "try again")
                 self._event(conn, job_id, EventKind.CANCELLED,
                             "cancelled at the user's request before it started",
                             worker=None, attempt=job.attempt)
@@ -975,11 +1104,21 @@ class JobStore:
 
     # ------------------------------------------------------------------- sweep
 
-    def sweep_expired(self) -> list[str]:
+    def sweep_expired(self, *, within: float | None = None, probe: bool = False) -> list[str]:
         """Put jobs whose lease expired back in the queue (or end them); mark workers gone.
 
         Returns the ids of the jobs it moved. Any live worker may call it.
+
+        With ``within`` (seconds), a sweep that took longer than that is rolled back and
+        raises :class:`DatabaseSlow`: a sweep slowed down by a stall (a long lock on
+        ``jobs``, a writer holding SQLite's lock) finds every lease lapsed by the database
+        clock while their holders' heartbeats were waiting on that same stall.
+
+        With ``probe``, nothing is moved: if a lease has lapsed, the sweep only checks that
+        it could take its locks at once (else :class:`DatabaseSlow`); a
+        caller that waits out a stall learns whether the stall goes on.
         """
+        start = time.monotonic()
         expired = sa.and_(sa.text("jobs.state = 'running'"), jobs.c.lease_expires_at < self._now)
         with self._tx(write=False) as conn:
             any_expired = conn.execute(sa.select(jobs.c.id).where(expired).limit(1)).first()
@@ -988,12 +1127,56 @@ class JobStore:
             pick = sa.select(jobs).where(expired)
             if self.is_postgres:
                 pick = pick.with_for_update(skip_locked=True)
-            with self._tx() as conn:
-                for row in conn.execute(pick).mappings().all():
-                    self._expire(conn, row)
-                    moved.append(row["id"])
+            try:
+                with self._sweep_tx(within) as conn:
+                    if probe:
+                        if self.is_postgres:
+                            conn.execute(sa.text("LOCK TABLE jobs IN ROW EXCLUSIVE MODE"))
+                        return []  # nothing written: the commit only ends the probe
+                    for row in conn.execute(pick).mappings().all():
+                        self._expire(conn, row)
+                        moved.append(row["id"])
+                    took = time.monotonic() - start
+                    if within is not None and took > within:
+                        raise DatabaseSlow(f"a sweep took {took:.1f} s; rolled back")
+            except sa.exc.OperationalError as exc:
+                if within is None:
+                    raise
+                raise DatabaseSlow(f"a sweep could not take its locks at once "
+                                   f"({_first_line(exc)}); rolled back") from None
+        if probe:
+            return moved
         self.mark_gone_workers()
         return moved
+
+    @contextlib.contextmanager
+    def _sweep_tx(self, within: float | None) -> Iterator[Connection]:
+        """The sweep's write transaction; with ``within``, its lock waits are short.
+
+        A sweep that waits on a lock is waiting on what also holds the heartbeats back: it
+        gives up at once rather than win the rows when the lock goes.
+        """
+        if within is None:
+            with self._tx() as conn:
+                yield conn
+            return
+        wait_ms = max(1, min(200, int(within * 1000)))
+        with self.engine.connect() as conn:
+            if self.is_postgres:
+                with conn.begin():
+                    conn.execute(sa.text(f"SET LOCAL lock_timeout = {wait_ms}"))
+                    yield conn
+                return
+            # On the driver's connection: a statement through SQLAlchemy would begin the
+            # transaction before the pragma could shorten its BEGIN IMMEDIATE's wait.
+            raw: Any = conn.connection.driver_connection
+            raw.execute(f"PRAGMA busy_timeout = {wait_ms}")
+            try:
+                with conn.execution_options(sqlite_begin="BEGIN IMMEDIATE").begin():
+                    yield conn
+            finally:
+                restore = self._bounded_ms if self._bounded_ms is not None else 30_000
+                raw.execute(f"PRAGMA busy_timeout = {restore}")
 
     def _expire(self, conn: Connection, row: Any) -> None:
         job = _job_from_row(row, ())
@@ -1120,6 +1303,99 @@ class JobStore:
                 .limit(limit)
             ).all()
         return [(int(r[0]), str(r[1]), str(r[2]), r[3]) for r in rows]
+
+    # --------------------------------------------------------------- callbacks
+
+    def callback_lead(self, holder: str, seconds: float) -> int | None:
+        """Take or renew the callback deliverer's lease for ``seconds`` (database clock).
+
+        Returns the settled horizon if ``holder`` now leads, else None: one deliverer at a
+        time across every server process sharing the database.
+        """
+        with self._tx() as conn:
+            row = conn.execute(
+                callback_leader.update()
+                .where(callback_leader.c.id == 1, sa.or_(
+                    callback_leader.c.holder.is_(None), callback_leader.c.holder == holder,
+                    callback_leader.c.expires_at < self._now))
+                .values(holder=holder, expires_at=self._now + seconds)
+                .returning(callback_leader.c.horizon)
+            ).first()
+        return None if row is None else int(row[0])
+
+    def callback_resign(self, holder: str) -> None:
+        """Give the lease up (a server stopping), so another leads at once."""
+        with self._tx() as conn:
+            conn.execute(callback_leader.update().where(
+                callback_leader.c.id == 1, callback_leader.c.holder == holder
+            ).values(holder=None, expires_at=None))
+
+    def callbacks_pending(self, horizon: int, kinds: Sequence[str], *, limit: int = 500
+                          ) -> list[tuple[int, str, str, str]]:
+        """Events above the horizon, of these kinds, of jobs with a callback, that no
+        deliverer recorded yet: (event id, job id, kind, URL), in id order.
+
+        Not a cursor: an event whose transaction committed after a later id's is found at
+        the next call all the same.
+        """
+        done = sa.select(callback_deliveries.c.event_id).where(
+            callback_deliveries.c.event_id == events.c.id).exists()
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                sa.select(events.c.id, events.c.job_id, events.c.kind, jobs.c.callback_url)
+                .join(jobs, jobs.c.id == events.c.job_id)
+                .where(events.c.id > horizon, jobs.c.callback_url.is_not(None),
+                       events.c.kind.in_(list(kinds)), ~done)
+                .order_by(events.c.id)
+                .limit(limit)
+            ).all()
+        return [(int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
+
+    def callback_done(self, holder: str, event_id: int) -> bool:
+        """Record an event delivered (or given up on), if ``holder`` still leads."""
+        leads = sa.select(callback_leader.c.id).where(
+            callback_leader.c.id == 1, callback_leader.c.holder == holder,
+            callback_leader.c.expires_at >= self._now).exists()
+        with self._tx() as conn:
+            if not conn.execute(sa.select(leads)).scalar():
+                return False
+            exists = conn.execute(sa.select(callback_deliveries.c.event_id).where(
+                callback_deliveries.c.event_id == event_id)).first()
+            if exists is None:
+                conn.execute(callback_deliveries.insert().values(event_id=event_id,
+                                                                 at=self._now))
+            return True
+
+    def callback_settle(self, holder: str, kinds: Sequence[str], settle_seconds: float
+                        ) -> int | None:
+        """Move the horizon up past events all delivered and older than ``settle_seconds``
+        (no transaction of spotrun's lasts that long, so none of them can still commit),
+        and forget their records. Returns the new horizon (None if not the leader)."""
+        with self._tx() as conn:
+            row = conn.execute(sa.select(callback_leader.c.horizon).where(
+                callback_leader.c.id == 1, callback_leader.c.holder == holder)).first()
+            if row is None:
+                return None
+            horizon = int(row[0])
+            old = conn.execute(sa.select(sa.func.max(events.c.id)).where(
+                events.c.id > horizon, events.c.at < self._now - settle_seconds)).scalar()
+            if old is None:
+                return horizon
+            done = sa.select(callback_deliveries.c.event_id).where(
+                callback_deliveries.c.event_id == events.c.id).exists()
+            first_open = conn.execute(
+                sa.select(sa.func.min(events.c.id))
+                .join(jobs, jobs.c.id == events.c.job_id)
+                .where(events.c.id > horizon, events.c.id <= old,
+                       jobs.c.callback_url.is_not(None), events.c.kind.in_(list(kinds)),
+                       ~done)).scalar()
+            new = int(old) if first_open is None else int(first_open) - 1
+            if new > horizon:
+                conn.execute(callback_leader.update().where(callback_leader.c.id == 1)
+                             .values(horizon=new))
+                conn.execute(callback_deliveries.delete().where(
+                    callback_deliveries.c.event_id <= new))
+            return max(new, horizon)
 
     def last_event_id(self) -> int:
         with self._tx(write=False) as conn:
@@ -1398,7 +1674,7 @@ pick AS (
 ), upd AS (
     UPDATE jobs SET state = '{JobState.RUNNING.value}', attempt = jobs.attempt + 1,
         worker_id = %(worker_id)s, worker_name = %(worker_name)s,
-        lease_expires_at = {_PG_NOW} + %(lease_seconds)s,
+        request_id = %(request_id)s, lease_expires_at = {_PG_NOW} + %(lease_seconds)s,
         started_at = coalesce(jobs.started_at, {_PG_NOW}), updated_at = {_PG_NOW}
     -- The function locked a queued row; matching on the id alone keeps the primary key
     -- as the plan whatever the statistics say.
@@ -1575,8 +1851,22 @@ def _create_private(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
-def create_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Engine:
-    """An engine tuned for the queue: WAL and a busy timeout on SQLite, pre-ping on PG."""
+# TCP keepalives and a user timeout: a connection whose peer vanished without a reset (a
+# partitioned network, a failed-over address) is found dead in about half a minute, idle or
+# not, instead of after the kernel's two hours.
+PG_KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+    "tcp_user_timeout": 20_000}
+PG_CONNECT_TIMEOUT = 5
+
+
+def create_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True,
+                  statement_timeout: float | None = None) -> Engine:
+    """An engine tuned for the queue: WAL and a busy timeout on SQLite, pre-ping on PG.
+
+    On PostgreSQL every connection has a connect timeout and TCP keepalives, and with
+    ``statement_timeout`` (seconds) a bound on each statement and each lock wait.
+    """
     try:
         u = make_url(url)
     except sa.exc.ArgumentError:
@@ -1617,8 +1907,9 @@ def create_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Eng
     if u.get_backend_name() == "postgresql":
         engine = sa.create_engine(
             u, pool_pre_ping=pre_ping, pool_size=pool_size, max_overflow=10,
-            connect_args={"connect_timeout": 5},
+            connect_args={"connect_timeout": PG_CONNECT_TIMEOUT, **PG_KEEPALIVES},
         )
+        bound_ms = None if statement_timeout is None else max(1, int(statement_timeout * 1000))
 
         @sa_event.listens_for(engine, "connect")
         def _on_pg_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -1629,6 +1920,10 @@ def create_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Eng
             dbapi_conn.autocommit = True
             dbapi_conn.execute(
                 f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}")
+            if bound_ms is not None:
+                # A statement or lock wait longer than a lease is an outage to its caller.
+                dbapi_conn.execute(f"SET statement_timeout = {bound_ms}")
+                dbapi_conn.execute(f"SET lock_timeout = {bound_ms}")
             dbapi_conn.autocommit = autocommit
 
         return engine
@@ -1658,7 +1953,8 @@ class Waker:
             u = self.store.engine.url
             self._pg = psycopg.connect(
                 host=u.host or "localhost", port=u.port or 5432, user=u.username,
-                password=u.password, dbname=u.database, autocommit=True, connect_timeout=5,
+                password=u.password, dbname=u.database, autocommit=True,
+                connect_timeout=PG_CONNECT_TIMEOUT, **PG_KEEPALIVES,
             )
         else:
             import sqlite3

@@ -20,6 +20,7 @@ import functools
 import importlib.util
 import logging
 import os
+import secrets
 import shutil
 import socket
 import threading
@@ -47,6 +48,7 @@ from spotrun.policy import ON_DEMAND
 from spotrun.shutdown import Notice, ShutdownCoordinator
 from spotrun.store import (
     ClaimRequest,
+    DatabaseSlow,
     DatabaseUnavailable,
     JobRecord,
     JobStore,
@@ -547,11 +549,15 @@ class JobRunner:
         except BaseException:
             self.worker.release_claim(then)
             raise
-        self._cleanup()
         if nxt is None:
             self.worker.release_claim(then)
         else:
+            # Registered before the clean-up: from now on the reporter renews its lease,
+            # however long a slow store takes to delete this job's files.
             self.successor = self.worker.add_runner(*nxt)
+        self._cleanup()
+        if self.successor is not None:
+            self.successor.started = time.monotonic()  # its run time starts when it does
 
     def _store_unavailable(self, why: str) -> None:
         """The checkpoint store is out of reach: keep the pointer, hand the job back."""
@@ -707,8 +713,13 @@ class Worker:
 
     def __init__(self, settings: Settings, *, name: str | None = None, concurrency: int = 1,
                  coordinator: ShutdownCoordinator | None = None, pool: str | None = None,
-                 store: JobStore | None = None, max_jobs: int | None = None) -> None:
+                 store: JobStore | None = None, max_jobs: int | None = None,
+                 exit_at_deadline: bool = False) -> None:
         self.settings = settings
+        # A process of its own (the CLI's) may end itself at a notice's deadline.
+        self.exit_at_deadline = exit_at_deadline
+        self._deadline_armed = False
+        self._stopped = threading.Event()
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.concurrency = max(1, concurrency)
         self.pool = pool or settings.pool
@@ -736,7 +747,8 @@ class Worker:
             try:
                 # No pre-ping: a round trip per transaction; the retrier covers restarts.
                 return JobStore.open(settings.database_url, pool_size=self.concurrency + 2,
-                                     pre_ping=False)
+                                     pre_ping=False,
+                                     statement_timeout=self._statement_timeout(settings))
             except DatabaseUnavailable as exc:
                 if self.coordinator.stopping:
                     raise
@@ -747,11 +759,16 @@ class Worker:
                 delay = min(delay * 2, 5.0)
 
     @staticmethod
-    def _engine_like(store: JobStore) -> sa.Engine:
+    def _statement_timeout(settings: Settings) -> float:
+        # A call that waits longer than a lease has lost the lease anyway.
+        return max(1.0, settings.lease_seconds)
+
+    def _engine_like(self, store: JobStore) -> sa.Engine:
         from spotrun.store import create_engine
 
         return create_engine(store.engine.url.render_as_string(hide_password=False),
-                             pool_size=1, pre_ping=False)
+                             pool_size=1, pre_ping=False,
+                             statement_timeout=self._statement_timeout(self.settings))
 
     def wake(self) -> None:
         self._wake.set()
@@ -771,6 +788,7 @@ class Worker:
                  self.name, self.worker_id, self.pool, self.settings.lease_seconds,
                  self.settings.heartbeat_seconds, ", CUDA" if self.has_cuda else "")
         self.coordinator.on_notice(self._on_notice)
+        self.coordinator.on_notice(self._bound_waits)
         self.coordinator.on_advisory(self._on_advisory)
         reporter = threading.Thread(target=self._report_loop, name="spotrun-reporter",
                                     daemon=True)
@@ -785,6 +803,7 @@ class Worker:
                 waker.close()
             return self._stop()
         finally:
+            self._stopped.set()
             if pod_cost is not None:
                 pod_cost.stop()
 
@@ -795,7 +814,41 @@ class Worker:
             return [now - r.last_checkpoint_mono for r in self.runners.values()
                     if not r.done.is_set()]
 
+    def _bound_waits(self, notice: Notice) -> None:
+        """From a notice on, no wait on the database may outlast the budget.
+
+        SQLite waits for a lock up to a short share of the budget. A link that blackholes
+        (no reset, no reply: a partitioned network, a dead NAT entry) would hold a call on
+        PostgreSQL for as long as TCP takes to give up, minutes: at the deadline the
+        process exits non-zero instead, and the leases bring its jobs back.
+        """
+        for st in (self.store, self.hb_store):
+            st.bound_lock_waits(max(0.1, self.coordinator.time_left() / 4))
+        if self.exit_at_deadline and not self._deadline_armed:
+            self._deadline_armed = True
+            threading.Thread(target=self._exit_at_deadline, name="spotrun-deadline",
+                             daemon=True).start()
+
+    def _exit_at_deadline(self) -> None:
+        # Half the safety margin past the deadline: the stop path had its whole budget.
+        while not self._stopped.wait(max(0.0, self.coordinator.time_left()
+                                         + self.settings.safety_margin_seconds / 2)):
+            if self.coordinator.time_left() + self.settings.safety_margin_seconds / 2 > 0:
+                continue  # a later notice moved the deadline
+            with self._lock:
+                held = [r.job.id for r in self.runners.values() if not r.done.is_set()]
+            log.error("worker %s: the database did not answer before the deadline; exiting "
+                      "now: the lease will expire and bring back %s", self.name,
+                      ", ".join(held) if held else "its jobs")
+            for h in logging.getLogger().handlers:
+                with contextlib.suppress(Exception):
+                    h.flush()
+            os._exit(1)
+
     def _claim_loop(self, waker: Waker) -> None:
+        # One request id until a claim is known to have happened or not: a retry after a
+        # lost reply must find the job that claim took, not take another.
+        pending: ClaimRequest | None = None
         while not self.coordinator.stopping:
             if self.max_jobs is not None and self.claimed >= self.max_jobs and \
                     not self.runners:
@@ -807,8 +860,12 @@ class Worker:
                 self._wake.wait(0.1)
                 self._wake.clear()
                 continue
+            if pending is None:
+                pending = self._claim_request()
             try:
-                claimed = self.db.call(self._claim_one, give_up_at=time.monotonic() + 2)
+                claimed = self.db.call(functools.partial(self._claim_one, pending),
+                                       give_up_at=time.monotonic() + 2)
+                pending = None
             except Exception as exc:
                 if not _is_db_error(exc):
                     raise
@@ -818,10 +875,10 @@ class Worker:
             else:
                 waker.wait(0.1 if self.db.down_since is None else 1.0)
 
-    def _claim_one(self) -> bool:
+    def _claim_one(self, request: ClaimRequest) -> bool:
         if self.coordinator.stopping:
             return False
-        got = self.store.claim(**self._claim_request().params())
+        got = self.store.claim(**request.params())
         if got is None:
             return False
         with self._lock:
@@ -831,7 +888,7 @@ class Worker:
 
     def _claim_request(self) -> ClaimRequest:
         return ClaimRequest(self.worker_id, self.name, self.settings.lease_seconds,
-                            self.has_cuda, self.pool)
+                            self.has_cuda, self.pool, secrets.token_hex(16))
 
     def reserve_claim(self) -> ClaimRequest | None:
         """A claim for a finishing runner to make, unless this worker takes no more jobs."""
@@ -1006,6 +1063,11 @@ class Worker:
         # After an outage every lease may have lapsed; sweeping before the other workers
         # had a full lease to beat again would requeue the jobs of live workers.
         ok_since: float | None = time.monotonic()
+        # A call slower than this counts as an outage: the database, not the workers, was
+        # late, and every heartbeat waited on it as this one did.
+        slow = max(self.settings.heartbeat_seconds,
+                   (self.settings.lease_seconds - self.settings.heartbeat_seconds) / 2)
+        slow_logged = False
         while not self._stop_reporter.wait(tick):
             now = time.monotonic()
             touched = False
@@ -1024,8 +1086,29 @@ class Worker:
                     self._beat(runners)
                     if ok_since is None:
                         ok_since = now
-                    if now - ok_since >= self.settings.lease_seconds:
-                        self.hb_store.sweep_expired()
+                    took = time.monotonic() - now
+                    if took > slow:
+                        ok_since = time.monotonic()
+                        if not slow_logged:
+                            slow_logged = True
+                            log.warning("heartbeat of %s: the database took %.1f s to answer; "
+                                        "no sweep until it has answered in time for a lease",
+                                        self.name, took)
+                    else:
+                        # Inside the guard the sweep only probes: a stall that goes on must
+                        # keep the guard closed until a lease after it ends.
+                        guard_ok = time.monotonic() - ok_since >= self.settings.lease_seconds
+                        if guard_ok:
+                            slow_logged = False
+                        try:
+                            self.hb_store.sweep_expired(within=slow, probe=not guard_ok)
+                        except DatabaseSlow as exc:
+                            ok_since = time.monotonic()
+                            if not slow_logged:
+                                slow_logged = True
+                                log.warning("heartbeat of %s: %s (the database was slow); "
+                                            "no sweep until it has answered in time for a "
+                                            "lease", self.name, exc)
                 if touched and hb.down_since is not None:
                     log.warning("heartbeat of %s: database reachable again", self.name)
                     hb.down_since = None
