@@ -216,6 +216,13 @@ class PreemptOut(BaseModel):
     message: str
 
 
+class CallbackSecretOut(BaseModel):
+    owner: str
+    secret: str = Field(description="the key your jobs' callbacks are signed with")
+    header: str = Field(description="the header that carries the signature")
+    scheme: str = Field(description="how the signature is made")
+
+
 class Status(BaseModel):
     status: str
     detail: str | None = None
@@ -1058,6 +1065,15 @@ def _install_routes(app: FastAPI, ctx: AppContext) -> None:
     def job_logs(job_id: str, who: Caller) -> Response:
         visible_job(job_id, who, with_events=False)
         return StrictJSONResponse({"logs": [line.to_json() for line in store.logs(job_id)]})
+
+    @app.get("/v1/callback-secret", tags=["jobs"], response_model=CallbackSecretOut,
+             summary="The key your jobs' callbacks are signed with (HMAC-SHA256)",
+             responses=_errors(401, 503))
+    def callback_secret(who: Caller) -> Response:
+        return StrictJSONResponse({
+            "owner": who.name, "secret": store.callback_secret(who.name),
+            "header": "X-Spotrun-Signature",
+            "scheme": "t=<unix time>,v1=<hex HMAC-SHA256 of '<t>.' followed by the body>"})
 
     # ------------------------------------------------------- pipelines, workers
 

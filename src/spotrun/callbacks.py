@@ -7,10 +7,23 @@ with exponential backoff and, once the attempts are spent, the failure is writte
 job's history. Nothing here ever blocks or fails a job.
 
 Server-side request forgery: a callback URL that resolves to a loopback, private,
-link-local (169.254.0.0/16, where the cloud metadata services live) or otherwise
-non-public address is refused at submit, and checked again before each delivery (the name
-may resolve differently by then), unless the operator sets
-``SPOTRUN_CALLBACK_ALLOW_PRIVATE=1``. Redirects are never followed.
+link-local (169.254.0.0/16, where the cloud metadata services live), otherwise non-public
+address, or an IPv6 range that embeds an IPv4 one (::a.b.c.d, NAT64 64:ff9b::/96, 6to4
+2002::/16, Teredo 2001::/32), or that names a port other than 80 and 443, is refused at
+submit and checked again before each delivery, unless the operator sets
+``SPOTRUN_CALLBACK_ALLOW_PRIVATE=1``. Each delivery resolves the name once and connects to
+the very address it checked (the Host header and TLS's SNI and certificate check keep the
+name), so a name that answers differently the second time (DNS rebinding) cannot steer the
+POST elsewhere; the client ignores HTTP(S)_PROXY (a proxy would resolve the name itself);
+redirects are never followed; errors never show the addresses a name resolved to.
+
+Every callback is signed: ``X-Spotrun-Signature: t=<unix time>,v1=<hex>``, the HMAC-SHA256
+of ``"<t>." + body`` with the job owner's key (``GET /v1/callback-secret``), so a receiver
+can tell a real "succeeded" from a forged one, and an old one replayed.
+
+A receiver cannot hold the server: only the status line is read (the body never), each
+delivery has one overall deadline, an owner has at most ``per_owner`` deliveries in flight,
+and a delivery waiting to retry holds no slot.
 
 Exactly once per event and callback across any number of server processes: one deliverer
 leads at a time (a lease in ``callback_leader``, judged by the database clock, renewed at
@@ -28,6 +41,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import ipaddress
 import logging
 import os
@@ -77,9 +92,19 @@ def redact_url(url: str) -> str:
         return "<unparseable URL>"
 
 
+# IPv6 addresses that carry an IPv4 one, which the IPv4 checks would have to judge:
+# IPv4-compatible (deprecated), NAT64 (well-known and local-use), 6to4 and Teredo.
+_EMBEDS_IPV4 = tuple(ipaddress.ip_network(n) for n in (
+    "::/96", "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "2001::/32"))
+STANDARD_PORTS = {"http": 80, "https": 443}
+
+
 def _why_not_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif any(ip in net for net in _EMBEDS_IPV4):
+            return "an IPv6 address that embeds an IPv4 one (NAT64, 6to4, Teredo)"
     if ip.is_loopback:
         return "a loopback address"
     if ip.is_link_local:
@@ -95,21 +120,51 @@ def _why_not_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | 
     return None
 
 
-def _resolve(host: str, port: int) -> list[str]:
+def resolve(host: str, port: int) -> list[str]:
+    """The addresses of ``host`` (the system's resolver), for one delivery."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]).split("%", 1)[0] for info in infos})
+
+
+def _addresses(host: str, port: int) -> list[str]:
     try:
         return [str(ipaddress.ip_address(host))]
     except ValueError:
         pass
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as exc:
-        raise CallbackRefused(f"cannot resolve host {host!r} ({exc})") from None
-    return sorted({str(info[4][0]).split("%", 1)[0] for info in infos})
+        return resolve(host, port)
+    except (OSError, UnicodeError):
+        raise CallbackRefused(f"cannot resolve host {host!r}") from None
 
 
-def check_callback_url(url: str, *, allow_private: bool) -> None:
-    """Refuse a callback URL that is malformed or, unless allowed, reaches a non-public
-    address. Resolves the host name and checks every address it has. Blocking (DNS)."""
+@dataclass(frozen=True)
+class Target:
+    """Where one delivery goes: the URL's name, and the one address checked for it."""
+
+    scheme: str
+    host: str
+    port: int
+    address: str
+    path: str
+
+    def url(self) -> str:
+        """The URL with the checked address in place of the name."""
+        addr = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{self.scheme}://{addr}:{self.port}{self.path}"
+
+    def host_header(self) -> str:
+        name = f"[{self.host}]" if ":" in self.host else self.host
+        default = STANDARD_PORTS[self.scheme] == self.port
+        return name if default else f"{name}:{self.port}"
+
+
+def check_callback_url(url: str, *, allow_private: bool) -> Target:
+    """The place a callback URL reaches, or :class:`CallbackRefused` saying why not.
+
+    Refuses a malformed URL and, unless ``allow_private``, a non-standard port or a name
+    with any non-public address. Resolves the name once (blocking DNS); the caller
+    connects to ``Target.address``, never to the name again.
+    """
     if len(url) > MAX_URL_LENGTH:
         raise CallbackRefused(f"longer than {MAX_URL_LENGTH} characters")
     if any(ord(c) < 33 or ord(c) == 127 for c in url):
@@ -119,21 +174,41 @@ def check_callback_url(url: str, *, allow_private: bool) -> None:
         port = parts.port
     except ValueError as exc:
         raise CallbackRefused(f"not a valid URL ({exc})") from None
-    if parts.scheme not in ("http", "https"):
+    if parts.scheme not in STANDARD_PORTS:
         raise CallbackRefused("must start with http:// or https://")
     host = parts.hostname
     if not host:
         raise CallbackRefused("has no host")
-    if allow_private:
-        return
-    for addr in _resolve(host, port or (443 if parts.scheme == "https" else 80)):
-        why = _why_not_public(ipaddress.ip_address(addr))
-        if why is not None:
-            shown = host if host == addr else f"{host} ({addr})"
-            raise CallbackRefused(
-                f"{shown} is {why}; callbacks to loopback, private and "
-                f"link-local addresses are refused unless the operator sets "
-                f"{ALLOW_PRIVATE_ENV}=1")
+    if parts.username is not None or parts.password is not None:
+        raise CallbackRefused("must not carry a user name or password")
+    port = port or STANDARD_PORTS[parts.scheme]
+    if not allow_private and port not in STANDARD_PORTS.values():
+        raise CallbackRefused(f"uses port {port}: callbacks go to ports 80 and 443 unless "
+                              f"the operator sets {ALLOW_PRIVATE_ENV}=1")
+    path = parts.path or "/"
+    if parts.query:
+        path += f"?{parts.query}"
+    addresses = _addresses(host, port)
+    if not addresses:
+        raise CallbackRefused(f"cannot resolve host {host!r}")
+    if not allow_private:
+        literal = addresses == [host]
+        for addr in addresses:
+            why = _why_not_public(ipaddress.ip_address(addr))
+            if why is not None:
+                # The addresses a name resolved to stay out of the answer: they would
+                # make the server a scanner of what its network's names point at.
+                raise CallbackRefused(
+                    f"{host} {'is' if literal else 'resolves to'} {why}; callbacks to "
+                    f"loopback, private and link-local addresses are refused unless the "
+                    f"operator sets {ALLOW_PRIVATE_ENV}=1")
+    return Target(parts.scheme, host, port, addresses[0], path)
+
+
+def signature(secret: str, timestamp: int, body: bytes) -> str:
+    """The value of ``X-Spotrun-Signature`` for ``body`` sent at ``timestamp``."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={mac.hexdigest()}"
 
 
 @dataclass(frozen=True)
@@ -156,7 +231,8 @@ class CallbackDeliverer:
 
     def __init__(self, store: JobStore, *, allow_private: bool, attempts: int = 6,
                  backoff_seconds: float = 1.0, timeout_seconds: float = 5.0,
-                 poll_seconds: float = 2.0, max_in_flight: int = 16) -> None:
+                 poll_seconds: float = 2.0, max_in_flight: int = 16,
+                 per_owner: int = 4) -> None:
         self.store = store
         self.allow_private = allow_private
         self.attempts = attempts
@@ -175,6 +251,9 @@ class CallbackDeliverer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(max_in_flight)
+        self.per_owner = per_owner
+        self._owner_slots: dict[str, asyncio.Semaphore] = {}
+        self._secrets: dict[str, str] = {}
         self._client: httpx.AsyncClient | None = None
 
     def poke(self) -> None:
@@ -183,7 +262,10 @@ class CallbackDeliverer:
 
     async def run(self) -> None:
         """Follow the feed until cancelled."""
+        # trust_env=False: an HTTP(S)_PROXY in the environment would resolve the name
+        # itself and carry the POST past the address check.
         self._client = httpx.AsyncClient(timeout=self.timeout_seconds, follow_redirects=False,
+                                         trust_env=False,
                                          headers={"User-Agent": "spotrun-callbacks"})
         failing = False
         try:
@@ -268,8 +350,7 @@ class CallbackDeliverer:
         try:
             while not queue.empty():
                 d = queue.get_nowait()
-                async with self._slots:
-                    sent = await self._deliver(d)
+                sent = await self._deliver(d)
                 if sent:
                     await self._record(d.event_id)
                     continue
@@ -286,12 +367,13 @@ class CallbackDeliverer:
         last_error = ""
         for attempt in range(self.attempts):
             if attempt:
+                # Waiting holds no slot: a failing receiver delays only its own job.
                 await asyncio.sleep(self.backoff_seconds * 2 ** (attempt - 1))
             if not self.leading():
                 return False
             try:
-                await asyncio.to_thread(check_callback_url, d.url,
-                                        allow_private=self.allow_private)
+                target = await asyncio.to_thread(check_callback_url, d.url,
+                                                 allow_private=self.allow_private)
             except CallbackRefused as exc:
                 await self._note(d, f"callback for '{d.kind}' not sent: {exc}")
                 return True
@@ -302,10 +384,17 @@ class CallbackDeliverer:
             if not self.leading():
                 return False
             headers = {"X-Spotrun-Event": d.kind, "X-Spotrun-Delivery": str(d.event_id)}
+            owner = job.owner or ""
+            slots = self._owner_slots.setdefault(owner, asyncio.Semaphore(self.per_owner))
             try:
-                status = await self._send(d.url, job.to_json(with_events=False), headers)
-            except httpx.HTTPError as exc:
-                last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                async with slots, self._slots:
+                    status = await self._send(target, owner, job.to_json(with_events=False),
+                                              headers)
+            except (httpx.HTTPError, TimeoutError) as exc:
+                last_error = (f"{type(exc).__name__}: {exc}" if str(exc)
+                              else type(exc).__name__)
+                if isinstance(exc, TimeoutError):
+                    last_error = f"no answer within {self.timeout_seconds:g} s"
                 continue
             if 200 <= status < 300:
                 return True
@@ -315,14 +404,28 @@ class CallbackDeliverer:
                             f"(last: {last_error})")
         return True
 
-    async def _send(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> int:
+    async def _send(self, target: Target, owner: str, body: dict[str, Any],
+                    headers: dict[str, str]) -> int:
+        """POST to the checked address; the answer's status (its body is never read)."""
         from spotrun.api import json_bytes
 
         assert self._client is not None
-        response = await self._client.post(
-            url, content=json_bytes(body),
-            headers={**headers, "Content-Type": "application/json"})
-        return response.status_code
+        secret = self._secrets.get(owner)
+        if secret is None:
+            secret = self._secrets[owner] = await asyncio.to_thread(
+                self.store.callback_secret, owner or None)
+        content = json_bytes(body)
+        extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+        # One deadline for the whole delivery, connect to status line: a receiver that
+        # trickles its answer cannot hold a slot for longer.
+        async with asyncio.timeout(self.timeout_seconds):
+            async with self._client.stream(
+                    "POST", target.url(), content=content, extensions=extensions,
+                    headers={**headers, "Host": target.host_header(),
+                             "Content-Type": "application/json",
+                             "X-Spotrun-Signature": signature(secret, int(time.time()),
+                                                              content)}) as response:
+                return response.status_code
 
     async def _note(self, d: Delivery, message: str) -> None:
         log.warning("job %s: %s", d.job_id, message)

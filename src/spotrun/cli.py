@@ -766,6 +766,16 @@ def token_create(
     typer.echo(token)
 
 
+@token_app.command("callback-secret")
+@friendly
+def token_callback_secret(name: Annotated[str | None, typer.Argument(
+        help="the user whose key to print [default: the operators' jobs, which have no "
+             "owner]")] = None) -> None:
+    """Print the key that signs the callbacks of NAME's jobs (X-Spotrun-Signature)."""
+    with open_store() as store:
+        typer.echo(store.callback_secret(name))
+
+
 @token_app.command("list")
 @friendly
 def token_list() -> None:

@@ -239,3 +239,14 @@ callback_deliveries = sa.Table(
     sa.Column("event_id", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("at", sa.Float, nullable=False),
 )
+
+# The key each owner's callbacks are signed with (HMAC-SHA256), so that a receiver can
+# tell a real "succeeded" from a forged one. Kept readable: the server signs with it, and
+# its owner fetches it (GET /v1/callback-secret). owner '' is the operators' jobs.
+callback_secrets = sa.Table(
+    "callback_secrets",
+    metadata,
+    sa.Column("owner", sa.String(100), primary_key=True),
+    sa.Column("secret", sa.String(100), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)

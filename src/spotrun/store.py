@@ -49,6 +49,7 @@ from spotrun.schema import (
     api_tokens,
     callback_deliveries,
     callback_leader,
+    callback_secrets,
     events,
     intake_leases,
     intake_requests,
@@ -1350,6 +1351,25 @@ class JobStore:
                 .limit(limit)
             ).all()
         return [(int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
+
+    def callback_secret(self, owner: str | None) -> str:
+        """The key ``owner``'s callbacks are signed with (made at first use); None: the
+        operators' jobs, which have no owner."""
+        key = owner or ""
+        with self._tx() as conn:
+            found = conn.execute(sa.select(callback_secrets.c.secret).where(
+                callback_secrets.c.owner == key)).scalar()
+            if found is not None:
+                return str(found)
+            secret = "spcs_" + secrets.token_urlsafe(32)
+            try:
+                with conn.begin_nested():
+                    conn.execute(callback_secrets.insert().values(
+                        owner=key, secret=secret, created_at=self._now))
+            except sa.exc.IntegrityError:  # made at the same moment by another process
+                return str(conn.execute(sa.select(callback_secrets.c.secret).where(
+                    callback_secrets.c.owner == key)).scalar_one())
+            return secret
 
     def callback_done(self, holder: str, event_id: int) -> bool:
         """Record an event delivered (or given up on), if ``holder`` still leads."""
