@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import tomllib
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -383,7 +384,9 @@ def test_keda_scales_the_spot_workers_on_the_queue(base: list[Doc]) -> None:
     meta = trigger["metadata"]
     assert all(isinstance(v, str) for v in meta.values()), "KEDA metadata values are strings"
     query = " ".join(meta["query"].split())
-    assert query.startswith("SELECT count(*) FROM jobs")
+    # Counts only: KEDA's user reads a view of how many jobs each pool has, never the jobs.
+    assert query.startswith("SELECT coalesce(sum(jobs), 0) FROM spotrun_pool_demand")
+    assert " jobs " not in query.replace("sum(jobs)", "")
     assert "state = 'queued'" in query and "state = 'running'" in query
     assert float(meta["targetQueryValue"]) > 0
     auth = find(base, "TriggerAuthentication", trigger["authenticationRef"]["name"])
@@ -611,3 +614,74 @@ def test_the_pubsub_intake_is_configured_and_stops_inside_its_grace_period(
     proxy = pod(d)["initContainers"][0]
     assert float(e["SPOTRUN_GRACE_SECONDS"]) <= seconds(
         flag_value(proxy["args"], "--max-sigterm-delay") or "") <= grace
+
+
+# ------------------------------------------------------------------ least privilege
+
+
+def test_keda_reads_counts_and_nothing_else(pg_url: str) -> None:
+    """KEDA's user, granted the one view, counts the queue and cannot read a job."""
+    import psycopg
+
+    query = find(load_base(), "ScaledObject", "spotrun-worker-spot")["spec"]["triggers"][0][
+        "metadata"]["query"]
+    store = JobStore.open(pg_url)
+    try:
+        store.submit("sleep", {}, owner="alice")
+        role = f"keda_{uuid.uuid4().hex[:8]}"
+        admin_url = pg_url.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f"CREATE ROLE {role} LOGIN")
+            conn.execute(f"GRANT SELECT ON spotrun_pool_demand TO {role}")
+        try:
+            reader = admin_url.replace("postgres@", f"{role}@", 1)
+            with psycopg.connect(reader, autocommit=True) as conn:
+                assert conn.execute(query).fetchone() == (1,)
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute("SELECT params FROM jobs")
+        finally:
+            with psycopg.connect(admin_url, autocommit=True) as conn:
+                conn.execute(f"REVOKE ALL ON spotrun_pool_demand FROM {role}")
+                conn.execute(f"DROP ROLE {role}")
+    finally:
+        store.close()
+
+
+def _egress_blocks(policy: Doc) -> list[dict[str, Any]]:
+    return [peer["ipBlock"] for rule in policy["spec"].get("egress", [])
+            for peer in rule.get("to", []) if "ipBlock" in peer]
+
+
+def test_network_policies_keep_the_api_off_the_metadata_service_and_the_cluster(
+        base: list[Doc]) -> None:
+    private = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16")
+    api = find(base, "NetworkPolicy", "spotrun-api")
+    assert set(api["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    for block in _egress_blocks(api):
+        # Only the GKE metadata server's token endpoint, or public addresses.
+        if block["cidr"] != "169.254.169.252/32":
+            assert block["cidr"] == "0.0.0.0/0" and set(private) <= set(block["except"])
+    assert all("169.254.169.254" not in b["cidr"] for b in _egress_blocks(api))
+    workers = find(base, "NetworkPolicy", "spotrun-workers")
+    assert workers["spec"]["ingress"] == []  # nothing reaches a worker
+    assert {"cidr": "169.254.169.254/32"} in _egress_blocks(workers)  # the notice
+    # Every pod of spotrun is selected by a policy.
+    selected = [p["spec"]["podSelector"]["matchLabels"]
+                for p in base if p["kind"] == "NetworkPolicy"]
+    for d in deployments(base):
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        assert any(_selects(sel, labels) for sel in selected), d["metadata"]["name"]
+
+
+def test_only_the_workers_get_a_kubernetes_api_token(base: list[Doc]) -> None:
+    accounts = {d["metadata"]["name"]: d for d in base if d["kind"] == "ServiceAccount"}
+    assert set(accounts) == {"spotrun-api", "spotrun-worker", "spotrun-intake",
+                             "spotrun-sql-proxy"}
+    for d in deployments(base):
+        spec = pod(d)
+        sa = accounts[spec["serviceAccountName"]]
+        mounted = spec.get("automountServiceAccountToken",
+                           sa.get("automountServiceAccountToken", True))
+        is_worker = d["metadata"]["name"].startswith("spotrun-worker")
+        assert mounted == is_worker, d["metadata"]["name"]
+        assert (spec["serviceAccountName"] == "spotrun-worker") == is_worker
