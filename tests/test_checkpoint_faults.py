@@ -196,3 +196,24 @@ def test_a_zombie_cannot_overwrite_a_finished_jobs_model(
         w.signal(signal.SIGTERM)
     for w in (w1, w2):
         exits_within(w, 10)
+
+
+def test_a_store_error_names_no_endpoint_for_the_user(monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """What reaches a job's history or error says that the checkpoint store failed, never
+    where it is (a bucket, an endpoint, a path): that stays in the worker's log."""
+    from spotrun.checkpoints import CheckpointStore, CheckpointUnavailable
+
+    # Nothing listens there: the client's error names the endpoint.
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    store = CheckpointStore("s3://private-bucket/prefix")
+    with pytest.raises(CheckpointUnavailable) as err, caplog.at_level("WARNING"):
+        store.load("jobs/x/a0001-s000000001")
+    words = str(err.value)
+    assert "checkpoint store" in words
+    for secret in ("127.0.0.1", "private-bucket", "prefix", ":9"):
+        assert secret not in words, words
+    assert "private-bucket" in caplog.text  # the operator still sees where

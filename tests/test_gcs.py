@@ -90,10 +90,11 @@ def test_round_trip_through_the_emulator(gcs: GCSServer, bucket: str,
 
     store.delete(saved.path)
     assert gcs.keys(bucket, prefix) == [] and not store.exists(saved.path)
-    store.save_model("job1", {"model.safetensors": b"w" * 100}, {"step": 400})
+    store.save_model("job1", {"model.safetensors": b"w" * 100}, {"step": 400}, attempt=1)
     store.delete_job("job1")
-    assert gcs.keys(bucket) == ["ckpts/models/job1/MANIFEST.json",
-                                "ckpts/models/job1/model.safetensors"]
+    # A job's model is its attempt's own (models/<job>/a<attempt>/), kept past the job.
+    assert gcs.keys(bucket) == ["ckpts/models/job1/a0001/MANIFEST.json",
+                                "ckpts/models/job1/a0001/model.safetensors"]
     assert store.probe() > 0
     assert gcs.keys(bucket, "ckpts/probe/") == []
 
@@ -222,8 +223,9 @@ def test_a_preempted_job_resumes_from_gcs_on_another_host_bit_identical(
     assert job.state is JobState.SUCCEEDED, events
     assert f"resumed on w2 from step {step}/135" in events, events
     assert job.result["weights_sha256"] == reference
+    model = f"ckpts/models/{job_id}/a{job.attempt:04d}/"  # the attempt that succeeded
     assert gcs.keys(bucket, f"ckpts/models/{job_id}/") == [
-        f"ckpts/models/{job_id}/{MANIFEST}", f"ckpts/models/{job_id}/model.safetensors"]
+        f"{model}{MANIFEST}", f"{model}model.safetensors"]
     wait_until(lambda: gcs.keys(bucket, f"ckpts/jobs/{job_id}/") == [], 20,
                "the job's checkpoints to be deleted")
     assert not (host2.home / "checkpoints").exists()

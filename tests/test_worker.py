@@ -387,6 +387,9 @@ def test_idle_worker_exits_at_once_and_a_second_signal_exits_now(
     w2 = env.worker("w2", "--grace-seconds", "30")
     job_id = submit(env, "sleep", "seconds=60", "steps=1")
     running_on(st, job_id)
+    # Inside its one long step (a notice before it would end the job at step 0 at once).
+    wait_until(lambda: st.get(job_id, with_events=False).progress.total == 1, 30,
+               "the pipeline to report step 0/1")
     w2.signal(signal.SIGTERM)
     time.sleep(0.3)
     w2.signal(signal.SIGTERM)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -40,6 +41,8 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger("spotrun.checkpoints")
 
 MANIFEST = "MANIFEST.json"
 DIR_FILES = "files"  # a directory checkpoint's files live under this prefix
@@ -326,14 +329,13 @@ class CheckpointStore:
             raise CheckpointCorrupt(f"file {name} is missing") from None
         except OSError as exc:
             if self.local:
-                raise CheckpointCorrupt(f"file {name} cannot be read: {exc}") from None
-            raise CheckpointUnavailable(f"file {name} cannot be read from {self.url}: "
-                                        f"{type(exc).__name__}: {exc}") from None
+                raise CheckpointCorrupt(f"file {name} cannot be read "
+                                        f"({exc.strerror or type(exc).__name__})") from None
+            raise self._unavailable(f"file {name}", exc) from None
         except CheckpointCorrupt:
             raise
         except Exception as exc:
-            raise CheckpointUnavailable(f"file {name} cannot be read from {self.url}: "
-                                        f"{type(exc).__name__}: {exc}") from None
+            raise self._unavailable(f"file {name}", exc) from None
         size = os.path.getsize(dst)
         if size != info.get("size"):
             raise CheckpointCorrupt(f"file {name} has {size} bytes, the manifest says "
@@ -379,12 +381,10 @@ class CheckpointStore:
             # EIO, ESTALE, EACCES, a hung NFS mount timing out: the read failed, which says
             # nothing of the data. Only verified damage (size, checksum, a missing or
             # unreadable manifest) may make a worker drop a pointer for good.
-            raise CheckpointUnavailable(f"{what} cannot be read from {self.url}: "
-                                        f"{type(exc).__name__}: {exc}") from None
+            raise self._unavailable(f"{what}", exc) from None
         except Exception as exc:
             # Network errors of the object store's client (not OSErrors): an outage.
-            raise CheckpointUnavailable(f"{what} cannot be read from {self.url}: "
-                                        f"{type(exc).__name__}: {exc}") from None
+            raise self._unavailable(f"{what}", exc) from None
 
     def load_model(self, job_id: str, attempt: int = 1) -> Loaded:
         """The model of this attempt of the job (the job's attempt, once it succeeded)."""
@@ -416,13 +416,21 @@ class CheckpointStore:
         try:
             return bytes(self.fs.cat_file(path))
         except FileNotFoundError:
-            raise InputMissing(f"{rel} is not in the checkpoint store {self.url}") from None
+            raise InputMissing(f"{rel} is not in the checkpoint store") from None
         except IsADirectoryError:
-            raise InputMissing(f"{rel} in the checkpoint store {self.url} is a directory, "
+            raise InputMissing(f"{rel} in the checkpoint store is a directory, "
                                "not a file") from None
         except Exception as exc:
-            raise CheckpointUnavailable(f"{rel} cannot be read from {self.url}: "
-                                        f"{type(exc).__name__}: {exc}") from None
+            raise self._unavailable(f"{rel}", exc) from None
+
+    def _unavailable(self, what: str, exc: BaseException) -> CheckpointUnavailable:
+        """The error for a read that failed: the store's URL and the client's words (which
+        name endpoints, hosts and paths) go to this process's log, not into the job's
+        history or error, which its user reads."""
+        log.warning("%s cannot be read from %s: %s: %s", what, self.url,
+                    type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
+        return CheckpointUnavailable(f"{what} cannot be read from the checkpoint store "
+                                     f"({type(exc).__name__})")
 
     def exists(self, rel: str) -> bool:
         return bool(self.fs.exists(f"{self._abs(rel)}/{MANIFEST}"))

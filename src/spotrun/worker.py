@@ -460,9 +460,11 @@ class JobRunner:
             # its lease expire and loop through every worker with the same fault.
             log.exception("job %s: worker error", self.job.id)
             with contextlib.suppress(Exception):
+                # The job's user reads its error: the worker's own words (which may name
+                # hosts, paths, endpoints) and traceback stay in the worker's log.
                 self.store.fail(self.lease, f"worker {self.lease.worker_name} could not run "
-                                f"the job: {type(exc).__name__}: {exc}",
-                                traceback.format_exc(), run_seconds=self.run_seconds())
+                                f"the job ({type(exc).__name__}; the worker's log has the "
+                                "details)", None, run_seconds=self.run_seconds())
         finally:
             self.logger.removeHandler(self.logs)
             self._settle_model()
