@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import random
 import signal
 import subprocess
@@ -57,6 +58,9 @@ class Preempted:
         return [e.message for e in self.job.events]
 
 
+PROGRESS_LAG_SECONDS = 3.0  # a heartbeat (2 s), and then some
+
+
 def preempt_three_times(env: Env, pipeline: str, params: dict[str, Any], *, total: int,
                         step_delay: float) -> Preempted:
     """Submit ``pipeline``, SIGTERM the worker running it three times at random steps
@@ -71,9 +75,13 @@ def preempt_three_times(env: Env, pipeline: str, params: dict[str, Any], *, tota
         run = Preempted(seed=random.randrange(2**32))
         rng = random.Random(run.seed)
         last = 0
+        # Progress reaches the store up to a heartbeat late: every notice must leave the
+        # job that long still to run, or it may finish before the notice comes.
+        end = total - math.ceil(PROGRESS_LAG_SECONDS / step_delay)
+        assert end > 12, "too few steps at this step_delay to place three notices"
         for round_ in range(3):
             # Spread the three notices over the run, each at a random step.
-            target = last + rng.randint(3, max(4, (total - last) // (4 - round_) - 2))
+            target = last + rng.randint(3, max(4, (end - last) // (4 - round_) - 2))
             name = wait_until(functools.partial(_running_past, st, job_id, target), 180,
                               f"job past step {target} (seed {run.seed})")
             run.metrics.append(dict(st.get(job_id, with_events=False).progress.metrics))

@@ -34,7 +34,7 @@ def test_a_trainer_preempted_three_times_ends_with_the_uninterrupted_weights(
     listed = json.loads(env.cli("pipelines", "--json").stdout)
     assert "hf-trainer" in [p["name"] for p in listed]
 
-    run = preempt_three_times(env, "hf-trainer", PARAMS, total=TOTAL, step_delay=0.1)
+    run = preempt_three_times(env, "hf-trainer", PARAMS, total=TOTAL, step_delay=0.5)
     job, messages = run.job, run.messages()
     assert job is not None and job.state is JobState.SUCCEEDED, messages
     assert job.preemptions == 3 and job.retries == 0
