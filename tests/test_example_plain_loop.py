@@ -59,7 +59,9 @@ def test_preempted_at_random_steps_it_ends_with_the_uninterrupted_weights(
         env_factory: Callable[..., Env], db_url: str, tmp_path: Path) -> None:
     env = env_factory(db_url, PYTHONPATH=install_example("plain_loop", tmp_path / "site"))
     st = env.store()
-    args = ["submit", "plain-loop", "-p", "step_delay=0.06"]
+    # Slow enough that progress, which reaches the store up to a heartbeat late, is seen
+    # well before the job ends, however many notices it takes.
+    args = ["submit", "plain-loop", "-p", "step_delay=0.12"]
     for k, v in PARAMS.items():
         args += ["-p", f"{k}={v}"]
     job_id = env.cli(*args).stdout.strip()
