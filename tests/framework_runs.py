@@ -82,6 +82,7 @@ def preempt_three_times(env: Env, pipeline: str, params: dict[str, Any], *, tota
         for round_ in range(3):
             # Spread the three notices over the run, each at a random step.
             target = last + rng.randint(3, max(4, (end - last) // (4 - round_) - 2))
+            target = max(last + 1, min(target, end))
             name = wait_until(functools.partial(_running_past, st, job_id, target), 180,
                               f"job past step {target} (seed {run.seed})")
             run.metrics.append(dict(st.get(job_id, with_events=False).progress.metrics))

@@ -84,7 +84,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
             output_dir=out, num_train_epochs=p.epochs, per_device_train_batch_size=p.batch_size,
             gradient_accumulation_steps=p.accumulate, learning_rate=p.lr,
             warmup_steps=p.warmup, weight_decay=0.01, seed=p.seed,
-            save_strategy="no", report_to="none", logging_steps=5, disable_tqdm=True,
+            save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True,
             use_cpu=True, dataloader_num_workers=0)
         trainer = Trainer(model=model, args=args, train_dataset=Sequences(),
                           callbacks=[spot, Slow()])
