@@ -1632,6 +1632,18 @@ class JobStore:
                                                       intake_leases.c.holder == holder))
 
 
+_SQLITE_QUEUED_OWNERS = sa.text("""
+WITH RECURSIVE named(o) AS (
+    SELECT (SELECT owner FROM jobs WHERE state = 'queued' AND owner IS NOT NULL
+            ORDER BY owner LIMIT 1)
+    UNION ALL
+    SELECT (SELECT owner FROM jobs WHERE state = 'queued' AND owner > named.o
+            ORDER BY owner LIMIT 1)
+    FROM named WHERE named.o IS NOT NULL
+)
+SELECT o FROM named WHERE o IS NOT NULL""")
+
+
 def _sqlite_pick(conn: Connection, *, has_cuda: bool, pool: str | None) -> str | None:
     """The claim's pick on SQLite, shared fairly by owner: the steps of PostgreSQL's
     ``spotrun_next_job`` (migration 0008), inside the claim's BEGIN IMMEDIATE."""
@@ -1652,23 +1664,24 @@ def _sqlite_pick(conn: Connection, *, has_cuda: bool, pool: str | None) -> str |
     urgent = first(jobs.c.priority > 0)  # an operator's right: ahead of every share
     if urgent is not None:
         return urgent
-    owners = [r[0] for r in conn.execute(
-        sa.select(jobs.c.owner).where(queued).group_by(jobs.c.owner)).all()]
+    # The owners with queued jobs by a loose scan of ix_jobs_state_owner (one probe per
+    # owner, not a read of the whole queue), then the operators' (no owner) if any.
+    owners: list[str | None] = [r[0] for r in conn.execute(_SQLITE_QUEUED_OWNERS).all()]
+    if conn.execute(sa.select(jobs.c.id).where(queued, jobs.c.owner.is_(None)).limit(1)
+                    ).first() is not None:
+        owners.append(None)
     if not owners:
         return None
 
     def mine(owner: str | None) -> sa.ColumnElement[bool]:
         return jobs.c.owner.is_(None) if owner is None else jobs.c.owner == owner
 
-    running: dict[str | None, int] = {r[0]: int(r[1]) for r in conn.execute(
-        sa.select(jobs.c.owner, sa.func.count()).where(
-            sa.text("jobs.state = 'running'")).group_by(jobs.c.owner)).all()}
-    limits: dict[str | None, int | None] = {r[0]: r[1] for r in conn.execute(
-        sa.select(quotas.c.owner, quotas.c.max_running)).all()}
     ranked = []
     for owner in owners:
-        n = int(running.get(owner, 0))
-        limit = limits.get(owner) or 0
+        n = int(conn.execute(sa.select(sa.func.count()).select_from(jobs).where(
+            sa.text("jobs.state = 'running'"), mine(owner))).scalar_one())
+        limit = None if owner is None else conn.execute(
+            sa.select(quotas.c.max_running).where(quotas.c.owner == owner)).scalar()
         if limit and n >= limit:
             continue
         head = conn.execute(sa.select(jobs.c.created_at).where(queued, mine(owner))
