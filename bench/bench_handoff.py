@@ -181,7 +181,7 @@ def preempt_series(name: str, n: int, args: argparse.Namespace,
                 print(f"    {name} #{i + 1}: exit {exits[-1]:.3f} s", flush=True)
                 procs.update(dict([start(children)]))
             final = store.get(job.id)
-            handoffs = [h for h in store.preemption_handoffs() if h is not None]
+            handoffs = [h for h in store.analytics.preemption_handoffs() if h is not None]
             ck_secs = []
             pre_at: list[float] = []
             for e in final.events:

@@ -43,9 +43,9 @@ class Api:
     def __init__(self, client: httpx.Client, store: JobStore) -> None:
         self.client = client
         self.store = store
-        self.tokens = {"admin": store.create_token("admin", admin=True),
-                       "alice": store.create_token("alice"),
-                       "bob": store.create_token("bob")}
+        self.tokens = {"admin": store.tokens.create("admin", admin=True),
+                       "alice": store.tokens.create("alice"),
+                       "bob": store.tokens.create("bob")}
 
     def h(self, who: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[who]}"}
@@ -113,7 +113,7 @@ def test_no_token_bad_token_and_revoked_token_get_401(api: Api) -> None:
     r = api.client.get("/v1/jobs", headers={"Authorization": "Bearer spr_not-a-token"})
     assert r.status_code == 401
     assert api.get("/v1/jobs", "bob").status_code == 200
-    api.store.revoke_token("bob")
+    api.store.tokens.revoke("bob")
     r = api.get("/v1/jobs", "bob")
     assert r.status_code == 401
     assert r.json()["detail"] == "invalid, expired or revoked token"
@@ -148,7 +148,7 @@ def test_users_see_and_cancel_only_their_own_jobs_admin_sees_all(api: Api) -> No
 def test_cookie_is_accepted_for_reads_only(sapi: Api) -> None:
     api = sapi
     api.client.cookies.set("spotrun_session",
-                           api.store.create_session("alice", expires_in=60))
+                           api.store.tokens.create_session("alice", expires_in=60))
     try:
         assert api.client.get("/v1/jobs").status_code == 200
         r = api.client.post("/v1/jobs", json={"pipeline": "sleep"})

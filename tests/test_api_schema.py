@@ -36,7 +36,7 @@ from spotrun.store import JobStore, Lease
 _HOME = Path(tempfile.mkdtemp(prefix="spotrun-schema-"))
 _URL = f"sqlite:///{_HOME / 'spotrun.db'}"
 _STORE = JobStore.open(_URL)
-_ADMIN = _STORE.create_token("schema-admin", admin=True)
+_ADMIN = _STORE.tokens.create("schema-admin", admin=True)
 
 
 def _seed(store: JobStore) -> list[str]:

@@ -210,7 +210,7 @@ def test_callbacks_are_signed_with_the_owners_key(store: JobStore, tmp_path: Pat
     receiver = Receiver()
     deliverer = CallbackDeliverer(store, allow_private=True, attempts=1, poll_seconds=0.1)
     srv = _served(store, tmp_path, deliverer)
-    token = store.create_token("alice")
+    token = store.tokens.create("alice")
     try:
         url = f"http://127.0.0.1:{srv.port}"
         got = httpx.get(f"{url}/v1/callback-secret",
@@ -227,7 +227,7 @@ def test_callbacks_are_signed_with_the_owners_key(store: JobStore, tmp_path: Pat
                             hashlib.sha256).hexdigest()
         assert hmac.compare_digest(fields["v1"], expected)
         # Another owner's key does not verify it: a forger needs alice's key.
-        bobs = store.callback_secret("bob")
+        bobs = store.callbacks.secret("bob")
         assert bobs != key
         forged = hmac.new(bobs.encode(), f"{fields['t']}.".encode() + body,
                           hashlib.sha256).hexdigest()

@@ -160,8 +160,8 @@ def test_a_job_no_live_worker_can_run_says_so(env_factory: Callable[..., Env],
                                "pool 'gpu'"), shown
     assert "warning" not in env.cli("show", ok.stdout.strip()).stdout
 
-    st.create_token("admin", admin=True)
-    token = st.create_session("admin", expires_in=600)  # the dashboard's sign-in
+    st.tokens.create("admin", admin=True)
+    token = st.tokens.create_session("admin", expires_in=600)  # the dashboard's sign-in
     settings = Settings.from_env(home=str(tmp_path), database_url=sqlite_url)
     srv = ServerThread(create_app(settings, store=st, deliverer=False), "127.0.0.1", 0,
                        access_log=False)

@@ -619,7 +619,7 @@ def test_only_an_admin_token_or_an_allowed_program_submits_command_jobs(
     monkeypatch.setenv("SPOTRUN_COMMAND_PROGRAMS", f"/usr/bin/true{os.pathsep}true")
     store = JobStore.open(sqlite_url)
     settings = Settings.from_env(home=str(tmp_path / "home"), database_url=sqlite_url)
-    admin, alice = store.create_token("admin", admin=True), store.create_token("alice")
+    admin, alice = store.tokens.create("admin", admin=True), store.tokens.create("alice")
     try:
         with TestClient(create_app(settings, store=store, deliverer=False)) as client:
             def post(token: str, **params: Any) -> Any:
@@ -647,7 +647,7 @@ def test_only_an_admin_token_or_an_allowed_program_submits_command_jobs(
             # The dashboard's form obeys the same rule (signed in with a session each).
             origin = {"Origin": "http://testserver"}
             client.cookies.set("spotrun_session",
-                               store.create_session("alice", expires_in=600))
+                               store.tokens.create_session("alice", expires_in=600))
             r = client.get("/submit?pipeline=command")
             assert r.status_code == 200 and 'name="argv"' in r.text
             form = {"pipeline": "command", "argv": '["/bin/sh", "-c", "echo hi"]',
@@ -655,7 +655,7 @@ def test_only_an_admin_token_or_an_allowed_program_submits_command_jobs(
             r = client.post("/submit", data=form, headers=origin, follow_redirects=False)
             assert r.status_code == 403 and "only an admin token" in r.text
             client.cookies.set("spotrun_session",
-                               store.create_session("admin", expires_in=600))
+                               store.tokens.create_session("admin", expires_in=600))
             r = client.post("/submit", data=form, headers=origin, follow_redirects=False)
             assert r.status_code == 303, r.text
         assert [j.owner for j in store.list_jobs()].count("alice") == 1

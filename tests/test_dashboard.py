@@ -65,7 +65,7 @@ def dashboard(env_factory: Callable[..., Env], sqlite_url: str
     for name in ("w1", "w2"):
         env.worker(name, preload=True)
     store = JobStore.open(sqlite_url)
-    token = store.create_token("admin", admin=True)
+    token = store.tokens.create("admin", admin=True)
     settings = Settings.from_env(home=str(env.home), database_url=sqlite_url)
     srv = ServerThread(create_app(settings, store=store), "127.0.0.1", 0, access_log=False)
     srv.start()
@@ -193,7 +193,7 @@ def test_train_preempt_and_resume_in_the_browser(
     expect(note.locator(".detail")).to_contain_text("Young/Daly optimum sqrt(2 x C x M)")
     # The finished page draws the same curve from the stored series.
     expect(page.locator("#curve .marker-preempted")).to_have_count(1)
-    series = env.store().metric_series(job_id)
+    series = env.store().analytics.metric_series(job_id)
     assert {p.attempt for p in series} == {1, 2} and len(series) >= 3
     assert [p.step for p in series] == sorted(p.step for p in series)
     kinds = [e.kind for e in env.store().get(job_id).events]
@@ -227,7 +227,7 @@ def test_login_refuses_a_bad_token_and_pages_need_a_login(
     from playwright.sync_api import expect
 
     store = JobStore.open(sqlite_url)
-    user = store.create_token("alice")
+    user = store.tokens.create("alice")
     settings = Settings.from_env(home=str(tmp_path), database_url=sqlite_url)
     srv = ServerThread(create_app(settings, store=store), "127.0.0.1", 0, access_log=False)
     srv.start()
@@ -333,7 +333,7 @@ def test_up_runs_everything_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
             assert long_job.state.value == "queued"
             assert long_job.events[-1].kind == "handed_back"
             assert [w.state for w in store.list_workers()] == ["stopped"]
-            assert store.verify_token(token) is None  # the session's token died with it
+            assert store.tokens.verify(token) is None  # the session's token died with it
         finally:
             store.close()
         rest = []

@@ -96,7 +96,7 @@ def test_a_cancel_racing_a_claim_is_a_running_cancel_never_a_false_history(
         pg_url: str) -> None:
     import psycopg
 
-    from spotrun.store import _PG_CLAIM, ClaimRequest
+    from spotrun.store import CLAIM_SQL, ClaimRequest
 
     st = JobStore.open(pg_url)
     job = st.submit("sleep", {"seconds": 1})
@@ -105,7 +105,7 @@ def test_a_cancel_racing_a_claim_is_a_running_cancel_never_a_false_history(
     admin = psycopg.connect(pg_url, autocommit=True)
     try:
         # A worker's claim, in flight: its row is locked, its commit not yet sent.
-        claimed = claimer.execute(_PG_CLAIM, ClaimRequest("w-id", "w1", 30.0).params()
+        claimed = claimer.execute(CLAIM_SQL, ClaimRequest("w-id", "w1", 30.0).params()
                                   ).fetchone()
         assert claimed is not None
         outcome: dict[str, Any] = {}

@@ -418,7 +418,7 @@ def test_the_keda_query_counts_the_work_spot_workers_could_do(store: JobStore) -
     with store.engine.connect() as conn:
         count = conn.execute(sa.text(query)).scalar_one()
     assert count == 3  # 1 running on a spot worker + 2 queued it could claim
-    assert store.count_by_state()[JobState.QUEUED.value] == 4
+    assert store.analytics.count_by_state()[JobState.QUEUED.value] == 4
 
 
 # --------------------------------------------------------------------- the API

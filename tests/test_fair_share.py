@@ -67,7 +67,7 @@ def test_a_latecomer_is_not_stuck_behind_500_jobs(env: Env) -> None:
 
     def starts() -> list[str]:
         found = []
-        for _eid, job_id, kind, _at in store.event_kinds_after(after):
+        for _eid, job_id, kind, _at in store.analytics.event_kinds_after(after):
             if kind in ("started", "resumed"):
                 found.append("b" if job_id in bs else "a")
         return found

@@ -42,7 +42,7 @@ def msg(body: Any, message_id: str = "m1", **attributes: str) -> Message:
 def api_detail(sqlite_url: str, tmp_path: Path) -> Iterator[Any]:
     """The ``detail`` the HTTP API answers for a body (None when it queues the job)."""
     store = JobStore.open(sqlite_url)
-    token = store.create_token("checker")
+    token = store.tokens.create("checker")
     app = create_app(Settings.from_env(home=str(tmp_path / "h"), database_url=sqlite_url),
                      store=store, deliverer=False)
     with TestClient(app) as client:
@@ -102,8 +102,8 @@ def test_a_request_is_queued_once_whatever_redelivers_it(store: JobStore) -> Non
     assert len(store.list_jobs()) == 2
     assert job.owner == "pubsub" and job.priority == 3
     # The first message recorded stays the job's: its id goes out with every event.
-    assert store.intake_request(keyed.id) == (RULES.source, "m2", "k")
-    assert store.intake_request(job.id) == (RULES.source, "m1", None)
+    assert store.intake.request(keyed.id) == (RULES.source, "m2", "k")
+    assert store.intake.request(job.id) == (RULES.source, "m1", None)
 
 
 def test_a_key_used_for_another_request_is_refused(store: JobStore) -> None:
@@ -134,24 +134,24 @@ def test_each_jobs_events_are_followed_from_its_own_cursor(store: JobStore) -> N
     a = submit(store, msg({"pipeline": "sleep"}, "m1"), RULES)
     b = submit(store, msg({"pipeline": "sleep"}, "m2", idempotency_key="kb"), RULES)
     store.submit("sleep", {}, owner="alice")  # not from the bus: never published
-    pending = store.intake_events(RULES.source)
+    pending = store.intake.events(RULES.source)
     assert [(e.job_id, e.kind, e.message_id) for e in pending] == [
         (a.id, "submitted", "m1"), (b.id, "submitted", "m2")]
     assert pending[1].idempotency_key == "kb"
-    store.mark_intake_published(a.id, pending[0].event_id, done=False)
-    assert [e.job_id for e in store.intake_events(RULES.source)] == [b.id]
+    store.intake.mark_published(a.id, pending[0].event_id, done=False)
+    assert [e.job_id for e in store.intake.events(RULES.source)] == [b.id]
     store.cancel(a.id)
-    [cancelled] = [e for e in store.intake_events(RULES.source) if e.job_id == a.id]
+    [cancelled] = [e for e in store.intake.events(RULES.source) if e.job_id == a.id]
     assert cancelled.kind == EventKind.CANCELLED and bus_events.is_final(cancelled)
     body, attrs = bus_events.job_event(cancelled)
     assert attrs == {"kind": "cancelled", "job_id": a.id, "event_id": str(cancelled.event_id),
                      "message_id": "m1"}
     assert json.loads(body)["error"] == "cancelled"
-    store.mark_intake_published(a.id, cancelled.event_id, done=True)
-    store.mark_intake_published(a.id, pending[0].event_id, done=False)  # never back
+    store.intake.mark_published(a.id, cancelled.event_id, done=True)
+    store.intake.mark_published(a.id, pending[0].event_id, done=False)  # never back
     store.add_note(a.id, "after the end")
-    assert [e.job_id for e in store.intake_events(RULES.source)] == [b.id]
-    assert store.intake_events("pubsub:projects/p/subscriptions/other") == []
+    assert [e.job_id for e in store.intake.events(RULES.source)] == [b.id]
+    assert store.intake.events("pubsub:projects/p/subscriptions/other") == []
 
 
 def test_an_event_that_commits_after_a_later_one_is_still_published(pg_url: str) -> None:
@@ -159,33 +159,33 @@ def test_an_event_that_commits_after_a_later_one_is_still_published(pg_url: str)
     try:
         a = submit(store, msg({"pipeline": "sleep"}, "m1"), RULES)
         b = submit(store, msg({"pipeline": "sleep"}, "m2"), RULES)
-        for e in store.intake_events(RULES.source):
-            store.mark_intake_published(e.job_id, e.event_id, done=False)
+        for e in store.intake.events(RULES.source):
+            store.intake.mark_published(e.job_id, e.event_id, done=False)
         slow = store.engine.connect()
         tx = slow.begin()
         slow.execute(events_table.insert().values(job_id=a.id, at=0.0, kind="note",
                                                   attempt=0, message="slow"))
         store.add_note(b.id, "fast")  # a later id, committed first
-        [fast] = store.intake_events(RULES.source)
+        [fast] = store.intake.events(RULES.source)
         assert fast.job_id == b.id
-        store.mark_intake_published(b.id, fast.event_id, done=False)
+        store.intake.mark_published(b.id, fast.event_id, done=False)
         tx.commit()
         slow.close()
-        [late] = store.intake_events(RULES.source)
+        [late] = store.intake.events(RULES.source)
         assert (late.job_id, late.message) == (a.id, "slow") and late.event_id < fast.event_id
     finally:
         store.close()
 
 
 def test_one_holder_at_a_time_has_the_publishing_lease(store: JobStore) -> None:
-    assert store.take_lease("events:x", "one", 0.5)
-    assert store.take_lease("events:x", "one", 0.5)  # a renewal
-    assert not store.take_lease("events:x", "two", 0.5)
-    assert store.take_lease("events:y", "two", 30)  # another source's lease
-    wait_until(lambda: store.take_lease("events:x", "two", 30), 30, "the lease to expire")
-    assert not store.take_lease("events:x", "one", 30)
-    store.release_lease("events:x", "two")
-    assert store.take_lease("events:x", "one", 30)
+    assert store.intake.take_lease("events:x", "one", 0.5)
+    assert store.intake.take_lease("events:x", "one", 0.5)  # a renewal
+    assert not store.intake.take_lease("events:x", "two", 0.5)
+    assert store.intake.take_lease("events:y", "two", 30)  # another source's lease
+    wait_until(lambda: store.intake.take_lease("events:x", "two", 30), 30, "the lease to expire")
+    assert not store.intake.take_lease("events:x", "one", 30)
+    store.intake.release_lease("events:x", "two")
+    assert store.intake.take_lease("events:x", "one", 30)
 
 
 def test_a_job_deleted_takes_its_intake_record_with_it(store: JobStore) -> None:
@@ -194,4 +194,4 @@ def test_a_job_deleted_takes_its_intake_record_with_it(store: JobStore) -> None:
         if not store.is_postgres:
             conn.exec_driver_sql("PRAGMA foreign_keys=ON")
         conn.execute(sa.text("DELETE FROM jobs WHERE id = :id"), {"id": job.id})
-    assert store.intake_request(job.id) is None
+    assert store.intake.request(job.id) is None

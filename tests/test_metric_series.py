@@ -26,7 +26,7 @@ def test_the_series_stays_bounded_and_spans_the_whole_run(store: JobStore) -> No
     for step in range(1, steps + 1):
         store.save_progress(lease, step, steps, {"loss": 1.0 / step, "acc": step / steps,  # type: ignore[arg-type]
                                                 "phase": "train", "flag": True})
-    series = store.metric_series(job_id)
+    series = store.analytics.metric_series(job_id)
     assert MAX_METRIC_POINTS // 2 <= len(series) <= MAX_METRIC_POINTS
     got = [p.step for p in series]
     assert got == sorted(got) and got[0] == 1 and got[-1] == steps
@@ -48,5 +48,5 @@ def test_a_zombie_adds_no_point(store: JobStore) -> None:
         conn.execute(jobs.update().where(jobs.c.id == job_id).values(attempt=2))
     with pytest.raises(LeaseLost):
         store.save_progress(lease, 2, 10, {"loss": 0.4})  # type: ignore[arg-type]
-    assert [p.step for p in store.metric_series(job_id)] == [1]
-    assert store.metric_series("no-such-job") == []
+    assert [p.step for p in store.analytics.metric_series(job_id)] == [1]
+    assert store.analytics.metric_series("no-such-job") == []

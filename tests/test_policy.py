@@ -62,7 +62,6 @@ def test_escalated_jobs_are_claimed_only_by_on_demand_workers(store: JobStore) -
 
 
 def test_pool_interruptions_count_only_losses_without_notice(store: JobStore) -> None:
-    from spotrun.schema import jobs
 
     job = store.submit("sleep", {"seconds": 0})
     wid = store.register_worker(name="s", host="h", pid=1, pool="spot", has_cuda=False,
@@ -70,13 +69,12 @@ def test_pool_interruptions_count_only_losses_without_notice(store: JobStore) ->
     got = store.claim(worker_id=wid, worker_name="s", lease_seconds=10, pool="spot")
     assert got is not None
     store.hand_back(got[0], "preempted")
-    assert store.pool_interruptions("spot")[1] == 0
+    assert store.analytics.pool_interruptions("spot")[1] == 0
     store.claim(worker_id=wid, worker_name="s", lease_seconds=10, pool="spot")
-    with store.engine.begin() as conn:
-        conn.execute(jobs.update().where(jobs.c.id == job.id).values(lease_expires_at=0))
+    store.expire_lease_now(job.id)
     store.sweep_expired()
     time.sleep(0.05)
     store.heartbeat(wid, [], 10)
-    lived, hits = store.pool_interruptions("spot")
+    lived, hits = store.analytics.pool_interruptions("spot")
     assert hits == 1 and lived > 0
-    assert store.pool_interruptions("on-demand") == (0.0, 0)
+    assert store.analytics.pool_interruptions("on-demand") == (0.0, 0)

@@ -269,12 +269,12 @@ def _jobs_by_request(store: JobStore) -> dict[int, list[str]]:
 
 def _missing(store: JobStore, n: int) -> str:
     by_request = _jobs_by_request(store)
-    return (f"{store.count_by_state()}; requests without a job: "
+    return (f"{store.analytics.count_by_state()}; requests without a job: "
             f"{sorted(set(range(n)) - set(by_request))}\n")
 
 
 def _all_succeeded(store: JobStore, n: int) -> bool:
-    return store.count_by_state()[JobState.SUCCEEDED.value] >= n
+    return store.analytics.count_by_state()[JobState.SUCCEEDED.value] >= n
 
 
 def _check_events_on_topic(bus: Bus, store: JobStore, job_ids: list[str]
@@ -304,7 +304,7 @@ def _check_events_on_topic(bus: Bus, store: JobStore, job_ids: list[str]
         job = store.get(job_id)
         assert [r.body["kind"] for r in firsts] == [bus_events.bus_kind(e.kind)
                                                    for e in job.events], job_id
-        request = store.intake_request(job_id)
+        request = store.intake.request(job_id)
         assert request is not None
         for r in firsts:
             assert r.ordering_key == job_id
@@ -364,7 +364,7 @@ def test_a_burst_with_duplicates_and_invalid_messages_queues_each_request_once(
     by_request = _jobs_by_request(store)
     assert sorted(by_request) == list(range(180))
     assert all(len(ids) == 1 for ids in by_request.values()), by_request
-    assert store.count_by_state() == {**{s.value: 0 for s in JobState},
+    assert store.analytics.count_by_state() == {**{s.value: 0 for s in JobState},
                                       JobState.SUCCEEDED.value: 180}
 
     def rejections() -> list[Received]:
@@ -468,7 +468,7 @@ def test_the_database_stopped_during_a_burst_loses_and_duplicates_nothing(
 
         store = JobStore.open(url)
         wait_until(lambda: _all_succeeded(store, total), 150, f"{total} jobs to succeed",
-                   on_fail=lambda: f"{store.count_by_state()}\n{intake.log()[-6000:]}\n"
+                   on_fail=lambda: f"{store.analytics.count_by_state()}\n{intake.log()[-6000:]}\n"
                    f"{w.log()[-3000:]}", interval=0.5)
         by_request = _jobs_by_request(store)
         assert sorted(by_request) == list(range(total))

@@ -28,9 +28,9 @@ class Served:
         self.store = store
         self.app = app
         self.client = httpx.Client(base_url=url, timeout=10)
-        self.tokens = {"admin": store.create_token("admin", admin=True),
-                       "alice": store.create_token("alice"),
-                       "bob": store.create_token("bob")}
+        self.tokens = {"admin": store.tokens.create("admin", admin=True),
+                       "alice": store.tokens.create("alice"),
+                       "bob": store.tokens.create("bob")}
 
     def h(self, who: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[who]}"}
@@ -146,14 +146,14 @@ def test_metrics_read_only_new_events_after_the_first_scrape(served: Served) -> 
     first = s.client.get("/metrics", headers=s.h("admin")).text
     assert 'spotrun_jobs_finished_total{state="succeeded"} 30' in first
     collector_reads: list[int] = []
-    real = s.store.event_kinds_after
+    real = s.store.analytics.event_kinds_after
 
     def counted(event_id: int, *, limit: int = 5000) -> list[tuple[int, str, str, float]]:
         got = real(event_id, limit=limit)
         collector_reads.append(len(got))
         return got
 
-    s.store.event_kinds_after = counted  # type: ignore[method-assign]
+    s.store.analytics.event_kinds_after = counted  # type: ignore[method-assign]
     job = s.store.submit("sleep", {}, owner="bob")
     _finish_as(s.store, job.id, {"ok": True})
     text = s.client.get("/metrics", headers=s.h("admin")).text
@@ -192,7 +192,7 @@ class Stream:
 
 def test_a_revoked_tokens_stream_ends_while_its_jobs_keep_changing(served: Served) -> None:
     s = served
-    token = s.store.create_token("carol")
+    token = s.store.tokens.create("carol")
     job = s.store.submit("sleep", {"seconds": 60, "steps": 1000}, owner="carol")
     wid = s.store.register_worker(name="w", host="test", pid=1, pool="spot",
                                   has_cuda=False, lease_seconds=60)
@@ -214,7 +214,7 @@ def test_a_revoked_tokens_stream_ends_while_its_jobs_keep_changing(served: Serve
     mover.start()
     try:
         wait_until(lambda: all(st.frames >= 3 for st in streams), 20, "live frames")
-        s.store.revoke_token("carol")
+        s.store.tokens.revoke("carol")
         for st in streams:
             assert st.ended.wait(20), "the stream outlived its revoked token"
     finally:
@@ -245,13 +245,13 @@ def test_streams_per_user_are_capped(served: Served) -> None:
 
 def test_an_expired_token_is_refused_everywhere(served: Served) -> None:
     s = served
-    token = s.store.create_token("dave", expires_in=0.5)
+    token = s.store.tokens.create("dave", expires_in=0.5)
     headers = {"Authorization": f"Bearer {token}"}
     assert s.client.get("/v1/jobs", headers=headers).status_code == 200
     time.sleep(1.0)
     r = s.client.get("/v1/jobs", headers=headers)
     assert r.status_code == 401 and "invalid, expired or revoked" in r.json()["detail"]
-    session = s.store.create_session("dave", expires_in=60)
+    session = s.store.tokens.create_session("dave", expires_in=60)
     with httpx.Client(base_url=s.url, cookies={"spotrun_session": session}) as browser:
         assert browser.get("/", follow_redirects=False).status_code == 303  # to the login
 
@@ -285,7 +285,7 @@ def test_the_token_spotrun_up_prints_expires_even_if_up_crashes(tmp_path: Path) 
             proc.wait(10)
     store = JobStore.open(f"sqlite:///{home / 'spotrun.db'}")
     try:
-        found = store.verify_token(token)
+        found = store.tokens.verify(token)
         assert found is not None and found.is_admin and found.expires_at is not None
         left = found.expires_at.timestamp() - store.now()
         assert 0 < left <= 3600
@@ -370,7 +370,7 @@ def test_the_cookie_is_a_session_that_sign_out_and_revocation_end(served: Served
     bob = _login(s, s.tokens["bob"]).cookies["spotrun_session"]
     with httpx.Client(base_url=s.url, cookies={"spotrun_session": bob}) as browser:
         assert browser.get("/", follow_redirects=False).status_code == 200
-        s.store.revoke_token("bob")
+        s.store.tokens.revoke("bob")
         assert browser.get("/", follow_redirects=False).status_code == 303
 
 
@@ -378,7 +378,7 @@ def test_secure_cookies_behind_a_trusted_tls_proxy_only(store: JobStore, db_url:
                                                         tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch
                                                         ) -> None:
-    token = store.create_token("erin")
+    token = store.tokens.create("erin")
     settings = Settings.from_env(home=str(tmp_path / "home"), database_url=db_url)
 
     def login_via_proxy() -> httpx.Response:
@@ -512,7 +512,7 @@ def test_concurrent_submits_never_overrun_the_queued_quota(
         served: Served, env_factory: Any, db_url: str) -> None:
     s = served
     env_factory(db_url).cli("quota", "set", "carol", "--queued", "5")
-    token = s.store.create_token("carol")
+    token = s.store.tokens.create("carol")
     codes: list[int] = []
     lock = threading.Lock()
 

@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from spotrun.jobs import EventKind, JobState, OnPreempt
-from spotrun.store import JobNotFound, JobStore, Lease, LeaseLost
+from spotrun.store import DatabaseUnavailable, JobNotFound, JobStore, Lease, LeaseLost
 
 
 def _worker(store: JobStore, name: str = "w1", lease: float = 10.0) -> str:
@@ -26,11 +26,7 @@ def _claim(store: JobStore, wid: str, name: str = "w1", lease: float = 10.0,
 
 def _expire_now(store: JobStore, job_id: str) -> None:
     # Move the lease into the past by the database's clock, as time passing would.
-    from spotrun.schema import jobs
-
-    with store.engine.begin() as conn:
-        conn.execute(jobs.update().where(jobs.c.id == job_id)
-                     .values(lease_expires_at=jobs.c.lease_expires_at - 3600))
+    store.expire_lease_now(job_id)
 
 
 def test_claim_order_is_priority_then_first_in(store: JobStore) -> None:
@@ -217,15 +213,15 @@ def test_worker_marked_gone_when_its_heartbeat_stops(store: JobStore) -> None:
 
 
 def test_tokens_are_stored_hashed(store: JobStore) -> None:
-    token = store.create_token("alice")
+    token = store.tokens.create("alice")
     with store.engine.connect() as conn:
         stored = conn.execute(sa.text("SELECT token_hash FROM api_tokens")).scalar()
     assert token not in str(stored)
-    who = store.verify_token(token)
+    who = store.tokens.verify(token)
     assert who is not None and who.name == "alice" and not who.is_admin
-    store.revoke_token("alice")
-    assert store.verify_token(token) is None
-    assert store.verify_token("spr_wrong") is None
+    store.tokens.revoke("alice")
+    assert store.tokens.verify(token) is None
+    assert store.tokens.verify("spr_wrong") is None
 
 
 def test_every_state_change_the_store_makes_is_in_the_state_machine(store: JobStore) -> None:
@@ -319,7 +315,7 @@ def test_result_keeps_the_last_progress_and_log_lines_in_order(store: JobStore) 
 
 
 def test_a_dropped_connection_surfaces_as_a_database_error(store: JobStore) -> None:
-    """The worker retries what SQLAlchemy calls an OperationalError; the hot path too."""
+    """The worker retries what the store calls DatabaseUnavailable; the hot path too."""
     if not store.is_postgres:
         pytest.skip("terminating a server connection is a PostgreSQL test")
     # As a worker opens it: no ping before each use, so the dead connection is used.
@@ -332,7 +328,7 @@ def test_a_dropped_connection_surfaces_as_a_database_error(store: JobStore) -> N
             conn.execute(sa.text(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
-        with pytest.raises(sa.exc.OperationalError):
+        with pytest.raises(DatabaseUnavailable):
             worker_store.complete(lease, {"ok": True})
         worker_store.complete(lease, {"ok": True})  # the broken connection left the pool
     finally:

@@ -139,8 +139,8 @@ def test_hundreds_of_jobs_each_run_exactly_once(env: Env, st: JobStore) -> None:
     n = 300
     ids = [st.submit("sleep", {"seconds": 0, "steps": 1}).id for _ in range(n)]
     workers = [env.worker(f"w{i}", "--concurrency", "2") for i in range(4)]
-    wait_until(lambda: st.count_by_state()["succeeded"] == n, 120, "all jobs to succeed",
-               on_fail=lambda: str(st.count_by_state()))
+    wait_until(lambda: st.analytics.count_by_state()["succeeded"] == n, 120, "all jobs to succeed",
+               on_fail=lambda: str(st.analytics.count_by_state()))
     by_worker: dict[str, int] = {}
     for job_id in ids:
         job = st.get(job_id)

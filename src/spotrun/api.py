@@ -28,7 +28,6 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -43,7 +42,7 @@ from spotrun.config import ConfigError, Settings
 from spotrun.jobs import EventKind, Job, JobState, OnPreempt, Worker
 from spotrun.local import is_spotrun_process
 from spotrun.quotas import QuotaExceeded
-from spotrun.store import DatabaseUnavailable, JobNotFound, JobStore, Waker
+from spotrun.store import Conflict, DatabaseUnavailable, JobNotFound, JobStore
 
 log = logging.getLogger("spotrun.api")
 
@@ -282,7 +281,7 @@ def principal_for_token(store: JobStore, token: str | None) -> Principal | None:
     """The principal of a token; None for a missing, unknown, expired or revoked one."""
     if not token or len(token) > 512:
         return None
-    found = store.verify_token(token)
+    found = store.tokens.verify(token)
     return None if found is None else Principal(found.name, found.is_admin)
 
 
@@ -295,7 +294,7 @@ def principal_for_session(store: JobStore, session_id: str | None) -> Principal 
     """The principal of a live dashboard session; None once it or its token ended."""
     if not session_id or len(session_id) > 512:
         return None
-    found = store.verify_session(session_id)
+    found = store.tokens.verify_session(session_id)
     return None if found is None else Principal(found.name, found.is_admin)
 
 
@@ -450,7 +449,7 @@ class ChangeFeed:
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
-        waker = Waker(self.store) if self.store.is_postgres else None
+        waker = self.store.waker() if self.store.is_postgres else None
         marker: tuple[int, float] | None = None
         try:
             while not self.stopped:
@@ -731,7 +730,7 @@ class Metrics:
 
     def _follow(self) -> None:
         while True:
-            batch = self.store.event_kinds_after(self._cursor)
+            batch = self.store.analytics.event_kinds_after(self._cursor)
             for event_id, job_id, kind, at in batch:
                 self._cursor = event_id
                 if kind in self._finished:
@@ -757,7 +756,7 @@ class Metrics:
         """The Prometheus text exposition of the queue's state."""
         with self._lock:
             self._follow()
-            counts = self.store.count_by_state((JobState.QUEUED, JobState.RUNNING))
+            counts = self.store.analytics.count_by_state((JobState.QUEUED, JobState.RUNNING))
             live = self.store.list_workers(include_stopped=False)
             out = [
                 "# HELP spotrun_jobs Jobs waiting or running, by state.",
@@ -925,8 +924,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(DatabaseUnavailable, on_db)
-    app.add_exception_handler(sa.exc.OperationalError, on_db)
-    app.add_exception_handler(sa.exc.InterfaceError, on_db)
 
 
 def _install_routes(app: FastAPI, ctx: AppContext) -> None:
@@ -1002,7 +999,7 @@ def _install_routes(app: FastAPI, ctx: AppContext) -> None:
 
         try:
             job = submit()
-        except sa.exc.IntegrityError:
+        except Conflict:
             # A concurrent retry with the same key won the insert: answer with its job.
             job = submit()
         if idempotency_key is not None and (job.pipeline, job.params) != (body.pipeline,
@@ -1071,7 +1068,7 @@ def _install_routes(app: FastAPI, ctx: AppContext) -> None:
              responses=_errors(401, 503))
     def callback_secret(who: Caller) -> Response:
         return StrictJSONResponse({
-            "owner": who.name, "secret": store.callback_secret(who.name),
+            "owner": who.name, "secret": store.callbacks.secret(who.name),
             "header": "X-Spotrun-Signature",
             "scheme": "t=<unix time>,v1=<hex HMAC-SHA256 of '<t>.' followed by the body>"})
 

@@ -290,14 +290,14 @@ class CallbackDeliverer:
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._client.aclose()
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.store.callback_resign, self.holder)
+                await asyncio.to_thread(self.store.callbacks.resign, self.holder)
 
     def leading(self) -> bool:
         return time.monotonic() < self._leading_until
 
     async def _read_feed(self) -> None:
         asked = time.monotonic()
-        horizon = await asyncio.to_thread(self.store.callback_lead, self.holder,
+        horizon = await asyncio.to_thread(self.store.callbacks.lead, self.holder,
                                           LEADER_SECONDS)
         if horizon is None:
             self._leading_until = 0.0
@@ -311,7 +311,7 @@ class CallbackDeliverer:
         after = horizon
         read_from = time.monotonic()
         while True:
-            rows = await asyncio.to_thread(self.store.callbacks_pending, after, kinds)
+            rows = await asyncio.to_thread(self.store.callbacks.pending, after, kinds)
             for event_id, job_id, kind, url in rows:
                 if event_id not in self._queued and event_id not in self._recent:
                     self._queued.add(event_id)
@@ -323,12 +323,12 @@ class CallbackDeliverer:
         self._recent = {i: t for i, t in self._recent.items() if t >= read_from}
         if time.monotonic() - self._last_settle >= SETTLE_SECONDS / 4:
             self._last_settle = time.monotonic()
-            await asyncio.to_thread(self.store.callback_settle, self.holder, kinds,
+            await asyncio.to_thread(self.store.callbacks.settle, self.holder, kinds,
                                     SETTLE_SECONDS)
 
     async def _record(self, event_id: int) -> None:
         try:
-            await asyncio.to_thread(self.store.callback_done, self.holder, event_id)
+            await asyncio.to_thread(self.store.callbacks.done, self.holder, event_id)
         except Exception:
             self._unrecorded.append(event_id)  # recorded at the next poll that can
             return
@@ -413,7 +413,7 @@ class CallbackDeliverer:
         secret = self._secrets.get(owner)
         if secret is None:
             secret = self._secrets[owner] = await asyncio.to_thread(
-                self.store.callback_secret, owner or None)
+                self.store.callbacks.secret, owner or None)
         content = json_bytes(body)
         extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
         # One deadline for the whole delivery, connect to status line: a receiver that

@@ -46,12 +46,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import sqlalchemy as sa
-
 from spotrun.config import Settings
 from spotrun.faultproxy import PgProxy
 from spotrun.jobs import Event, EventKind, JobState
-from spotrun.store import DatabaseUnavailable, JobRecord, JobStore, StoreError, redact
+from spotrun.store import (
+    DatabaseError,
+    DatabaseUnavailable,
+    JobRecord,
+    JobStore,
+    StoreError,
+    redact,
+)
 
 # Short leases so that a drill of a minute sees several expiries; the heartbeat leaves six
 # beats of slack per lease on a loaded machine.
@@ -80,8 +85,7 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 Echo = Callable[[str], object]
-DB_ERRORS: tuple[type[BaseException], ...] = (sa.exc.OperationalError, sa.exc.InterfaceError,
-                                              sa.exc.DBAPIError, DatabaseUnavailable)
+DB_ERRORS: tuple[type[BaseException], ...] = (DatabaseError,)
 
 
 class ChaosError(Exception):
@@ -550,7 +554,7 @@ class Drill:
             if not self.store.is_postgres:
                 raise ChaosError("--cut-replies cuts connections to a database server: use "
                                  "PostgreSQL (or --db-restart, which runs one)")
-            self.proxy = PgProxy(self.store.engine.url.port or 5432)
+            self.proxy = PgProxy(self.store.server_port or 5432)
         self._preflight()
         self.t0, self.wall0 = time.monotonic(), time.time()
         self._start_references()
@@ -609,7 +613,7 @@ class Drill:
 
     def _preflight(self) -> None:
         assert self.store is not None
-        counts = self.store.count_by_state()
+        counts = self.store.analytics.count_by_state()
         unfinished = counts.get("queued", 0) + counts.get("running", 0)
         live = len(self.store.list_workers(include_stopped=False))
         if unfinished or live:
@@ -779,28 +783,8 @@ class Drill:
 
     def _stall(self) -> None:
         assert self.store is not None and self.db_stall is not None
-        url = self.store.engine.url
         try:
-            if self.store.is_postgres:
-                import psycopg
-
-                with psycopg.connect(host=url.host or "127.0.0.1", port=url.port or 5432,
-                                     user=url.username, password=url.password,
-                                     dbname=url.database, connect_timeout=5) as conn:
-                    # What CREATE INDEX without CONCURRENTLY takes: writes wait, reads go on.
-                    conn.execute("LOCK TABLE jobs IN SHARE MODE")
-                    time.sleep(DB_STALL_SECONDS)
-                    conn.rollback()
-            else:
-                import sqlite3
-
-                conn2 = sqlite3.connect(url.database or "", isolation_level=None, timeout=30)
-                try:
-                    conn2.execute("BEGIN IMMEDIATE")  # a writer holding the lock
-                    time.sleep(DB_STALL_SECONDS)
-                    conn2.execute("ROLLBACK")
-                finally:
-                    conn2.close()
+            self.store.stall_writes(DB_STALL_SECONDS)
             self.db_stall["ok"] = True
         except Exception as exc:
             self.db_stall.update(ok=False, error=_last_line(str(exc)))

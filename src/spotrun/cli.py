@@ -760,7 +760,7 @@ def token_create(
             fail(f"bad --expires-in {expires_in!r}: give a duration like 30m, 24h, 7d or 2w")
         seconds = int(m.group(1)) * {"m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
     with open_store() as store:
-        token = store.create_token(name, admin=admin, expires_in=seconds)
+        token = store.tokens.create(name, admin=admin, expires_in=seconds)
     typer.echo(f"created {'admin ' if admin else ''}token {name!r}; keep it, it is not shown "
                "again:", err=True)
     typer.echo(token)
@@ -773,7 +773,7 @@ def token_callback_secret(name: Annotated[str | None, typer.Argument(
              "owner]")] = None) -> None:
     """Print the key that signs the callbacks of NAME's jobs (X-Spotrun-Signature)."""
     with open_store() as store:
-        typer.echo(store.callback_secret(name))
+        typer.echo(store.callbacks.secret(name))
 
 
 @token_app.command("list")
@@ -781,7 +781,7 @@ def token_callback_secret(name: Annotated[str | None, typer.Argument(
 def token_list() -> None:
     """API tokens (names only; the tokens themselves are stored hashed)."""
     with open_store() as store:
-        tokens = store.list_tokens()
+        tokens = store.tokens.list()
     now = dt.datetime.now(dt.UTC)
     for t in tokens:
         expired = t.expires_at is not None and t.expires_at <= now
@@ -796,7 +796,7 @@ def token_list() -> None:
 def token_revoke(name: str) -> None:
     """Revoke an API token."""
     with open_store() as store:
-        store.revoke_token(name)
+        store.tokens.revoke(name)
     typer.echo(f"token {name!r} revoked")
 
 
@@ -998,7 +998,7 @@ def _base_named(cls: type, name: str) -> type[Exception]:
 
 def main() -> None:
     """The ``spotrun`` command: usage errors are one line on stderr and exit 2."""
-    import sqlalchemy.exc
+    from spotrun.store import BadDatabaseURL
 
     if len(sys.argv) < 2 or sys.argv[1:] in (["--help"], ["-h"]):
         app()  # the help page
@@ -1019,7 +1019,7 @@ def main() -> None:
     except ConfigError as exc:
         typer.echo(f"spotrun: {exc}", err=True)
         sys.exit(EXIT_BAD_INPUT)
-    except sqlalchemy.exc.ArgumentError:
+    except BadDatabaseURL:
         typer.echo("spotrun: the database URL is not one spotrun can use: give "
                    "sqlite:///PATH or postgresql://USER@HOST/DB", err=True)
         sys.exit(EXIT_BAD_INPUT)

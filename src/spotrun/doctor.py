@@ -222,12 +222,9 @@ def _pg_connect_timeout() -> Iterator[None]:
 
 def _scrub(text: str, url: str) -> str:
     """``text`` with the URL's password removed, whatever printed it."""
-    from sqlalchemy.engine import make_url
+    from spotrun.store import password_of
 
-    try:
-        password = make_url(url).password
-    except Exception:
-        password = None
+    password = password_of(url)
     return text.replace(str(password), "***") if password else text
 
 

@@ -49,6 +49,23 @@ class OnPreempt(enum.StrEnum):
     FAIL = "fail"  # end the job failed (for work that cannot be repeated)
 
 
+class WorkerState(enum.StrEnum):
+    """Where a worker process is in its life, as its heartbeats (or their absence) say."""
+
+    IDLE = "idle"  # registered, waiting for work
+    BUSY = "busy"  # holding a job's lease
+    STOPPING = "stopping"  # handing its jobs back before it exits
+    STOPPED = "stopped"  # exited cleanly
+    GONE = "gone"  # stopped sending heartbeats: marked so by a sweep
+
+    @property
+    def is_live(self) -> bool:
+        return self in LIVE_WORKER_STATES
+
+
+LIVE_WORKER_STATES = frozenset({WorkerState.IDLE, WorkerState.BUSY, WorkerState.STOPPING})
+
+
 class EventKind(enum.StrEnum):
     SUBMITTED = "submitted"
     STARTED = "started"
@@ -169,7 +186,7 @@ class Worker:
     host: str
     pid: int
     pool: str
-    state: str
+    state: WorkerState
     has_cuda: bool
     current_job: str | None
     started_at: dt.datetime
@@ -183,7 +200,7 @@ class Worker:
             "host": self.host,
             "pid": self.pid,
             "pool": self.pool,
-            "state": self.state,
+            "state": str(self.state),
             "has_cuda": self.has_cuda,
             "current_job": self.current_job,
             "started_at": iso(self.started_at),

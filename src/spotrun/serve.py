@@ -159,7 +159,7 @@ SESSION_TOKEN_RENEW_SECONDS = 300.0
 
 def _session_token(store: JobStore, command: str) -> tuple[str, str]:
     name = f"{command}-{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
-    return name, store.create_token(name, admin=True, expires_in=SESSION_TOKEN_SECONDS)
+    return name, store.tokens.create(name, admin=True, expires_in=SESSION_TOKEN_SECONDS)
 
 
 def _print_urls(echo: Echo, url: str, token: str | None) -> None:
@@ -228,7 +228,7 @@ def _run(settings: Settings, *, host: str, port: int, echo: Echo, workers: int,
                 if token_name is not None and time.monotonic() >= renew_at:
                     renew_at = time.monotonic() + SESSION_TOKEN_RENEW_SECONDS
                     try:
-                        store.extend_token(token_name, SESSION_TOKEN_SECONDS)
+                        store.tokens.extend(token_name, SESSION_TOKEN_SECONDS)
                     except Exception as exc:  # the database may be away for a while
                         echo(f"spotrun: could not renew the session token: "
                              f"{str(exc).splitlines()[0][:200]}", err=True)
@@ -259,7 +259,7 @@ def _run(settings: Settings, *, host: str, port: int, echo: Echo, workers: int,
                 proc.wait(5)
         if token_name is not None:
             with contextlib.suppress(Exception):  # the database may be gone by now
-                store.revoke_token(token_name)
+                store.tokens.revoke(token_name)
         store.close()
     if code == 0:
         echo("spotrun: stopped")

@@ -31,8 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import sqlalchemy as sa
-
 from spotrun import kube
 from spotrun.checkpoints import (
     CheckpointCorrupt,
@@ -146,8 +144,7 @@ def detect_cuda() -> bool:
 
 
 def _is_db_error(exc: BaseException) -> bool:
-    return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError) or (
-        isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated)
+    return isinstance(exc, DatabaseUnavailable)
 
 
 class _Retrier:
@@ -401,7 +398,7 @@ class JobRunner:
 
         s = self.worker.settings
         lived, hits = self.worker.db.call(
-            lambda: self.store.pool_interruptions(self.worker.pool))
+            lambda: self.store.analytics.pool_interruptions(self.worker.pool))
         chosen = checkpoint_interval(checkpoint_seconds=self.checkpoint_cost,
                                      lived_seconds=lived, interruptions=hits,
                                      lo=s.checkpoint_min_seconds, hi=s.checkpoint_max_seconds)
@@ -730,7 +727,8 @@ class Worker:
             grace_seconds=settings.grace_seconds, safety_margin=settings.safety_margin_seconds)
         self.store = store or self._open_store(settings)
         # The reporter's own engine: its heartbeats never wait on a pipeline's connection.
-        self.hb_store = JobStore(self._engine_like(self.store))
+        self.hb_store = self.store.reopen(pool_size=1, pre_ping=False,
+                                          statement_timeout=self._statement_timeout(settings))
         self.checkpoints = CheckpointStore(settings.checkpoint_url)
         self.has_cuda = detect_cuda()
         self.db = _Retrier(f"worker {self.name}")
@@ -765,13 +763,6 @@ class Worker:
         # A call that waits longer than a lease has lost the lease anyway.
         return max(1.0, settings.lease_seconds)
 
-    def _engine_like(self, store: JobStore) -> sa.Engine:
-        from spotrun.store import create_engine
-
-        return create_engine(store.engine.url.render_as_string(hide_password=False),
-                             pool_size=1, pre_ping=False,
-                             statement_timeout=self._statement_timeout(self.settings))
-
     def wake(self) -> None:
         self._wake.set()
 
@@ -795,7 +786,7 @@ class Worker:
         reporter = threading.Thread(target=self._report_loop, name="spotrun-reporter",
                                     daemon=True)
         reporter.start()
-        waker = Waker(self.store)
+        waker = self.store.waker()
         # In a Kubernetes pod: scale-downs take idle workers first (kube.py).
         pod_cost = kube.keep_deletion_cost(self.unsaved_seconds)
         try:

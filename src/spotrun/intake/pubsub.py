@@ -392,18 +392,18 @@ class EventPublisher:
                 self._stop.wait(self.poll_seconds)
         if self._holding:
             with contextlib.suppress(Exception):
-                self.store.release_lease(self.lease_name, self.holder)
+                self.store.intake.release_lease(self.lease_name, self.holder)
 
     def publish_once(self) -> bool:
         """Publish one batch of pending events; True if there were any."""
-        holding = self.store.take_lease(self.lease_name, self.holder, self.lease_seconds)
+        holding = self.store.intake.take_lease(self.lease_name, self.holder, self.lease_seconds)
         if holding != self._holding:
             log.info("events: %s publishing to %s", "now" if holding else "no longer",
                      self.topic)
             self._holding = holding
         if not holding:
             return False
-        pending = self.store.intake_events(self.source)
+        pending = self.store.intake.events(self.source)
         if not pending:
             return False
         by_job: dict[str, list[tuple[IntakeEvent, Any]]] = {}
@@ -425,7 +425,7 @@ class EventPublisher:
                     break
                 last = ev
             if last is not None:
-                self.store.mark_intake_published(job_id, last.event_id,
+                self.store.intake.mark_published(job_id, last.event_id,
                                                  done=bus_events.is_final(last))
                 self.published += sum(1 for ev, _ in sent if ev.event_id <= last.event_id)
         return True

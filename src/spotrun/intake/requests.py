@@ -12,7 +12,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
-import sqlalchemy as sa
 from pydantic import ValidationError
 
 from spotrun.api import (
@@ -23,7 +22,7 @@ from spotrun.api import (
     validate_job_request,
 )
 from spotrun.jobs import Job
-from spotrun.store import DatabaseUnavailable, JobStore, StoreError
+from spotrun.store import Conflict, DatabaseUnavailable, JobStore, StoreError
 
 IDEMPOTENCY_ATTRIBUTE = "idempotency_key"
 MAX_KEY_LENGTH = 200  # the store's column, and the API's Idempotency-Key header
@@ -126,7 +125,7 @@ def submit(store: JobStore, msg: Message, rules: IntakeRules) -> Job:
     try:
         try:
             job = queue()
-        except sa.exc.IntegrityError:
+        except Conflict:
             # A concurrent delivery of the same request won the insert: take its job.
             job = queue()
     except DatabaseUnavailable:
@@ -137,7 +136,7 @@ def submit(store: JobStore, msg: Message, rules: IntakeRules) -> Job:
     if (job.pipeline, job.params) != (req.pipeline, params):
         raise Rejected(f"{IDEMPOTENCY_ATTRIBUTE} {stored_key!r} was used for a different "
                        f"job ({job.id}); use a new key for a new job")
-    store.record_intake(job.id, source=rules.source, message_id=msg.message_id,
+    store.intake.record(job.id, source=rules.source, message_id=msg.message_id,
                         idempotency_key=key)
     return job
 

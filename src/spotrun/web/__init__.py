@@ -233,7 +233,7 @@ def install(app: FastAPI, ctx: AppContext) -> None:
         if who is None:
             return page("login.html", request, None, status=401,
                         error="That token is not valid (or it expired or was revoked).")
-        session = await run(store.create_session, who.name, expires_in=ctx.session_seconds)
+        session = await run(store.tokens.create_session, who.name, expires_in=ctx.session_seconds)
         response = RedirectResponse("/", status_code=303, headers=SECURITY_HEADERS)
         # request.url.scheme is https behind a TLS-terminating proxy only when the proxy
         # is one the operator trusts (SPOTRUN_TRUSTED_PROXIES, given to uvicorn).
@@ -249,7 +249,7 @@ def install(app: FastAPI, ctx: AppContext) -> None:
             return forbidden(request)
         session = api.session_id_of(request)
         if session:
-            await run(store.revoke_session, session)  # a copied cookie dies too
+            await run(store.tokens.revoke_session, session)  # a copied cookie dies too
         response = RedirectResponse("/login", status_code=303, headers=SECURITY_HEADERS)
         for name in (api.SESSION_COOKIE, api.SECURE_SESSION_COOKIE):
             response.delete_cookie(name, path="/", httponly=True, samesite="strict",

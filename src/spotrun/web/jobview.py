@@ -85,7 +85,7 @@ def curve_data(job: Job, store: object) -> tuple[str, str]:
 
     assert isinstance(store, JobStore)
     series = [{"step": p.step, "attempt": p.attempt, "metrics": p.metrics}
-              for p in store.metric_series(job.id)]
+              for p in store.analytics.metric_series(job.id)]
     marks = [{"kind": e.kind, "attempt": e.attempt, "message": e.message}
              for e in job.events if e.kind in CURVE_MARKS]
     return json.dumps(series), json.dumps(marks)

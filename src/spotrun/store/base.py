@@ -1,0 +1,527 @@
+"""The store's interface: :class:`JobStore`, the one queue both dialects implement.
+
+``JobStore.open(url)`` gives the dialect's store (:mod:`spotrun.store.postgres` or
+:mod:`spotrun.store.sqlite`); this module holds what they share, in SQLAlchemy Core:
+submitting, reading, cancelling, workers, and the claim's retry bookkeeping. The lease
+holder's writes and the sweep are in :mod:`spotrun.store.leases`; tokens, callbacks'
+records, intake records and reads for reports hang off the store as ``store.tokens``,
+``store.callbacks``, ``store.intake`` and ``store.analytics``.
+"""
+
+from __future__ import annotations
+
+import abc
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from spotrun.jobs import (
+    LIVE_WORKER_STATES,
+    Event,
+    EventKind,
+    Job,
+    JobState,
+    LogLine,
+    OnPreempt,
+    Worker,
+    WorkerState,
+    from_epoch,
+)
+from spotrun.quotas import LIMIT_NAMES, Quota, QuotaExceeded
+from spotrun.schema import events, job_logs, jobs, quotas, workers
+from spotrun.store.analytics import Analytics
+from spotrun.store.callbacks import CallbackRecords
+from spotrun.store.connect import create_engine, normalize_url, redact
+from spotrun.store.errors import DatabaseUnavailable, JobNotFound, StoreError, first_line
+from spotrun.store.intake import IntakeRecords
+from spotrun.store.leases import LeaseWrites
+from spotrun.store.records import (
+    JobRecord,
+    Lease,
+    dumps,
+    job_from_row,
+    loads,
+    new_id,
+    worker_from_row,
+)
+from spotrun.store.tokens import Tokens
+
+
+class Waker(abc.ABC):
+    """Wakes an idle worker when the queue may have changed, instead of a busy poll.
+
+    Made by :meth:`JobStore.waker`: LISTEN on PostgreSQL, ``PRAGMA data_version`` on SQLite.
+    """
+
+    @abc.abstractmethod
+    def wait(self, timeout: float) -> bool:
+        """Block up to ``timeout`` s; True if something may have changed."""
+
+    def busy(self) -> None:  # noqa: B027 (a waker that polls has nothing to stop)
+        """The worker has work: stop listening until it waits again."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class JobStore(LeaseWrites):
+    """Durable queue of jobs with leases, fencing, events, logs and workers.
+
+    ``JobStore(engine)`` and ``JobStore.open(url)`` give the engine's dialect's store.
+    """
+
+    def __new__(cls, engine: Engine) -> JobStore:
+        if cls is JobStore:
+            cls = _dialect_store(engine.dialect.name)
+        return super().__new__(cls)
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        self.tokens = Tokens(self)
+        self.callbacks = CallbackRecords(self)
+        self.intake = IntakeRecords(self)
+        self.analytics = Analytics(self)
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, url: str, *, migrate: bool = True, pool_size: int = 5,
+             pre_ping: bool = True, statement_timeout: float | None = None) -> JobStore:
+        """Connect, and create or upgrade the schema (safe when many processes start).
+
+        Without ``pre_ping`` a connection that died (a database restart) fails on its next
+        use instead of being replaced first: for callers that retry, like the worker.
+        ``statement_timeout`` (seconds, PostgreSQL) bounds each statement and lock wait.
+        """
+        url = normalize_url(url)
+        engine = create_engine(url, pool_size=pool_size, pre_ping=pre_ping,
+                               statement_timeout=statement_timeout)
+        store = cls(engine)
+        try:
+            if migrate:
+                store.migrate()
+            else:
+                with engine.connect():
+                    pass
+        except (sa.exc.OperationalError, DatabaseUnavailable) as exc:
+            engine.dispose()
+            raise DatabaseUnavailable(
+                f"cannot reach the database at {redact(url)}: {first_line(exc)}"
+            ) from None
+        return store
+
+    def reopen(self, *, pool_size: int = 5, pre_ping: bool = True,
+               statement_timeout: float | None = None) -> JobStore:
+        """Another store on the same database (the same URL), with connections of its own:
+        for a caller whose calls must not wait behind this store's (a worker's heartbeat).
+        The schema is not migrated again."""
+        url = self.engine.url.render_as_string(hide_password=False)
+        return type(self)(create_engine(url, pool_size=pool_size, pre_ping=pre_ping,
+                                        statement_timeout=statement_timeout))
+
+    @property
+    def server_port(self) -> int | None:
+        """The database server's TCP port (None for SQLite)."""
+        return None
+
+    @abc.abstractmethod
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision, under a lock that serialises starters."""
+
+    @abc.abstractmethod
+    def waker(self) -> Waker:
+        """A waker for an idle worker of this store (it opens its own connection)."""
+
+    @abc.abstractmethod
+    def stall_writes(self, seconds: float) -> None:
+        """Hold every write to jobs back for ``seconds`` while reads go on (a fault for
+        drills: what a long schema change or a stuck writer does to the queue)."""
+
+    # ------------------------------------------------------------------ clock
+
+    def expire_lease_now(self, job_id: str) -> None:
+        """Move a running job's lease an hour into the past by the database clock, as if
+        its holder had stopped renewing it long ago (for tests and drills; the next sweep
+        finds it lapsed)."""
+        with self._tx() as conn:
+            n = conn.execute(jobs.update().where(
+                jobs.c.id == job_id, jobs.c.state == JobState.RUNNING.value
+            ).values(lease_expires_at=self._now - 3600.0)).rowcount
+        if n != 1:
+            raise JobNotFound(f"no running job with id {job_id!r}")
+
+    # ------------------------------------------------------------------ submit
+
+    def submit(
+        self,
+        pipeline: str,
+        params: dict[str, Any],
+        *,
+        priority: int = 0,
+        max_retries: int = 4,
+        on_preempt: OnPreempt = OnPreempt.RESUME,
+        timeout: float | None = None,
+        requires_cuda: bool = False,
+        pool: str | None = None,
+        owner: str | None = None,
+        idempotency_key: str | None = None,
+        callback_url: str | None = None,
+        checkpoint_every_steps: int | None = None,
+        checkpoint_every_seconds: float | None = None,
+        max_preemptions: int | None = None,
+        deadline: float | None = None,
+        quota: Quota | None = None,
+    ) -> Job:
+        """Queue a job whose params were already validated; return it as stored.
+
+        ``deadline`` is in seconds since the epoch. With ``quota`` (a user's submit) the
+        job must fit it, or :class:`QuotaExceeded` is raised and nothing is queued.
+        """
+        job_id = new_id()
+        if quota is not None and owner is not None:
+            quota.check_request(owner, priority=priority, max_retries=max_retries,
+                                params_bytes=len(dumps(params).encode()))
+        with self._tx() as conn:
+            if idempotency_key is not None:
+                existing = conn.execute(
+                    sa.select(jobs.c.id).where(
+                        jobs.c.idempotency_key == idempotency_key,
+                        jobs.c.owner.is_(None) if owner is None else jobs.c.owner == owner,
+                    )
+                ).scalar()
+                if existing is not None:
+                    job_id = existing
+                    return self._get(conn, job_id)
+            if quota is not None and owner is not None:
+                self._check_queued_quota(conn, owner, quota)
+            conn.execute(
+                jobs.insert().values(
+                    id=job_id,
+                    pipeline=pipeline,
+                    params=dumps(params),
+                    state=JobState.QUEUED.value,
+                    priority=priority,
+                    max_retries=max_retries,
+                    on_preempt=on_preempt.value,
+                    timeout_seconds=timeout,
+                    requires_cuda=requires_cuda,
+                    pool=pool,
+                    owner=owner,
+                    idempotency_key=idempotency_key,
+                    callback_url=callback_url,
+                    checkpoint_every_steps=checkpoint_every_steps,
+                    checkpoint_every_seconds=checkpoint_every_seconds,
+                    max_preemptions=max_preemptions,
+                    deadline=deadline,
+                    created_at=self._now,
+                    updated_at=self._now,
+                )
+            )
+            self._event(
+                conn, job_id, EventKind.SUBMITTED, "queued", worker=None, attempt=0
+            )
+            self._notify(conn, job_id)
+            return self._get(conn, job_id)
+
+    def _lock_owner(self, conn: Connection, owner: str) -> None:
+        """Serialise one owner's submits (their quota check and insert) where writers run
+        at once; SQLite's BEGIN IMMEDIATE already runs one writer at a time."""
+
+    def _lock_job(self, conn: Connection, job_id: str) -> None:
+        """Lock the job's row for the transaction, where rows lock (see cancel)."""
+
+    def _check_queued_quota(self, conn: Connection, owner: str, quota: Quota) -> None:
+        # Two submits of one user at once must not both fit the last place.
+        self._lock_owner(conn, owner)
+        queued = int(conn.execute(sa.select(sa.func.count()).select_from(jobs).where(
+            jobs.c.owner == owner, jobs.c.state == JobState.QUEUED.value)).scalar_one())
+        if queued + 1 > quota.max_queued:
+            raise QuotaExceeded(owner, "max_queued", quota.max_queued, queued + 1)
+
+    def quota_for(self, owner: str) -> Quota:
+        """The limits that apply to ``owner``: the defaults with their own values."""
+        with self._tx(write=False) as conn:
+            row = conn.execute(sa.select(quotas).where(quotas.c.owner == owner)
+                               ).mappings().first()
+        return Quota.defaults().with_overrides(dict(row) if row is not None else {})
+
+    def set_quota(self, owner: str, limits: dict[str, int | None]) -> Quota:
+        """Set some of ``owner``'s own limits (None: back to the default)."""
+        unknown = set(limits) - set(LIMIT_NAMES)
+        if unknown:
+            raise StoreError(f"unknown quota {sorted(unknown)[0]!r}")
+        with self._tx() as conn:
+            current = conn.execute(sa.select(quotas).where(quotas.c.owner == owner)
+                                   ).mappings().first()
+            if current is None:
+                conn.execute(quotas.insert().values(owner=owner, **limits))
+            else:
+                conn.execute(quotas.update().where(quotas.c.owner == owner).values(**limits))
+        return self.quota_for(owner)
+
+    def get(self, job_id: str, *, with_events: bool = True) -> Job:
+        with self._tx(write=False) as conn:
+            return self._get(conn, job_id, with_events=with_events)
+
+    def _get(self, conn: Connection, job_id: str, *, with_events: bool = True) -> Job:
+        row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
+        if row is None:
+            raise JobNotFound(f"no job with id {job_id!r}")
+        evs: tuple[Event, ...] = ()
+        if with_events:
+            evs = tuple(self._events(conn, job_id))
+        return job_from_row(row, evs)
+
+    def find(self, job_id: str) -> Job | None:
+        try:
+            return self.get(job_id)
+        except JobNotFound:
+            return None
+
+    def list_jobs(
+        self,
+        *,
+        state: JobState | None = None,
+        pipeline: str | None = None,
+        owner: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+        newest_first: bool = True,
+    ) -> list[Job]:
+        query = sa.select(jobs)
+        if state is not None:
+            query = query.where(jobs.c.state == state.value)
+        if pipeline is not None:
+            query = query.where(jobs.c.pipeline == pipeline)
+        if owner is not None:
+            query = query.where(jobs.c.owner == owner)
+        order = (jobs.c.created_at.desc(), jobs.c.id.desc()) if newest_first else (
+            jobs.c.created_at, jobs.c.id)
+        query = query.order_by(*order).offset(offset)
+        if limit is not None:
+            query = query.limit(limit)
+        with self._tx(write=False) as conn:
+            return [job_from_row(r, ()) for r in conn.execute(query).mappings()]
+
+    def events(self, job_id: str, *, after_id: int = 0) -> list[Event]:
+        with self._tx(write=False) as conn:
+            return list(self._events(conn, job_id, after_id=after_id))
+
+    def _events(self, conn: Connection, job_id: str, *, after_id: int = 0) -> Iterator[Event]:
+        rows = conn.execute(
+            sa.select(events)
+            .where(events.c.job_id == job_id, events.c.id > after_id)
+            .order_by(events.c.id)
+        ).mappings()
+        for r in rows:
+            yield Event(
+                at=from_epoch(r["at"]),
+                kind=r["kind"],
+                worker=r["worker"],
+                attempt=r["attempt"],
+                message=r["message"],
+                detail=(loads(r["data"]) or {}).get("detail") if r["data"] else None,
+            )
+
+    def logs(self, job_id: str) -> list[LogLine]:
+        with self._tx(write=False) as conn:
+            self._get(conn, job_id, with_events=False)
+            rows = conn.execute(
+                sa.select(job_logs).where(job_logs.c.job_id == job_id).order_by(job_logs.c.id)
+            ).mappings()
+            return [
+                LogLine(from_epoch(r["at"]), r["attempt"], r["level"], r["message"])
+                for r in rows
+            ]
+
+    def change_marker(self) -> tuple[int, float]:
+        """A cheap value that changes whenever any job changes (for live views)."""
+        with self._tx(write=False) as conn:
+            row = conn.execute(
+                sa.select(sa.func.count(), sa.func.max(jobs.c.updated_at))
+            ).one()
+            return int(row[0]), float(row[1] or 0.0)
+
+    def jobs_updated_since(self, since: float, *, limit: int = 1000) -> list[Job]:
+        """Jobs whose row changed at or after ``since`` (database clock), oldest change first.
+
+        For live views: they follow a watermark instead of re-reading every job.
+        """
+        query = (sa.select(jobs).where(jobs.c.updated_at >= since)
+                 .order_by(jobs.c.updated_at, jobs.c.id).limit(limit))
+        with self._tx(write=False) as conn:
+            return [job_from_row(r, ()) for r in conn.execute(query).mappings()]
+
+    def events_after(self, event_id: int, *, limit: int = 500
+                     ) -> list[tuple[int, str, str, str | None]]:
+        """Events of every job after ``event_id``: (event id, job id, kind, callback URL).
+
+        For followers of the whole queue (callbacks, live views), in order.
+        """
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                sa.select(events.c.id, events.c.job_id, events.c.kind, jobs.c.callback_url)
+                .join(jobs, jobs.c.id == events.c.job_id)
+                .where(events.c.id > event_id)
+                .order_by(events.c.id)
+                .limit(limit)
+            ).all()
+        return [(int(r[0]), str(r[1]), str(r[2]), r[3]) for r in rows]
+
+    def last_event_id(self) -> int:
+        with self._tx(write=False) as conn:
+            return int(conn.execute(sa.select(sa.func.max(events.c.id))).scalar() or 0)
+
+    def add_note(self, job_id: str, message: str, *, kind: str = EventKind.NOTE) -> None:
+        """Append an event that changes nothing (e.g. a callback could not be delivered)."""
+        with self._tx() as conn:
+            # The job's row lock, as every other write that adds an event takes: a job's
+            # events then commit in id order, which the intake's event cursor relies on.
+            row = conn.execute(sa.select(jobs.c.attempt).where(jobs.c.id == job_id)
+                               .with_for_update()).first()
+            if row is None:
+                raise JobNotFound(f"no job with id {job_id!r}")
+            self._event(conn, job_id, kind, message, worker=None, attempt=row.attempt)
+
+    def claim(
+        self,
+        *,
+        worker_id: str,
+        worker_name: str,
+        lease_seconds: float,
+        has_cuda: bool = False,
+        pool: str | None = None,
+        request_id: str | None = None,
+    ) -> tuple[Lease, JobRecord] | None:
+        """Take the next queued job in (priority, first-in) order, with a fresh lease.
+
+        With ``request_id``, the claim is recorded with it: if a call raised (a reply lost
+        after the commit: a cut connection, a failover), its retry with the same id first
+        looks for the job that call claimed, instead of taking a second one.
+        """
+        if request_id is not None and request_id in self._unsure:
+            mine = self._claimed_by(request_id, worker_id, worker_name)
+            if mine is not None:
+                self._unsure.discard(request_id)
+                return mine
+        try:
+            got = self._claim(worker_id=worker_id, worker_name=worker_name,
+                              lease_seconds=lease_seconds, has_cuda=has_cuda, pool=pool,
+                              request_id=request_id)
+        except Exception:
+            self._unsure_of(request_id)
+            raise
+        if request_id is not None:
+            self._unsure.discard(request_id)
+        return got
+
+    def _unsure_of(self, request_id: str | None) -> None:
+        if request_id is not None:
+            if len(self._unsure) > 1000:  # ids of requests never retried
+                self._unsure.clear()
+            self._unsure.add(request_id)
+
+    def _claimed_by(self, request_id: str, worker_id: str, worker_name: str
+                    ) -> tuple[Lease, JobRecord] | None:
+        """The job a claim with this request id took and still holds, if any."""
+        with self._tx(write=False) as conn:
+            row = conn.execute(sa.select(jobs).where(
+                sa.text("jobs.state = 'running'"), jobs.c.request_id == request_id,
+                jobs.c.worker_id == worker_id)).mappings().first()
+        if row is None:
+            return None
+        job = job_from_row(row, ())
+        return Lease(job.id, job.attempt, worker_id, worker_name), job
+
+    @abc.abstractmethod
+    def _claim(self, *, worker_id: str, worker_name: str, lease_seconds: float,
+               has_cuda: bool, pool: str | None, request_id: str | None
+               ) -> tuple[Lease, JobRecord] | None:
+        """The claim itself, in one transaction: pick, lease, and the claim's event."""
+
+    def cancel(self, job_id: str, *, owner: str | None = None) -> Job:
+        """Cancel a queued job now, or ask a running one to stop at its next step."""
+        with self._tx() as conn:
+            # Lock the row before reading its state: a claim committing between the read
+            # and the write would otherwise leave "cancelled before it started" in the
+            # history of a job that runs. The claim skips a locked row.
+            self._lock_job(conn, job_id)
+            job = self._get(conn, job_id, with_events=False)
+            if owner is not None and job.owner != owner:
+                raise JobNotFound(f"no job with id {job_id!r}")
+            if job.state is JobState.QUEUED:
+                n = conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == job_id, jobs.c.state == JobState.QUEUED.value)
+                    .values(state=JobState.CANCELLED.value, error="cancelled",
+                            finished_at=self._now, updated_at=self._now)
+                ).rowcount
+                if n != 1:  # cannot happen under the lock; never write a false history
+                    raise StoreError(f"job {job_id} changed while it was being cancelled; "
+                                     "try again")
+                self._event(conn, job_id, EventKind.CANCELLED,
+                            "cancelled at the user's request before it started",
+                            worker=None, attempt=job.attempt)
+                self._notify(conn, job_id)
+            elif job.state is JobState.RUNNING and not job.cancel_requested:
+                conn.execute(
+                    jobs.update().where(jobs.c.id == job_id)
+                    .values(cancel_requested=True, updated_at=self._now)
+                )
+                self._event(conn, job_id, EventKind.CANCEL_REQUESTED,
+                            "cancel requested; the job stops at its next step",
+                            worker=None, attempt=job.attempt)
+            return self._get(conn, job_id)
+
+    def register_worker(self, *, name: str, host: str, pid: int, pool: str,
+                        has_cuda: bool, lease_seconds: float,
+                        price_per_hour: float | None = None) -> str:
+        worker_id = secrets.token_hex(8)
+        with self._tx() as conn:
+            conn.execute(workers.insert().values(
+                id=worker_id, name=name, host=host, pid=pid, pool=pool,
+                state=WorkerState.IDLE.value,
+                has_cuda=has_cuda, lease_seconds=lease_seconds, price_per_hour=price_per_hour,
+                started_at=self._now,
+                last_heartbeat=self._now))
+        return worker_id
+
+    def set_worker_state(self, worker_id: str, state: WorkerState | str) -> None:
+        state = WorkerState(state)
+        values: dict[str, Any] = {"state": state.value, "last_heartbeat": self._now}
+        if not state.is_live:
+            values.update(stopped_at=self._now, current_job=None)
+        with self._tx() as conn:
+            conn.execute(workers.update().where(workers.c.id == worker_id).values(**values))
+
+    def list_workers(self, *, include_stopped: bool = True) -> list[Worker]:
+        query = sa.select(workers).order_by(workers.c.started_at, workers.c.name)
+        if not include_stopped:
+            query = query.where(workers.c.state.in_(sorted(s.value for s in LIVE_WORKER_STATES)))
+        with self._tx(write=False) as conn:
+            return [worker_from_row(r) for r in conn.execute(query).mappings()]
+
+    def find_workers(self, name_or_id: str) -> list[Worker]:
+        """Live workers with this id or name (a name may be reused by later processes)."""
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                sa.select(workers)
+                .where(sa.or_(workers.c.id == name_or_id, workers.c.name == name_or_id))
+                .order_by(workers.c.started_at.desc())
+            ).mappings().all()
+        return [worker_from_row(r) for r in rows]
+
+
+def _dialect_store(name: str) -> type[JobStore]:
+    if name == "postgresql":
+        from spotrun.store.postgres import PostgresStore
+
+        return PostgresStore
+    if name == "sqlite":
+        from spotrun.store.sqlite import SqliteStore
+
+        return SqliteStore
+    raise StoreError(f"unsupported database {name!r}: use SQLite or PostgreSQL")

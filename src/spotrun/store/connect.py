@@ -1,0 +1,176 @@
+"""From a database URL to connections: the one place that opens them.
+
+Every connection the store opens comes from the engine :func:`create_engine` builds, the
+PostgreSQL hot path's and the LISTEN wake-up's too (:func:`pg_connection`), so each one
+has what the URL asks (its query string: ``sslmode``, a socket ``host=``,
+``application_name``) and the timeouts and keepalives below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.engine import Connection, Engine, make_url
+
+from spotrun.store.errors import BadDatabaseURL, StoreError
+
+if TYPE_CHECKING:
+    import psycopg
+
+# PostgreSQL ends a session left idle inside a transaction this long (see create_engine).
+IDLE_IN_TRANSACTION_MS = 10_000
+# TCP keepalives and a user timeout: a connection whose peer vanished without a reset (a
+# partitioned network, a failed-over address) is found dead in about half a minute, idle or
+# not, instead of after the kernel's two hours.
+PG_KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+    "tcp_user_timeout": 20_000}
+PG_CONNECT_TIMEOUT = 5
+
+_BAD_URL = ("the database URL is not one spotrun can use: give sqlite:///PATH "
+            "or postgresql://USER@HOST/DB")
+
+
+def normalize_url(url: str) -> str:
+    """Accept plain ``postgresql://`` URLs and use psycopg 3 for them."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def redact(url: str) -> str:
+    """The URL with its password hidden, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable database URL>"
+
+
+def password_of(url: str) -> str | None:
+    """The URL's password (to scrub it from text a tool printed), None if it has none."""
+    try:
+        return make_url(url).password
+    except Exception:
+        return None
+
+
+def _create_private(path: Path) -> None:
+    """Create ``path`` empty, readable by its owner only, unless it exists."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def create_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True,
+                  statement_timeout: float | None = None) -> Engine:
+    """An engine tuned for the queue: WAL and a busy timeout on SQLite, pre-ping on PG.
+
+    On PostgreSQL every connection has a connect timeout and TCP keepalives, and with
+    ``statement_timeout`` (seconds) a bound on each statement and each lock wait.
+    """
+    try:
+        u = make_url(url)
+    except sa.exc.ArgumentError:
+        raise BadDatabaseURL(_BAD_URL) from None
+    if u.get_backend_name() == "sqlite":
+        return _sqlite_engine(u, pool_size=pool_size)
+    if u.get_backend_name() == "postgresql":
+        return _pg_engine(u, pool_size=pool_size, pre_ping=pre_ping,
+                          statement_timeout=statement_timeout)
+    raise BadDatabaseURL(
+        f"unsupported database URL {redact(url)}: use sqlite:///PATH or postgresql://..."
+    )
+
+
+def _sqlite_engine(u: sa.URL, *, pool_size: int) -> Engine:
+    if u.database and u.database != ":memory:":
+        try:
+            # Jobs, params, results and token hashes are the user's alone: a directory
+            # spotrun makes is private, and so is a database file it creates (SQLite
+            # gives its -wal and -shm files the database's permissions).
+            Path(u.database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _create_private(Path(u.database))
+        except OSError as exc:
+            raise StoreError(f"cannot create the database {u.database}: "
+                             f"{exc.strerror or exc}") from None
+    try:
+        engine = sa.create_engine(
+            u, connect_args={"timeout": 30.0, "check_same_thread": False},
+            pool_size=pool_size, max_overflow=10,
+        )
+    except sa.exc.ArgumentError:
+        raise BadDatabaseURL(_BAD_URL) from None
+
+    @sa_event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's begin event, not the driver, decide how transactions begin.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @sa_event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql(conn.get_execution_options().get("sqlite_begin", "BEGIN"))
+
+    return engine
+
+
+def _pg_engine(u: sa.URL, *, pool_size: int, pre_ping: bool,
+               statement_timeout: float | None) -> Engine:
+    try:
+        engine = sa.create_engine(
+            u, pool_pre_ping=pre_ping, pool_size=pool_size, max_overflow=10,
+            connect_args={"connect_timeout": PG_CONNECT_TIMEOUT, **PG_KEEPALIVES},
+        )
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError):
+        raise BadDatabaseURL(_BAD_URL) from None
+    bound_ms = None if statement_timeout is None else max(1, int(statement_timeout * 1000))
+
+    @sa_event.listens_for(engine, "connect")
+    def _on_pg_connect(dbapi_conn: Any, _record: Any) -> None:
+        # A worker frozen inside a transaction (SIGSTOP, a paused VM) would hold its
+        # job's row lock, and no sweep could requeue the job until it thawed: the
+        # server ends such a transaction instead. spotrun's transactions hold SQL only.
+        autocommit = dbapi_conn.autocommit
+        dbapi_conn.autocommit = True
+        dbapi_conn.execute(
+            f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}")
+        if bound_ms is not None:
+            # A statement or lock wait longer than a lease is an outage to its caller.
+            dbapi_conn.execute(f"SET statement_timeout = {bound_ms}")
+            dbapi_conn.execute(f"SET lock_timeout = {bound_ms}")
+        dbapi_conn.autocommit = autocommit
+
+    return engine
+
+
+def pg_connection(engine: Engine) -> psycopg.Connection[Any]:
+    """A psycopg connection of the engine's own, in autocommit, out of its pool.
+
+    Opened as the engine opens its pooled ones (the URL with its query string, the
+    timeouts, the session settings), then detached: the caller owns and closes it.
+    A refused connect raises SQLAlchemy's error, as a pooled connect would.
+    """
+    import psycopg
+
+    try:
+        fairy = engine.raw_connection()
+    except psycopg.Error as exc:
+        # A refused or timed-out connect (a restart, a failover) must reach the caller
+        # as the store's other errors do, or its retrier cannot know it.
+        raise sa.exc.DBAPIError.instance(
+            "connect", None, exc, psycopg.Error, hide_parameters=True,
+            connection_invalidated=True) from exc
+    pg = fairy.driver_connection
+    assert pg is not None
+    fairy.detach()  # ours until closed: out of the pool's size and its resets
+    pg.autocommit = True
+    return pg  # type: ignore[no-any-return]

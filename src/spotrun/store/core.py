@@ -1,0 +1,119 @@
+"""What every part of the store stands on: the engine, transactions, the database clock,
+an event row, and the dialect's hooks that the shared SQLAlchemy Core code calls."""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.engine import Connection, Engine
+
+from spotrun.schema import events
+from spotrun.store.errors import MapsDriverErrors
+from spotrun.store.records import dumps
+
+
+class StoreCore(MapsDriverErrors, abc.ABC):
+    """The engine and its transactions; a dialect's store fills in the hooks below."""
+
+    is_postgres: ClassVar[bool] = False
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self._closed = False
+        self._bounded_ms: int | None = None  # see bound_lock_waits
+        # Request ids of writes that raised: committed or not, nobody knows (see claim).
+        self._unsure: set[str] = set()
+        self._now: sa.ColumnElement[float] = self._clock()
+
+    # ------------------------------------------------------------ dialect hooks
+
+    @abc.abstractmethod
+    def _clock(self) -> sa.ColumnElement[float]:
+        """The database clock as an SQL expression, in seconds since the epoch."""
+
+    def _begin_write(self, conn: Connection) -> Connection:
+        """The connection a write transaction begins on (SQLite takes its lock at BEGIN)."""
+        return conn
+
+    def _bound_on_checkout(self, dbapi_conn: Any, ms: int) -> None:
+        """Bound the lock waits of a connection checked out (see bound_lock_waits)."""
+
+    def _notify(self, conn: Connection, payload: str) -> None:
+        """Tell idle workers the queue changed, with the transaction's commit."""
+
+    def _close_own(self) -> None:
+        """Close the connections the dialect holds outside the engine's pool."""
+
+    # ------------------------------------------------------------------ basics
+
+    def close(self) -> None:
+        self._closed = True
+        self._close_own()
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def _tx(self, *, write: bool = True) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            if write:
+                conn = self._begin_write(conn)
+            with conn.begin():
+                yield conn
+
+    def bound_lock_waits(self, seconds: float) -> None:
+        """From now on a transaction waits at most ``seconds`` for a lock (a stop path).
+
+        On SQLite the busy timeout of every connection checked out from now on; on
+        PostgreSQL the lock timeout of pooled connections. Not a cost before it is called.
+        """
+        ms = max(1, int(seconds * 1000))
+        if self._bounded_ms is not None:
+            self._bounded_ms = min(self._bounded_ms, ms)
+            return
+        self._bounded_ms = ms
+
+        def on_checkout(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+            assert self._bounded_ms is not None
+            self._bound_on_checkout(dbapi_conn, self._bounded_ms)
+
+        sa_event.listen(self.engine, "checkout", on_checkout)
+
+    def now(self) -> float:
+        """The database's clock, in seconds since the epoch."""
+        with self.engine.connect() as conn:
+            return float(conn.execute(sa.select(self._now)).scalar_one())
+
+    def current_revision(self) -> str | None:
+        """The schema revision the database is at (None before the first migration)."""
+        with self.engine.connect() as conn:
+            if not sa.inspect(conn).has_table("alembic_version"):
+                return None
+            return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+
+    def _event(
+        self,
+        conn: Connection,
+        job_id: str,
+        kind: str,
+        message: str,
+        *,
+        worker: str | None,
+        attempt: int,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        conn.execute(
+            events.insert().values(
+                job_id=job_id,
+                at=self._now,
+                kind=kind,
+                worker=worker,
+                attempt=attempt,
+                message=message,
+                data=None if data is None else dumps(data),
+            )
+        )

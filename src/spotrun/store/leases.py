@@ -1,0 +1,462 @@
+"""The writes of a lease's holder, fenced, and the sweep of leases that lapsed.
+
+Where a job's lease is renewed (:meth:`LeaseWrites.heartbeat`), where its holder records
+progress, checkpoints, a hand-back and the result, and where a lapsed lease brings the job
+back (:meth:`LeaseWrites.sweep_expired`). Every write here goes through ``_fenced``: it is
+conditioned on (job id, attempt, state running) and raises :class:`LeaseLost` when no row
+matched. The dialects fill in the result's one write (``_write_result``) and the sweep's
+locking.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from spotrun.jobs import LIVE_WORKER_STATES, EventKind, JobState, Progress, WorkerState
+from spotrun.schema import job_logs, job_metrics, jobs, workers
+from spotrun.store.core import StoreCore
+from spotrun.store.errors import DatabaseSlow, LeaseLost, StoreError, first_line
+from spotrun.store.records import (
+    MAX_METRIC_POINTS,
+    ClaimRequest,
+    JobRecord,
+    Lease,
+    dumps,
+    even_sample,
+    job_from_row,
+)
+
+_IDLE_OR_BUSY = (WorkerState.IDLE.value, WorkerState.BUSY.value)
+
+
+class LeaseWrites(StoreCore):
+    """A lease holder's fenced writes, and the sweep that ends lapsed leases."""
+
+    @abc.abstractmethod
+    def claim(self, *, worker_id: str, worker_name: str, lease_seconds: float,
+              has_cuda: bool = False, pool: str | None = None,
+              request_id: str | None = None) -> tuple[Lease, JobRecord] | None:
+        """Take the next queued job (see JobStore.claim)."""
+
+    @abc.abstractmethod
+    def _claimed_by(self, request_id: str, worker_id: str, worker_name: str
+                    ) -> tuple[Lease, JobRecord] | None: ...
+
+    @abc.abstractmethod
+    def _unsure_of(self, request_id: str | None) -> None: ...
+
+    def _fenced(self, lease: Lease) -> sa.ColumnElement[bool]:
+        return sa.and_(
+            jobs.c.id == lease.job_id,
+            jobs.c.attempt == lease.attempt,
+            jobs.c.state == JobState.RUNNING.value,
+        )
+
+    def _refused(self, conn: Connection, lease: Lease, what: str) -> LeaseLost:
+        row = conn.execute(
+            sa.select(jobs.c.state, jobs.c.attempt, jobs.c.worker_name).where(
+                jobs.c.id == lease.job_id
+            )
+        ).first()
+        if row is None:
+            now = "is gone"
+        else:
+            now = f"is now {row.state} at attempt {row.attempt}"
+            if row.worker_name:
+                now += f" on {row.worker_name}"
+        return LeaseLost(
+            f"{what} of job {lease.job_id} refused: attempt {lease.attempt} no longer holds "
+            f"the lease (the job {now})"
+        )
+
+    def heartbeat(self, worker_id: str, leases: Sequence[Lease], lease_seconds: float
+                  ) -> dict[str, bool | None]:
+        """Renew the worker's leases. Per job: cancel requested (bool), or None if lost."""
+        out: dict[str, bool | None] = {}
+        with self._tx() as conn:
+            for lease in leases:
+                row = conn.execute(
+                    jobs.update()
+                    .where(self._fenced(lease))
+                    .values(lease_expires_at=self._now + lease_seconds)
+                    .returning(jobs.c.cancel_requested)
+                ).first()
+                out[lease.job_id] = None if row is None else bool(row[0])
+            held = [lease.job_id for lease in leases if out.get(lease.job_id) is not None]
+            conn.execute(
+                workers.update()
+                .where(workers.c.id == worker_id)
+                .values(last_heartbeat=self._now, current_job=held[0] if held else None,
+                        state=sa.case((workers.c.state.in_(_IDLE_OR_BUSY),
+                                       (WorkerState.BUSY if held else WorkerState.IDLE).value),
+                                      else_=workers.c.state))
+            )
+        return out
+
+    def save_progress(
+        self,
+        lease: Lease,
+        step: int,
+        total: int | None,
+        metrics: dict[str, Any],
+        logs: Sequence[tuple[float, str, str]] = (),
+    ) -> bool:
+        """Record progress (and buffered log lines); return whether a cancel was asked."""
+        with self._tx() as conn:
+            row = conn.execute(
+                jobs.update()
+                .where(self._fenced(lease))
+                .values(
+                    progress_step=step,
+                    progress_total=total,
+                    progress_metrics=dumps(metrics) if metrics else None,
+                    updated_at=self._now,
+                )
+                .returning(jobs.c.cancel_requested)
+            ).first()
+            if row is None:
+                raise self._refused(conn, lease, "progress")
+            self._notify(conn, lease.job_id)
+            self._insert_logs(conn, lease, logs)
+            self._record_metrics(conn, lease, step, metrics)
+            return bool(row[0])
+
+    def _record_metrics(self, conn: Connection, lease: Lease, step: int,
+                        metrics: dict[str, Any]) -> None:
+        """Add a point to the job's metric series, thinned by half past the bound."""
+        numeric = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, int | float) and not isinstance(v, bool)
+                   and math.isfinite(v)}
+        if not numeric:
+            return
+        conn.execute(job_metrics.insert().values(
+            job_id=lease.job_id, attempt=lease.attempt, step=step, at=self._now,
+            metrics=dumps(numeric)))
+        count = conn.execute(sa.select(sa.func.count()).select_from(job_metrics)
+                             .where(job_metrics.c.job_id == lease.job_id)).scalar_one()
+        if count > MAX_METRIC_POINTS:
+            rows = conn.execute(sa.select(job_metrics.c.id, job_metrics.c.step)
+                                .where(job_metrics.c.job_id == lease.job_id)
+                                .order_by(job_metrics.c.step, job_metrics.c.id)).all()
+            keep = even_sample([r.step for r in rows], MAX_METRIC_POINTS // 2)
+            conn.execute(job_metrics.delete().where(job_metrics.c.id.in_(
+                [r.id for i, r in enumerate(rows) if i not in keep])))
+
+    def _insert_logs(self, conn: Connection, lease: Lease,
+                     logs: Sequence[tuple[float, str, str]]) -> None:
+        if logs:
+            conn.execute(job_logs.insert(), [
+                {"job_id": lease.job_id, "attempt": lease.attempt, "at": at, "level": level,
+                 "message": msg} for at, level, msg in logs])
+
+    def add_event(self, lease: Lease, kind: str, message: str, *,
+                  detail: str | None = None) -> None:
+        """Append an event on behalf of the lease holder (refused for a zombie); ``detail``
+        says how its message was worked out."""
+        with self._tx() as conn:
+            n = conn.execute(
+                jobs.update().where(self._fenced(lease)).values(updated_at=self._now)
+            ).rowcount
+            if n != 1:
+                raise self._refused(conn, lease, "event")
+            self._event(conn, lease.job_id, kind, message, worker=lease.worker_name,
+                        attempt=lease.attempt,
+                        data=None if detail is None else {"detail": detail})
+
+    def commit_checkpoint(
+        self, lease: Lease, path: str, step: int, *, message: str | None = None
+    ) -> str | None:
+        """Point the job at a committed checkpoint; return the pointer that fell off.
+
+        Idempotent: a retry of a commit whose reply was lost finds the pointer moved and
+        changes nothing. The path returned is named by neither pointer, so its caller may
+        delete it.
+        """
+        with self._tx() as conn:
+            row = conn.execute(
+                sa.select(jobs.c.checkpoint, jobs.c.checkpoint_step, jobs.c.checkpoint_prev)
+                .where(self._fenced(lease))
+            ).first()
+            if row is None:
+                raise self._refused(conn, lease, "checkpoint pointer")
+            if row.checkpoint == path:
+                return None
+            n = conn.execute(
+                jobs.update()
+                .where(self._fenced(lease))
+                .values(
+                    checkpoint=path,
+                    checkpoint_step=step,
+                    checkpoint_prev=row.checkpoint,
+                    checkpoint_prev_step=row.checkpoint_step,
+                    updated_at=self._now,
+                )
+            ).rowcount
+            if n != 1:
+                raise self._refused(conn, lease, "checkpoint pointer")
+            if message:
+                self._event(conn, lease.job_id, EventKind.CHECKPOINT, message,
+                            worker=lease.worker_name, attempt=lease.attempt)
+            dropped: str | None = row.checkpoint_prev
+            return None if dropped in (path, row.checkpoint) else dropped
+
+    def drop_checkpoint_pointer(self, lease: Lease, path: str) -> None:
+        """Forget a pointer found corrupt, so that no later attempt tries it again."""
+        with self._tx() as conn:
+            row = conn.execute(
+                sa.select(jobs.c.checkpoint, jobs.c.checkpoint_prev, jobs.c.checkpoint_prev_step)
+                .where(self._fenced(lease))
+            ).first()
+            if row is None:
+                raise self._refused(conn, lease, "checkpoint pointer")
+            values: dict[str, Any] = {}
+            if row.checkpoint == path:
+                values = {"checkpoint": row.checkpoint_prev,
+                          "checkpoint_step": row.checkpoint_prev_step,
+                          "checkpoint_prev": None, "checkpoint_prev_step": None}
+            elif row.checkpoint_prev == path:
+                values = {"checkpoint_prev": None, "checkpoint_prev_step": None}
+            if values:
+                conn.execute(jobs.update().where(self._fenced(lease)).values(**values))
+
+    def hand_back(
+        self,
+        lease: Lease,
+        message: str,
+        *,
+        preempted: bool = True,
+        keep_checkpoint: bool = True,
+        run_seconds: float = 0.0,
+        escalate_to: str | None = None,
+        escalation: str = "",
+    ) -> None:
+        """Return a running job to the queue (a preemption, or a worker stopping).
+
+        With ``escalate_to``, the job may from now on run only on workers of that pool,
+        and ``escalation`` (why) goes into its history.
+        """
+        values: dict[str, Any] = {
+            "state": JobState.QUEUED.value,
+            "worker_id": None,
+            "worker_name": None,
+            "lease_expires_at": None,
+            "updated_at": self._now,
+            "run_seconds": jobs.c.run_seconds + run_seconds,
+        }
+        if preempted:
+            values["preemptions"] = jobs.c.preemptions + 1
+        if not keep_checkpoint:
+            values.update(checkpoint=None, checkpoint_step=None, checkpoint_prev=None,
+                          checkpoint_prev_step=None)
+        if escalate_to is not None:
+            values["pool"] = escalate_to
+        with self._tx() as conn:
+            n = conn.execute(jobs.update().where(self._fenced(lease)).values(**values)).rowcount
+            if n != 1:
+                raise self._refused(conn, lease, "hand-back")
+            kind = EventKind.PREEMPTED if preempted else EventKind.HANDED_BACK
+            self._event(conn, lease.job_id, kind, message, worker=lease.worker_name,
+                        attempt=lease.attempt)
+            if escalate_to is not None:
+                self._event(conn, lease.job_id, EventKind.ESCALATED, escalation,
+                            worker=lease.worker_name, attempt=lease.attempt)
+            self._release_worker(conn, lease)
+            self._notify(conn, lease.job_id)
+
+    def complete(self, lease: Lease, result: Any, *, run_seconds: float = 0.0,
+                 message: str = "succeeded", progress: Progress | None = None,
+                 logs: Sequence[tuple[float, str, str]] = (),
+                 then_claim: ClaimRequest | None = None) -> tuple[Lease, JobRecord] | None:
+        """Record the result, with the last progress and log lines, in one write.
+
+        With ``then_claim``, also claim the worker's next job (returned), in the same
+        write on PostgreSQL: a worker's loop costs one round trip a job, not two.
+        """
+        return self._finish(lease, JobState.SUCCEEDED, EventKind.SUCCEEDED, message,
+                            result=dumps(result), run_seconds=run_seconds,
+                            progress=progress, logs=logs, then_claim=then_claim)
+
+    def fail(self, lease: Lease, error: str, traceback: str | None = None, *,
+             run_seconds: float = 0.0, progress: Progress | None = None,
+             logs: Sequence[tuple[float, str, str]] = (),
+             then_claim: ClaimRequest | None = None) -> tuple[Lease, JobRecord] | None:
+        """Record the failure; ``then_claim`` as for :meth:`complete`."""
+        return self._finish(lease, JobState.FAILED, EventKind.FAILED, f"failed: {error}",
+                            error=error, error_traceback=traceback, run_seconds=run_seconds,
+                            progress=progress, logs=logs, then_claim=then_claim)
+
+    def finish_cancelled(self, lease: Lease, *, run_seconds: float = 0.0) -> None:
+        self._finish(lease, JobState.CANCELLED, EventKind.CANCELLED,
+                     "cancelled at the user's request", error="cancelled",
+                     run_seconds=run_seconds)
+
+    def _finish(self, lease: Lease, state: JobState, kind: str, message: str, *,
+                run_seconds: float, progress: Progress | None = None,
+                logs: Sequence[tuple[float, str, str]] = (),
+                then_claim: ClaimRequest | None = None,
+                **values: Any) -> tuple[Lease, JobRecord] | None:
+        # The result is recorded with its chained claim's request id: a retry after a lost
+        # reply finds both its result and the job it claimed.
+        rid = None if then_claim is None else then_claim.request_id
+        if rid is not None and rid in self._unsure and self._finished_by(lease, state, rid):
+            self._unsure.discard(rid)
+            assert then_claim is not None
+            return self._claimed_by(rid, then_claim.worker_id, then_claim.worker_name)
+        try:
+            got = self._finish_once(lease, state, kind, message, run_seconds=run_seconds,
+                                    progress=progress, logs=logs, then_claim=then_claim,
+                                    request_id=rid, **values)
+        except StoreError:
+            raise
+        except Exception:
+            self._unsure_of(rid)
+            raise
+        if rid is not None:
+            self._unsure.discard(rid)
+        return got
+
+    def _finished_by(self, lease: Lease, state: JobState, request_id: str) -> bool:
+        """Whether the result this request id wrote (the job's attempt, in ``state``)."""
+        with self._tx(write=False) as conn:
+            return conn.execute(sa.select(jobs.c.id).where(
+                jobs.c.id == lease.job_id, jobs.c.attempt == lease.attempt,
+                jobs.c.state == state.value, jobs.c.request_id == request_id)).first() \
+                is not None
+
+    def _finish_once(self, lease: Lease, state: JobState, kind: str, message: str, *,
+                     run_seconds: float, progress: Progress | None,
+                     logs: Sequence[tuple[float, str, str]],
+                     then_claim: ClaimRequest | None, request_id: str | None,
+                     **values: Any) -> tuple[Lease, JobRecord] | None:
+        values["request_id"] = request_id
+        if progress is not None:
+            values.update(progress_step=progress.step, progress_total=progress.total,
+                          progress_metrics=dumps(progress.metrics) if progress.metrics
+                          else None)
+        return self._write_result(lease, state, kind, message, run_seconds=run_seconds,
+                                  logs=logs, then_claim=then_claim, values=values)
+
+    @abc.abstractmethod
+    def _write_result(self, lease: Lease, state: JobState, kind: str, message: str, *,
+                      run_seconds: float, logs: Sequence[tuple[float, str, str]],
+                      then_claim: ClaimRequest | None, values: dict[str, Any]
+                      ) -> tuple[Lease, JobRecord] | None:
+        """The fenced result (the row, its event, its log lines, a wake-up) in one
+        transaction, and with ``then_claim`` the worker's next job (or None)."""
+
+    def _release_worker(self, conn: Connection, lease: Lease) -> None:
+        conn.execute(
+            workers.update()
+            .where(workers.c.id == lease.worker_id, workers.c.current_job == lease.job_id)
+            .values(current_job=None,
+                    state=sa.case(
+                        (workers.c.state == WorkerState.BUSY.value, WorkerState.IDLE.value),
+                        else_=workers.c.state))
+        )
+
+    def sweep_expired(self, *, within: float | None = None, probe: bool = False) -> list[str]:
+        """Put jobs whose lease expired back in the queue (or end them); mark workers gone.
+
+        Returns the ids of the jobs it moved. Any live worker may call it.
+
+        With ``within`` (seconds), a sweep that took longer than that is rolled back and
+        raises :class:`DatabaseSlow`: a sweep slowed down by a stall (a long lock on
+        ``jobs``, a writer holding SQLite's lock) finds every lease lapsed by the database
+        clock while their holders' heartbeats were waiting on that same stall.
+
+        With ``probe``, nothing is moved: if a lease has lapsed, the sweep only checks that
+        it could take its locks at once (else :class:`DatabaseSlow`); a
+        caller that waits out a stall learns whether the stall goes on.
+        """
+        start = time.monotonic()
+        expired = sa.and_(sa.text("jobs.state = 'running'"), jobs.c.lease_expires_at < self._now)
+        with self._tx(write=False) as conn:
+            any_expired = conn.execute(sa.select(jobs.c.id).where(expired).limit(1)).first()
+        moved: list[str] = []
+        if any_expired is not None:
+            pick = self._lock_expired(sa.select(jobs).where(expired))
+            try:
+                with self._sweep_tx(within) as conn:
+                    if probe:
+                        self._probe_locks(conn)
+                        return []  # nothing written: the commit only ends the probe
+                    for row in conn.execute(pick).mappings().all():
+                        self._expire(conn, row)
+                        moved.append(row["id"])
+                    took = time.monotonic() - start
+                    if within is not None and took > within:
+                        raise DatabaseSlow(f"a sweep took {took:.1f} s; rolled back")
+            except sa.exc.OperationalError as exc:
+                if within is None:
+                    raise
+                raise DatabaseSlow(f"a sweep could not take its locks at once "
+                                   f"({first_line(exc)}); rolled back") from None
+        if probe:
+            return moved
+        self.mark_gone_workers()
+        return moved
+
+    def _lock_expired(self, pick: sa.Select[Any]) -> sa.Select[Any]:
+        """The sweep's read of expired jobs, locking what it moves where rows lock."""
+        return pick
+
+    def _probe_locks(self, conn: Connection) -> None:
+        """Take at once the locks a sweep's writes would take (see sweep_expired)."""
+
+    @abc.abstractmethod
+    def _sweep_tx(self, within: float | None) -> contextlib.AbstractContextManager[Connection]:
+        """The sweep's write transaction; with ``within``, its lock waits are short.
+
+        A sweep that waits on a lock is waiting on what also holds the heartbeats back: it
+        gives up at once rather than win the rows when the lock goes.
+        """
+
+    def _expire(self, conn: Connection, row: Any) -> None:
+        job = job_from_row(row, ())
+        who = job.worker or "?"
+        where = job.progress.describe()
+        lease = Lease(job.id, job.attempt, job.worker_id or "", who)
+        cond = self._fenced(lease)
+        if job.cancel_requested:
+            conn.execute(jobs.update().where(cond).values(
+                state=JobState.CANCELLED.value, error="cancelled", lease_expires_at=None,
+                finished_at=self._now, updated_at=self._now))
+            msg = f"lease of worker {who} expired at {where}; cancelled as requested"
+            kind = EventKind.CANCELLED
+        elif job.retries + 1 > job.max_retries:
+            error = (f"lost its worker {job.retries + 1} times (last: lease of worker {who} "
+                     f"expired at {where}); giving up after max_retries={job.max_retries}")
+            conn.execute(jobs.update().where(cond).values(
+                state=JobState.FAILED.value, retries=jobs.c.retries + 1, error=error,
+                lease_expires_at=None, finished_at=self._now, updated_at=self._now))
+            msg, kind = f"failed: {error}", EventKind.FAILED
+        else:
+            conn.execute(jobs.update().where(cond).values(
+                state=JobState.QUEUED.value, retries=jobs.c.retries + 1, worker_id=None,
+                worker_name=None, lease_expires_at=None, updated_at=self._now))
+            msg = f"lease of worker {who} expired at {where}; back in the queue"
+            kind = EventKind.LEASE_EXPIRED
+        self._release_worker(conn, lease)
+        self._event(conn, job.id, kind, msg, worker=job.worker, attempt=job.attempt)
+        self._notify(conn, job.id)
+
+    def mark_gone_workers(self) -> int:
+        """Workers whose heartbeat is older than their own lease length are marked gone."""
+        stale = workers.c.last_heartbeat + workers.c.lease_seconds < self._now
+        live = workers.c.state.in_(sorted(s.value for s in LIVE_WORKER_STATES))
+        with self._tx(write=False) as conn:
+            if conn.execute(sa.select(workers.c.id).where(live, stale).limit(1)).first() is None:
+                return 0
+        with self._tx() as conn:
+            return conn.execute(
+                workers.update().where(live, stale).values(state=WorkerState.GONE.value,
+                                                           current_job=None)
+            ).rowcount
