@@ -302,11 +302,11 @@ def bulk_submit(store: Any, n: int, pipeline: str, params: dict[str, Any]) -> fl
     all at once. Returns the wall-clock time the commit returned."""
     from spotrun.jobs import EventKind, JobState
     from spotrun.schema import events, jobs
-    from spotrun.store import _dumps, new_id
+    from spotrun.store import dumps, new_id
 
     ids = [new_id() for _ in range(n)]
     now = store.now()
-    body = _dumps(params)
+    body = dumps(params)
     with store._tx() as conn:
         conn.execute(jobs.insert(), [
             {"id": i, "pipeline": pipeline, "params": body, "state": JobState.QUEUED.value,

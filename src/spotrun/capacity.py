@@ -1,7 +1,7 @@
 """Whether any live worker could run a job: said on its page, in ``show``, and at submit.
 
 A worker takes a job when the job needs no CUDA or the worker has it, and the job names no
-pool or the worker's (the claim's rule, store.py). A job that names a pool with no live
+pool or the worker's (the claim's rule, in the store). A job that names a pool with no live
 worker, or needs CUDA that no live worker of its pool has, waits for ever unless someone
 starts one; saying so beats a queue that looks merely slow. A job with no such need and no
 worker at all is not flagged: it waits for the first worker, as any queue does.
@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from spotrun.jobs import Job, Worker
+from spotrun.jobs import Job, Worker, WorkerState
 
-LIVE_STATES = frozenset({"idle", "busy"})
+# A stopping worker claims nothing more.
+LIVE_STATES = frozenset({WorkerState.IDLE, WorkerState.BUSY})
 
 
 def unrunnable_reason(requires_cuda: bool, pool: str | None,

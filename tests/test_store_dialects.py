@@ -1,0 +1,142 @@
+"""What each dialect's store must do alike, and what the store promises its callers
+beyond the queue: its connections follow the URL, its errors are its own."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import psycopg
+import pytest
+
+from spotrun.jobs import EventKind, JobState
+from spotrun.store import (
+    DatabaseUnavailable,
+    JobNotFound,
+    JobStore,
+    Lease,
+    PostgresStore,
+    SqliteStore,
+    create_engine,
+)
+from spotrun.store.claim_event import claim_event
+
+
+def _worker(store: JobStore, name: str = "w1") -> str:
+    return store.register_worker(name=name, host="h", pid=1, pool="spot", has_cuda=False,
+                                 lease_seconds=10)
+
+
+def test_open_gives_the_dialects_store(store: JobStore) -> None:
+    assert isinstance(store, PostgresStore if store.is_postgres else SqliteStore)
+    assert type(JobStore(store.engine)) is type(store)
+    other = store.reopen(pool_size=1)
+    try:
+        assert type(other) is type(store)
+        assert other.get(store.submit("sleep", {"seconds": 0}).id).state is JobState.QUEUED
+    finally:
+        other.close()
+
+
+def test_the_claims_event_is_worded_alike_on_both_dialects(store: JobStore) -> None:
+    job = store.submit("sleep", {"seconds": 0})
+    wid = _worker(store)
+
+    def claim() -> tuple[Lease, tuple[str, str]]:
+        got = store.claim(worker_id=wid, worker_name="w1", lease_seconds=10)
+        assert got is not None
+        last = store.get(job.id).events[-1]
+        return got[0], (last.kind, last.message)
+
+    lease, said = claim()
+    assert said == (EventKind.STARTED, "started on w1")
+    store.hand_back(lease, "stopping", preempted=False)
+    lease, said = claim()
+    assert said == (EventKind.STARTED, "restarted on w1 from the beginning (attempt 2)")
+    store.save_progress(lease, 3, 10, {})
+    store.commit_checkpoint(lease, "ckpt/3", 3)
+    store.hand_back(lease, "preempted")
+    lease, said = claim()
+    assert said == (EventKind.RESUMED, "resumed on w1 from step 3/10")
+    # The one wording the SQLite claim renders and PostgreSQL's SQL is generated from.
+    assert claim_event(worker="w1", attempt=lease.attempt, checkpoint="ckpt/3",
+                       checkpoint_step=3, progress_total=10) == said
+
+
+def test_expire_lease_now_lets_the_sweep_bring_the_job_back(store: JobStore) -> None:
+    job = store.submit("sleep", {"seconds": 0})
+    got = store.claim(worker_id=_worker(store), worker_name="w1", lease_seconds=600)
+    assert got is not None
+    assert store.sweep_expired() == []
+    store.expire_lease_now(job.id)
+    assert store.sweep_expired() == [job.id]
+    assert store.get(job.id).state is JobState.QUEUED
+    with pytest.raises(JobNotFound):
+        store.expire_lease_now(job.id)  # queued: it holds no lease
+
+
+def test_a_database_out_of_reach_is_the_stores_own_error() -> None:
+    dead = JobStore(create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none"))
+    try:
+        with pytest.raises(DatabaseUnavailable):
+            dead.submit("sleep", {"seconds": 0})
+        with pytest.raises(DatabaseUnavailable):  # the hot path's own connections too
+            dead.claim(worker_id="w", worker_name="w", lease_seconds=10)
+        with pytest.raises(DatabaseUnavailable):
+            dead.tokens.verify("spr_x")
+    finally:
+        dead.close()
+
+
+def test_stalled_writes_wait_while_reads_go_on(store: JobStore) -> None:
+    job = store.submit("sleep", {"seconds": 0})
+    stall = threading.Thread(target=store.stall_writes, args=(1.5,))
+    stall.start()
+    time.sleep(0.3)
+    try:
+        t0 = time.monotonic()
+        assert store.get(job.id).state is JobState.QUEUED
+        assert time.monotonic() - t0 < 1.0
+        t0 = time.monotonic()
+        store.submit("sleep", {"seconds": 0})
+        assert time.monotonic() - t0 > 0.5
+    finally:
+        stall.join()
+
+
+def test_every_connection_keeps_the_urls_query_string(pg_url: str) -> None:
+    """The pool's, the hot path's, the LISTEN waker's and a reopened store's."""
+    app = f"spotrun_qs_{uuid.uuid4().hex[:8]}"
+    dbname = pg_url.rsplit("/", 1)[1]
+    store = JobStore.open(f"{pg_url}?sslmode=disable&application_name={app}")
+    waker = store.waker()
+    beats = store.reopen(pool_size=1, pre_ping=False, statement_timeout=5)
+    try:
+        store.submit("sleep", {"seconds": 0})
+        wid = _worker(store)
+        got = store.claim(worker_id=wid, worker_name="w1", lease_seconds=10)  # hot path
+        assert got is not None
+        assert beats.heartbeat(wid, [got[0]], 10) == {got[0].job_id: False}
+        waker.wait(0.05)  # opens its LISTEN connection
+        # The hot path and the waker took idle connections of the pool for their own
+        # (out of it for good): the pool opens another.
+        store.submit("sleep", {"seconds": 0})
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            rows = admin.execute(
+                "SELECT application_name, ssl, query FROM pg_stat_activity a "
+                "LEFT JOIN pg_stat_ssl s USING (pid) "
+                "WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,)).fetchall()
+            listening = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                "AND query LIKE 'LISTEN%%'", (dbname,)).fetchone()
+        # The pool's (submit), the hot path's (claim), the reopened store's (heartbeat)
+        # and the waker's (LISTEN): every one opened with the URL's query string.
+        assert len(rows) >= 4, rows
+        assert {r[0] for r in rows} == {app}, rows
+        assert not any(r[1] for r in rows), rows
+        assert listening is not None and listening[0] == 1
+    finally:
+        waker.close()
+        beats.close()
+        store.close()
