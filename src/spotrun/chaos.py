@@ -1139,12 +1139,12 @@ class Drill:
                     assert isinstance(job, JobRecord)
                     out[job_id] = job
                     break
-                except StoreError:
-                    break  # not found: reported as lost
                 except DB_ERRORS:
                     if time.monotonic() > give_up:
                         raise
                     time.sleep(0.5)
+                except StoreError:
+                    break  # not found: reported as lost
         return out
 
     def _check_fenced(self, jobs: dict[str, JobRecord]) -> Check:

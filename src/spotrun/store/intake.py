@@ -23,7 +23,7 @@ class IntakeRecords(MapsDriverErrors):
         self._s = store
 
     def record(self, job_id: str, *, source: str, message_id: str,
-                      idempotency_key: str | None) -> None:
+               idempotency_key: str | None) -> None:
         """Remember the bus message that asked for a job; the first one recorded stays."""
         row = {"job_id": job_id, "source": source, "message_id": message_id,
                "idempotency_key": idempotency_key, "created_at": self._s._now}

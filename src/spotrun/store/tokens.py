@@ -24,7 +24,7 @@ class Tokens(MapsDriverErrors):
         self._s = store
 
     def create(self, name: str, *, admin: bool = False,
-                     expires_in: float | None = None) -> str:
+               expires_in: float | None = None) -> str:
         """Create an API token; only its hash is stored, the token is returned once.
 
         With ``expires_in`` (seconds) it stops working then, by the database clock.
