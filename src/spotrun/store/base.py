@@ -418,24 +418,6 @@ class JobStore(LeaseWrites):
             self._unsure.discard(request_id)
         return got
 
-    def _unsure_of(self, request_id: str | None) -> None:
-        if request_id is not None:
-            if len(self._unsure) > 1000:  # ids of requests never retried
-                self._unsure.clear()
-            self._unsure.add(request_id)
-
-    def _claimed_by(self, request_id: str, worker_id: str, worker_name: str
-                    ) -> tuple[Lease, JobRecord] | None:
-        """The job a claim with this request id took and still holds, if any."""
-        with self._tx(write=False) as conn:
-            row = conn.execute(sa.select(jobs).where(
-                sa.text("jobs.state = 'running'"), jobs.c.request_id == request_id,
-                jobs.c.worker_id == worker_id)).mappings().first()
-        if row is None:
-            return None
-        job = job_from_row(row, ())
-        return Lease(job.id, job.attempt, worker_id, worker_name), job
-
     @abc.abstractmethod
     def _claim(self, *, worker_id: str, worker_name: str, lease_seconds: float,
                has_cuda: bool, pool: str | None, request_id: str | None

@@ -12,9 +12,9 @@ import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Connection, Engine
 
-from spotrun.schema import events
+from spotrun.schema import events, jobs
 from spotrun.store.errors import MapsDriverErrors
-from spotrun.store.records import dumps
+from spotrun.store.records import JobRecord, Lease, dumps, job_from_row
 
 
 class StoreCore(MapsDriverErrors, abc.ABC):
@@ -94,6 +94,26 @@ class StoreCore(MapsDriverErrors, abc.ABC):
             if not sa.inspect(conn).has_table("alembic_version"):
                 return None
             return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+
+    # ------------------------------------------- writes unsure of their commit
+
+    def _unsure_of(self, request_id: str | None) -> None:
+        if request_id is not None:
+            if len(self._unsure) > 1000:  # ids of requests never retried
+                self._unsure.clear()
+            self._unsure.add(request_id)
+
+    def _claimed_by(self, request_id: str, worker_id: str, worker_name: str
+                    ) -> tuple[Lease, JobRecord] | None:
+        """The job a claim with this request id took and still holds, if any."""
+        with self._tx(write=False) as conn:
+            row = conn.execute(sa.select(jobs).where(
+                sa.text("jobs.state = 'running'"), jobs.c.request_id == request_id,
+                jobs.c.worker_id == worker_id)).mappings().first()
+        if row is None:
+            return None
+        job = job_from_row(row, ())
+        return Lease(job.id, job.attempt, worker_id, worker_name), job
 
     def _event(
         self,

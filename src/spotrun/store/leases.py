@@ -40,19 +40,6 @@ _IDLE_OR_BUSY = (WorkerState.IDLE.value, WorkerState.BUSY.value)
 class LeaseWrites(StoreCore):
     """A lease holder's fenced writes, and the sweep that ends lapsed leases."""
 
-    @abc.abstractmethod
-    def claim(self, *, worker_id: str, worker_name: str, lease_seconds: float,
-              has_cuda: bool = False, pool: str | None = None,
-              request_id: str | None = None) -> tuple[Lease, JobRecord] | None:
-        """Take the next queued job (see JobStore.claim)."""
-
-    @abc.abstractmethod
-    def _claimed_by(self, request_id: str, worker_id: str, worker_name: str
-                    ) -> tuple[Lease, JobRecord] | None: ...
-
-    @abc.abstractmethod
-    def _unsure_of(self, request_id: str | None) -> None: ...
-
     def _fenced(self, lease: Lease) -> sa.ColumnElement[bool]:
         return sa.and_(
             jobs.c.id == lease.job_id,
