@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 
 IDLE_POLL_SECONDS = 0.1  # the claim loop's wait when no wake-up comes (worker.py)
+IDLE_POOL = "bench-idle"
 
 
 def _pg_cpu() -> dict[int, float]:
@@ -137,7 +138,9 @@ def _child(args: argparse.Namespace) -> None:
                 step[i] += 1
                 store.save_progress(leases[i], step[i], 10_000, {"loss": 1.0 / step[i]})
             else:
-                store.claim(**ClaimRequest(ids[i], f"sim-{i}", lease_s, False, None,
+                # A pool with nothing queued: an idle worker's claim finds nothing, as in
+                # a fleet whose queue is empty, and never takes a busy worker's job.
+                store.claim(**ClaimRequest(ids[i], f"sim-{i}", lease_s, False, IDLE_POOL,
                                            uuid.uuid4().hex).params())
         except LeaseLost:
             with lock:
