@@ -5,6 +5,8 @@ job."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import json
 import signal
 import time
@@ -14,7 +16,20 @@ from typing import Any
 import sqlalchemy as sa
 
 from conftest import Env, wait_until
-from spotrun.jobs import JobState
+from spotrun.chaos.audit import check_attempts, check_resumes, check_states
+from spotrun.events import (
+    Checkpointed,
+    CheckpointUnusable,
+    LeaseExpired,
+    Preempted,
+    Resume,
+    Resumed,
+    ResumeHow,
+    Started,
+    Submitted,
+    render,
+)
+from spotrun.jobs import Event, Job, JobState, OnPreempt, Progress
 from spotrun.schema import events, jobs
 
 
@@ -77,3 +92,53 @@ def test_audit_of_a_store_after_real_workers_then_of_a_broken_history(
     assert long in failed["every job's state agrees with its history"]
     proc = env.cli("audit", check=False)
     assert proc.returncode == 1 and "result: FAIL, 2 of 5 checks failed" in proc.stdout
+
+
+def _job(*payloads: tuple[int, Any], state: JobState = JobState.QUEUED) -> Job:
+    """A job whose history is these (attempt, payload) events, their words blanked: the
+    audit must read the data alone."""
+    t0 = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    evs = []
+    for n, (attempt, p) in enumerate(((0, Submitted()), *payloads)):
+        kind, _message, data = render(p)
+        evs.append(Event(t0 + dt.timedelta(seconds=n), kind, getattr(p, "worker", None),
+                         attempt, "", data=data))
+    return Job(id="j", pipeline="sleep", params={}, state=state, priority=0,
+               attempt=max(a for a, _ in payloads), preemptions=0, retries=0, max_retries=4,
+               on_preempt=OnPreempt.RESUME, timeout=None, worker_id=None, worker=None,
+               lease_expires_at=None, progress=Progress(), result=None, error=None,
+               error_traceback=None, checkpoint=None, checkpoint_prev=None,
+               requires_cuda=False, cancel_requested=False, run_seconds=0.0, owner=None,
+               created_at=t0, updated_at=t0, events=tuple(evs))
+
+
+def test_resumes_are_checked_against_the_checkpoints_the_data_records() -> None:
+    kept = Preempted("w", 14, 30, resume=Resume(ResumeHow.KEPT, 10))
+    ok = _job((1, Started("w")), (1, Checkpointed(10, 0.1)), (1, kept),
+              (2, Resumed("v", 10, 30)), (2, Checkpointed(20, 0.1)),
+              (2, LeaseExpired("v", 23, 30)), (3, Resumed("u", 20, 30)),
+              (3, Preempted("u", 21, 30, OnPreempt.RESTART)), (4, Started("t", 4)),
+              state=JobState.RUNNING)
+    assert check_resumes({"a": ok}).ok
+    assert check_attempts({"a": ok}).ok
+    assert check_states({"a": ok}).ok
+    assert "a is queued, its history ends with started" in check_states(
+        {"a": dataclasses.replace(ok, state=JobState.QUEUED)}).detail
+    # From before the checkpoint its stop kept; from before the last one, after an expiry.
+    early = _job((1, Started("w")), (1, Checkpointed(10, 0.1)), (1, kept),
+                 (2, Resumed("v", 5, 30)))
+    found = check_resumes({"early": early})
+    assert not found.ok and "early attempt 2 started at step 5, the last stop said 10" in \
+        found.detail
+    lost = _job((1, Started("w")), (1, Checkpointed(10, 0.1)), (1, LeaseExpired("w", 12)),
+                (2, Started("v", 2)))
+    found = check_resumes({"lost": lost})
+    assert not found.ok and "before its checkpoint at step 10" in found.detail
+    # A checkpoint found corrupt on load: starting over is what its event said.
+    corrupt = _job((1, Started("w")), (1, Checkpointed(10, 0.1)), (1, LeaseExpired("w", 12)),
+                   (2, Resumed("v", 10)), (2, CheckpointUnusable(10, "bad sha256")),
+                   (2, LeaseExpired("v", 3)), (3, Started("u", 3)))
+    assert check_resumes({"c": corrupt}).ok
+    skipped = _job((1, Started("w")), (1, LeaseExpired("w", 1)), (3, Started("v", 3)))
+    found = check_attempts({"s": skipped})
+    assert not found.ok and "s: claims of attempts [1, 3]" in found.detail
