@@ -466,8 +466,14 @@ def to_json(payload: _Payload) -> dict[str, Any]:
     return out
 
 
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls, globalns=globals())
+    hints = _HINTS.get(cls)
+    if hints is None:  # resolving the annotations is slow: once per class
+        hints = _HINTS[cls] = typing.get_type_hints(cls, globalns=globals())
+    return hints
 
 
 def _value(hint: Any, raw: Any) -> Any:
