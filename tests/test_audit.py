@@ -92,6 +92,12 @@ def test_audit_of_a_store_after_real_workers_then_of_a_broken_history(
     assert long in failed["every job's state agrees with its history"]
     proc = env.cli("audit", check=False)
     assert proc.returncode == 1 and "result: FAIL, 2 of 5 checks failed" in proc.stdout
+    if db_url.startswith("sqlite"):
+        nowhere = env.home / "nowhere.db"
+        proc = env.cli("audit", "--db", f"sqlite:///{nowhere}", check=False)
+        assert proc.returncode == 2 and proc.stderr.strip() == \
+            f"spotrun: no store at sqlite:///{nowhere}"
+        assert not nowhere.exists()
 
 
 def _job(*payloads: tuple[int, Any], state: JobState = JobState.QUEUED) -> Job:

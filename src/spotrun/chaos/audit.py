@@ -9,8 +9,10 @@ It reads the events' data (:func:`spotrun.events.payload_of`), never their words
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from spotrun.events import (
@@ -253,9 +255,18 @@ def format_findings(checks: list[Check], jobs: int) -> str:
 
 def main(database_url: str, *, as_json: bool = False,
          echo: Callable[[str], object] = print) -> int:
-    """``spotrun audit``: print the findings; 0 when every check passed, 1 if not."""
-    from spotrun.store import JobStore
+    """``spotrun audit``: print the findings; 0 when every check passed, 1 if not, 2 when
+    there is no store to audit."""
+    from sqlalchemy.engine import make_url
 
+    from spotrun.store import JobStore, redact
+
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+            and not Path(url.database).exists():
+        # Opening it would create an empty store, and audit that.
+        print(f"spotrun: no store at {redact(database_url)}", file=sys.stderr)
+        return 2
     store = JobStore.open(database_url)
     try:
         ids = [j.id for j in store.list_jobs()]
