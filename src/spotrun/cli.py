@@ -933,6 +933,25 @@ def cost(
 
 @app.command()
 @friendly
+def audit(
+    db: Annotated[str | None, typer.Option(
+        "--db", help="The store to audit [default: --database-url, SPOTRUN_DATABASE_URL]")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Check from the store alone that no job was lost, none completed twice, every result
+    came from the attempt holding the lease and every resume from the last checkpoint.
+
+    Exit 0 when every check passes, 1 when one fails.
+    """
+    from spotrun.chaos import audit as audit_mod
+
+    raise typer.Exit(audit_mod.main(db or settings().database_url, as_json=as_json,
+                                    echo=typer.echo))
+
+
+@app.command()
+@friendly
 def simulate(
     workers_: Annotated[int | None, typer.Option(
         "--workers", help="Workers, 1 to 10000 [default 100]")] = None,
