@@ -22,9 +22,10 @@ import httpx
 import pytest
 from starlette.exceptions import StarletteDeprecationWarning
 
-from spotrun.api import ChangeFeed, create_app
-from spotrun.callbacks import CallbackDeliverer
 from spotrun.config import Settings
+from spotrun.http.app import create_app
+from spotrun.http.callbacks import CallbackDeliverer
+from spotrun.http.feed import ChangeFeed
 from spotrun.jobs import EventKind
 from spotrun.serve import ServerThread
 from spotrun.store import JobStore, Lease, create_engine

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from spotrun.checkpoints import CheckpointStore, Loaded, Saved
@@ -39,14 +38,6 @@ class _InlineDriver:
 
     def read_input(self, path: str) -> bytes:
         return self.store.read_input(path)
-
-
-def is_spotrun_process(pid: int) -> bool:
-    """Whether ``pid`` is a live process of this machine whose command line names spotrun."""
-    try:
-        return b"spotrun" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
 
 
 def run_inline(pipeline: str | Pipeline, params: Mapping[str, Any], *,
