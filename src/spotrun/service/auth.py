@@ -65,3 +65,19 @@ def visible_job(store: JobStore, job_id: str, who: Principal, *,
     except JobNotFound:
         return None
     return job if who.can_see(job) else None
+
+
+def sign_in(store: JobStore, token: str, *, seconds: float) -> tuple[Principal, str] | None:
+    """A dashboard session for a valid API token: (who, session id); None for a bad token.
+
+    The session lasts ``seconds`` and ends with its token (revoked or expired).
+    """
+    who = principal_for_token(store, token)
+    if who is None:
+        return None
+    return who, store.create_session(who.name, expires_in=seconds)
+
+
+def sign_out(store: JobStore, session_id: str) -> None:
+    """End a dashboard session (a copied cookie dies too)."""
+    store.revoke_session(session_id)

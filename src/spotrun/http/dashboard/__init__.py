@@ -1,6 +1,7 @@
 """The dashboard: server-rendered pages (Jinja2, autoescaped) with a little JavaScript.
 
-``pages``: the routes (job list, a job's page, the submit form, the workers) and sign-in;
+``pages``: the routes (sign-in, job list, a job's page, the submit form, the workers);
+``sessions``: the session cookie and the same-origin guard of the forms;
 ``forms``: the submit form's fields from a pipeline's schema; ``jobview``: what a job's
 page shows beyond its row (cost, curve, warnings); ``apidocs``: ``/docs`` from the
 installed Swagger UI; ``templates/`` and ``static/`` are package data.

@@ -1,4 +1,4 @@
-"""The dashboard: server-rendered pages (Jinja2, autoescaped) with a little JavaScript.
+"""The dashboard's pages: server-rendered (Jinja2, autoescaped) with a little JavaScript.
 
 Pages: the job list with live progress bars, a job's page with its timeline and result,
 a form to submit a pipeline, and the workers with a "simulate preemption" button for
@@ -21,7 +21,6 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
-from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -30,9 +29,9 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import ValidationError
 
 from spotrun import cost
-from spotrun.http.auth import SECURE_SESSION_COOKIE, SESSION_COOKIE, session_id_of
+from spotrun.http.auth import session_id_of
 from spotrun.http.context import AppContext
-from spotrun.http.dashboard import jobview
+from spotrun.http.dashboard import jobview, sessions
 from spotrun.http.dashboard.forms import form_fields, params_from_form
 from spotrun.http.schemas import SubmitRequest
 from spotrun.jobs import Job, JobState, OnPreempt, Worker
@@ -41,12 +40,7 @@ from spotrun.pipelines.registry import UnknownPipeline, registry
 from spotrun.quotas import QuotaExceeded
 from spotrun.service import preempt as preemption
 from spotrun.service import queue
-from spotrun.service.auth import (
-    Principal,
-    principal_for_session,
-    principal_for_token,
-    visible_job,
-)
+from spotrun.service.auth import Principal, sign_in, sign_out, visible_job
 from spotrun.service.preempt import LIVE_WORKER_STATES
 from spotrun.service.submission import Forbidden, Invalid, ServiceError
 
@@ -136,24 +130,13 @@ def install(app: FastAPI, ctx: AppContext) -> None:
         return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
 
     def viewer(request: Request) -> Principal | None:
-        return principal_for_session(store, session_id_of(request))
+        return sessions.viewer(store, request)
 
     def to_login() -> Response:
         return RedirectResponse("/login", status_code=303, headers=SECURITY_HEADERS)
 
-    def same_origin(request: Request) -> bool:
-        # SameSite=Strict already keeps the cookie off cross-site requests; this guards
-        # the forms (login included) in browsers that ignore it. A request that shows
-        # neither header is refused: every browser of the last years sends one of them.
-        site = request.headers.get("sec-fetch-site")
-        if site is not None:
-            return site == "same-origin"
-        origin = request.headers.get("origin")
-        return origin is not None and origin == f"{request.url.scheme}://{request.url.netloc}"
-
-    async def form_of(request: Request) -> dict[str, str]:
-        body = (await request.body()).decode("utf-8", errors="replace")
-        return {k: v[-1] for k, v in parse_qs(body, keep_blank_values=True).items()}
+    same_origin = sessions.same_origin
+    form_of = sessions.form_of
 
     def forbidden(request: Request) -> HTMLResponse:
         return page("message.html", request, None, status=403, title="Not allowed",
@@ -170,18 +153,12 @@ def install(app: FastAPI, ctx: AppContext) -> None:
         if not same_origin(request):
             return forbidden(request)
         token = (await form_of(request)).get("token", "").strip()
-        who = await run(principal_for_token, store, token)
-        if who is None:
+        signed_in = await run(sign_in, store, token, seconds=ctx.session_seconds)
+        if signed_in is None:
             return page("login.html", request, None, status=401,
                         error="That token is not valid (or it expired or was revoked).")
-        session = await run(store.create_session, who.name, expires_in=ctx.session_seconds)
         response = RedirectResponse("/", status_code=303, headers=SECURITY_HEADERS)
-        # request.url.scheme is https behind a TLS-terminating proxy only when the proxy
-        # is one the operator trusts (SPOTRUN_TRUSTED_PROXIES, given to uvicorn).
-        secure = request.url.scheme == "https"
-        response.set_cookie(SECURE_SESSION_COOKIE if secure else SESSION_COOKIE,
-                            session, httponly=True, samesite="strict", secure=secure,
-                            path="/", max_age=int(ctx.session_seconds))
+        sessions.set_session_cookie(response, request, signed_in[1], ctx.session_seconds)
         return response
 
     @app.post("/logout", include_in_schema=False)
@@ -190,11 +167,9 @@ def install(app: FastAPI, ctx: AppContext) -> None:
             return forbidden(request)
         session = session_id_of(request)
         if session:
-            await run(store.revoke_session, session)  # a copied cookie dies too
+            await run(sign_out, store, session)  # a copied cookie dies too
         response = RedirectResponse("/login", status_code=303, headers=SECURITY_HEADERS)
-        for name in (SESSION_COOKIE, SECURE_SESSION_COOKIE):
-            response.delete_cookie(name, path="/", httponly=True, samesite="strict",
-                                   secure=name.startswith("__Host-"))
+        sessions.clear_session_cookies(response)
         return response
 
     # ------------------------------------------------------------------- jobs
