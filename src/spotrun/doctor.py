@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from spotrun import migrations, watchers
-from spotrun.checkpoints import CheckpointStore
+from spotrun import checkpoints, migrations, watchers
 from spotrun.config import ConfigError, Settings
 from spotrun.shutdown import ShutdownCoordinator
 from spotrun.store import DatabaseUnavailable, JobStore, normalize_url, redact
@@ -323,7 +322,9 @@ def check_checkpoints(settings: Settings, *, remote_expected: bool = False) -> C
     url = settings.checkpoint_url
     shown = redact_location(url)
     try:
-        seconds = _with_timeout(lambda: CheckpointStore(url).probe(), CHECKPOINT_PROBE_SECONDS)
+        # Looked up on the module at each call, so a test can stand in for the library.
+        seconds = _with_timeout(lambda: checkpoints.CheckpointStore(url).probe(),
+                                CHECKPOINT_PROBE_SECONDS)
     except ImportError as exc:
         extra = {"gs": "gcs", "gcs": "gcs", "s3": "s3", "s3a": "s3"}.get(
             urlsplit(url).scheme, "")
