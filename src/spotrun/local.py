@@ -8,6 +8,7 @@ from typing import Any
 
 from spotrun.checkpoints import CheckpointStore, Loaded, Saved
 from spotrun.pipelines.base import JobContext, Pipeline, State
+from spotrun.pipelines.registry import get as get_pipeline
 
 
 class _InlineDriver:
@@ -44,8 +45,6 @@ def run_inline(pipeline: str | Pipeline, params: Mapping[str, Any], *,
                checkpoint_url: str | None = None) -> Any:
     """Run ``pipeline`` (a name, or a pipeline not installed) uninterrupted in this process
     and return its result."""
-    from spotrun.pipelines.registry import get as get_pipeline
-
     pipe = get_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
     validated = pipe.validate(params)
     with tempfile.TemporaryDirectory(prefix="spotrun-inline-") as tmp:
