@@ -150,3 +150,17 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [["a", "b", "c"]]
     assert _path_through(graph, ["a", "b", "c"]) == "a -> b -> c -> a"
+
+
+def test_the_dashboard_imports_the_service_never_the_apis_routes() -> None:
+    # What the dashboard may use of the HTTP package: how a request signs in, what the
+    # app shares, and the request documents; everything it does goes through the service.
+    allowed = {"spotrun.http", "spotrun.http.auth", "spotrun.http.context",
+               "spotrun.http.schemas"}
+    graph = import_graph()
+    for module, targets in graph.items():
+        if not module.startswith("spotrun.http.dashboard"):
+            continue
+        http = {t for t in targets if t.startswith("spotrun.http")
+                and not t.startswith("spotrun.http.dashboard")}
+        assert http <= allowed, f"{module} imports {sorted(http - allowed)}"
