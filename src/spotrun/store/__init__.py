@@ -28,6 +28,7 @@ from spotrun.store.connect import (
     normalize_url,
     password_of,
     redact,
+    sqlite_file,
 )
 from spotrun.store.errors import (
     BadDatabaseURL,
@@ -63,5 +64,5 @@ __all__ = [
     "IntakeEvent", "IntakeRecords", "JobNotFound", "JobRecord", "JobStore", "Lease",
     "LeaseLost", "PostgresStore", "SqliteStore", "StoreError", "Token", "Tokens", "Waker",
     "create_engine", "dumps", "hash_token", "loads", "new_id", "normalize_url",
-    "password_of", "redact",
+    "password_of", "redact", "sqlite_file",
 ]

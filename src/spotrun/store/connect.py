@@ -59,6 +59,18 @@ def password_of(url: str) -> str | None:
         return None
 
 
+def sqlite_file(url: str) -> str | None:
+    """The file a SQLite URL names; None for an in-memory one, another database, or a URL
+    that does not parse (opening it says why)."""
+    try:
+        u = make_url(normalize_url(url))
+    except Exception:
+        return None
+    if u.get_backend_name() != "sqlite" or u.database in (None, "", ":memory:"):
+        return None
+    return u.database
+
+
 def _create_private(path: Path) -> None:
     """Create ``path`` empty, readable by its owner only, unless it exists."""
     with contextlib.suppress(FileExistsError):

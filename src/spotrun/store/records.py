@@ -25,6 +25,7 @@ from spotrun.jobs import (
     WorkerState,
     from_epoch,
 )
+from spotrun.strictjson import finite
 
 # Points kept of a job's metric series (the training curve): a chart's width's worth.
 MAX_METRIC_POINTS = 300
@@ -82,16 +83,6 @@ def dumps(value: Any) -> str:
         return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
     except ValueError:
         return json.dumps(finite(value), separators=(",", ":"), sort_keys=True)
-
-
-def finite(value: Any) -> Any:
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(v) for v in value]
-    return value
 
 
 def loads(text: str | None) -> Any:
