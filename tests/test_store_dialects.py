@@ -10,6 +10,18 @@ import uuid
 import psycopg
 import pytest
 
+from spotrun.events import (
+    DATA_VERSION,
+    CancelCause,
+    Cancelled,
+    Failed,
+    LeaseExpired,
+    Resumed,
+    Started,
+    Submitted,
+    Succeeded,
+    payload_of,
+)
 from spotrun.jobs import EventKind, JobState
 from spotrun.store import (
     DatabaseUnavailable,
@@ -62,6 +74,43 @@ def test_the_claims_event_is_worded_alike_on_both_dialects(store: JobStore) -> N
     # The one wording the SQLite claim renders and PostgreSQL's SQL is generated from.
     assert claim_event(worker="w1", attempt=lease.attempt, checkpoint="ckpt/3",
                        checkpoint_step=3, progress_total=10) == said
+    # Each claim's event carries its payload, the same on both dialects.
+    claims = [e for e in store.get(job.id).events
+              if e.kind in (EventKind.STARTED, EventKind.RESUMED)]
+    assert [payload_of(e) for e in claims] == [
+        Started("w1", 1), Started("w1", 2), Resumed("w1", 3, 10)]
+    assert all(e.data is not None and e.data["v"] == DATA_VERSION for e in claims)
+
+
+def test_the_stores_own_events_carry_their_payloads(store: JobStore) -> None:
+    wid = _worker(store)
+    queued = store.submit("sleep", {"seconds": 0})
+    store.cancel(queued.id)
+    lost = store.submit("sleep", {"seconds": 0}, max_retries=1)
+    for _ in range(2):
+        got = store.claim(worker_id=wid, worker_name="w1", lease_seconds=10)
+        assert got is not None and got[0].job_id == lost.id
+        store.save_progress(got[0], 4, 8, {})
+        store.expire_lease_now(lost.id)
+        store.sweep_expired()
+    done = store.submit("sleep", {"seconds": 0})
+    got = store.claim(worker_id=wid, worker_name="w1", lease_seconds=10)
+    assert got is not None
+    store.complete(got[0], {"ok": True}, run_seconds=1.5)
+
+    def payloads(job_id: str) -> list[object]:
+        evs = store.get(job_id).events
+        assert all(e.data is not None for e in evs), evs
+        # The words are the payload's own.
+        assert [e.message for e in evs] == [payload_of(e).message() for e in evs]
+        return [payload_of(e) for e in evs]
+
+    assert payloads(queued.id) == [Submitted(), Cancelled(CancelCause.QUEUED)]
+    assert payloads(lost.id) == [
+        Submitted(), Started("w1", 1),
+        LeaseExpired("w1", 4, 8, retries=1, max_retries=1), Started("w1", 2),
+        Failed.lease_expired(worker="w1", step=4, total=8, retries=2, max_retries=1)]
+    assert payloads(done.id) == [Submitted(), Started("w1", 1), Succeeded(run_seconds=1.5)]
 
 
 def test_expire_lease_now_lets_the_sweep_bring_the_job_back(store: JobStore) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from spotrun.events import CancelCause, Cancelled, CancelRequested, Submitted
 from spotrun.jobs import (
     LIVE_WORKER_STATES,
     Event,
@@ -220,9 +221,7 @@ class JobStore(LeaseWrites):
                     updated_at=self._now,
                 )
             )
-            self._event(
-                conn, job_id, EventKind.SUBMITTED, "queued", worker=None, attempt=0
-            )
+            self._record(conn, job_id, Submitted(), worker=None, attempt=0)
             self._notify(conn, job_id)
             return self._get(conn, job_id)
 
@@ -317,13 +316,15 @@ class JobStore(LeaseWrites):
             .order_by(events.c.id)
         ).mappings()
         for r in rows:
+            data = loads(r["data"]) if r["data"] else None
             yield Event(
                 at=from_epoch(r["at"]),
                 kind=r["kind"],
                 worker=r["worker"],
                 attempt=r["attempt"],
                 message=r["message"],
-                detail=(loads(r["data"]) or {}).get("detail") if r["data"] else None,
+                detail=data.get("detail") if isinstance(data, dict) else None,
+                data=data if isinstance(data, dict) else None,
             )
 
     def logs(self, job_id: str) -> list[LogLine]:
@@ -444,18 +445,16 @@ class JobStore(LeaseWrites):
                 if n != 1:  # cannot happen under the lock; never write a false history
                     raise StoreError(f"job {job_id} changed while it was being cancelled; "
                                      "try again")
-                self._event(conn, job_id, EventKind.CANCELLED,
-                            "cancelled at the user's request before it started",
-                            worker=None, attempt=job.attempt)
+                self._record(conn, job_id, Cancelled(CancelCause.QUEUED),
+                             worker=None, attempt=job.attempt)
                 self._notify(conn, job_id)
             elif job.state is JobState.RUNNING and not job.cancel_requested:
                 conn.execute(
                     jobs.update().where(jobs.c.id == job_id)
                     .values(cancel_requested=True, updated_at=self._now)
                 )
-                self._event(conn, job_id, EventKind.CANCEL_REQUESTED,
-                            "cancel requested; the job stops at its next step",
-                            worker=None, attempt=job.attempt)
+                self._record(conn, job_id, CancelRequested(), worker=None,
+                             attempt=job.attempt)
             return self._get(conn, job_id)
 
     def register_worker(self, *, name: str, host: str, pid: int, pool: str,

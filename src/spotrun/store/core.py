@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Connection, Engine
 
+from spotrun.events import Payload, render
 from spotrun.schema import events, jobs
 from spotrun.store.errors import MapsDriverErrors
 from spotrun.store.records import JobRecord, Lease, dumps, job_from_row
@@ -114,6 +115,12 @@ class StoreCore(MapsDriverErrors, abc.ABC):
             return None
         job = job_from_row(row, ())
         return Lease(job.id, job.attempt, worker_id, worker_name), job
+
+    def _record(self, conn: Connection, job_id: str, payload: Payload, *,
+                worker: str | None, attempt: int) -> None:
+        """Add the event a payload renders (its kind, its words, its data)."""
+        kind, message, data = render(payload)
+        self._event(conn, job_id, kind, message, worker=worker, attempt=attempt, data=data)
 
     def _event(
         self,

@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from spotrun.events import CancelCause, Cancelled, Failed, LeaseExpired, Succeeded
 from spotrun.jobs import LIVE_WORKER_STATES, EventKind, JobState, Progress, WorkerState
 from spotrun.schema import job_logs, job_metrics, jobs, workers
 from spotrun.store.core import StoreCore
@@ -267,9 +268,11 @@ class LeaseWrites(StoreCore):
         With ``then_claim``, also claim the worker's next job (returned), in the same
         write on PostgreSQL: a worker's loop costs one round trip a job, not two.
         """
+        said = Succeeded(run_seconds=run_seconds)
         return self._finish(lease, JobState.SUCCEEDED, EventKind.SUCCEEDED, message,
                             result=dumps(result), run_seconds=run_seconds,
-                            progress=progress, logs=logs, then_claim=then_claim)
+                            progress=progress, logs=logs, then_claim=then_claim,
+                            data=said.to_json() if message == said.message() else None)
 
     def fail(self, lease: Lease, error: str, traceback: str | None = None, *,
              run_seconds: float = 0.0, progress: Progress | None = None,
@@ -281,14 +284,14 @@ class LeaseWrites(StoreCore):
                             progress=progress, logs=logs, then_claim=then_claim)
 
     def finish_cancelled(self, lease: Lease, *, run_seconds: float = 0.0) -> None:
-        self._finish(lease, JobState.CANCELLED, EventKind.CANCELLED,
-                     "cancelled at the user's request", error="cancelled",
-                     run_seconds=run_seconds)
+        said = Cancelled(CancelCause.RUNNING, run_seconds=run_seconds)
+        self._finish(lease, JobState.CANCELLED, EventKind.CANCELLED, said.message(),
+                     error="cancelled", run_seconds=run_seconds, data=said.to_json())
 
     def _finish(self, lease: Lease, state: JobState, kind: str, message: str, *,
                 run_seconds: float, progress: Progress | None = None,
                 logs: Sequence[tuple[float, str, str]] = (),
-                then_claim: ClaimRequest | None = None,
+                then_claim: ClaimRequest | None = None, data: dict[str, Any] | None = None,
                 **values: Any) -> tuple[Lease, JobRecord] | None:
         # The result is recorded with its chained claim's request id: a retry after a lost
         # reply finds both its result and the job it claimed.
@@ -300,7 +303,7 @@ class LeaseWrites(StoreCore):
         try:
             got = self._finish_once(lease, state, kind, message, run_seconds=run_seconds,
                                     progress=progress, logs=logs, then_claim=then_claim,
-                                    request_id=rid, **values)
+                                    request_id=rid, data=data, **values)
         except StoreError:
             raise
         except Exception:
@@ -322,19 +325,22 @@ class LeaseWrites(StoreCore):
                      run_seconds: float, progress: Progress | None,
                      logs: Sequence[tuple[float, str, str]],
                      then_claim: ClaimRequest | None, request_id: str | None,
-                     **values: Any) -> tuple[Lease, JobRecord] | None:
+                     data: dict[str, Any] | None, **values: Any
+                     ) -> tuple[Lease, JobRecord] | None:
         values["request_id"] = request_id
         if progress is not None:
             values.update(progress_step=progress.step, progress_total=progress.total,
                           progress_metrics=dumps(progress.metrics) if progress.metrics
                           else None)
         return self._write_result(lease, state, kind, message, run_seconds=run_seconds,
-                                  logs=logs, then_claim=then_claim, values=values)
+                                  logs=logs, then_claim=then_claim, values=values,
+                                  data=data)
 
     @abc.abstractmethod
     def _write_result(self, lease: Lease, state: JobState, kind: str, message: str, *,
                       run_seconds: float, logs: Sequence[tuple[float, str, str]],
-                      then_claim: ClaimRequest | None, values: dict[str, Any]
+                      then_claim: ClaimRequest | None, values: dict[str, Any],
+                      data: dict[str, Any] | None
                       ) -> tuple[Lease, JobRecord] | None:
         """The fenced result (the row, its event, its log lines, a wake-up) in one
         transaction, and with ``then_claim`` the worker's next job (or None)."""
@@ -409,30 +415,29 @@ class LeaseWrites(StoreCore):
     def _expire(self, conn: Connection, row: Any) -> None:
         job = job_from_row(row, ())
         who = job.worker or "?"
-        where = job.progress.describe()
+        step, total = job.progress.step, job.progress.total
         lease = Lease(job.id, job.attempt, job.worker_id or "", who)
         cond = self._fenced(lease)
+        said: Cancelled | Failed | LeaseExpired
         if job.cancel_requested:
+            said = Cancelled(CancelCause.LEASE_EXPIRED, worker=who, step=step, total=total)
             conn.execute(jobs.update().where(cond).values(
                 state=JobState.CANCELLED.value, error="cancelled", lease_expires_at=None,
                 finished_at=self._now, updated_at=self._now))
-            msg = f"lease of worker {who} expired at {where}; cancelled as requested"
-            kind = EventKind.CANCELLED
         elif job.retries + 1 > job.max_retries:
-            error = (f"lost its worker {job.retries + 1} times (last: lease of worker {who} "
-                     f"expired at {where}); giving up after max_retries={job.max_retries}")
+            said = Failed.lease_expired(worker=who, step=step, total=total,
+                                        retries=job.retries + 1, max_retries=job.max_retries)
             conn.execute(jobs.update().where(cond).values(
-                state=JobState.FAILED.value, retries=jobs.c.retries + 1, error=error,
+                state=JobState.FAILED.value, retries=jobs.c.retries + 1, error=said.error,
                 lease_expires_at=None, finished_at=self._now, updated_at=self._now))
-            msg, kind = f"failed: {error}", EventKind.FAILED
         else:
+            said = LeaseExpired(who, step, total, retries=job.retries + 1,
+                                max_retries=job.max_retries)
             conn.execute(jobs.update().where(cond).values(
                 state=JobState.QUEUED.value, retries=jobs.c.retries + 1, worker_id=None,
                 worker_name=None, lease_expires_at=None, updated_at=self._now))
-            msg = f"lease of worker {who} expired at {where}; back in the queue"
-            kind = EventKind.LEASE_EXPIRED
         self._release_worker(conn, lease)
-        self._event(conn, job.id, kind, msg, worker=job.worker, attempt=job.attempt)
+        self._record(conn, job.id, said, worker=job.worker, attempt=job.attempt)
         self._notify(conn, job.id)
 
     def mark_gone_workers(self) -> int:

@@ -24,7 +24,7 @@ from spotrun.jobs import JobState
 from spotrun.store.base import JobStore, Waker
 from spotrun.store.claim_event import claim_event_sql
 from spotrun.store.connect import pg_connection
-from spotrun.store.records import ClaimRequest, JobRecord, Lease, job_from_row
+from spotrun.store.records import ClaimRequest, JobRecord, Lease, dumps, job_from_row
 
 if TYPE_CHECKING:
     import psycopg
@@ -33,7 +33,7 @@ NOTIFY_CHANNEL = "spotrun_jobs"
 _MIGRATION_LOCK_KEY = 0x5370_6F74  # "Spot": the advisory lock that serialises migrations
 _PG_NOW = "extract(epoch FROM clock_timestamp())::float8"
 
-_CLAIM_KIND, _CLAIM_MESSAGE = claim_event_sql("upd")
+_CLAIM_KIND, _CLAIM_MESSAGE, _CLAIM_DATA = claim_event_sql("upd")
 
 # The claim's common table expressions: pick (migration 0008's function), lease, and the
 # event, worded by spotrun.store.claim_event. {pick_from} chains it to a result.
@@ -50,11 +50,12 @@ pick AS (
     WHERE jobs.id = (SELECT id FROM pick)
     RETURNING jobs.*
 ), ev AS (
-    INSERT INTO events (job_id, at, kind, worker, attempt, message)
+    INSERT INTO events (job_id, at, kind, worker, attempt, message, data)
     SELECT upd.id, {_PG_NOW},
         {_CLAIM_KIND},
         upd.worker_name, upd.attempt,
-        {_CLAIM_MESSAGE}
+        {_CLAIM_MESSAGE},
+        {_CLAIM_DATA}
     FROM upd
 )"""
 
@@ -78,8 +79,9 @@ WITH fin AS (
       AND state = '{JobState.RUNNING.value}'
     RETURNING id
 ), fin_event AS (
-    INSERT INTO events (job_id, at, kind, worker, attempt, message)
-    SELECT fin.id, {_PG_NOW}, %(kind)s, %(worker)s, %(attempt)s, %(message)s FROM fin
+    INSERT INTO events (job_id, at, kind, worker, attempt, message, data)
+    SELECT fin.id, {_PG_NOW}, %(kind)s, %(worker)s, %(attempt)s, %(message)s, %(data)s
+    FROM fin
 )"""
     if with_logs:
         finish += """, fin_logs AS (
@@ -199,11 +201,13 @@ class PostgresStore(JobStore):
 
     def _write_result(self, lease: Lease, state: JobState, kind: str, message: str, *,
                       run_seconds: float, logs: Sequence[tuple[float, str, str]],
-                      then_claim: ClaimRequest | None, values: dict[str, Any]
+                      then_claim: ClaimRequest | None, values: dict[str, Any],
+                      data: dict[str, Any] | None
                       ) -> tuple[Lease, JobRecord] | None:
         params = dict(values, job_id=lease.job_id, attempt=lease.attempt, state=state.value,
                       run_seconds=float(run_seconds), kind=str(kind),
-                      worker=lease.worker_name, message=message)
+                      worker=lease.worker_name, message=message,
+                      data=None if data is None else dumps(data))
         if logs:
             params.update(log_at=[at for at, _, _ in logs],
                           log_level=[level for _, level, _ in logs],

@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection
 from spotrun.jobs import JobState
 from spotrun.schema import jobs, quotas
 from spotrun.store.base import JobStore, Waker
-from spotrun.store.claim_event import claim_event
+from spotrun.store.claim_event import claim_payload
 from spotrun.store.records import ClaimRequest, JobRecord, Lease, job_from_row
 
 
@@ -126,18 +126,19 @@ class SqliteStore(JobStore):
             if row is None:
                 return None
             job = job_from_row(row, ())
-            kind, msg = claim_event(worker=worker_name, attempt=job.attempt,
-                                    checkpoint=job.checkpoint,
-                                    checkpoint_step=job.checkpoint_step,
-                                    progress_total=job.progress.total)
+            said = claim_payload(worker=worker_name, attempt=job.attempt,
+                                 checkpoint=job.checkpoint,
+                                 checkpoint_step=job.checkpoint_step,
+                                 progress_total=job.progress.total)
             # The worker's row (busy, current job) follows at its next heartbeat: the claim
             # is the queue's hot path, and keeps to the job's row and its event.
-            self._event(conn, job.id, kind, msg, worker=worker_name, attempt=job.attempt)
+            self._record(conn, job.id, said, worker=worker_name, attempt=job.attempt)
         return Lease(job.id, job.attempt, worker_id, worker_name), job
 
     def _write_result(self, lease: Lease, state: JobState, kind: str, message: str, *,
                       run_seconds: float, logs: Sequence[tuple[float, str, str]],
-                      then_claim: ClaimRequest | None, values: dict[str, Any]
+                      then_claim: ClaimRequest | None, values: dict[str, Any],
+                      data: dict[str, Any] | None
                       ) -> tuple[Lease, JobRecord] | None:
         with self._tx() as conn:
             n = conn.execute(
@@ -156,7 +157,7 @@ class SqliteStore(JobStore):
                 raise self._refused(conn, lease, f"{state.value} result")
             self._insert_logs(conn, lease, logs)
             self._event(conn, lease.job_id, kind, message, worker=lease.worker_name,
-                        attempt=lease.attempt)
+                        attempt=lease.attempt, data=data)
         if then_claim is None:
             return None
         return self.claim(**then_claim.params())
