@@ -1,0 +1,409 @@
+"""The worker's decisions, in-process: what a stopped job writes and says, when a checkpoint
+is due, what the threads of a job share, when a sweep may requeue lapsed jobs.
+
+No process, no database, no clock: these are the pure parts that the worker's threads carry
+out (the process tests in test_worker.py and test_stop_paths.py send the real signals).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from spotrun.config import Settings
+from spotrun.jobs import OnPreempt, Progress
+from spotrun.policy import ON_DEMAND
+from spotrun.worker import (
+    CheckpointState,
+    StopOutcome,
+    StopReason,
+    checkpoint_words,
+    decide,
+    seconds,
+    stop_outcome,
+)
+from spotrun.worker.outcome import Checkpointed, escalation_for
+from spotrun.worker.reporter import Sweep, SweepGuard
+from spotrun.worker.schedule import CheckpointSchedule, notice_checkpoint_due
+from spotrun.worker.state import PROGRESS_FLUSH_SECONDS, RunnerState
+
+R, P = StopReason, OnPreempt
+MOVED = "moved to the on-demand pool: preempted 6 times, more than its limit of 5"
+
+# Checkpoint states a stop can meet.
+NOTICE_SAVED = CheckpointState(4, "ck/4", notice=Checkpointed(4, "ck/4", 0.84))
+NOTICE_REUSED = CheckpointState(4, "ck/4", notice=Checkpointed(4, "ck/4", 0.0, reused=True))
+EARLIER = CheckpointState(2, "ck/2")  # a periodic one; the notice got none (yet)
+FAILED_EARLIER = CheckpointState(2, "ck/2", error="OSError: disk full")
+FAILED_NONE = CheckpointState(error="OSError: disk full")
+NONE = CheckpointState()
+CHECKPOINTS = {"notice-saved": NOTICE_SAVED, "notice-reused": NOTICE_REUSED,
+               "earlier": EARLIER, "failed-earlier": FAILED_EARLIER,
+               "failed-none": FAILED_NONE, "none": NONE}
+WORDS = {
+    "notice-saved": "checkpoint saved in 0.84 s",
+    "notice-reused": "the checkpoint at step 4 was saved at that step already",
+    "earlier": "will resume from the checkpoint at step 2",
+    "failed-earlier": "the checkpoint could not be saved (OSError: disk full); it will "
+                      "resume from the checkpoint at step 2",
+    "failed-none": "the checkpoint could not be saved (OSError: disk full); the next "
+                   "attempt starts from the beginning",
+    "none": "no checkpoint, the next attempt starts from the beginning",
+}
+
+# (reason, policy) -> (write, counted as a preemption, checkpoint kept, files deleted).
+# None: the pipeline stopped without being asked to.
+WRITES = {
+    (R.PREEMPTED, P.RESUME): ("hand_back", True, True, False),
+    (R.PREEMPTED, P.RESTART): ("hand_back", True, False, True),
+    (R.PREEMPTED, P.FAIL): ("fail", False, True, True),
+    # SIGINT is the operator stopping the worker: the job goes back whatever its policy.
+    (R.SHUTDOWN, P.RESUME): ("hand_back", False, True, False),
+    (R.SHUTDOWN, P.RESTART): ("hand_back", False, True, False),
+    (R.SHUTDOWN, P.FAIL): ("hand_back", False, True, False),
+    (R.CANCELLED, P.RESUME): ("cancel", False, True, True),
+    (R.CANCELLED, P.RESTART): ("cancel", False, True, True),
+    (R.CANCELLED, P.FAIL): ("cancel", False, True, True),
+    (R.TIMED_OUT, P.RESUME): ("fail", False, True, True),
+    (R.TIMED_OUT, P.RESTART): ("fail", False, True, True),
+    (R.TIMED_OUT, P.FAIL): ("fail", False, True, True),
+    # Another attempt owns the job: nothing of this one may be written.
+    (R.LEASE_LOST, P.RESUME): ("none", False, True, False),
+    (R.LEASE_LOST, P.RESTART): ("none", False, True, False),
+    (R.LEASE_LOST, P.FAIL): ("none", False, True, False),
+    (None, P.RESUME): ("fail", False, True, True),
+    (None, P.RESTART): ("fail", False, True, True),
+    (None, P.FAIL): ("fail", False, True, True),
+}
+DETAIL = {R.TIMED_OUT: "the job ran longer than its time limit of 2 s",
+          R.CANCELLED: "cancel requested", R.LEASE_LOST: "heartbeat refused"}
+
+
+def _decide(reason: StopReason | None, policy: OnPreempt, ck: CheckpointState, *,
+            in_flight: bool = False, unwinding: str | None = None,
+            escalation: str | None = None) -> StopOutcome:
+    return decide(reason, policy, ck, worker="w1", where="step 4/9",
+                  detail=DETAIL.get(reason, "") if reason else "", in_flight=in_flight,
+                  unwinding=unwinding, escalation=escalation)
+
+
+def _message(reason: StopReason | None, policy: OnPreempt, ck: str, in_flight: bool,
+             unwinding: str | None) -> str:
+    """The history line each stop writes, spelled out once more here."""
+    at = "at step 4/9" + (" before the step in flight finished" if in_flight else "")
+    tail = f"; the pipeline raised {unwinding} while it unwound" if unwinding else ""
+    if reason is None:
+        return "the pipeline stopped without being asked to"
+    if reason is R.LEASE_LOST:
+        return "the lease was lost: heartbeat refused"
+    if reason is R.CANCELLED:
+        return "cancelled at the user's request" + tail
+    if reason is R.TIMED_OUT:
+        return ("stopped at step 4/9: the job ran longer than its time limit of 2 s"
+                + ("; the step in flight never returned" if in_flight else "") + tail)
+    if reason is R.SHUTDOWN:
+        return f"worker w1 was stopped {at}; {WORDS[ck]}{tail}"
+    if policy is P.FAIL:
+        return (f"the machine running this job (w1) was preempted {at}; this job asked not "
+                f"to be resumed (on_preempt=fail), so it was stopped{tail}")
+    if policy is P.RESTART:
+        return (f"preempted on w1 {at}; it will restart from the beginning "
+                f"(on_preempt=restart){tail}")
+    return f"preempted on w1 {at}; {WORDS[ck]}{tail}"
+
+
+# ------------------------------------------------------------- the stop outcome
+
+
+@pytest.mark.parametrize("escalation", [None, MOVED])
+@pytest.mark.parametrize("unwinding", [None, "RuntimeError: DataLoader worker killed"])
+@pytest.mark.parametrize("in_flight", [False, True], ids=["boundary", "forced"])
+@pytest.mark.parametrize("ck", sorted(CHECKPOINTS))
+@pytest.mark.parametrize("reason, policy", list(WRITES),
+                         ids=lambda v: str(getattr(v, "value", None) or "unasked"))
+def test_every_stop_writes_by_its_reason_policy_checkpoint_and_escalation(
+        reason: StopReason | None, policy: OnPreempt, ck: str, in_flight: bool,
+        unwinding: str | None, escalation: str | None) -> None:
+    out = _decide(reason, policy, CHECKPOINTS[ck], in_flight=in_flight,
+                  unwinding=unwinding, escalation=escalation)
+    action, preempted, keep, cleanup = WRITES[reason, policy]
+    assert (out.action, out.preempted, out.keep_checkpoint, out.cleanup) == (
+        action, preempted, keep, cleanup)
+    assert out.message == _message(reason, policy, ck, in_flight, unwinding)
+    # Only a preemption that keeps its checkpoint may move the job to on-demand.
+    moves = escalation is not None and action == "hand_back" and preempted and keep
+    assert out.escalate_to == (ON_DEMAND if moves else None)
+    assert out.escalation == (MOVED if moves else "")
+
+
+def test_a_forced_stop_says_so_and_a_boundary_stop_does_not() -> None:
+    forced = _decide(R.PREEMPTED, P.RESUME, EARLIER, in_flight=True)
+    assert forced.message == ("preempted on w1 at step 4/9 before the step in flight "
+                              "finished; will resume from the checkpoint at step 2")
+    hung = _decide(R.TIMED_OUT, P.RESUME, NONE, in_flight=True)
+    assert hung.message.endswith("; the step in flight never returned")
+
+
+@pytest.mark.parametrize("ck", sorted(CHECKPOINTS))
+def test_the_words_say_what_the_next_attempt_resumes_from(ck: str) -> None:
+    assert checkpoint_words(CHECKPOINTS[ck]) == WORDS[ck]
+
+
+def test_stop_outcome_takes_the_words_as_given() -> None:
+    out = stop_outcome(R.PREEMPTED, P.RESUME, worker="w", where="step 3", resume="r")
+    assert out.message == "preempted on w at step 3; r"
+    assert out.may_escalate and out.escalated(None) is out
+    assert out.escalated(MOVED).escalate_to == ON_DEMAND
+    shutdown = stop_outcome(R.SHUTDOWN, P.RESUME, worker="w", where="step 3", resume="r")
+    assert not shutdown.may_escalate and shutdown.escalated(MOVED) is shutdown
+
+
+def test_durations_read_as_people_read_them() -> None:
+    assert [seconds(x) for x in (0.004, 0.12, 3.4, 12.34)] == [
+        "0.004 s", "0.12 s", "3.40 s", "12.3 s"]
+
+
+# ------------------------------------------------------------------ escalation
+
+
+def _esc(**kw: object) -> str | None:
+    args: dict[str, object] = dict(
+        preemptions=0, max_preemptions=None, default_max_preemptions=5, deadline=None,
+        created=0.0, job_pool=None, worker_pool="spot", step=0, total=None, now=100.0)
+    args.update(kw)
+    return escalation_for(**args)  # type: ignore[arg-type]
+
+
+def test_escalation_counts_this_preemption_and_the_jobs_limit_wins() -> None:
+    assert _esc(preemptions=4) is None  # the 5th: at the worker's limit of 5
+    assert _esc(preemptions=5) == (MOVED + " (max_preemptions)")
+    assert _esc(preemptions=0, max_preemptions=0) == (
+        "moved to the on-demand pool: preempted 1 times, more than its limit of 0 "
+        "(max_preemptions)")
+    assert _esc(preemptions=9, max_preemptions=20) is None
+
+
+def test_escalation_never_moves_a_job_already_on_demand() -> None:
+    assert _esc(preemptions=9, job_pool=ON_DEMAND) is None
+    assert _esc(preemptions=9, worker_pool=ON_DEMAND) is None
+    # The job's own pool wins over the worker's.
+    assert _esc(preemptions=9, job_pool="spot", worker_pool=ON_DEMAND) is not None
+
+
+def test_escalation_at_a_deadline_the_job_can_no_longer_make() -> None:
+    # 10 steps in 100 s, 90 left, 50 s to go: too slow on spot.
+    why = _esc(deadline=150.0, step=10, total=100)
+    assert why is not None and "only 50 s are left before its deadline" in why
+    assert _esc(deadline=10_000.0, step=10, total=100) is None
+    assert _esc(deadline=50.0, step=10, total=100) == (
+        "moved to the on-demand pool: its deadline has passed")
+
+
+# --------------------------------------------------------- the checkpoint schedule
+
+
+def _settings(**kw: object) -> Settings:
+    return Settings(home=Path("/nonexistent"), database_url="sqlite://",
+                    checkpoint_url="/nonexistent").with_(**kw)
+
+
+@pytest.mark.parametrize("policy, ck, abandoned, due", [
+    (P.RESUME, EARLIER, False, True),
+    (P.RESUME, NONE, False, True),
+    (P.RESUME, NOTICE_SAVED, False, False),  # once per notice
+    (P.RESUME, NOTICE_REUSED, False, False),
+    (P.RESUME, FAILED_EARLIER, False, False),  # a failed try is not tried again
+    (P.RESUME, EARLIER, True, False),  # the stop path ended the job already
+    (P.RESTART, NONE, False, False),  # its checkpoint would be dropped anyway
+    (P.FAIL, NONE, False, False),
+])
+def test_a_notice_checkpoints_once_if_the_job_resumes(
+        policy: OnPreempt, ck: CheckpointState, abandoned: bool, due: bool) -> None:
+    assert notice_checkpoint_due(policy, ck, abandoned=abandoned) is due
+
+
+def test_no_checkpoint_at_step_0_or_again_at_the_committed_step() -> None:
+    may = CheckpointSchedule.may_checkpoint
+    assert not may(0, None) and not may(5, 5)
+    assert may(1, None) and may(6, 5)
+
+
+def test_every_n_steps_counts_from_the_last_checkpoint() -> None:
+    s = CheckpointSchedule(every_steps=10, every_seconds=3600.0, min_seconds=10,
+                           max_seconds=600)
+    assert not s.periodic_due(9, None, 0.0) and s.periodic_due(10, None, 0.0)
+    assert not s.periodic_due(14, 5, 0.0) and s.periodic_due(15, 5, 0.0)
+
+
+def test_every_t_seconds_counts_from_the_last_checkpoint() -> None:
+    s = CheckpointSchedule(every_steps=0, every_seconds=30.0, min_seconds=10, max_seconds=600)
+    assert not s.adaptive
+    assert not s.periodic_due(7, 3, 29.9) and s.periodic_due(7, 3, 30.0)
+    assert not s.needs_interval(10_000)  # a fixed period is never chosen
+
+
+def test_the_jobs_own_schedule_wins_over_the_workers() -> None:
+    settings = _settings(checkpoint_every_steps=50, checkpoint_every_seconds=120.0)
+    mine = CheckpointSchedule.for_job(5, 20.0, settings)
+    assert (mine.every_steps, mine.every_seconds, mine.adaptive) == (5, 20.0, False)
+    theirs = CheckpointSchedule.for_job(None, None, settings)
+    assert (theirs.every_steps, theirs.every_seconds) == (50, 120.0)
+    adaptive = CheckpointSchedule.for_job(None, None, _settings())
+    assert adaptive.adaptive and adaptive.every_seconds == 600.0  # until chosen: the longest
+
+
+def test_young_daly_is_chosen_once_the_job_has_run_long_enough_then_remeasured_once() -> None:
+    s = CheckpointSchedule.for_job(None, None, _settings(checkpoint_min_seconds=10.0,
+                                                         checkpoint_max_seconds=600.0))
+    assert not s.needs_interval(9.9) and s.needs_interval(10.0)
+    # Prior cost 1 s, one interruption in an hour of life plus the prior's hour:
+    # sqrt(2 x 1 x 3600) = 85 s.
+    chosen = s.choose(lived_seconds=3600.0, interruptions=1)
+    assert s.every_seconds == chosen.seconds == pytest.approx(84.85, abs=0.01)
+    assert chosen.summary.startswith("checkpoints every 85 s")
+    assert "sqrt(2 x C x M)" in chosen.explanation and "not measured yet" in chosen.explanation
+    assert not s.needs_interval(10_000)  # chosen once
+    # The first measured cost replaces the prior: chosen again, then never.
+    assert s.measured(4.0) and s.cost == 4.0
+    assert s.choose(lived_seconds=3600.0, interruptions=1).seconds == pytest.approx(169.7,
+                                                                                   abs=0.1)
+    assert not s.measured(9.0) and s.cost == 4.0
+
+
+def test_a_cost_measured_before_the_choice_is_used_by_it() -> None:
+    s = CheckpointSchedule.for_job(None, None, _settings())
+    assert not s.measured(0.5)  # nothing chosen yet: nothing to choose again
+    assert s.choose(lived_seconds=0.0, interruptions=0).seconds == pytest.approx(60.0)
+
+
+# -------------------------------------------------------------- the shared state
+
+
+def _state() -> RunnerState:
+    return RunnerState(Progress(3, 9), CheckpointState(2, "ck/2"), now=100.0)
+
+
+def test_the_first_stop_asked_for_wins() -> None:
+    st = _state()
+    assert (st.stop_reason, st.stop_detail) == (None, "")
+    assert st.request_stop(R.CANCELLED, "cancel requested", 101.0)
+    assert not st.request_stop(R.PREEMPTED, "SIGTERM", 102.0)
+    assert (st.stop_reason, st.stop_detail) == (R.CANCELLED, "cancel requested")
+
+
+def test_of_threads_racing_to_stop_a_job_exactly_one_wins() -> None:
+    st = _state()
+    wins: list[bool] = []
+    go = threading.Barrier(8)
+
+    def ask(reason: StopReason) -> None:
+        go.wait()
+        wins.append(st.request_stop(reason, reason.value, 1.0))
+
+    threads = [threading.Thread(target=ask, args=(r,))
+               for r in [*StopReason, R.CANCELLED, R.CANCELLED, R.CANCELLED]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wins.count(True) == 1 and st.stop_detail == st.stop_reason.value  # type: ignore[union-attr]
+
+
+def test_progress_is_written_when_it_moved_and_the_last_write_is_old_enough() -> None:
+    st = _state()
+    assert st.where() == "step 3/9" and not st.flush_due(100.0)
+    metrics = {"loss": 0.5}
+    st.report(4, 9, metrics)
+    assert st.flush_due(PROGRESS_FLUSH_SECONDS)
+    st.last_flush = 10.0
+    assert not st.flush_due(10.0 + PROGRESS_FLUSH_SECONDS / 2)
+    assert st.flush_due(10.0 + PROGRESS_FLUSH_SECONDS)
+    got = st.take_progress()
+    assert got == Progress(4, 9, {"loss": 0.5}) and got.metrics is not metrics
+    assert not st.flush_due(1e9)  # written: nothing new to write
+    st.report(5, None, {})
+    assert st.where() == "step 5" and (st.step, st.total) == (5, None)
+
+
+def test_an_advisorys_checkpoint_request_is_taken_once() -> None:
+    st = _state()
+    assert not st.take_checkpoint_request()
+    st.ask_checkpoint()
+    st.ask_checkpoint()
+    assert st.take_checkpoint_request() and not st.take_checkpoint_request()
+
+
+def test_checkpoint_facts_are_replaced_whole() -> None:
+    st = _state()
+    before = st.checkpoint
+    st.update_checkpoint(step=7, path="ck/7", now=130.0)
+    assert before == CheckpointState(2, "ck/2")  # a reader's snapshot never changes
+    assert st.checkpoint == CheckpointState(7, "ck/7") and st.checkpoint_mono == 130.0
+    st.update_checkpoint(error="OSError: x")  # a failed notice checkpoint: no new period
+    assert st.checkpoint.error == "OSError: x" and st.checkpoint_mono == 130.0
+
+
+@pytest.mark.parametrize("reason, hung", [
+    (R.CANCELLED, True), (R.TIMED_OUT, True),
+    # A notice's stop is bounded by its deadline, a lost lease needs no ending.
+    (R.PREEMPTED, False), (R.SHUTDOWN, False), (R.LEASE_LOST, False)])
+def test_only_an_ignored_cancel_or_time_limit_past_the_grace_is_hung(
+        reason: StopReason, hung: bool) -> None:
+    st = _state()
+    assert not st.hung(3.0, 1e9)
+    st.request_stop(reason, "", 100.0)
+    assert not st.hung(3.0, 103.0)
+    assert st.hung(3.0, 103.1) is hung
+
+
+@pytest.mark.parametrize("end", ["done", "abandon", "finish"])
+def test_a_job_that_ended_is_neither_hung_nor_reported(end: str) -> None:
+    st = _state()
+    st.request_stop(R.CANCELLED, "", 100.0)
+    assert st.reported() and st.hung(3.0, 200.0)
+    {"done": st.done.set, "abandon": st.abandon, "finish": st.finish}[end]()
+    assert not st.reported() and not st.hung(3.0, 200.0)
+    assert st.abandoned is (end == "abandon") and st.finishing is (end == "finish")
+
+
+# ------------------------------------------------------------------ the sweep guard
+
+
+def _guard(now: float = 0.0) -> SweepGuard:
+    # slow = max(0.5, (10 - 0.5) / 2) = 4.75 s
+    return SweepGuard(lease_seconds=10.0, heartbeat_seconds=0.5, now=now)
+
+
+def test_a_sweep_waits_a_full_lease_of_timely_answers_from_the_start() -> None:
+    g = _guard()
+    assert g.slow == 4.75
+    assert g.after_beat(5.0, 5.1) is Sweep.PROBE
+    assert g.after_beat(10.0, 10.1) is Sweep.SWEEP
+
+
+def test_a_slow_heartbeat_closes_the_guard_for_a_lease_after_it() -> None:
+    g = _guard()
+    assert g.after_beat(20.0, 25.0) is Sweep.SLOW  # took 5 s > 4.75 s
+    assert g.tell_slow() and not g.tell_slow()  # logged once
+    assert g.after_beat(26.0, 26.1) is Sweep.PROBE
+    assert g.after_beat(34.9, 34.95) is Sweep.PROBE
+    assert g.after_beat(35.0, 35.1) is Sweep.SWEEP  # a lease after the slow answer
+    assert g.tell_slow()  # the guard opened: a new stall is told again
+
+
+def test_a_slow_sweep_counts_like_a_slow_heartbeat() -> None:
+    g = _guard()
+    assert g.after_beat(10.0, 10.1) is Sweep.SWEEP
+    g.sweep_was_slow(10.4)
+    assert g.after_beat(11.0, 11.1) is Sweep.PROBE
+    assert g.after_beat(20.4, 20.5) is Sweep.SWEEP
+
+
+def test_after_an_outage_the_guard_counts_from_the_first_answer() -> None:
+    g = _guard()
+    g.outage()
+    assert g.after_beat(50.0, 50.1) is Sweep.PROBE
+    assert g.after_beat(59.9, 59.95) is Sweep.PROBE
+    assert g.after_beat(60.0, 60.1) is Sweep.SWEEP
