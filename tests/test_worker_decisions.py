@@ -7,18 +7,24 @@ out (the process tests in test_worker.py and test_stop_paths.py send the real si
 
 from __future__ import annotations
 
+import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from spotrun.config import Settings
-from spotrun.jobs import OnPreempt, Progress
+from spotrun.jobs import JobState, OnPreempt, Progress
+from spotrun.pipelines.base import State
 from spotrun.policy import ON_DEMAND
+from spotrun.store import JobStore
 from spotrun.worker import (
     CheckpointState,
+    JobRunner,
     StopOutcome,
     StopReason,
+    Worker,
     checkpoint_words,
     decide,
     seconds,
@@ -136,6 +142,22 @@ def test_every_stop_writes_by_its_reason_policy_checkpoint_and_escalation(
     moves = escalation is not None and action == "hand_back" and preempted and keep
     assert out.escalate_to == (ON_DEMAND if moves else None)
     assert out.escalation == (MOVED if moves else "")
+
+
+@pytest.mark.parametrize("reason, policy, action, preempted, keep", [
+    (StopReason.PREEMPTED, OnPreempt.RESUME, "hand_back", True, True),
+    (StopReason.PREEMPTED, OnPreempt.RESTART, "hand_back", True, False),
+    (StopReason.PREEMPTED, OnPreempt.FAIL, "fail", False, True),
+    (StopReason.SHUTDOWN, OnPreempt.FAIL, "hand_back", False, True),
+    (StopReason.CANCELLED, OnPreempt.RESUME, "cancel", False, True),
+    (StopReason.TIMED_OUT, OnPreempt.RESUME, "fail", False, True),
+])
+@pytest.mark.parametrize("in_flight", [False, True])
+def test_one_policy_for_every_stop(reason: StopReason, policy: OnPreempt, action: str,
+                                   preempted: bool, keep: bool, in_flight: bool) -> None:
+    out = stop_outcome(reason, policy, worker="w", where="step 3/9", detail="d",
+                       resume="r", in_flight=in_flight)
+    assert (out.action, out.preempted, out.keep_checkpoint) == (action, preempted, keep)
 
 
 def test_a_forced_stop_says_so_and_a_boundary_stop_does_not() -> None:
@@ -407,3 +429,185 @@ def test_after_an_outage_the_guard_counts_from_the_first_answer() -> None:
     assert g.after_beat(50.0, 50.1) is Sweep.PROBE
     assert g.after_beat(59.9, 59.95) is Sweep.PROBE
     assert g.after_beat(60.0, 60.1) is Sweep.SWEEP
+
+
+# ------------------------------------------- the runner carries the outcome out
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite database, built once and copied for each test."""
+    path = tmp_path_factory.mktemp("template") / "spotrun.db"
+    JobStore.open(f"sqlite:///{path}").close()
+    return path
+
+
+@pytest.fixture
+def wk(template_db: Path, tmp_path: Path) -> Iterator[Worker]:
+    """A real worker on a real SQLite store, its loop not started: the test is the pipeline."""
+    shutil.copy(template_db, tmp_path / "spotrun.db")
+    settings = Settings(home=tmp_path, database_url=f"sqlite:///{tmp_path / 'spotrun.db'}",
+                        checkpoint_url=str(tmp_path / "checkpoints"), max_preemptions=5)
+    w = Worker(settings, name="w1", store=JobStore.open(settings.database_url))
+    w.worker_id = w.store.register_worker(name="w1", host="h", pid=1, pool="spot",
+                                          has_cuda=False, lease_seconds=10.0)
+    try:
+        yield w
+    finally:
+        w.store.close()
+        w.hb_store.close()
+
+
+def _running(w: Worker, policy: OnPreempt, *, earlier: bool,
+             max_preemptions: int | None = None) -> JobRunner:
+    """A claimed job at step 4/9, with a periodic checkpoint at step 2 if ``earlier``."""
+    job = w.store.submit("sleep", {"seconds": 1}, on_preempt=policy,
+                         max_preemptions=max_preemptions)
+    got = w.store.claim(worker_id=w.worker_id, worker_name="w1", lease_seconds=10.0)
+    assert got is not None and got[1].id == job.id
+    r = w.add_runner(*got)
+    if earlier:
+        r.report(2, 9, {})
+        r.checkpoint(State(2, {"w.bin": b"two"}))
+    r.report(4, 9, {"loss": 0.25})
+    return r
+
+
+def _stop_at_a_boundary(r: JobRunner, reason: StopReason, detail: str = "") -> None:
+    """What a pipeline does at its next step boundary once asked to stop, then JobStopped."""
+    r.request_stop(reason, detail)
+    assert r.stop_requested()
+    if r.checkpoint_due(4):
+        r.checkpoint(State(4, {"w.bin": b"four"}))
+    r._stopped()
+
+
+def _files(w: Worker, job_id: str) -> bool:
+    return (w.settings.home / "checkpoints" / "jobs" / job_id).exists()
+
+
+@pytest.mark.parametrize("earlier", [True, False], ids=["earlier-checkpoint", "none-before"])
+@pytest.mark.parametrize("policy", list(OnPreempt), ids=lambda p: p.value)
+def test_a_preemption_at_a_boundary_writes_by_the_jobs_policy(
+        wk: Worker, policy: OnPreempt, earlier: bool) -> None:
+    r = _running(wk, policy, earlier=earlier)
+    _stop_at_a_boundary(r, R.PREEMPTED, "SIGTERM")
+    job = wk.store.get(r.job.id)
+    last = job.events[-1].message
+    if policy is P.FAIL:
+        assert job.state is JobState.FAILED and job.preemptions == 0
+        assert job.error == ("the machine running this job (w1) was preempted at step 4/9; "
+                             "this job asked not to be resumed (on_preempt=fail), so it was "
+                             "stopped")
+        assert not _files(wk, r.job.id)
+    elif policy is P.RESTART:
+        assert job.state is JobState.QUEUED and job.preemptions == 1
+        assert job.checkpoint is None and job.checkpoint_prev is None  # dropped
+        assert last == ("preempted on w1 at step 4/9; it will restart from the beginning "
+                        "(on_preempt=restart)")
+        assert not _files(wk, r.job.id)
+    else:
+        assert job.state is JobState.QUEUED and job.preemptions == 1
+        assert (job.checkpoint is not None and "/s00000004" in job.checkpoint) or \
+            (job.checkpoint is not None and job.checkpoint.endswith("4")), job.checkpoint
+        assert last.startswith("preempted on w1 at step 4/9; checkpoint saved in "), last
+        assert _files(wk, r.job.id)
+    assert job.progress.step == 4 and job.progress.metrics == {"loss": 0.25}
+
+
+@pytest.mark.parametrize("policy", list(OnPreempt), ids=lambda p: p.value)
+def test_sigint_at_a_boundary_hands_back_whatever_the_policy_and_is_no_preemption(
+        wk: Worker, policy: OnPreempt) -> None:
+    r = _running(wk, policy, earlier=True, max_preemptions=0)
+    _stop_at_a_boundary(r, R.SHUTDOWN, "SIGINT")
+    job = wk.store.get(r.job.id)
+    assert job.state is JobState.QUEUED and job.preemptions == 0
+    assert job.pool is None  # type: ignore[attr-defined]  # no escalation either
+    last = job.events[-1]
+    assert last.kind == "handed_back"
+    if policy is P.RESUME:  # only a job that resumes checkpoints at the notice
+        assert last.message.startswith("worker w1 was stopped at step 4/9; checkpoint saved")
+    else:
+        assert last.message == ("worker w1 was stopped at step 4/9; will resume from the "
+                                "checkpoint at step 2")
+        assert job.checkpoint is not None  # the periodic one, kept
+
+
+@pytest.mark.parametrize("reason, state, error", [
+    (R.CANCELLED, JobState.CANCELLED, "cancelled"),
+    (R.TIMED_OUT, JobState.FAILED,
+     "stopped at step 4/9: the job ran longer than its time limit of 2 s"),
+])
+def test_a_cancel_or_time_limit_ends_the_job_and_deletes_its_checkpoints(
+        wk: Worker, reason: StopReason, state: JobState, error: str) -> None:
+    r = _running(wk, P.RESUME, earlier=True)
+    assert _files(wk, r.job.id)
+    _stop_at_a_boundary(r, reason, "the job ran longer than its time limit of 2 s")
+    job = wk.store.get(r.job.id)
+    assert job.state is state and job.error == error and job.preemptions == 0
+    assert not _files(wk, r.job.id)
+
+
+def test_a_lost_lease_writes_nothing(wk: Worker) -> None:
+    r = _running(wk, P.RESUME, earlier=True)
+    before = wk.store.get(r.job.id)
+    _stop_at_a_boundary(r, R.LEASE_LOST, "heartbeat refused")
+    job = wk.store.get(r.job.id)
+    assert job.state is JobState.RUNNING and job.events == before.events
+    assert _files(wk, r.job.id)
+
+
+@pytest.mark.parametrize("policy, moved", [(P.RESUME, True), (P.RESTART, False)])
+def test_a_preemption_past_the_limit_moves_the_job_on_demand_unless_it_restarts(
+        wk: Worker, policy: OnPreempt, moved: bool) -> None:
+    r = _running(wk, policy, earlier=True, max_preemptions=0)
+    _stop_at_a_boundary(r, R.PREEMPTED, "SIGTERM")
+    job = wk.store.get(r.job.id)
+    assert job.state is JobState.QUEUED and job.preemptions == 1
+    assert job.pool == (ON_DEMAND if moved else None)  # type: ignore[attr-defined]
+    if moved:
+        assert job.events[-1].message == ("moved to the on-demand pool: preempted 1 times, "
+                                          "more than its limit of 0 (max_preemptions)")
+
+
+def test_a_notice_checkpoint_that_fails_hands_back_with_the_earlier_one(
+        wk: Worker) -> None:
+    r = _running(wk, P.RESUME, earlier=True)
+    r.request_stop(R.PREEMPTED, "SIGTERM")
+    assert r.checkpoint_due(4)
+    r.checkpoint(State(4, {"../w.bin": b"four"}))  # refused by the checkpoint store
+    assert not r.checkpoint_due(4)  # tried once: not again
+    r._stopped()
+    job = wk.store.get(r.job.id)
+    assert job.state is JobState.QUEUED and job.checkpoint_step == 2  # type: ignore[attr-defined]
+    last = job.events[-1].message
+    assert last == ("preempted on w1 at step 4/9; the checkpoint could not be saved "
+                    "(ValueError: bad checkpoint file name '../w.bin'); it will resume from "
+                    "the checkpoint at step 2")
+
+
+@pytest.mark.parametrize("reason, policy, state, words", [
+    (R.PREEMPTED, P.RESUME, JobState.QUEUED, "preempted on w1 at step 4/9 before the step in "
+     "flight finished; will resume from the checkpoint at step 2"),
+    (R.PREEMPTED, P.FAIL, JobState.FAILED, "the machine running this job (w1) was preempted "
+     "at step 4/9 before the step in flight finished; this job asked not to be resumed "
+     "(on_preempt=fail), so it was stopped"),
+    (R.SHUTDOWN, P.FAIL, JobState.QUEUED, "worker w1 was stopped at step 4/9 before the step "
+     "in flight finished; will resume from the checkpoint at step 2"),
+    (R.CANCELLED, P.RESUME, JobState.CANCELLED, "cancelled"),
+])
+def test_the_deadline_forces_the_same_outcome_on_a_step_still_in_flight(
+        wk: Worker, reason: StopReason, policy: OnPreempt, state: JobState,
+        words: str) -> None:
+    r = _running(wk, policy, earlier=True)
+    wk.coordinator.notify("SIGTERM", source="signal")
+    r.request_stop(reason, "SIGTERM")
+    assert wk._force_stop(r, reason) == 0
+    assert r.state.abandoned and not r.checkpoint_due(5)
+    job = wk.store.get(r.job.id)
+    assert job.state is state
+    said = job.error if state is JobState.FAILED else job.events[-1].message
+    assert said is not None and said.startswith(words), said
+    assert job.preemptions == (1 if (reason, policy) == (R.PREEMPTED, P.RESUME) else 0)
+    # At the deadline exiting in time comes first: the files are left for the next owner.
+    assert _files(wk, r.job.id)

@@ -370,8 +370,9 @@ class JobRunner:
                 reason: StopReason | None = None) -> StopOutcome:
         """What this job's stop writes (``reason``: else the stop asked for), escalation
         aside (``apply`` asks the store's clock for that)."""
-        return decide(reason or self.state.stop_reason, self.job.on_preempt,
-                      self.state.checkpoint, worker=self.lease.worker_name,
+        why = self.state.stop_reason if reason is None else reason
+        return decide(why, self.job.on_preempt, self.state.checkpoint,
+                      worker=self.lease.worker_name,
                       where=self.where(), detail=self.state.stop_detail,
                       in_flight=in_flight, unwinding=unwinding)
 
