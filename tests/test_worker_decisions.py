@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -443,19 +443,38 @@ def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def wk(template_db: Path, tmp_path: Path) -> Iterator[Worker]:
-    """A real worker on a real SQLite store, its loop not started: the test is the pipeline."""
+def worker_on(template_db: Path, tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    """Real workers on a real SQLite store, their loops not started: the test is the
+    pipeline. Keyword arguments are the workers' settings."""
     shutil.copy(template_db, tmp_path / "spotrun.db")
-    settings = Settings(home=tmp_path, database_url=f"sqlite:///{tmp_path / 'spotrun.db'}",
-                        checkpoint_url=str(tmp_path / "checkpoints"), max_preemptions=5)
-    w = Worker(settings, name="w1", store=JobStore.open(settings.database_url))
-    w.worker_id = w.store.register_worker(name="w1", host="h", pid=1, pool="spot",
-                                          has_cuda=False, lease_seconds=10.0)
-    try:
-        yield w
-    finally:
+    made: list[Worker] = []
+
+    def make(**changes: object) -> Worker:
+        settings = Settings(home=tmp_path,
+                            database_url=f"sqlite:///{tmp_path / 'spotrun.db'}",
+                            checkpoint_url=str(tmp_path / "checkpoints"),
+                            max_preemptions=5).with_(**changes)
+        w = Worker(settings, name="w1", store=JobStore.open(settings.database_url))
+        made.append(w)
+        w.worker_id = w.store.register_worker(name="w1", host="h", pid=1, pool="spot",
+                                              has_cuda=False, lease_seconds=10.0)
+        return w
+
+    yield make
+    for w in made:
         w.store.close()
         w.hb_store.close()
+
+
+@pytest.fixture
+def wk(worker_on: Callable[..., Worker]) -> Worker:
+    return worker_on()
+
+
+def _claimed(w: Worker) -> JobRunner:
+    got = w.store.claim(worker_id=w.worker_id, worker_name="w1", lease_seconds=10.0)
+    assert got is not None
+    return w.add_runner(*got)
 
 
 def _running(w: Worker, policy: OnPreempt, *, earlier: bool,
@@ -463,9 +482,8 @@ def _running(w: Worker, policy: OnPreempt, *, earlier: bool,
     """A claimed job at step 4/9, with a periodic checkpoint at step 2 if ``earlier``."""
     job = w.store.submit("sleep", {"seconds": 1}, on_preempt=policy,
                          max_preemptions=max_preemptions)
-    got = w.store.claim(worker_id=w.worker_id, worker_name="w1", lease_seconds=10.0)
-    assert got is not None and got[1].id == job.id
-    r = w.add_runner(*got)
+    r = _claimed(w)
+    assert r.job.id == job.id
     if earlier:
         r.report(2, 9, {})
         r.checkpoint(State(2, {"w.bin": b"two"}))
@@ -611,3 +629,29 @@ def test_the_deadline_forces_the_same_outcome_on_a_step_still_in_flight(
     assert job.preemptions == (1 if (reason, policy) == (R.PREEMPTED, P.RESUME) else 0)
     # At the deadline exiting in time comes first: the files are left for the next owner.
     assert _files(wk, r.job.id)
+
+
+def test_the_interval_is_chosen_once_and_explained_on_the_first_attempt_only(
+        worker_on: Callable[..., Worker]) -> None:
+    w = worker_on(checkpoint_min_seconds=0.0, checkpoint_max_seconds=600.0)
+    job_id = w.store.submit("sleep", {"seconds": 1}).id
+
+    def explained() -> list[str]:
+        return [e.message for e in w.store.get(job_id).events
+                if e.detail and "Young/Daly" in e.detail]
+
+    r = _claimed(w)
+    r.report(1, 9, {})
+    assert not r.checkpoint_due(1)  # the interval chosen (about 85 s), not yet due
+    assert r.schedule.interval_set and explained() == [
+        "checkpoints every 85 s, chosen from how often this pool loses machines and how "
+        "long a checkpoint takes"]
+    r.checkpoint(State(2, {"w.bin": b"two"}))  # measured: chosen again, not told again
+    assert r.schedule.cost is not None and not r.checkpoint_due(3)
+    assert len(explained()) == 1
+    _stop_at_a_boundary(r, R.PREEMPTED, "SIGTERM")
+    again = _claimed(w)
+    assert again.lease.attempt == 2
+    again.report(3, 9, {})
+    assert not again.checkpoint_due(3) and again.schedule.interval_set
+    assert len(explained()) == 1
