@@ -350,7 +350,7 @@ class Worker:
                 return seen
             for r in new:
                 r.state.done.wait(None if deadline_mono is None
-                            else max(0.0, deadline_mono - time.monotonic()))
+                                  else max(0.0, deadline_mono - time.monotonic()))
             seen += new
 
     def _force_stop(self, r: JobRunner, reason: StopReason) -> int:
