@@ -21,6 +21,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from spotrun.chaos.processes import wait_for
+
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -254,15 +256,7 @@ def spotrun_argv(url: str) -> list[str]:
     return [sys.executable, "-m", "spotrun", "--database-url", url]
 
 
-def wait_until(fn: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+wait_until = wait_for  # TimeoutError naming what it waited for
 
 
 # ---------------------------------------------------------------- PostgreSQL

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from spotrun.chaos.processes import wait_for
 from spotrun.store import JobStore
 
 PG_URL = os.environ.get("SPOTRUN_TEST_DATABASE_URL",
@@ -223,12 +223,8 @@ def env(env_factory: Callable[..., Env], db_url: str) -> Env:
 def wait_until(cond: Callable[[], Any], timeout: float = 30, what: str = "condition",
                on_fail: Callable[[], str] | None = None, interval: float = 0.05) -> Any:
     """Poll ``cond`` until it is truthy; fail the test with ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = f"\n{on_fail()}" if on_fail else ""
-            pytest.fail(f"timed out after {timeout} s waiting for {what}{extra}")
-        time.sleep(interval)
+    try:
+        return wait_for(cond, timeout, what, interval)
+    except TimeoutError as exc:
+        extra = f"\n{on_fail()}" if on_fail else ""
+        pytest.fail(f"{exc}{extra}")

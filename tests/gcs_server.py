@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.error
@@ -24,18 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spotrun.chaos.processes import free_port
+
 # Variables that could send a client to real credentials or elsewhere; removed.
 _CLEARED = (
     "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT",
     "CLOUDSDK_CONFIG", "GCE_METADATA_HOST", "GCE_METADATA_IP", "GCE_METADATA_ROOT",
     "STORAGE_EMULATOR_HOST", "FSSPEC_GS", "FSSPEC_GCS",
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def binary() -> Path:
@@ -125,7 +120,7 @@ class GCSServer:
 @contextlib.contextmanager
 def gcs_server(log_dir: Path, timeout: float = 30) -> Iterator[GCSServer]:
     """Start fake-gcs-server on 127.0.0.1 on a free port (in memory); stop it on exit."""
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log_path = log_dir / f"fake-gcs-{port}.log"
     with open(log_path, "wb") as log:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from spotrun.chaos.processes import free_port
 
 ACCESS_KEY = "testing"
 # Distinctive, so a test can prove it never reaches a log or an output.
@@ -32,12 +33,6 @@ _CLEARED = (
     "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN",
     "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "FSSPEC_S3", "FSSPEC_S3_ENDPOINT_URL",
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -94,7 +89,7 @@ class S3Server:
 @contextlib.contextmanager
 def moto_server(log_dir: Path, timeout: float = 30) -> Iterator[S3Server]:
     """Start ``moto.server`` on 127.0.0.1 on a free port; stop it on exit."""
-    port = _free_port()
+    port = free_port()
     log_path = log_dir / f"moto-{port}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

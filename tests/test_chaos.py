@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from spotrun import chaos
+from spotrun.chaos import audit, drill, processes, report
 from spotrun.config import Settings
 from spotrun.jobs import Event
 
@@ -97,7 +98,7 @@ def test_interruptions_count_steps_redone_and_time_to_resume() -> None:
             "v"),
         _ev(106.25, "resumed", 3, "resumed on u from step 12/30", "u"),
     )
-    found, unparsed = chaos._interruptions(events, 0.1, {"w": [102.0]})
+    found, unparsed = audit.interruptions(events, 0.1, {"w": [102.0]}, chaos.LEASE_SECONDS)
     assert unparsed == 0
     expiry, handback = found
     assert (expiry.kind, expiry.steps, expiry.gap) == ("lease_expired", 4, 0.5)
@@ -106,8 +107,8 @@ def test_interruptions_count_steps_redone_and_time_to_resume() -> None:
 
 
 def test_quantiles_and_refused_lines(tmp_path: Path) -> None:
-    assert chaos._quantiles([]) == {"count": 0, "p50": None, "p99": None, "max": None}
-    q = chaos._quantiles([float(x) for x in range(1, 101)])
+    assert report.quantiles([]) == {"count": 0, "p50": None, "p99": None, "max": None}
+    q = report.quantiles([float(x) for x in range(1, 101)])
     assert (q["p50"], q["p99"], q["max"]) == (50.0, 99.0, 100.0)
     (tmp_path / "worker-c1-1.log").write_text(
         "x WARNING spotrun.worker: heartbeat of job abc refused: attempt 2 no longer holds "
@@ -115,13 +116,13 @@ def test_quantiles_and_refused_lines(tmp_path: Path) -> None:
         "x WARNING spotrun.worker: job abc: progress of job abc refused: attempt 2 no "
         "longer holds the lease (the job is now queued at attempt 2); stopping it\n"
         "x WARNING spotrun.worker: worker c1-1: database unreachable (connection refused)\n")
-    assert chaos._refused_lines(tmp_path) == {"heartbeat": 1, "progress": 1}
+    assert drill.refused_lines(tmp_path) == {"heartbeat": 1, "progress": 1}
 
 
 def test_db_restart_without_postgres_is_one_line_and_exit_2(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
         tmp_path: Path) -> None:
-    monkeypatch.setattr(chaos, "find_postgres_bin", lambda: None)
+    monkeypatch.setattr(processes, "find_postgres_bin", lambda: None)
     out: list[str] = []
     settings = Settings.from_env(home=str(tmp_path))
     code = chaos.main(settings, workers=2, jobs=2, duration=5, sigterm_rate=0.1,
@@ -181,6 +182,14 @@ def _drill(home: Path, db_url: str | None, *args: str, timeout: float = 170,
     assert report["metrics"]["replacements"] >= 3  # every kill but the freezes replaced
     assert not _leftovers(home)
     assert _temp_dirs() <= before, "the drill left temporary directories behind"
+    if "--db-restart" not in args:
+        # The audit on its own, on the store the drill left: every check of it passes.
+        audit = subprocess.run([sys.executable, "-m", "spotrun", "audit", "--json"],
+                               env=_env(home, db_url), capture_output=True, text=True,
+                               timeout=120)
+        found = json.loads(audit.stdout)
+        assert audit.returncode == 0 and found["ok"] is True, audit.stdout + audit.stderr
+        assert found["jobs"] == report["config"]["jobs"]
     return report
 
 

@@ -10,7 +10,6 @@ import queue
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,8 +22,9 @@ import httpx
 import pytest
 
 from conftest import Env, wait_until
-from spotrun.api import create_app
+from spotrun.chaos.processes import free_port
 from spotrun.config import Settings
+from spotrun.http.app import create_app
 from spotrun.serve import ServerThread
 from spotrun.store import JobStore
 
@@ -275,18 +275,12 @@ def test_login_refuses_a_bad_token_and_pages_need_a_login(
 # -------------------------------------------------------------------- spotrun up
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_up_runs_everything_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items()
            if k not in ("SPOTRUN_DATABASE_URL", "SPOTRUN_CHECKPOINT_URL")}
     env.update(SPOTRUN_HOME=str(tmp_path / "home"), SPOTRUN_PREEMPTION_SOURCES="signal",
                PYTHONUNBUFFERED="1")
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "up.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "spotrun", "up", "--workers", "1",
                              "--port", str(port)], env=env, stdout=subprocess.PIPE,

@@ -20,6 +20,7 @@ import pytest
 from conftest import Env, wait_until
 from fault_proxy import SlowDeletes, pg_proxy
 from spotrun.chaos import ChaosError, PrivatePostgres
+from spotrun.chaos.processes import free_port
 from spotrun.jobs import EventKind, JobState
 from spotrun.store import JobStore
 
@@ -362,21 +363,13 @@ class _Receiver:
         self.server.server_close()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_callbacks_from_two_servers_arrive_once_each_in_order_late_commits_too(
         env_factory: Callable[..., Env], db_url: str) -> None:
     import subprocess
     import sys
     import time
 
-    from spotrun.callbacks import STATE_CHANGES
+    from spotrun.http.callbacks import STATE_CHANGES
     from spotrun.schema import events, jobs
 
     receiver = _Receiver()
@@ -389,7 +382,7 @@ def test_callbacks_from_two_servers_arrive_once_each_in_order_late_commits_too(
         for _ in range(2):
             log = open(env.home / f"server-{len(servers)}.log", "wb")  # noqa: SIM115
             servers.append(subprocess.Popen(
-                [sys.executable, "-m", "spotrun", "server", "--port", str(_free_port())],
+                [sys.executable, "-m", "spotrun", "server", "--port", str(free_port())],
                 env=env.vars, stdout=log, stderr=subprocess.STDOUT))
         if st.is_postgres:
             # Cancels whose transactions take their event ids now and commit last: the

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ import pytest
 
 from conftest import IN_CI, Env, wait_until
 from spotrun import chaos
+from spotrun.chaos.processes import free_port
 from spotrun.intake import events as bus_events
 from spotrun.jobs import JobState
 from spotrun.store import JobStore
@@ -58,12 +58,6 @@ def _emulator_launcher() -> Path | None:
     return launcher if root and os.access(launcher, os.X_OK) else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """host:port of a Pub/Sub emulator started for this session."""
@@ -76,7 +70,7 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.skip(msg)
     log_path = tmp_path_factory.mktemp("pubsub") / "emulator.log"
     for _ in range(3):  # a port found free can be taken before the emulator binds it
-        port = _free_port()
+        port = free_port()
         with open(log_path, "w") as log:
             proc = subprocess.Popen([str(launcher), "--host=127.0.0.1", f"--port={port}"],
                                     stdout=log, stderr=subprocess.STDOUT,

@@ -1,9 +1,10 @@
 """What jobs cost on spot and on-demand workers, and what spot saved.
 
-Read from the store as a user would: each job's events say which worker ran which attempt
-from when to when and at which steps it was interrupted; each worker's row says its pool
-and hourly price. The model, its estimates and why they lean conservative are in
-docs/cost.md; the default prices and their sources in docs/pricing.md.
+Read from the store as a user would: each job's events (their data, never their words)
+say which worker ran which attempt from when to when and at which steps it was
+interrupted; each worker's row says its pool and hourly price. The model, its estimates
+and why they lean conservative are in docs/cost.md; the default prices and their sources
+in docs/pricing.md.
 """
 
 from __future__ import annotations
@@ -17,6 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spotrun.config import ConfigError
+from spotrun.events import (
+    Checkpointed,
+    HandedBack,
+    Payload,
+    Preempted,
+    end_step,
+    payload_of,
+    start_step,
+)
 from spotrun.jobs import EventKind, Job, Worker, from_epoch, iso
 
 # A g4dn.xlarge (one T4, 4 vCPU) in us-east-1; see docs/pricing.md for the source and date.
@@ -34,11 +44,6 @@ INTERRUPTED_KINDS = frozenset({
     EventKind.PREEMPTED.value, EventKind.HANDED_BACK.value, EventKind.LEASE_EXPIRED.value,
 })
 
-_AT_STEP = re.compile(r"\bat step (\d+)")
-_FROM_STEP = re.compile(r"\bfrom step (\d+)")
-_RESUME_AT = re.compile(r"from the checkpoint at step (\d+)")
-_CHECKPOINT_AT = re.compile(r"checkpoint at step (\d+)")
-_SAVED_IN = re.compile(r"saved in (\d+(?:\.\d+)?)\s*(ms|s)\b")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -342,8 +347,8 @@ class _Workers:
 
 
 @dataclass
-class _Attempt:
-    """One attempt as read from the events; ``end`` is None while it runs."""
+class Span:
+    """One attempt as read from the job's events; ``end`` is None while it runs."""
 
     attempt: int
     worker: str | None
@@ -354,70 +359,60 @@ class _Attempt:
     ended_at: dt.datetime | None = None
     end: str | None = None
     end_step: int | None = None
-    resume_hint: int | None = None  # the step the message says the next attempt resumes from
+    resume_hint: int | None = None  # the step the ending event says the next one resumes from
 
 
-def _saved_seconds(message: str) -> float:
-    m = _SAVED_IN.search(message)
-    if m is None:
-        return 0.0
-    value = float(m.group(1))
-    return value / 1000.0 if m.group(2) == "ms" else value
+def _saved_seconds(p: Payload) -> float:
+    return p.saved_seconds if isinstance(p, Preempted | HandedBack) else 0.0
 
 
-def _resume_hint(kind: str, message: str, end_step: int | None,
-                 last_checkpoint: int | None) -> int | None:
-    if kind == EventKind.LEASE_EXPIRED.value:
-        return last_checkpoint
-    if "checkpoint saved in" in message:
-        return end_step
-    m = _RESUME_AT.search(message)
-    if m is not None:
-        return int(m.group(1))
-    if "from the beginning" in message:
-        return 0
-    return last_checkpoint
+def _resume_hint(p: Payload, last_checkpoint: int | None) -> int | None:
+    if isinstance(p, Preempted | HandedBack):
+        step = p.resumes_from
+        return last_checkpoint if step is None else step
+    return last_checkpoint  # an expired lease resumes from the last checkpoint written
 
 
-def _attempts(job: Job) -> list[_Attempt]:
-    """The job's attempts in order, each closed by its ending event or still open."""
-    out: list[_Attempt] = []
-    current: _Attempt | None = None
+def spans(job: Job) -> list[Span]:
+    """The job's attempts in order, each closed by its ending event or still open, read
+    from the events' data (:func:`spotrun.events.payload_of`)."""
+    out: list[Span] = []
+    current: Span | None = None
     last_checkpoint: int | None = None
     for ev in job.events:
+        p = payload_of(ev)
         if ev.kind in START_KINDS:
             if current is not None:  # a start without an end: count up to the new start
                 current.ended_at, current.end = ev.at, "unknown"
-            m = _FROM_STEP.search(ev.message) if ev.kind == EventKind.RESUMED.value else None
-            current = _Attempt(ev.attempt, ev.worker, ev.at, int(m.group(1)) if m else 0)
+            current = Span(ev.attempt, ev.worker, ev.at, start_step(p))
             out.append(current)
         elif ev.kind == EventKind.CHECKPOINT.value:
-            m = _CHECKPOINT_AT.search(ev.message)
-            if m is not None:
-                last_checkpoint = int(m.group(1))
+            step = p.step if isinstance(p, Checkpointed) else None
+            if step is not None:
+                last_checkpoint = step
             if current is not None and ev.attempt == current.attempt:
-                current.checkpoint_seconds += _saved_seconds(ev.message)
-                if m is not None:
-                    current.checkpoints.append((int(m.group(1)), ev.at))
+                current.checkpoint_seconds += p.seconds if isinstance(p, Checkpointed) else 0.0
+                if step is not None:
+                    current.checkpoints.append((step, ev.at))
         elif ev.kind in END_KINDS and current is not None and ev.attempt == current.attempt:
-            m = _AT_STEP.search(ev.message)
             current.ended_at, current.end = ev.at, ev.kind
-            current.end_step = int(m.group(1)) if m else None
-            current.checkpoint_seconds += _saved_seconds(ev.message)
-            current.resume_hint = _resume_hint(ev.kind, ev.message, current.end_step,
-                                               last_checkpoint)
-            if "from the beginning" in ev.message or "on_preempt=restart" in ev.message:
-                last_checkpoint = None
+            current.end_step = end_step(p)
+            current.checkpoint_seconds += _saved_seconds(p)
+            current.resume_hint = _resume_hint(p, last_checkpoint)
+            if isinstance(p, Preempted | HandedBack) and p.resumes_from == 0:
+                last_checkpoint = None  # the next attempt starts over
             current = None
     return out
 
 
 def job_cost(job: Job, workers: _Workers | Sequence[Worker], prices: Prices,
-             now: dt.datetime, warnings: list[str] | None = None) -> JobCost:
-    """The cost figures of one job, from its events (``job.events`` must be loaded)."""
+             now: dt.datetime, warnings: list[str] | None = None, *,
+             read: Sequence[Span] | None = None) -> JobCost:
+    """The cost figures of one job, from its events (``job.events`` must be loaded), or
+    from its attempts as already ``read`` (:func:`spans`)."""
     index = workers if isinstance(workers, _Workers) else _Workers(workers)
     notes = warnings if warnings is not None else []
-    raw = _attempts(job)
+    raw = list(spans(job) if read is None else read)
     rows = [index.at(a.worker, a.started_at) for a in raw]
     ends: list[dt.datetime] = []
     for a, row in zip(raw, rows, strict=True):

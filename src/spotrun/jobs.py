@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,9 @@ class Event:
     message: str
     # How the message was worked out (a formula, its inputs), for a reader who asks.
     detail: str | None = None
+    # The event's facts as stored (events.data; None for rows written before payloads):
+    # read them with spotrun.events.payload_of, never from the message.
+    data: Mapping[str, Any] | None = field(default=None, hash=False)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -17,7 +17,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-ON_DEMAND = "on-demand"
+from spotrun.events import ON_DEMAND as ON_DEMAND
+from spotrun.events import Escalated, EscalationWhy
+
 # Until a pool has history, assume one interruption per hour of worker time: the prior
 # weighs as one observed hour, so a few real preemptions quickly dominate it.
 PRIOR_MTBF_SECONDS = 3600.0
@@ -45,29 +47,40 @@ def young_daly_interval(checkpoint_seconds: float, mtbf_seconds: float, lo: floa
     return min(hi, max(lo, math.sqrt(2.0 * checkpoint_seconds * mtbf_seconds)))
 
 
-def escalation_reason(*, preemptions: int, max_preemptions: int, deadline: float | None,
-                      now: float, created: float, step: int, total: int | None,
-                      pool: str | None) -> str | None:
-    """Why a job just preempted (``preemptions`` counts this one) should go on-demand."""
+def escalation(*, preemptions: int, max_preemptions: int, deadline: float | None,
+               now: float, created: float, step: int, total: int | None,
+               pool: str | None) -> Escalated | None:
+    """Whether a job just preempted (``preemptions`` counts this one) should go on-demand,
+    and why (the event to write), or None."""
     if pool == ON_DEMAND:
         return None
     if preemptions > max_preemptions:
-        return (f"moved to the on-demand pool: preempted {preemptions} times, more than its "
-                f"limit of {max_preemptions} (max_preemptions)")
+        return Escalated(EscalationWhy.MAX_PREEMPTIONS, ON_DEMAND, pool,
+                         preemptions=preemptions, max_preemptions=max_preemptions)
     if deadline is None or not total:
         return None
     left = deadline - now
     remaining = max(0, total - step)
     if left <= 0:
-        return "moved to the on-demand pool: its deadline has passed"
+        return Escalated(EscalationWhy.DEADLINE_PASSED, ON_DEMAND, pool, left_seconds=left)
     elapsed = max(now - created, 1e-9)
     rate = step / elapsed
     if rate * left < remaining * DEADLINE_MARGIN:
-        need = f"{remaining / rate:.0f} s" if rate > 0 else "more time than is left"
-        return (f"moved to the on-demand pool: at the {rate:.2f} steps/s achieved so far on "
-                f"spot (preemptions included), the remaining {remaining} steps need {need}, "
-                f"but only {left:.0f} s are left before its deadline")
+        return Escalated(EscalationWhy.DEADLINE_RATE, ON_DEMAND, pool, rate=rate,
+                         remaining=remaining,
+                         need_seconds=remaining / rate if rate > 0 else None,
+                         left_seconds=left)
     return None
+
+
+def escalation_reason(*, preemptions: int, max_preemptions: int, deadline: float | None,
+                      now: float, created: float, step: int, total: int | None,
+                      pool: str | None) -> str | None:
+    """:func:`escalation` in words (its event's message), or None."""
+    why = escalation(preemptions=preemptions, max_preemptions=max_preemptions,
+                     deadline=deadline, now=now, created=created, step=step, total=total,
+                     pool=pool)
+    return None if why is None else why.message()
 
 
 @dataclass(frozen=True)

@@ -1,56 +1,55 @@
-"""``spotrun chaos``: kill workers every way a cloud can, then audit the store.
-
-The drill starts N real ``spotrun worker`` processes on a store, submits a mix of jobs
-(digits-train, digits-infer once a model exists, sleep), and for the chaos window sends
-SIGTERM (a notice; SIGKILL if the worker outlives the grace period), SIGKILL (no notice) and
-SIGSTOP past the lease, then SIGCONT (a frozen VM), restarting a private PostgreSQL on
-request; on request too, it stalls the database (a lock on ``jobs`` held past a lease) and
-cuts workers' connections right after the server's reply to a claim or a result (through a
-loopback proxy, :mod:`spotrun.faultproxy`). An autoscaler's part: every worker that exits
-is replaced. Once every job has ended it checks, from the store alone, that nothing was
-lost, nothing ran to completion twice, every result came from the lease holder and every
-digits-train result is bit-identical to an uninterrupted run; then it reports what the
-chaos cost.
-
-The schedule (jobs, their params and arrival times, the kills, the database restart) comes
-from ``random.Random(seed)`` before anything starts, so a seed always gives the same
-schedule; which process a kill lands on depends on which workers are up at that moment.
+"""The drill: real ``spotrun worker`` processes on a store, killed every way a cloud can
+(SIGTERM, SIGKILL, SIGSTOP past the lease), a database restarted, stalled or cut off
+after its replies; every worker that exits is replaced. Once every job has ended it audits
+the store (:mod:`spotrun.chaos.audit`) and measures what the chaos cost.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import glob
-import hashlib
-import importlib.util
 import json
-import math
 import os
-import pwd
-import random
 import re
 import secrets
-import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import sqlalchemy as sa
 
+from spotrun.chaos.audit import (
+    Check,
+    Interruption,
+    check_completed_once,
+    check_fenced,
+    interruptions,
+)
+from spotrun.chaos.processes import (
+    ChaosError,
+    PrivatePostgres,
+    WorkerProc,
+    last_line,
+    pdeathsig_prefix,
+)
+from spotrun.chaos.report import (
+    GOODPUT_DEFINITION,
+    WORK_LOST_DEFINITION,
+    Report,
+    quantiles,
+)
+from spotrun.chaos.schedule import KILL_KINDS, PlannedJob, Schedule
 from spotrun.config import Settings
 from spotrun.faultproxy import PgProxy
-from spotrun.jobs import Event, EventKind, JobState
+from spotrun.jobs import EventKind, JobState
 from spotrun.store import DatabaseUnavailable, JobRecord, JobStore, StoreError, redact
 
 # Short leases so that a drill of a minute sees several expiries; the heartbeat leaves six
@@ -75,352 +74,9 @@ TICK = 0.05
 POLL_SECONDS = 0.5
 TORCH_THREADS = "1"  # the same in workers and the reference run: bit-identity depends on it
 
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
-
 Echo = Callable[[str], object]
 DB_ERRORS: tuple[type[BaseException], ...] = (sa.exc.OperationalError, sa.exc.InterfaceError,
                                               sa.exc.DBAPIError, DatabaseUnavailable)
-
-
-class ChaosError(Exception):
-    """The drill cannot run as asked; the message is one line for the user."""
-
-
-# ----------------------------------------------------------------------- schedule
-
-
-@dataclass(frozen=True)
-class PlannedJob:
-    key: str  # "train-1", "infer-1", "sleep-1": names the job in the schedule and report
-    pipeline: str
-    params: dict[str, Any]
-    at: float | None  # seconds into the drill; None: once its model's job has succeeded
-    checkpoint_every_steps: int | None = None
-    priority: int = 0
-    model_of: str | None = None  # digits-infer: the key of the train job it uses
-
-
-@dataclass(frozen=True)
-class PlannedKill:
-    at: float
-    kind: str  # "sigterm" | "sigkill" | "freeze"
-    slot: int  # the worker slot it aims at (another live one if that one is not ready)
-
-
-@dataclass(frozen=True)
-class Schedule:
-    seed: int
-    workers: int
-    duration: float
-    jobs: tuple[PlannedJob, ...]
-    kills: tuple[PlannedKill, ...]
-    db_restart_at: float | None
-    db_stall_at: float | None = None
-    cuts: tuple[float, ...] = ()  # when a claim's and a result's replies are cut
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def fingerprint(self) -> str:
-        """12 hex digits that change whenever anything in the schedule does."""
-        text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-    def count(self, pipeline: str) -> int:
-        return sum(1 for j in self.jobs if j.pipeline == pipeline)
-
-
-KILL_KINDS = ("sigterm", "sigkill", "freeze")
-
-
-def make_schedule(*, seed: int, workers: int, jobs: int, duration: float,
-                  sigterm_rate: float, sigkill_rate: float, freeze_rate: float,
-                  db_restart: bool, with_torch: bool = True, db_stall: bool = False,
-                  cut_replies: bool = False) -> Schedule:
-    """Everything the drill will do, drawn from ``random.Random(seed)`` alone."""
-    rng = random.Random(seed)
-    n_train = max(1, round(jobs * 0.15)) if with_torch else 0
-    n_infer = min(round(jobs * 0.10), jobs - n_train) if with_torch else 0
-    n_sleep = jobs - n_train - n_infer
-    planned: list[PlannedJob] = []
-    for i in range(n_train):
-        # Small and slowed down a little, so that each lasts a few seconds, checkpoints
-        # several times and is likely to be running when a kill lands.
-        params = {"epochs": rng.randint(2, 4), "batch_size": 32,
-                  "hidden": rng.choice((32, 64)), "seed": rng.randint(0, 3),
-                  "step_delay": rng.choice((0.01, 0.015, 0.02)), "device": "cpu"}
-        planned.append(PlannedJob(f"train-{i + 1}", "digits-train", params, 0.0,
-                                  checkpoint_every_steps=20, priority=1))
-    for i in range(n_infer):
-        planned.append(PlannedJob(f"infer-{i + 1}", "digits-infer", {"device": "cpu"}, None,
-                                  model_of=f"train-{i % n_train + 1}"))
-    # Sleep jobs arrive over the first three quarters of the window, like a service's
-    # stream of submissions, so that kills throughout the window find work to interrupt.
-    arrivals = sorted(round(rng.uniform(0, 0.75 * duration), 2) for _ in range(n_sleep))
-    for i, at in enumerate(arrivals):
-        params = {"seconds": round(rng.uniform(0.5, 3.0), 2), "steps": rng.randint(10, 30)}
-        planned.append(PlannedJob(f"sleep-{i + 1}", "sleep", params, at,
-                                  checkpoint_every_steps=5))
-    kills: list[PlannedKill] = []
-    lo, hi = 0.05 * duration, 0.95 * duration
-    for kind, rate in zip(KILL_KINDS, (sigterm_rate, sigkill_rate, freeze_rate), strict=True):
-        # The expected number, at least one when asked for at all, each in its own slice of
-        # the window: a short drill still exercises every kind, and kills do not bunch up.
-        n = max(1, round(rate * duration)) if rate > 0 else 0
-        for i in range(n):
-            at = lo + (i + rng.uniform(0.1, 0.9)) * (hi - lo) / n
-            kills.append(PlannedKill(round(at, 2), kind, rng.randrange(workers)))
-    restart_at = round(rng.uniform(0.3, 0.6) * duration, 2) if db_restart else None
-    if restart_at is not None and kills:
-        # The hard case of a restart is a worker replaced while the database is down: move
-        # the nearest SIGKILL (else the nearest kill) into the outage, so every drill with
-        # --db-restart boots a replacement worker against a database that is not there.
-        pool = [k for k in kills if k.kind == "sigkill"] or kills
-        nearest = min(pool, key=lambda k: abs(k.at - restart_at))
-        kills[kills.index(nearest)] = PlannedKill(round(restart_at + 0.5, 2), nearest.kind,
-                                                  nearest.slot)
-    kills.sort(key=lambda k: (k.at, k.kind))
-    # Drawn last, so that a seed's jobs, kills and restart stay what they were without.
-    stall_at = round(rng.uniform(0.1, 0.25) * duration, 2) if db_stall else None
-    cuts: list[float] = []
-    if cut_replies:
-        n = max(2, round(duration / 10))
-        cuts = [round(0.05 * duration + (i + rng.uniform(0.1, 0.9)) * 0.85 * duration / n, 2)
-                for i in range(n)]
-    return Schedule(seed, workers, duration, tuple(planned), tuple(kills), restart_at,
-                    stall_at, tuple(cuts))
-
-
-# -------------------------------------------------------------- private PostgreSQL
-
-
-def find_postgres_bin() -> Path | None:
-    """The directory of the newest PostgreSQL server binaries (initdb, pg_ctl), if any."""
-    def version(d: str) -> int:
-        name = Path(d).parent.name
-        return int(name) if name.isdigit() else 0
-
-    for d in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True):
-        if os.access(Path(d) / "initdb", os.X_OK) and os.access(Path(d) / "pg_ctl", os.X_OK):
-            return Path(d)
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
-    if initdb and pg_ctl and Path(initdb).parent == Path(pg_ctl).parent:
-        return Path(initdb).parent
-    return None
-
-
-class PrivatePostgres:
-    """A throw-away PostgreSQL in a temporary directory, on a free port, for one drill.
-
-    initdb refuses to run as root, so as root every server command runs as the ``postgres``
-    user through ``runuser``, in a directory that user owns.
-    """
-
-    def __init__(self, bindir: Path, run_as: list[str], owner: tuple[int, int] | None) -> None:
-        self.bindir = bindir
-        self.run_as = run_as
-        self.owner = owner
-        self.dir: Path | None = None
-        self.port = 0
-        self.running = False
-
-    @classmethod
-    def locate(cls) -> PrivatePostgres:
-        bindir = find_postgres_bin()
-        if bindir is None:
-            raise ChaosError("--db-restart runs a private PostgreSQL, but its server programs "
-                             "(initdb, pg_ctl) are not under /usr/lib/postgresql/*/bin nor on "
-                             "PATH; install the PostgreSQL server package")
-        if os.geteuid() != 0:
-            return cls(bindir, [], None)
-        runuser = shutil.which("runuser")
-        try:
-            pw = pwd.getpwnam("postgres")
-        except KeyError:
-            pw = None
-        if runuser is None or pw is None:
-            raise ChaosError("--db-restart as root runs PostgreSQL as the 'postgres' user "
-                             "(initdb refuses root), but "
-                             + ("runuser is missing" if runuser is None
-                                else "there is no 'postgres' user"))
-        return cls(bindir, [runuser, "-u", "postgres", "--"], (pw.pw_uid, pw.pw_gid))
-
-    @property
-    def url(self) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
-
-    def _run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        assert self.dir is not None
-        # Its own session: a Ctrl-C on the terminal must not reach the server, whose
-        # shutdown is the drill's to make.
-        return subprocess.run([*self.run_as, *args], cwd=self.dir, capture_output=True,
-                              text=True, timeout=timeout, start_new_session=True,
-                              stdin=subprocess.DEVNULL)
-
-    def create(self) -> str:
-        """initdb and start; return the database URL."""
-        self.dir = Path(tempfile.mkdtemp(prefix="spotrun-chaos-pg-"))
-        if self.owner is not None:
-            os.chown(self.dir, *self.owner)
-        data = str(self.dir / "data")
-        out = self._run(str(self.bindir / "initdb"), "-D", data, "-U", "postgres",
-                        "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync")
-        if out.returncode != 0:
-            raise ChaosError("initdb of the private PostgreSQL failed: "
-                             + _last_line(out.stderr or out.stdout))
-        for _ in range(3):  # a port found free can be taken before the server binds it
-            self.port = _free_port()
-            if self.start():
-                return self.url
-        raise ChaosError(f"the private PostgreSQL did not start: {self.log_tail()}")
-
-    def start(self) -> bool:
-        assert self.dir is not None
-        # fsync off: the drill restarts the server cleanly (a fast shutdown writes a
-        # checkpoint) and the machine does not crash, so durability on disk adds only time.
-        opts = (f"-p {self.port} -k {shlex.quote(str(self.dir))} "
-                "-c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300")
-        out = self._run(str(self.bindir / "pg_ctl"), "-D", str(self.dir / "data"),
-                        "-l", str(self.dir / "server.log"), "-o", opts, "-w", "-t", "60",
-                        "start")
-        self.running = out.returncode == 0
-        return self.running
-
-    def stop(self, mode: str = "fast") -> bool:
-        if self.dir is None:
-            return True
-        out = self._run(str(self.bindir / "pg_ctl"), "-D", str(self.dir / "data"),
-                        "-m", mode, "-w", "-t", "60", "stop")
-        if out.returncode == 0:
-            self.running = False
-        return out.returncode == 0
-
-    def log_tail(self) -> str:
-        if self.dir is None:
-            return ""
-        try:
-            lines = (self.dir / "server.log").read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return "no server log"
-        return lines[-1] if lines else "empty server log"
-
-    def destroy(self) -> None:
-        if self.dir is None:
-            return
-        if self.running:
-            with contextlib.suppress(Exception):
-                self.stop("immediate")
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir = None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "no output"
-
-
-# ------------------------------------------------------------------------ workers
-
-
-class WorkerProc:
-    """One real ``spotrun worker`` process and what the drill did to it."""
-
-    def __init__(self, slot: int, generation: int, cmd: list[str], env: dict[str, str],
-                 log_dir: Path) -> None:
-        self.slot = slot
-        self.name = f"c{slot + 1}-{generation}"
-        self.log_path = log_dir / f"worker-{self.name}.log"
-        self.started = time.monotonic()
-        self.exited_at: float | None = None
-        self.exited_wall: float | None = None
-        self.exit_code: int | None = None
-        self.term_sent: float | None = None  # SIGTERM of a chaos kill (for notice-to-exit)
-        self.killed = False  # SIGKILLed by the drill
-        self.frozen_until: float | None = None
-        self.thaw_timer: threading.Timer | None = None
-        self.teardown = False  # stopped at the end of the drill, not by chaos
-        self.ever_ready = False
-        with open(self.log_path, "wb") as log:
-            # Its own session: the operator's Ctrl-C is for the drill, which stops its
-            # workers itself. ``setpriv --pdeathsig`` ends the worker should the drill
-            # itself be SIGKILLed, so no worker outlives it.
-            self.proc = subprocess.Popen([*_pdeathsig_prefix(), *cmd, "--name", self.name],
-                                         env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        # A thread waits on the process, so that exit times are exact, not a poll's tick.
-        self._waiter = threading.Thread(target=self._wait, name=f"wait-{self.name}",
-                                        daemon=True)
-        self._waiter.start()
-
-    def _wait(self) -> None:
-        code = self.proc.wait()
-        self.exited_wall = time.time()
-        self.exited_at = time.monotonic()
-        self.exit_code = code
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.exited_at is None
-
-    @property
-    def ready(self) -> bool:
-        if not self.ever_ready and self.alive:
-            with contextlib.suppress(OSError):
-                self.ever_ready = " ready: " in self.log_path.read_text(errors="replace")
-        return self.ever_ready and self.alive
-
-    @property
-    def targeted(self) -> bool:
-        """Already being stopped, killed or frozen: not a victim for another kill."""
-        return self.term_sent is not None or self.killed or self.frozen_until is not None
-
-    def signal(self, sig: int) -> None:
-        if self.alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, sig)
-
-    def join(self, timeout: float) -> bool:
-        self._waiter.join(timeout)
-        return not self._waiter.is_alive()
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-
-_PDEATHSIG: list[str] | None = None
-
-
-def _pdeathsig_prefix() -> list[str]:
-    global _PDEATHSIG
-    if _PDEATHSIG is None:
-        setpriv = shutil.which("setpriv")
-        ok = False
-        if setpriv:
-            with contextlib.suppress(Exception):
-                ok = subprocess.run([setpriv, "--pdeathsig", "KILL", "true"],
-                                    capture_output=True, timeout=10).returncode == 0
-        _PDEATHSIG = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv and ok else []
-    return _PDEATHSIG
-
-
-# ------------------------------------------------------------------------- records
-
 
 @dataclass
 class KillRecord:
@@ -429,35 +85,6 @@ class KillRecord:
     kind: str
     worker: str
     job: str | None  # the job the store said the worker was running, if any
-
-
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "ok": self.ok, "detail": self.detail}
-
-
-@dataclass
-class Report:
-    ok: bool
-    checks: list[Check]
-    metrics: dict[str, Any]
-    config: dict[str, Any]
-    schedule: Schedule
-    notes: list[str] = field(default_factory=list)
-    kept_logs: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "checks": [c.to_json() for c in self.checks],
-                "metrics": self.metrics, "config": self.config, "notes": self.notes,
-                "kept_logs": self.kept_logs, "schedule": self.schedule.to_json()}
-
-
-# --------------------------------------------------------------------------- drill
 
 
 class Drill:
@@ -638,7 +265,7 @@ class Drill:
         with open(src, "rb") as stdin, open(self.workspace / "references.out", "wb") as out, \
                 open(self.workspace / "references.err", "wb") as err:
             self.reference_proc = subprocess.Popen(
-                [*_pdeathsig_prefix(), sys.executable, "-m", "spotrun.chaos", "--reference"],
+                [*pdeathsig_prefix(), sys.executable, "-m", "spotrun.chaos", "--reference"],
                 stdin=stdin, stdout=out, stderr=err, env=self.worker_env(),
                 start_new_session=True)
 
@@ -659,7 +286,7 @@ class Drill:
                 found[str(item["key"])] = item
         if proc.returncode != 0 and not found:
             err = (self.workspace / "references.err").read_text(errors="replace")
-            found["__error__"] = {"error": _last_line(err)}
+            found["__error__"] = {"error": last_line(err)}
         return found
 
     # -------------------------------------------------------------------- workers
@@ -670,7 +297,7 @@ class Drill:
                 continue
             caused = w.killed or w.term_sent is not None
             if not caused and not w.teardown:
-                tail = _last_line(w.log())
+                tail = last_line(w.log())
                 if not w.ever_ready:
                     tail = f"at start, before it was ready: {tail}"
                 self.unexpected.append((w.name, w.exit_code, tail))
@@ -803,7 +430,7 @@ class Drill:
                     conn2.close()
             self.db_stall["ok"] = True
         except Exception as exc:
-            self.db_stall.update(ok=False, error=_last_line(str(exc)))
+            self.db_stall.update(ok=False, error=last_line(str(exc)))
         self.db_stall["ended_at"] = round(self.now(), 2)
 
     def _cut_step(self, now: float) -> None:
@@ -996,21 +623,9 @@ class Drill:
                              f"{n_ok} of {len(self.ids)} succeeded, in up to {most} attempts"
                              + ("; " + "; ".join(bad) if bad else "")))
 
-        twice = []
-        for k, i in self.ids.items():
-            if i not in jobs:
-                continue
-            ends = [e.kind for e in jobs[i].events
-                    if e.kind in (EventKind.SUCCEEDED, EventKind.FAILED, EventKind.CANCELLED)]
-            want = ([EventKind.SUCCEEDED.value] if jobs[i].state is JobState.SUCCEEDED
-                    else [e for e in ends if e != EventKind.SUCCEEDED])
-            if ends != want:
-                twice.append(f"{k} ({jobs[i].state.value}) has end events: {', '.join(ends)}")
-        checks.append(Check("no job completed twice", not twice,
-                            "exactly one 'succeeded' event per succeeded job, none for the "
-                            "others" if not twice else "; ".join(twice)))
-
-        checks.append(self._check_fenced(jobs))
+        labelled = {k: jobs[i] for k, i in self.ids.items() if i in jobs}
+        checks.append(check_completed_once(labelled))
+        checks.append(check_fenced(labelled))
         checks.append(self._check_identical(jobs, refs))
 
         terms = [w for w in self.procs if w.term_sent is not None]
@@ -1163,27 +778,6 @@ class Drill:
                     time.sleep(0.5)
         return out
 
-    def _check_fenced(self, jobs: dict[str, JobRecord]) -> Check:
-        wrong = []
-        for k, i in self.ids.items():
-            job = jobs.get(i)
-            if job is None or job.state is not JobState.SUCCEEDED:
-                continue
-            ok_events = [e for e in job.events if e.kind == EventKind.SUCCEEDED]
-            claims = [e for e in job.events if e.kind in (EventKind.STARTED, EventKind.RESUMED)]
-            if not ok_events or not claims:
-                wrong.append(f"{k}: no succeeded or claim event")
-                continue
-            done, holder = ok_events[-1], claims[-1]
-            if (done.attempt, done.worker) != (job.attempt, job.worker) or \
-                    (done.attempt, done.worker) != (holder.attempt, holder.worker):
-                wrong.append(f"{k}: written by attempt {done.attempt} on {done.worker}, the "
-                             f"lease was attempt {holder.attempt} on {holder.worker}")
-        n = sum(1 for j in jobs.values() if j.state is JobState.SUCCEEDED)
-        return Check("every result written by the attempt holding the lease", not wrong,
-                     f"{n} results, each by the last claim's attempt and worker" if not wrong
-                     else "; ".join(wrong))
-
     def _check_identical(self, jobs: dict[str, JobRecord],
                          refs: dict[str, dict[str, Any]]) -> Check:
         name = "digits-train results bit-identical to an uninterrupted run"
@@ -1237,7 +831,7 @@ class Drill:
         lost: dict[str, list[Interruption]] = {"preempted": [], "lease_expired": []}
         unparsed = 0
         for i, job in jobs.items():
-            found, bad = _interruptions(job.events, per_step[i], stops)
+            found, bad = interruptions(job.events, per_step[i], stops, LEASE_SECONDS)
             unparsed += bad
             for x in found:
                 lost[x.kind].append(x)
@@ -1248,7 +842,7 @@ class Drill:
                   and w.name not in self.escalated]
         detect = _kill_to_requeue(self.kills, jobs)
         live_expiries = self._live_expiries(jobs)
-        refused = _refused_lines(self.log_dir)
+        refused = refused_lines(self.log_dir)
 
         def lost_summary(rows: list[Interruption]) -> dict[str, Any]:
             return {"count": len(rows),
@@ -1297,31 +891,12 @@ class Drill:
                           if all_lost else 0.0,
                           "unparsed_events": unparsed,
                           "definition": WORK_LOST_DEFINITION},
-            "notice_to_exit_seconds": _quantiles(notice),
-            "handback_to_resume_seconds": _quantiles(handoff),
-            "lease_expiry_to_resume_seconds": _quantiles(requeue_to_resume),
-            "kill_to_requeue_seconds": _quantiles(detect),
+            "notice_to_exit_seconds": quantiles(notice),
+            "handback_to_resume_seconds": quantiles(handoff),
+            "lease_expiry_to_resume_seconds": quantiles(requeue_to_resume),
+            "kill_to_requeue_seconds": quantiles(detect),
             "lease_expiries_of_live_workers": live_expiries,
         }
-
-
-GOODPUT_DEFINITION = (
-    "useful compute seconds / paid worker seconds. Useful: what each succeeded job costs "
-    "run uninterrupted (sleep: its seconds; digits-train: the wall time of its reference "
-    "run; digits-infer: its last attempt, a single step). Paid: the lifetimes of all "
-    "worker processes, from spawn to exit or to the moment the last job ended, idle time "
-    "and start-up included, as a cloud bills them.")
-WORK_LOST_DEFINITION = (
-    "per interruption, the steps redone: the step the store last recorded when the job was "
-    "handed back (SIGTERM) or its lease expired (SIGKILL, freeze), minus the step the next "
-    "attempt resumed from; progress reaches the store every 0.5 s, so after a hard kill "
-    "this is a lower bound. Seconds: after an expiry, the time from the attempt's last "
-    "checkpoint (or its start) to the kill; after a hand-back, steps times the job's "
-    "uninterrupted seconds per step.")
-
-_AT_STEP = re.compile(r"\bat step (\d+)")
-_FROM_STEP = re.compile(r"\bfrom step (\d+)")
-_REFUSED = re.compile(r"([a-z-]+(?: (?:pointer|result))?) of job \S+ refused")
 
 
 def _params_key(params: dict[str, Any]) -> str:
@@ -1344,52 +919,6 @@ def _useful_seconds(job: JobRecord, plan: PlannedJob,
     return job.run_seconds
 
 
-@dataclass(frozen=True)
-class Interruption:
-    kind: str  # "preempted" (a hand-back on notice) or "lease_expired"
-    steps: int  # steps redone: the step the store recorded minus the step resumed from
-    seconds: float  # work redone, estimated in seconds
-    gap: float | None  # seconds until an attempt was claimed again
-
-
-_SAFE = (EventKind.STARTED, EventKind.RESUMED, EventKind.CHECKPOINT)
-
-
-def _interruptions(events: tuple[Event, ...], per_step: float,
-                   stops: dict[str, list[float]]) -> tuple[list[Interruption], int]:
-    """A job's hand-backs and expiries, and how many events could not be read.
-
-    Seconds redone after an expiry: from the attempt's last checkpoint (or its claim) to
-    the moment its worker stopped: the drill's SIGKILL or SIGSTOP, else one lease before
-    the expiry. The store's step is the last one flushed (every 0.5 s), so after a hard
-    kill the steps are a lower bound and the seconds the better measure.
-    """
-    out: list[Interruption] = []
-    unparsed = 0
-    for n, e in enumerate(events):
-        if e.kind not in (EventKind.PREEMPTED, EventKind.LEASE_EXPIRED):
-            continue
-        nxt = next((x for x in events[n + 1:]
-                    if x.kind in (EventKind.STARTED, EventKind.RESUMED)), None)
-        m = _AT_STEP.search(e.message)
-        if nxt is None or m is None:
-            unparsed += 1
-            continue
-        r = _FROM_STEP.search(nxt.message) if nxt.kind == EventKind.RESUMED else None
-        steps = max(0, int(m.group(1)) - (int(r.group(1)) if r else 0))
-        seconds = steps * per_step
-        at = e.at.timestamp()
-        if e.kind == EventKind.LEASE_EXPIRED:
-            stop = max((t for t in stops.get(e.worker or "", []) if t <= at),
-                       default=at - LEASE_SECONDS)
-            safe = [x.at.timestamp() for x in events[:n]
-                    if x.attempt == e.attempt and x.kind in _SAFE and x.at.timestamp() <= stop]
-            seconds = max(seconds, stop - max(safe)) if safe else seconds
-        out.append(Interruption(e.kind, steps, seconds,
-                                max(0.0, (nxt.at - e.at).total_seconds())))
-    return out, unparsed
-
-
 def _kill_to_requeue(kills: list[KillRecord], jobs: dict[str, JobRecord]) -> list[float]:
     """Seconds from a SIGKILL or freeze to the sweep requeueing the job the worker held."""
     out = []
@@ -1404,7 +933,11 @@ def _kill_to_requeue(kills: list[KillRecord], jobs: dict[str, JobRecord]) -> lis
     return out
 
 
-def _refused_lines(log_dir: Path) -> dict[str, int]:
+# The store's LeaseLost words, as the worker logs them: "<write> of job <id> refused".
+_REFUSED = re.compile(r"([a-z-]+(?: (?:pointer|result))?) of job \S+ refused")
+
+
+def refused_lines(log_dir: Path) -> dict[str, int]:
     """Worker log lines reporting a fenced write refused, by the kind of write."""
     counts: dict[str, int] = {}
     for path in sorted(log_dir.glob("worker-*.log")):
@@ -1416,248 +949,3 @@ def _refused_lines(log_dir: Path) -> dict[str, int]:
                     counts[m.group(1)] = counts.get(m.group(1), 0) + 1
     return counts
 
-
-def _quantiles(values: list[float]) -> dict[str, Any]:
-    """Count, p50, p99 (nearest rank) and max of a sample, in seconds."""
-    if not values:
-        return {"count": 0, "p50": None, "p99": None, "max": None}
-    s = sorted(values)
-
-    def rank(q: float) -> float:
-        return round(s[max(0, math.ceil(q * len(s)) - 1)], 3)
-
-    return {"count": len(s), "p50": rank(0.50), "p99": rank(0.99), "max": round(s[-1], 3)}
-
-
-# -------------------------------------------------------------------------- report
-
-
-def format_report(r: Report) -> str:
-    """The report as an operator reads it."""
-    c, m = r.config, r.metrics
-    mix = c["mix"]
-    lines = [
-        f"spotrun chaos drill: {c['workers']} workers, {c['jobs']} jobs "
-        f"({mix['digits-train']} digits-train, {mix['digits-infer']} digits-infer, "
-        f"{mix['sleep']} sleep), {c['duration']:g} s of chaos, seed {c['seed']} "
-        f"(schedule {c['schedule_fingerprint']})",
-        f"store: {c['store']}" + (" (a private PostgreSQL, restarted mid-drill)"
-                                  if c["private_postgres"] else ""),
-        f"workers: lease {c['lease_seconds']:g} s, heartbeat {c['heartbeat_seconds']:g} s, "
-        f"grace {c['grace_seconds']:g} s; jobs: max_retries {c['max_retries']}",
-        "",
-        "what the drill did",
-    ]
-    k, ks = m["kills"], m["kills_scheduled"]
-    hit = {kind: sum(1 for x in m["kill_log"] if x["kind"] == kind and x["job"])
-           for kind in KILL_KINDS}
-    lines += [
-        f"  SIGTERM   {k['sigterm']} of {ks['sigterm']} scheduled, {hit['sigterm']} "
-        f"interrupted a job; {m['sigterm_escalated_to_sigkill']} needed SIGKILL after the grace",
-        f"  SIGKILL   {k['sigkill']} of {ks['sigkill']} scheduled, {hit['sigkill']} "
-        "interrupted a job",
-        f"  freeze    {k['freeze']} of {ks['freeze']} scheduled, {hit['freeze']} interrupted a "
-        f"job (SIGSTOP {c['freeze_seconds']:g} s, past the lease, then SIGCONT)",
-    ]
-    db = m["db_restart"]
-    if db:
-        lines.append(f"  database  stopped at {db.get('stopped_at', 0):.1f} s, back at "
-                     f"{db.get('started_at', float('nan')):.1f} s "
-                     f"({db.get('outage_seconds', float('nan')):.1f} s without it)")
-    stall = m.get("db_stall")
-    if stall:
-        lines.append(f"  stall     jobs locked from {stall.get('began_at', 0):.1f} s to "
-                     f"{stall.get('ended_at', float('nan')):.1f} s")
-    if c.get("cut_replies"):
-        lines.append(f"  cuts      {m['replies_cut']} replies cut right after their commit")
-    lines.append(f"  workers   {m['workers_started']} started ({c['workers']} + "
-                 f"{m['replacements']} replacements); the drill took {m['wall_seconds']:.1f} s")
-    lines += ["", "checks"]
-    lines += [f"  {'ok  ' if x.ok else 'FAIL'}  {x.name}: {x.detail}" for x in r.checks]
-    g, w = m["goodput"], m["work_lost"]
-    ap, ae = w["after_preemption"], w["after_lease_expiry"]
-    j = m["jobs"]
-    lines += [
-        "", "numbers",
-        f"  jobs                 {j['succeeded']} succeeded, {j['failed']} failed, "
-        f"{j['cancelled']} cancelled, {j['queued'] + j['running']} unfinished, of "
-        f"{j['submitted']} submitted",
-        f"  interruptions        {m['preemptions']} hand-backs on notice, "
-        f"{m['lease_expiries']} lease expiries; {m['resumed_from_checkpoint']} resumed "
-        f"from a checkpoint, {m['restarted_from_beginning']} restarted from the beginning",
-        f"  fenced writes refused {m['fenced_writes_refused']}"
-        + (" (" + ", ".join(f"{n} {kind}" for kind, n in sorted(
-            m["fenced_writes_refused_by_write"].items())) + ")"
-           if m["fenced_writes_refused"] else "")
-        + ": zombie writes the store turned away",
-        f"  goodput              {100 * g['ratio']:.1f} %: {g['useful_seconds']:.1f} s of "
-        f"useful compute / {g['paid_worker_seconds']:.1f} s of paid worker time",
-        f"  work lost            per hand-back on notice: {ap['steps_mean']:g} steps "
-        f"(max {ap['steps_max']}), {ap['seconds_mean']:.2f} s ({ap['count']} hand-backs)",
-        f"                       per lease expiry: {ae['steps_mean']:g} steps recorded "
-        f"(max {ae['steps_max']}), {ae['seconds_mean']:.2f} s ({ae['count']} expiries)",
-        "  " + _q("notice to exit", m["notice_to_exit_seconds"], "SIGTERMs"),
-        "  " + _q("hand-back to resume", m["handback_to_resume_seconds"], "hand-backs"),
-        "  " + _q("expiry to resume", m["lease_expiry_to_resume_seconds"], "expiries"),
-        "  " + _q("kill to requeue", m["kill_to_requeue_seconds"], "hard kills of busy workers"),
-        f"  expiries of live workers {len(m['lease_expiries_of_live_workers'])}"
-        + (": " + ", ".join(f"{x['job']} on {x['worker']} at {x['at']:.1f} s"
-                            + (" (database restart)" if x["during_db_restart"] else "")
-                            for x in m["lease_expiries_of_live_workers"])
-           if m["lease_expiries_of_live_workers"] else
-           " (every expiry was of a worker the drill killed or froze)"),
-        "",
-        "  goodput: " + g["definition"],
-        "  work lost: " + w["definition"],
-    ]
-    for note in r.notes:
-        lines.append(f"  note: {note}")
-    if r.kept_logs:
-        lines.append(f"  worker logs kept in {r.kept_logs}")
-    failed = [x for x in r.checks if not x.ok]
-    lines += ["", f"result: PASS, all {len(r.checks)} checks passed" if not failed else
-              f"result: FAIL, {len(failed)} of {len(r.checks)} checks failed: "
-              + ", ".join(x.name for x in failed)]
-    return "\n".join(lines)
-
-
-def _q(label: str, q: dict[str, Any], what: str) -> str:
-    if not q["count"]:
-        return f"{label:<20} no samples"
-    return (f"{label:<20} p50 {q['p50']:.2f} s, p99 {q['p99']:.2f} s, max {q['max']:.2f} s "
-            f"({q['count']} {what})")
-
-
-# ---------------------------------------------------------------------------- main
-
-
-@contextlib.contextmanager
-def _interruptible() -> Iterator[None]:
-    """Ctrl-C and SIGTERM stop the drill: stop every child, remove every file.
-
-    SIGINT gets a handler of its own too: Python turns SIGINT into KeyboardInterrupt only
-    when the process started with SIGINT at its default, and a process started in the
-    background of a non-interactive shell (CI runners, ``cmd &`` in scripts) inherits it
-    ignored; the drill then ran to its end on Ctrl-C.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def _no_interrupts() -> Iterator[None]:
-    """Cleanup runs to its end even if Ctrl-C is pressed again."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    old_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
-
-
-def _torch_available() -> bool:
-    return all(importlib.util.find_spec(m) is not None
-               for m in ("torch", "sklearn", "safetensors"))
-
-
-def main(settings: Settings, *, workers: int, jobs: int, duration: float,
-         sigterm_rate: float, sigkill_rate: float, freeze_rate: float, db_restart: bool,
-         seed: int, as_json: bool, echo: Echo, db_stall: bool = False,
-         cut_replies: bool = False) -> int:
-    """Run the drill; print the report; 0 if every check passed, 1 if not, 2 bad input."""
-    def fail(msg: str, code: int) -> int:
-        print(f"spotrun: {msg}", file=sys.stderr)
-        return code
-
-    try:
-        if workers < 1 or jobs < 1 or duration <= 0:
-            raise ChaosError("--workers, --jobs and --duration must be positive")
-        if min(sigterm_rate, sigkill_rate, freeze_rate) < 0:
-            raise ChaosError("kill rates must not be negative")
-        if cut_replies and not db_restart and \
-                not settings.database_url.startswith(("postgresql", "postgres:")):
-            raise ChaosError("--cut-replies cuts connections to a database server: use "
-                             "PostgreSQL (or --db-restart, which runs one)")
-        pg = PrivatePostgres.locate() if db_restart else None
-    except ChaosError as exc:
-        return fail(str(exc), EXIT_BAD_INPUT)
-    with_torch = _torch_available()
-    schedule = make_schedule(seed=seed, workers=workers, jobs=jobs, duration=duration,
-                             sigterm_rate=sigterm_rate, sigkill_rate=sigkill_rate,
-                             freeze_rate=freeze_rate, db_restart=db_restart,
-                             with_torch=with_torch, db_stall=db_stall,
-                             cut_replies=cut_replies)
-    drill: Drill | None = None
-    report: Report | None = None
-    error: tuple[str, int] | None = None
-    try:
-        with _interruptible():
-            drill = Drill(settings, schedule, pg=pg, echo=None if as_json else echo)
-            if not with_torch:
-                drill.notes.append("torch, scikit-learn or safetensors is missing: the "
-                                   "drill ran sleep jobs only")
-            report = drill.run()
-    except KeyboardInterrupt:
-        error = ("chaos drill interrupted; its workers were stopped and its temporary "
-                 "files removed", EXIT_INTERRUPTED)
-    except DatabaseUnavailable as exc:
-        error = (str(exc), EXIT_FAILED)
-    except StoreError as exc:
-        error = (str(exc), EXIT_BAD_INPUT)
-    except ChaosError as exc:
-        error = (f"chaos drill aborted: {exc}", EXIT_FAILED)
-    finally:
-        if drill is not None:
-            with _no_interrupts():
-                drill.abort()
-                keep = None
-                if report is not None and not report.ok:
-                    # A failed drill is worth its logs: keep them beside the store's data.
-                    keep = settings.home / "chaos-logs" / time.strftime("%Y%m%d-%H%M%S")
-                kept = drill.cleanup(keep)
-                if report is not None:
-                    report.kept_logs = kept
-    if error is not None:
-        return fail(*error)
-    if report is None:
-        return EXIT_FAILED
-    echo(json.dumps(report.to_json(), indent=2) if as_json else "\n" + format_report(report))
-    return 0 if report.ok else EXIT_FAILED
-
-
-def _reference_main() -> int:
-    """Child process: read [{key, params}] on stdin; one JSON line per reference run."""
-    from spotrun.local import run_inline
-    from spotrun.pipelines import digits  # noqa: F401 - import torch before the clock starts
-
-    for item in json.load(sys.stdin):
-        start = time.perf_counter()
-        try:
-            result = run_inline("digits-train", item["params"])
-            out = {"key": item["key"], "weights_sha256": result["weights_sha256"],
-                   "seconds": round(time.perf_counter() - start, 3)}
-        except Exception as exc:
-            out = {"key": item["key"], "error": f"{type(exc).__name__}: {exc}"}
-        print(json.dumps(out), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--reference"]:
-        sys.exit(_reference_main())
-    sys.exit("usage: spotrun chaos (this module's own entry point is internal)")
