@@ -15,6 +15,18 @@ from pathlib import Path
 import pytest
 
 from spotrun.config import Settings
+from spotrun.events import (
+    Cancelled,
+    Escalated,
+    EscalationWhy,
+    FailCause,
+    Failed,
+    HandedBack,
+    Preempted,
+    Resume,
+    ResumeHow,
+    seconds,
+)
 from spotrun.jobs import JobState, OnPreempt, Progress
 from spotrun.pipelines.base import State
 from spotrun.policy import ON_DEMAND
@@ -27,20 +39,20 @@ from spotrun.worker import (
     Worker,
     checkpoint_words,
     decide,
-    seconds,
     stop_outcome,
 )
-from spotrun.worker.outcome import Checkpointed, escalation_for
+from spotrun.worker.outcome import NoticeCheckpoint, escalation_for, resume_of
 from spotrun.worker.reporter import Sweep, SweepGuard
 from spotrun.worker.schedule import CheckpointSchedule, notice_checkpoint_due
 from spotrun.worker.state import PROGRESS_FLUSH_SECONDS, RunnerState
 
 R, P = StopReason, OnPreempt
-MOVED = "moved to the on-demand pool: preempted 6 times, more than its limit of 5"
+MOVED = Escalated(EscalationWhy.MAX_PREEMPTIONS, preemptions=6, max_preemptions=5)
 
 # Checkpoint states a stop can meet.
-NOTICE_SAVED = CheckpointState(4, "ck/4", notice=Checkpointed(4, "ck/4", 0.84))
-NOTICE_REUSED = CheckpointState(4, "ck/4", notice=Checkpointed(4, "ck/4", 0.0, reused=True))
+NOTICE_SAVED = CheckpointState(4, "ck/4", notice=NoticeCheckpoint(4, "ck/4", 0.84))
+NOTICE_REUSED = CheckpointState(4, "ck/4",
+                                notice=NoticeCheckpoint(4, "ck/4", 0.0, reused=True))
 EARLIER = CheckpointState(2, "ck/2")  # a periodic one; the notice got none (yet)
 FAILED_EARLIER = CheckpointState(2, "ck/2", error="OSError: disk full")
 FAILED_NONE = CheckpointState(error="OSError: disk full")
@@ -83,14 +95,20 @@ WRITES = {
     (None, P.RESTART): ("fail", False, True, True),
     (None, P.FAIL): ("fail", False, True, True),
 }
+# (reason, policy) -> the payload of the event the write records.
+EVENTS: dict[tuple[StopReason | None, OnPreempt], type | None] = {
+    (r, p): (type(None) if r is R.LEASE_LOST else Failed if r in (None, R.TIMED_OUT)
+             else Cancelled if r is R.CANCELLED else HandedBack if r is R.SHUTDOWN
+             else Failed if p is P.FAIL else Preempted)
+    for r, p in WRITES}
 DETAIL = {R.TIMED_OUT: "the job ran longer than its time limit of 2 s",
           R.CANCELLED: "cancel requested", R.LEASE_LOST: "heartbeat refused"}
 
 
 def _decide(reason: StopReason | None, policy: OnPreempt, ck: CheckpointState, *,
             in_flight: bool = False, unwinding: str | None = None,
-            escalation: str | None = None) -> StopOutcome:
-    return decide(reason, policy, ck, worker="w1", where="step 4/9",
+            escalation: Escalated | None = None) -> StopOutcome:
+    return decide(reason, policy, ck, worker="w1", step=4, total=9,
                   detail=DETAIL.get(reason, "") if reason else "", in_flight=in_flight,
                   unwinding=unwinding, escalation=escalation)
 
@@ -103,9 +121,9 @@ def _message(reason: StopReason | None, policy: OnPreempt, ck: str, in_flight: b
     if reason is None:
         return "the pipeline stopped without being asked to"
     if reason is R.LEASE_LOST:
-        return "the lease was lost: heartbeat refused"
+        return ""  # nothing is written
     if reason is R.CANCELLED:
-        return "cancelled at the user's request" + tail
+        return "cancelled at the user's request"
     if reason is R.TIMED_OUT:
         return ("stopped at step 4/9: the job ran longer than its time limit of 2 s"
                 + ("; the step in flight never returned" if in_flight else "") + tail)
@@ -131,7 +149,7 @@ def _message(reason: StopReason | None, policy: OnPreempt, ck: str, in_flight: b
                          ids=lambda v: str(getattr(v, "value", None) or "unasked"))
 def test_every_stop_writes_by_its_reason_policy_checkpoint_and_escalation(
         reason: StopReason | None, policy: OnPreempt, ck: str, in_flight: bool,
-        unwinding: str | None, escalation: str | None) -> None:
+        unwinding: str | None, escalation: Escalated | None) -> None:
     out = _decide(reason, policy, CHECKPOINTS[ck], in_flight=in_flight,
                   unwinding=unwinding, escalation=escalation)
     action, preempted, keep, cleanup = WRITES[reason, policy]
@@ -141,7 +159,17 @@ def test_every_stop_writes_by_its_reason_policy_checkpoint_and_escalation(
     # Only a preemption that keeps its checkpoint may move the job to on-demand.
     moves = escalation is not None and action == "hand_back" and preempted and keep
     assert out.escalate_to == (ON_DEMAND if moves else None)
-    assert out.escalation == (MOVED if moves else "")
+    assert out.escalation == (MOVED if moves else None)
+    # The facts are the event's data; the words above are rendered from them.
+    assert type(out.event) is EVENTS[reason, policy]
+    if isinstance(out.event, Preempted | HandedBack):
+        assert (out.event.worker, out.event.step, out.event.total) == ("w1", 4, 9)
+        assert (out.event.in_flight, out.event.unwinding) == (in_flight, unwinding)
+        assert out.event.resume == resume_of(CHECKPOINTS[ck])
+    if isinstance(out.event, Failed) and reason is not None:
+        assert (out.event.step, out.event.total, out.event.in_flight) == (4, 9, in_flight)
+        assert out.event.cause is (FailCause.TIMED_OUT if reason is R.TIMED_OUT
+                                   else FailCause.PREEMPTED)
 
 
 @pytest.mark.parametrize("reason, policy, action, preempted, keep", [
@@ -155,8 +183,8 @@ def test_every_stop_writes_by_its_reason_policy_checkpoint_and_escalation(
 @pytest.mark.parametrize("in_flight", [False, True])
 def test_one_policy_for_every_stop(reason: StopReason, policy: OnPreempt, action: str,
                                    preempted: bool, keep: bool, in_flight: bool) -> None:
-    out = stop_outcome(reason, policy, worker="w", where="step 3/9", detail="d",
-                       resume="r", in_flight=in_flight)
+    out = stop_outcome(reason, policy, worker="w", step=3, total=9, detail="d",
+                       in_flight=in_flight)
     assert (out.action, out.preempted, out.keep_checkpoint) == (action, preempted, keep)
 
 
@@ -173,12 +201,13 @@ def test_the_words_say_what_the_next_attempt_resumes_from(ck: str) -> None:
     assert checkpoint_words(CHECKPOINTS[ck]) == WORDS[ck]
 
 
-def test_stop_outcome_takes_the_words_as_given() -> None:
-    out = stop_outcome(R.PREEMPTED, P.RESUME, worker="w", where="step 3", resume="r")
-    assert out.message == "preempted on w at step 3; r"
+def test_stop_outcome_takes_the_resume_as_given() -> None:
+    kept = Resume(ResumeHow.KEPT, 2)
+    out = stop_outcome(R.PREEMPTED, P.RESUME, worker="w", step=3, total=None, resume=kept)
+    assert out.message == "preempted on w at step 3; will resume from the checkpoint at step 2"
     assert out.may_escalate and out.escalated(None) is out
     assert out.escalated(MOVED).escalate_to == ON_DEMAND
-    shutdown = stop_outcome(R.SHUTDOWN, P.RESUME, worker="w", where="step 3", resume="r")
+    shutdown = stop_outcome(R.SHUTDOWN, P.RESUME, worker="w", step=3, total=None, resume=kept)
     assert not shutdown.may_escalate and shutdown.escalated(MOVED) is shutdown
 
 
@@ -195,12 +224,15 @@ def _esc(**kw: object) -> str | None:
         preemptions=0, max_preemptions=None, default_max_preemptions=5, deadline=None,
         created=0.0, job_pool=None, worker_pool="spot", step=0, total=None, now=100.0)
     args.update(kw)
-    return escalation_for(**args)  # type: ignore[arg-type]
+    why = escalation_for(**args)  # type: ignore[arg-type]
+    return None if why is None else why.message()
 
 
 def test_escalation_counts_this_preemption_and_the_jobs_limit_wins() -> None:
     assert _esc(preemptions=4) is None  # the 5th: at the worker's limit of 5
-    assert _esc(preemptions=5) == (MOVED + " (max_preemptions)")
+    assert _esc(preemptions=5) == MOVED.message() == (
+        "moved to the on-demand pool: preempted 6 times, more than its limit of 5 "
+        "(max_preemptions)")
     assert _esc(preemptions=0, max_preemptions=0) == (
         "moved to the on-demand pool: preempted 1 times, more than its limit of 0 "
         "(max_preemptions)")

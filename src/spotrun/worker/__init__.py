@@ -15,6 +15,7 @@ Its parts, one job each:
 
 from __future__ import annotations
 
+from spotrun.events import seconds
 from spotrun.worker.loop import EXIT_STUCK, Worker, detect_cuda
 from spotrun.worker.outcome import (
     CheckpointState,
@@ -22,7 +23,6 @@ from spotrun.worker.outcome import (
     StopReason,
     checkpoint_words,
     decide,
-    seconds,
     stop_outcome,
 )
 from spotrun.worker.runner import JobRunner

@@ -21,18 +21,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spotrun.checkpoints import CheckpointCorrupt, CheckpointUnavailable, Loaded, Saved
+from spotrun.events import (
+    Checkpointed,
+    CheckpointUnusable,
+    Escalated,
+    Failed,
+    HandBackCause,
+    HandedBack,
+    Note,
+)
 from spotrun.jobs import EventKind, JobState, Progress
 from spotrun.pipelines.base import JobContext, JobStopped, Pipeline, State
 from spotrun.store import ClaimRequest, JobRecord, JobStore, Lease, LeaseLost
 from spotrun.worker.outcome import (
     NOTICES,
-    Checkpointed,
     CheckpointState,
+    NoticeCheckpoint,
     StopOutcome,
     StopReason,
     decide,
     escalation_for,
-    seconds,
 )
 from spotrun.worker.retry import is_db_error
 from spotrun.worker.schedule import CheckpointSchedule, notice_checkpoint_due
@@ -122,7 +130,7 @@ class JobRunner:
             # gets a path of its own instead.)
             if notice:
                 self.state.update_checkpoint(
-                    notice=Checkpointed(state.step, ck.path, 0.0, reused=True))
+                    notice=NoticeCheckpoint(state.step, ck.path, 0.0, reused=True))
             return
         start = time.perf_counter()
         self.may_have_files = True
@@ -135,8 +143,7 @@ class JobRunner:
                                                  state.step, state.files, state.meta)
         # The pointer moves only after the manifest is written; a refused write means a
         # newer attempt owns the job, and our files are left for its cleanup.
-        message = None if notice else (
-            f"checkpoint at step {state.step} saved in {seconds(saved.seconds)}")
+        message = None if notice else Checkpointed(state.step, saved.seconds).message()
         dropped = self.worker.db.call(lambda: self.store.commit_checkpoint(
             self.lease, saved.path, state.step, message=message),
             give_up_at=self.worker.deadline() if notice else None)
@@ -145,7 +152,7 @@ class JobRunner:
             self._set_interval(explain=False)
         self.state.update_checkpoint(
             step=state.step, path=saved.path, now=time.monotonic(),
-            **({"notice": Checkpointed(state.step, saved.path, elapsed)} if notice else {}))
+            **({"notice": NoticeCheckpoint(state.step, saved.path, elapsed)} if notice else {}))
         if dropped and dropped != saved.path:
             with contextlib.suppress(Exception):
                 self.worker.checkpoints.delete(dropped)
@@ -181,9 +188,10 @@ class JobRunner:
             lambda: self.store.pool_interruptions(self.worker.pool))
         chosen = self.schedule.choose(lived_seconds=lived, interruptions=hits)
         if explain:
+            note = Note(chosen.summary, chosen.explanation)
             self.worker.db.call(functools.partial(
-                self.store.add_event, self.lease, EventKind.NOTE, chosen.summary,
-                detail=chosen.explanation))
+                self.store.add_event, self.lease, EventKind.NOTE, note.message(),
+                detail=note.detail))
 
     def request_stop(self, reason: StopReason, detail: str = "") -> None:
         """Ask the pipeline to stop at its next step boundary; the first request wins."""
@@ -234,9 +242,9 @@ class JobRunner:
             with contextlib.suppress(Exception):
                 # The job's user reads its error: the worker's own words (which may name
                 # hosts, paths, endpoints) and traceback stay in the worker's log.
-                self.store.fail(self.lease, f"worker {self.lease.worker_name} could not run "
-                                f"the job ({type(exc).__name__}; the worker's log has the "
-                                "details)", None, run_seconds=self.run_seconds())
+                failed = Failed.worker_error(worker=self.lease.worker_name,
+                                             error_type=type(exc).__name__)
+                self.store.fail(self.lease, failed.error, None, run_seconds=self.run_seconds())
         finally:
             self.logger.removeHandler(self.logs)
             self._settle_model()
@@ -339,9 +347,10 @@ class JobRunner:
         log.warning("job %s: %s", self.job.id, why)
         # Wait a little first, so that an outage does not bounce the job between workers.
         self.worker.coordinator.wait(5.0)
-        self.worker.db.call(lambda: self.store.hand_back(
-            self.lease, f"{self.lease.worker_name} could not read the job's checkpoint "
-            f"({why}); back in the queue with its checkpoint kept", preempted=False))
+        kept = HandedBack(self.lease.worker_name, cause=HandBackCause.CHECKPOINT_UNREADABLE,
+                          error=why)
+        self.worker.db.call(lambda: self.store.hand_back(self.lease, kept.message(),
+                                                         preempted=False))
 
     def _load_resume(self, load: Callable[[str], Loaded] | None = None) -> Loaded | None:
         load = load or self.worker.checkpoints.load
@@ -355,13 +364,13 @@ class JobRunner:
                 return load(path)
             except CheckpointCorrupt as exc:
                 nxt = candidates[i + 1] if i + 1 < len(candidates) else (None, None)
-                fallback = (f"resuming from the previous checkpoint at step {nxt[1]}"
-                            if nxt[0] else "starting from the beginning")
-                message = f"checkpoint at step {step} is unusable: {exc}; {fallback}"
+                unusable = CheckpointUnusable(step, str(exc), previous=bool(nxt[0]),
+                                              previous_step=nxt[1])
                 self.worker.db.call(functools.partial(
                     self.store.drop_checkpoint_pointer, self.lease, path))
                 self.worker.db.call(functools.partial(
-                    self.store.add_event, self.lease, EventKind.CHECKPOINT_CORRUPT, message))
+                    self.store.add_event, self.lease, EventKind.CHECKPOINT_CORRUPT,
+                    unusable.message()))
         return None
 
     # ------------------------------------------------------------- the stop
@@ -372,8 +381,8 @@ class JobRunner:
         aside (``apply`` asks the store's clock for that)."""
         why = self.state.stop_reason if reason is None else reason
         return decide(why, self.job.on_preempt, self.state.checkpoint,
-                      worker=self.lease.worker_name,
-                      where=self.where(), detail=self.state.stop_detail,
+                      worker=self.lease.worker_name, step=self.state.step,
+                      total=self.state.total, detail=self.state.stop_detail,
                       in_flight=in_flight, unwinding=unwinding)
 
     def _stopped(self, unwinding: str | None = None) -> None:
@@ -404,12 +413,13 @@ class JobRunner:
             self.worker.db.call(lambda: store.hand_back(
                 self.lease, out.message, preempted=out.preempted,
                 keep_checkpoint=out.keep_checkpoint, run_seconds=run,
-                escalate_to=out.escalate_to, escalation=out.escalation),
+                escalate_to=out.escalate_to,
+                escalation="" if out.escalation is None else out.escalation.message()),
                 give_up_at=give_up_at)
         if out.cleanup and not forced:  # at the deadline, exiting in time comes first
             self._cleanup()
 
-    def _escalation(self, store: JobStore | None) -> str | None:
+    def _escalation(self, store: JobStore | None) -> Escalated | None:
         """Why this preempted job moves to on-demand, by the store's clock if given."""
         try:
             now = store.now() if store is not None else time.time()

@@ -14,6 +14,7 @@ import threading
 from dataclasses import replace
 from typing import Any
 
+from spotrun.events import where
 from spotrun.jobs import Progress
 from spotrun.worker.outcome import UNWAITED, CheckpointState, StopReason
 
@@ -73,7 +74,7 @@ class RunnerState:
         """Where the job is, for its history: "step 3/9"."""
         with self._lock:
             step, total = self._step, self._total
-        return f"step {step}/{total}" if total else f"step {step}"
+        return where(step, total)
 
     # -------------------------------------------------------------------- stop
 
