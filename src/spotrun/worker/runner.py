@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from spotrun import preload
 from spotrun.checkpoints import CheckpointCorrupt, CheckpointUnavailable, Loaded, Saved
 from spotrun.events import (
     Checkpointed,
@@ -255,6 +256,11 @@ class JobRunner:
     def _run(self) -> None:
         from spotrun.pipelines.registry import get as get_pipeline
 
+        # Not while the worker's preload imports the ML stack: two threads importing it at
+        # once can see half-initialised modules. A stop meanwhile hands the job back.
+        if not preload.wait(self.stop_requested):
+            self._stopped()
+            return
         pipe = get_pipeline(self.job.pipeline)
         params = pipe.validate(self.job.params)
         state_dir: Path | None = None
