@@ -33,8 +33,9 @@ def test_a_lightning_fit_preempted_three_times_ends_with_the_uninterrupted_weigh
     listed = json.loads(env.cli("pipelines", "--json").stdout)
     assert PIPELINE in [p["name"] for p in listed]
 
-    with Reference(env, PIPELINE, PARAMS) as reference:  # runs meanwhile
-        run = preempt_three_times(env, PIPELINE, PARAMS, total=TOTAL, step_delay=0.08)
+    with Reference(env, PIPELINE, PARAMS) as reference:
+        run = preempt_three_times(env, PIPELINE, PARAMS, total=TOTAL, step_delay=0.08,
+                                  after_first=reference.start)
         result = reference.result()
     job, messages = run.job, run.messages()
     assert job is not None and job.state is JobState.SUCCEEDED, messages
