@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,21 +26,54 @@ print("RESULT " + json.dumps(run_inline(sys.argv[1], json.loads(sys.argv[2]))))
 """
 
 
-def reference_result(env: Env, pipeline: str, params: dict[str, Any]) -> dict[str, Any]:
-    """The result of an uninterrupted run, in a process of its own (the framework is
-    imported there, not in the test process)."""
-    proc = subprocess.run([sys.executable, "-c", REFERENCE, pipeline, json.dumps(params)],
-                          env=env.vars, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return dict(json.loads(line[len("RESULT "):]))
+class Reference:
+    """An uninterrupted run, in a process of its own (the framework is imported there, not
+    in the test process), started by :meth:`start` so that it runs while the test's own job
+    does. Its temporary files go to a directory of its own, apart from the workers'."""
+
+    def __init__(self, env: Env, pipeline: str, params: dict[str, Any]) -> None:
+        self.env, self.pipeline, self.params = env, pipeline, params
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        tmp = self.env.home / "reference-tmp"
+        tmp.mkdir(exist_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", REFERENCE, self.pipeline, json.dumps(self.params)],
+            env={**self.env.vars, "TMPDIR": str(tmp)}, text=True, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+
+    def __enter__(self) -> Reference:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+    def result(self) -> dict[str, Any]:
+        """The run's result, once it ended (started now if it was not)."""
+        if self.proc is None:
+            self.start()
+        assert self.proc is not None
+        out, err = self.proc.communicate(timeout=600)
+        assert self.proc.returncode == 0, err[-3000:]
+        line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1]
+        return dict(json.loads(line[len("RESULT "):]))
 
 
 def _running_past(st: JobStore, job_id: str, step: int) -> str | None:
     job = st.get(job_id, with_events=False)
+    # A job that ended (failed, or done before the notice) will never get there: say so now,
+    # with its history, rather than after the whole wait.
+    assert not job.state.is_final, (job.state, job.error, _messages(st, job_id))
     if job.state is JobState.RUNNING and job.worker and job.progress.step >= step:
         return job.worker
     return None
+
+
+def _messages(st: JobStore, job_id: str) -> list[str]:
+    return [e.message for e in st.get(job_id).events]
 
 
 @dataclass
@@ -48,6 +82,7 @@ class Preempted:
     it ran, and the job once it ended."""
 
     seed: int
+    targets: list[int] = field(default_factory=list)  # the store's step each notice followed
     handed: list[int] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     files: list[set[str]] = field(default_factory=list)  # of each hand-back's checkpoint
@@ -62,9 +97,12 @@ PROGRESS_LAG_SECONDS = 3.0  # a heartbeat (2 s), and then some
 
 
 def preempt_three_times(env: Env, pipeline: str, params: dict[str, Any], *, total: int,
-                        step_delay: float) -> Preempted:
+                        step_delay: float,
+                        after_first: Callable[[], None] | None = None) -> Preempted:
     """Submit ``pipeline``, SIGTERM the worker running it three times at random steps
-    (each time past the previous hand-back), replace each worker, and wait for the end."""
+    (each time past the previous hand-back), replace the first two workers (a warm spare
+    takes the job each time), and wait for the end. ``after_first`` runs after the first
+    hand-back, once the workers' start-up imports are done (a reference run's start)."""
     args = ["submit", pipeline, "-p", f"step_delay={step_delay}"]
     for k, v in params.items():
         args += ["-p", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
@@ -84,7 +122,9 @@ def preempt_three_times(env: Env, pipeline: str, params: dict[str, Any], *, tota
             target = last + rng.randint(3, max(4, (end - last) // (4 - round_) - 2))
             target = max(last + 1, min(target, end))
             name = wait_until(functools.partial(_running_past, st, job_id, target), 180,
-                              f"job past step {target} (seed {run.seed})")
+                              f"job past step {target} (seed {run.seed})",
+                              on_fail=lambda: "\n".join(_messages(st, job_id)))
+            run.targets.append(target)
             run.metrics.append(dict(st.get(job_id, with_events=False).progress.metrics))
             w = live.pop(name)
             w.signal(signal.SIGTERM)
@@ -98,7 +138,10 @@ def preempt_three_times(env: Env, pipeline: str, params: dict[str, Any], *, tota
             run.files.append({p.name for p in (env.home / "checkpoints" / job.checkpoint)
                               .rglob("*") if p.is_file()})
             run.handed.append(last)
-            live[f"w{round_ + 3}"] = env.worker(f"w{round_ + 3}", preload=True)
+            if round_ == 0 and after_first is not None:
+                after_first()
+            if round_ < 2:  # after the last notice, the spare left finishes the job
+                live[f"w{round_ + 3}"] = env.worker(f"w{round_ + 3}", preload=True)
         wait_until(lambda: st.get(job_id, with_events=False).state.is_final, 300,
                    "the job to end")
         run.job = st.get(job_id)

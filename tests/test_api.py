@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +22,20 @@ import httpx
 import pytest
 from starlette.exceptions import StarletteDeprecationWarning
 
-from spotrun.api import ChangeFeed, create_app
-from spotrun.callbacks import CallbackDeliverer
 from spotrun.config import Settings
+from spotrun.http.app import create_app
+from spotrun.http.callbacks import CallbackDeliverer
+from spotrun.http.feed import ChangeFeed
 from spotrun.jobs import EventKind
 from spotrun.serve import ServerThread
-from spotrun.store import JobStore, Lease, create_engine
+from spotrun.store import JobRecord, JobStore, Lease, create_engine
 
 with warnings.catch_warnings():
     # starlette asks for httpx2 when only httpx is installed; the client works either way.
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
     from fastapi.testclient import TestClient
 
-from conftest import wait_until
+from conftest import Env, wait_until
 
 
 class Api:
@@ -176,6 +177,72 @@ def test_submit_answers_201_with_the_clis_json_shape(api: Api) -> None:
     assert [e["kind"] for e in job["events"]] == ["submitted"]
     assert api.get(f"/v1/jobs/{job['id']}", "admin").json() == api.store.get(
         job["id"]).to_json()
+
+
+def test_submit_takes_every_option_the_cli_has(api: Api) -> None:
+    before = api.store.now()
+    job = api.submit("admin", pipeline="sleep", pool="gpu", deadline=3600,
+                     max_preemptions=2, checkpoint_every_steps=7,
+                     checkpoint_every_seconds=1.5)
+    stored = api.store.get(job["id"])
+    assert isinstance(stored, JobRecord)
+    assert (stored.pool, stored.max_preemptions, stored.checkpoint_every_steps,
+            stored.checkpoint_every_seconds) == ("gpu", 2, 7, 1.5)
+    assert stored.deadline is not None and before + 3600 <= stored.deadline <= (
+        api.store.now() + 3600)
+    # The pool is kept: only a worker of pool gpu may take the job.
+    assert api.store.claim(worker_id="s1", worker_name="s1", lease_seconds=10,
+                           pool="spot") is None
+    claimed = api.store.claim(worker_id="g1", worker_name="g1", lease_seconds=10, pool="gpu")
+    assert claimed is not None and claimed[1].id == job["id"]
+    # A request without them is the request it always was.
+    plain = api.store.get(api.submit("admin", pipeline="sleep")["id"])
+    assert isinstance(plain, JobRecord)
+    assert (plain.pool, plain.deadline, plain.max_preemptions, plain.checkpoint_every_steps,
+            plain.checkpoint_every_seconds) == (None, None, None, None, None)
+
+
+# Values of the options POST /v1/jobs gained, at and past the CLI's limits.
+NEW_OPTIONS: list[tuple[str, str, Any, bool]] = [
+    ("pool", "--pool", "on-demand", True),
+    ("pool", "--pool", "Spot Pool", False),
+    ("deadline", "--deadline", 1, True),
+    ("deadline", "--deadline", 0.5, False),
+    ("max_preemptions", "--max-preemptions", 0, True),
+    ("max_preemptions", "--max-preemptions", -1, False),
+    ("max_preemptions", "--max-preemptions", 10**6, False),
+    ("checkpoint_every_steps", "--checkpoint-every-steps", 1, True),
+    ("checkpoint_every_steps", "--checkpoint-every-steps", 0, False),
+    ("checkpoint_every_steps", "--checkpoint-every-steps", 2**31, False),
+    ("checkpoint_every_seconds", "--checkpoint-every-seconds", 0.01, True),
+    ("checkpoint_every_seconds", "--checkpoint-every-seconds", 0.001, False),
+]
+
+
+def test_the_new_options_are_checked_exactly_as_the_cli_checks_them(
+        sapi: Api, env_factory: Callable[..., Env], sqlite_url: str) -> None:
+    env = env_factory(sqlite_url)
+    for field, option, value, ok in NEW_OPTIONS:
+        r = sapi.post("/v1/jobs", "admin", json={"pipeline": "sleep", field: value})
+        proc = env.cli("submit", "sleep", option, str(value), check=False)
+        assert (r.status_code == 201) is ok and (proc.returncode == 0) is ok, (
+            field, value, r.text, proc.stderr)
+        if not ok:
+            assert f"body.{field}" in [e["field"] for e in r.json()["errors"]], r.text
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    # Each accepted value queued one job from each side (the CLI writes the same database).
+    assert len(sapi.store.list_jobs()) == 2 * sum(ok for *_, ok in NEW_OPTIONS)
+    r = sapi.post("/v1/jobs", "admin", json={"pipeline": "sleep", "pool": "Spot Pool"})
+    assert "is not a pool name" in r.json()["detail"]
+
+
+def test_a_refused_param_names_its_field_as_data(sapi: Api) -> None:
+    # digits-infer's own check refuses the model: the field comes from the check itself.
+    r = sapi.post("/v1/jobs", json={"pipeline": "digits-infer", "params": {
+        "model": "0" * 28}})
+    assert r.status_code == 422
+    assert r.json()["errors"] == [{"field": "body.params.model",
+                                   "reason": f"param 'model': no job with id {'0' * 28!r}"}]
 
 
 def test_idempotency_key_returns_the_first_job(api: Api) -> None:

@@ -27,8 +27,8 @@ from schemathesis.specs.openapi.checks import (
 )
 from starlette.exceptions import StarletteDeprecationWarning
 
-from spotrun.api import create_app
 from spotrun.config import Settings
+from spotrun.http.app import create_app
 from spotrun.store import JobStore, Lease
 
 # schemathesis collects its cases at import, so the app (on a throwaway SQLite database)

@@ -19,10 +19,10 @@ import httpx
 import pytest
 
 from conftest import wait_until
-from spotrun import callbacks
-from spotrun.api import create_app
-from spotrun.callbacks import CallbackDeliverer, CallbackRefused, check_callback_url
 from spotrun.config import Settings
+from spotrun.http import callbacks
+from spotrun.http.app import create_app
+from spotrun.http.callbacks import CallbackDeliverer, CallbackRefused, check_callback_url
 from spotrun.jobs import EventKind
 from spotrun.serve import ServerThread
 from spotrun.store import JobStore

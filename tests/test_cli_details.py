@@ -138,8 +138,9 @@ def test_a_job_no_live_worker_can_run_says_so(env_factory: Callable[..., Env],
                                               sqlite_url: str, tmp_path: Path) -> None:
     import httpx
 
-    from spotrun.api import SESSION_COOKIE, create_app
     from spotrun.config import Settings
+    from spotrun.http.app import create_app
+    from spotrun.http.auth import SESSION_COOKIE
     from spotrun.serve import ServerThread
 
     env = env_factory(sqlite_url)

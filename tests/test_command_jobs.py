@@ -609,8 +609,8 @@ def test_only_an_admin_token_or_an_allowed_program_submits_command_jobs(
 
     from starlette.exceptions import StarletteDeprecationWarning
 
-    from spotrun.api import create_app
     from spotrun.config import Settings
+    from spotrun.http.app import create_app
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", StarletteDeprecationWarning)

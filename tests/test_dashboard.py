@@ -22,9 +22,9 @@ import httpx
 import pytest
 
 from conftest import Env, wait_until
-from spotrun.api import create_app
 from spotrun.chaos.processes import free_port
 from spotrun.config import Settings
+from spotrun.http.app import create_app
 from spotrun.serve import ServerThread
 from spotrun.store import JobStore
 

@@ -369,7 +369,7 @@ def test_callbacks_from_two_servers_arrive_once_each_in_order_late_commits_too(
     import sys
     import time
 
-    from spotrun.callbacks import STATE_CHANGES
+    from spotrun.http.callbacks import STATE_CHANGES
     from spotrun.schema import events, jobs
 
     receiver = _Receiver()

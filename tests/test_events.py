@@ -231,31 +231,33 @@ def test_every_stop_outcome_is_the_rendering_of_a_payload(
         step: int, total: int | None, in_flight: bool, unwinding: str | None) -> None:
     """What the worker's one stop policy writes today, payload by payload: the worker
     can hand the store payloads without a word of any history changing."""
-    where = f"step {step}/{total}" if total else f"step {step}"
     resumes = [Resume(ResumeHow.SAVED, step, 0.0042), Resume(ResumeHow.REUSED, step),
                Resume(ResumeHow.FAILED, 10, error="OSError: disk full"),
                Resume(ResumeHow.FAILED, None, error="OSError: disk full"),
                Resume(ResumeHow.KEPT, 10), Resume(ResumeHow.NONE)]
-    kw: dict[str, Any] = dict(worker="spot-1", where=where, in_flight=in_flight,
+    kw: dict[str, Any] = dict(worker="spot-1", step=step, total=total, in_flight=in_flight,
                               unwinding=unwinding)
     for r in resumes:
-        out = stop_outcome(StopReason.PREEMPTED, OnPreempt.RESUME, resume=r.words(), **kw)
-        assert out.message == Preempted("spot-1", step, total, OnPreempt.RESUME, r, in_flight,
-                                        unwinding).message()
-        out = stop_outcome(StopReason.SHUTDOWN, OnPreempt.RESTART, resume=r.words(), **kw)
-        assert out.message == HandedBack("spot-1", step, total, HandBackCause.STOPPED, r,
-                                         in_flight, unwinding).message()
-    out = stop_outcome(StopReason.PREEMPTED, OnPreempt.RESTART, resume="x", **kw)
-    restart = Preempted("spot-1", step, total, OnPreempt.RESTART, Resume(ResumeHow.SAVED, step,
-                        0.1), in_flight, unwinding)
-    assert out.message == restart.message()
+        out = stop_outcome(StopReason.PREEMPTED, OnPreempt.RESUME, resume=r, **kw)
+        preempted = Preempted("spot-1", step, total, OnPreempt.RESUME, r, in_flight, unwinding)
+        assert out.event == preempted and out.message == preempted.message()
+        out = stop_outcome(StopReason.SHUTDOWN, OnPreempt.RESTART, resume=r, **kw)
+        handed = HandedBack("spot-1", step, total, HandBackCause.STOPPED, r, in_flight,
+                            unwinding)
+        assert out.event == handed and out.message == handed.message()
+    saved = Resume(ResumeHow.SAVED, step, 0.1)
+    out = stop_outcome(StopReason.PREEMPTED, OnPreempt.RESTART, resume=saved, **kw)
+    restart = Preempted("spot-1", step, total, OnPreempt.RESTART, saved, in_flight, unwinding)
+    assert out.event == restart and out.message == restart.message()
     assert restart.resumes_from == 0 and restart.saved_seconds == 0.0
     out = stop_outcome(StopReason.PREEMPTED, OnPreempt.FAIL, **kw)
-    assert out.message == Failed.preempted(worker="spot-1", step=step, total=total,
-                                           in_flight=in_flight, unwinding=unwinding).error
+    failed = Failed.preempted(worker="spot-1", step=step, total=total, in_flight=in_flight,
+                              unwinding=unwinding)
+    assert out.event == failed and out.message == failed.error
     out = stop_outcome(StopReason.TIMED_OUT, OnPreempt.RESUME, detail="it ran past 5 s", **kw)
-    assert out.message == Failed.timed_out(step=step, total=total, limit="it ran past 5 s",
-                                           in_flight=in_flight, unwinding=unwinding).error
+    timed = Failed.timed_out(step=step, total=total, limit="it ran past 5 s",
+                             in_flight=in_flight, unwinding=unwinding)
+    assert out.event == timed and out.message == timed.error
 
 
 @pytest.mark.parametrize("kw", [

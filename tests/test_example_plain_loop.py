@@ -42,6 +42,9 @@ def _reference_sha() -> str:
 def _running_past(st: JobStore, job_id: str, step: int) -> str | None:
     """The worker running the job once it is past ``step``."""
     job = st.get(job_id, with_events=False)
+    # A job that ended (failed, or done before the notice) will never get there: say so now.
+    assert not job.state.is_final, (job.state, job.error, [e.message for e in
+                                                           st.get(job_id).events])
     if job.state is JobState.RUNNING and job.worker and job.progress.step >= step:
         return job.worker
     return None
@@ -79,6 +82,9 @@ def test_preempted_at_random_steps_it_ends_with_the_uninterrupted_weights(
     # the middle of a gradient accumulation (two steps in three do).
     while len(positions) < 3 or not (mid("epoch") and mid("accumulation")):
         assert len(positions) < 8, f"seed {seed}: {positions}"
+        if positions:  # a spare for the next hand-back (none idles after the last)
+            replacement = f"w{len(positions) + 2}"
+            live[replacement] = env.worker(replacement, preload=True)
         target = (positions[-1]["step"] if positions else 0) + rng.randint(3, 9)
 
         name = wait_until(functools.partial(_running_past, st, job_id, target), 90,
@@ -91,8 +97,6 @@ def test_preempted_at_random_steps_it_ends_with_the_uninterrupted_weights(
         assert positions[-1]["batch"] == positions[-1]["step"] % PER_EPOCH or \
             positions[-1]["batch"] == PER_EPOCH, positions
         assert positions[-1]["micro"] == positions[-1]["step"] % PARAMS["accumulate"]
-        replacement = f"w{len(positions) + 2}"
-        live[replacement] = env.worker(replacement, preload=True)
 
     wait_until(lambda: st.get(job_id, with_events=False).state.is_final, 180, "the job to end")
     job = st.get(job_id)

@@ -15,8 +15,8 @@ import sqlalchemy as sa
 from starlette.exceptions import StarletteDeprecationWarning
 
 from conftest import wait_until
-from spotrun.api import create_app
 from spotrun.config import Settings
+from spotrun.http.app import create_app
 from spotrun.intake import events as bus_events
 from spotrun.intake.requests import IntakeRules, Message, Rejected, submit
 from spotrun.jobs import EventKind

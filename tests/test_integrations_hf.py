@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import Env
+from conftest import Env, wait_until
 from example_packages import install_example
-from framework_runs import preempt_three_times, reference_result
+from framework_runs import Reference, preempt_three_times
 from spotrun.jobs import JobState
 
 pytestmark = [
@@ -21,6 +23,7 @@ pytestmark = [
                        reason="the hf extra is not installed"),
 ]
 
+PIPELINE = "hf-trainer"
 PARAMS = {"epochs": 2, "samples": 96, "batch_size": 8, "seed": 3}
 PER_EPOCH, TOTAL = 12, 24
 
@@ -32,9 +35,12 @@ def test_a_trainer_preempted_three_times_ends_with_the_uninterrupted_weights(
     env = env_factory(sqlite_url, TMPDIR=str(tmp),
                       PYTHONPATH=install_example("hf_trainer", tmp_path / "site"))
     listed = json.loads(env.cli("pipelines", "--json").stdout)
-    assert "hf-trainer" in [p["name"] for p in listed]
+    assert PIPELINE in [p["name"] for p in listed]
 
-    run = preempt_three_times(env, "hf-trainer", PARAMS, total=TOTAL, step_delay=0.5)
+    with Reference(env, PIPELINE, PARAMS) as reference:
+        run = preempt_three_times(env, PIPELINE, PARAMS, total=TOTAL, step_delay=0.5,
+                                  after_first=reference.start)
+        result = reference.result()
     job, messages = run.job, run.messages()
     assert job is not None and job.state is JobState.SUCCEEDED, messages
     assert job.preemptions == 3 and job.retries == 0
@@ -53,6 +59,26 @@ def test_a_trainer_preempted_three_times_ends_with_the_uninterrupted_weights(
         assert not [f for f in files if f.endswith((".pt", ".pth", ".bin", ".pkl"))], files
     assert not list(tmp.glob("spotrun-hf-*")), list(tmp.iterdir())
 
-    reference = reference_result(env, "hf-trainer", PARAMS)
-    assert job.result["steps"] == reference["steps"] == TOTAL
-    assert job.result["weights_sha256"] == reference["weights_sha256"], (run.seed, run.handed)
+    assert job.result["steps"] == result["steps"] == TOTAL
+    assert job.result["weights_sha256"] == result["weights_sha256"], (run.seed, run.handed)
+
+
+def test_a_trainer_claimed_while_its_worker_preloads_the_ml_stack_runs(
+        env_factory: Callable[..., Env], sqlite_url: str, tmp_path: Path) -> None:
+    # The worker claims the job while its preload still imports transformers, at a random
+    # moment of it: the Trainer's imports must not run beside that one (two threads
+    # resolving transformers' lazy names at once can see a half-made module).
+    env = env_factory(sqlite_url, PYTHONPATH=install_example("hf_trainer", tmp_path / "site"))
+    w = env.worker("w1", preload=True)
+    w.wait_ready()
+    time.sleep(random.uniform(0, 2.5))
+    job_id = env.cli("submit", PIPELINE, "-p", "epochs=1", "-p", "samples=16").stdout.strip()
+    st = env.store()
+    try:
+        wait_until(lambda: st.get(job_id, with_events=False).state.is_final, 240,
+                   "the job to end", on_fail=w.log)
+        job = st.get(job_id)
+        assert job.state is JobState.SUCCEEDED, (job.error, w.log())
+        assert job.result["steps"] == 2 and job.retries == 0
+    finally:
+        st.close()

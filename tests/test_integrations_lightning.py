@@ -12,7 +12,7 @@ import pytest
 
 from conftest import Env
 from example_packages import install_example
-from framework_runs import preempt_three_times, reference_result
+from framework_runs import Reference, preempt_three_times
 from spotrun.jobs import JobState
 
 pytestmark = [
@@ -21,6 +21,7 @@ pytestmark = [
                        reason="the lightning extra is not installed"),
 ]
 
+PIPELINE = "lightning-module"
 PARAMS = {"epochs": 3, "samples": 160, "batch_size": 8, "seed": 5}
 PER_EPOCH, TOTAL = 20, 60
 
@@ -30,9 +31,12 @@ def test_a_lightning_fit_preempted_three_times_ends_with_the_uninterrupted_weigh
     env = env_factory(sqlite_url, PYTHONPATH=install_example("lightning_module",
                                                              tmp_path / "site"))
     listed = json.loads(env.cli("pipelines", "--json").stdout)
-    assert "lightning-module" in [p["name"] for p in listed]
+    assert PIPELINE in [p["name"] for p in listed]
 
-    run = preempt_three_times(env, "lightning-module", PARAMS, total=TOTAL, step_delay=0.08)
+    with Reference(env, PIPELINE, PARAMS) as reference:
+        run = preempt_three_times(env, PIPELINE, PARAMS, total=TOTAL, step_delay=0.08,
+                                  after_first=reference.start)
+        result = reference.result()
     job, messages = run.job, run.messages()
     assert job is not None and job.state is JobState.SUCCEEDED, messages
     assert job.preemptions == 3 and job.retries == 0
@@ -49,9 +53,8 @@ def test_a_lightning_fit_preempted_three_times_ends_with_the_uninterrupted_weigh
         assert {"lightning.safetensors", "lightning.json"} <= files, files
         assert not [f for f in files if f.endswith((".ckpt", ".pt", ".pth", ".pkl"))], files
 
-    reference = reference_result(env, "lightning-module", PARAMS)
-    assert job.result["steps"] == reference["steps"] == TOTAL
-    assert job.result["weights_sha256"] == reference["weights_sha256"], (run.seed, run.handed)
+    assert job.result["steps"] == result["steps"] == TOTAL
+    assert job.result["weights_sha256"] == result["weights_sha256"], (run.seed, run.handed)
 
 
 def test_the_resumable_loader_starts_a_resumed_epoch_at_its_next_batch() -> None:

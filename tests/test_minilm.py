@@ -95,7 +95,8 @@ def _preempt_three_times(env: Env, st: JobStore, job_id: str, total: int,
         event = next(e for e in reversed(job.events) if e.kind == "preempted")
         assert "checkpoint saved in" in event.message, event.message
         handed.append(int(event.message.split("at step ")[1].split("/")[0]))
-        live[f"w{3 + round_}"] = env.worker(f"w{3 + round_}", preload=True)
+        if round_ < len(cuts) - 1:  # after the last cut, the spare left finishes the job
+            live[f"w{3 + round_}"] = env.worker(f"w{3 + round_}", preload=True)
     return handed
 
 

@@ -2,7 +2,8 @@
 
 SIGINT checkpoints; a hung step cannot keep its job past a cancel or a time limit; an
 error while unwinding after a notice hands the job back; the forced hand-back at the
-deadline applies the job's policy.
+deadline applies the job's policy. The policy itself, for every stop, is tested in-process
+in test_worker_decisions.py.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import pytest
 
 import fault_pipelines
 from conftest import Env, WorkerProc, wait_until
-from spotrun.jobs import JobState, OnPreempt
+from spotrun.jobs import JobState
 from spotrun.store import JobStore
-from spotrun.worker import EXIT_STUCK, StopReason, stop_outcome
+from spotrun.worker import EXIT_STUCK
 from test_worker import FAST, exits_within, final, messages, running_on, submit
 
 pytestmark = pytest.mark.slow
@@ -169,22 +170,3 @@ def test_a_hung_step_ends_at_its_cancel_or_time_limit_and_the_worker_restarts(
     # store after the failure.
     failed_at = next(e.at for e in job.events if e.kind == "failed")
     assert not [e for e in st.get(timed).events if e.at > failed_at]
-
-
-# ------------------------------------------------------------ the policy, as a function
-
-
-@pytest.mark.parametrize("reason, policy, action, preempted, keep", [
-    (StopReason.PREEMPTED, OnPreempt.RESUME, "hand_back", True, True),
-    (StopReason.PREEMPTED, OnPreempt.RESTART, "hand_back", True, False),
-    (StopReason.PREEMPTED, OnPreempt.FAIL, "fail", False, True),
-    (StopReason.SHUTDOWN, OnPreempt.FAIL, "hand_back", False, True),
-    (StopReason.CANCELLED, OnPreempt.RESUME, "cancel", False, True),
-    (StopReason.TIMED_OUT, OnPreempt.RESUME, "fail", False, True),
-])
-@pytest.mark.parametrize("in_flight", [False, True])
-def test_one_policy_for_every_stop(reason: StopReason, policy: OnPreempt, action: str,
-                                   preempted: bool, keep: bool, in_flight: bool) -> None:
-    out = stop_outcome(reason, policy, worker="w", where="step 3/9", detail="d",
-                       resume="r", in_flight=in_flight)
-    assert (out.action, out.preempted, out.keep_checkpoint) == (action, preempted, keep)

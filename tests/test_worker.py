@@ -344,19 +344,6 @@ def test_hooks_that_raise_or_hang_do_not_stop_the_hand_back(
     st.close()
 
 
-def test_on_preempt_fail_tells_the_user(env: Env, st: JobStore) -> None:
-    w = env.worker("w1")
-    job_id = submit(env, "sleep", "seconds=20", "steps=200",
-                    extra=("--on-preempt", "fail"))
-    running_on(st, job_id, min_step=2)
-    w.signal(signal.SIGTERM)
-    exits_within(w, 5)
-    job = st.get(job_id)
-    assert job.state is JobState.FAILED
-    assert job.error is not None and "was preempted" in job.error
-    assert "on_preempt=fail" in job.error
-
-
 def test_a_step_that_outlasts_the_budget_is_handed_back_anyway(
         env_factory: Callable[..., Env], sqlite_url: str) -> None:
     env = env_factory(sqlite_url)

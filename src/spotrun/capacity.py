@@ -37,7 +37,7 @@ def unrunnable_reason(requires_cuda: bool, pool: str | None,
 
 def job_unrunnable(job: Job, workers: Sequence[Worker]) -> str | None:
     """:func:`unrunnable_reason` for a job that has not ended (None for one that has)."""
-    from spotrun.store import JobRecord
+    from spotrun.store import JobRecord  # start-up: the CLI imports this module at once
 
     if job.state.is_final:
         return None

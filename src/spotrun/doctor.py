@@ -23,7 +23,10 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from spotrun.config import Settings
+from spotrun import checkpoints, migrations, watchers
+from spotrun.config import ConfigError, Settings
+from spotrun.shutdown import ShutdownCoordinator
+from spotrun.store import DatabaseUnavailable, JobStore, normalize_url, redact
 
 Status = Literal["ok", "warn", "fail"]
 T = TypeVar("T")
@@ -232,9 +235,6 @@ def _scrub(text: str, url: str) -> str:
 
 
 def check_database(settings: Settings) -> Check:
-    from spotrun import migrations
-    from spotrun.store import DatabaseUnavailable, JobStore, normalize_url, redact
-
     name = "database"
     url = normalize_url(settings.database_url)
     shown = redact(url)
@@ -318,13 +318,13 @@ def _with_timeout(fn: Callable[[], T], seconds: float) -> T:
 
 
 def check_checkpoints(settings: Settings, *, remote_expected: bool = False) -> Check:
-    from spotrun.checkpoints import CheckpointStore
-
     name = "checkpoint store"
     url = settings.checkpoint_url
     shown = redact_location(url)
     try:
-        seconds = _with_timeout(lambda: CheckpointStore(url).probe(), CHECKPOINT_PROBE_SECONDS)
+        # Looked up on the module at each call, so a test can stand in for the library.
+        seconds = _with_timeout(lambda: checkpoints.CheckpointStore(url).probe(),
+                                CHECKPOINT_PROBE_SECONDS)
     except ImportError as exc:
         extra = {"gs": "gcs", "gcs": "gcs", "s3": "s3", "s3a": "s3"}.get(
             urlsplit(url).scheme, "")
@@ -411,8 +411,6 @@ def detect_cloud(dmi_dir: Path = DMI_DIR) -> str | None:
 
 def detect_clouds(dmi_dir: Path = DMI_DIR) -> list[str]:
     """The clouds this machine seems to run on, as the watchers judge it (no network)."""
-    from spotrun import watchers
-
     detect = getattr(watchers, "detect_clouds", None)
     if detect is not None:
         return list(detect(None, dmi_dir))
@@ -459,10 +457,6 @@ def probe_watcher(watcher: Any) -> str:
 
 
 def check_preemption_sources(dmi_dir: Path = DMI_DIR) -> Check:
-    from spotrun import watchers
-    from spotrun.config import ConfigError
-    from spotrun.shutdown import ShutdownCoordinator
-
     name = "preemption notices"
     raw = os.environ.get("SPOTRUN_PREEMPTION_SOURCES")
     clouds = detect_clouds(dmi_dir)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from spotrun.checkpoints import CheckpointStore, Loaded, Saved
 from spotrun.pipelines.base import JobContext, Pipeline, State
+from spotrun.pipelines.registry import get as get_pipeline
 
 
 class _InlineDriver:
@@ -41,20 +41,10 @@ class _InlineDriver:
         return self.store.read_input(path)
 
 
-def is_spotrun_process(pid: int) -> bool:
-    """Whether ``pid`` is a live process of this machine whose command line names spotrun."""
-    try:
-        return b"spotrun" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
 def run_inline(pipeline: str | Pipeline, params: Mapping[str, Any], *,
                checkpoint_url: str | None = None) -> Any:
     """Run ``pipeline`` (a name, or a pipeline not installed) uninterrupted in this process
     and return its result."""
-    from spotrun.pipelines.registry import get as get_pipeline
-
     pipe = get_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
     validated = pipe.validate(params)
     with tempfile.TemporaryDirectory(prefix="spotrun-inline-") as tmp:

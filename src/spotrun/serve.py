@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime as dt
+import ipaddress
 import os
 import secrets
 import signal
@@ -25,15 +26,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import uvicorn
 
 from spotrun.config import ConfigError, Settings
+from spotrun.http import callbacks
+from spotrun.http.app import create_app
+from spotrun.intake import pubsub
+from spotrun.logconfig import setup_logging
 from spotrun.store import JobStore
-
-if TYPE_CHECKING:
-    from spotrun.intake.pubsub import PubSubIntake
 
 Echo = Callable[..., Any]
 _PR_SET_PDEATHSIG = 1
@@ -41,8 +43,6 @@ _PR_SET_PDEATHSIG = 1
 
 def trusted_proxies() -> list[str]:
     """The proxies whose forwarded headers are believed (SPOTRUN_TRUSTED_PROXIES)."""
-    import ipaddress
-
     raw = os.environ.get("SPOTRUN_TRUSTED_PROXIES", "")
     found = [p.strip() for p in raw.split(",") if p.strip()]
     for p in found:
@@ -183,9 +183,6 @@ def up(settings: Settings, *, workers: int, host: str, port: int, echo: Echo) ->
 
 def _run(settings: Settings, *, host: str, port: int, echo: Echo, workers: int,
          command: str) -> int:
-    from spotrun.api import create_app
-    from spotrun.cli import setup_logging
-
     setup_logging()
     store = JobStore.open(settings.database_url)
     token_name: str | None = None
@@ -267,12 +264,9 @@ def _run(settings: Settings, *, host: str, port: int, echo: Echo, workers: int,
 
 
 def _start_intake(store: JobStore, echo: Echo
-                  ) -> PubSubIntake | Literal[False] | None:
+                  ) -> pubsub.PubSubIntake | Literal[False] | None:
     """The Pub/Sub intake configured by SPOTRUN_PUBSUB_* (None if none; False if it
     cannot start, said in one line)."""
-    from spotrun import callbacks
-    from spotrun.intake import pubsub
-
     try:
         config = pubsub.PubSubConfig.from_env()
         if config is None:

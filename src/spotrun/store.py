@@ -60,6 +60,7 @@ from spotrun.schema import (
     web_sessions,
     workers,
 )
+from spotrun.strictjson import finite
 
 if TYPE_CHECKING:
     import psycopg
@@ -157,17 +158,7 @@ def _dumps(value: Any) -> str:
     try:
         return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
     except ValueError:
-        return json.dumps(_finite(value), separators=(",", ":"), sort_keys=True)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
+        return json.dumps(finite(value), separators=(",", ":"), sort_keys=True)
 
 
 def _loads(text: str | None) -> Any:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from spotrun.api import json_bytes
 from spotrun.jobs import EventKind, iso
 from spotrun.store import IntakeEvent
+from spotrun.strictjson import json_bytes
 
 # The store's kind "submitted" is "queued" on the bus: the word a backend waits for.
 BUS_KIND = {EventKind.SUBMITTED.value: "queued"}

@@ -8,29 +8,23 @@ must be redelivered.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
-import sqlalchemy as sa
 from pydantic import ValidationError
 
-from spotrun.api import (
-    MAX_BODY_BYTES,
-    ApiProblem,
-    SubmitRequest,
-    _check_text,
-    validate_job_request,
-)
+from spotrun.http.limits import MAX_BODY_BYTES
+from spotrun.http.schemas import SubmitRequest
 from spotrun.jobs import Job
+from spotrun.pipelines.registry import UnknownPipeline
+from spotrun.service import queue
+from spotrun.service.submission import IdempotencyConflict, Invalid, check_text
 from spotrun.store import DatabaseUnavailable, JobStore, StoreError
 
 IDEMPOTENCY_ATTRIBUTE = "idempotency_key"
 MAX_KEY_LENGTH = 200  # the store's column, and the API's Idempotency-Key header
 MAX_OWNER_LENGTH = 100
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 class Rejected(ValueError):
@@ -79,14 +73,14 @@ def parse(store: JobStore, msg: Message, rules: IntakeRules
           ) -> tuple[SubmitRequest, dict[str, Any], bool, str, str | None]:
     """Check a message: (request, params as stored, requires CUDA, owner, idempotency key).
 
-    Raises :class:`Rejected`; the checks are the API's own (``validate_job_request``).
+    Raises :class:`Rejected`; the checks are the API's own (:func:`spotrun.service.queue.check`).
     """
     key = msg.attributes.get(IDEMPOTENCY_ATTRIBUTE)
     if key is not None:
         if not key or len(key) > MAX_KEY_LENGTH:
             raise Rejected(f"attribute {IDEMPOTENCY_ATTRIBUTE}: must be 1 to "
                            f"{MAX_KEY_LENGTH} characters")
-        _api_check(_check_text, f"attributes.{IDEMPOTENCY_ATTRIBUTE}", key)
+        _checked_text(f"attributes.{IDEMPOTENCY_ATTRIBUTE}", key)
     owner = _owner(msg, rules)
     if len(msg.data) > MAX_BODY_BYTES:
         raise Rejected(f"the message is larger than the API's limit of {MAX_BODY_BYTES} "
@@ -102,8 +96,11 @@ def parse(store: JobStore, msg: Message, rules: IntakeRules
         req = SubmitRequest.model_validate(body)
     except ValidationError as exc:
         raise Rejected(describe(exc)) from None
-    params, cuda = _api_check(validate_job_request, store, req,
-                              allow_private=rules.allow_private_callbacks)
+    try:
+        params, cuda = queue.check(store, req.submission(), caller=None,
+                                   allow_private_callbacks=rules.allow_private_callbacks)
+    except (Invalid, UnknownPipeline) as exc:
+        raise Rejected(_words(exc)) from None
     return req, params, cuda, owner, key
 
 
@@ -116,27 +113,17 @@ def submit(store: JobStore, msg: Message, rules: IntakeRules) -> Job:
     """
     req, params, cuda, owner, key = parse(store, msg, rules)
     stored_key = key if key is not None else f"message:{msg.message_id}"
-
-    def queue() -> Job:
-        return store.submit(
-            req.pipeline, params, priority=req.priority, max_retries=req.max_retries,
-            on_preempt=req.on_preempt, timeout=req.timeout, requires_cuda=cuda, owner=owner,
-            idempotency_key=stored_key, callback_url=req.callback_url)
-
     try:
-        try:
-            job = queue()
-        except sa.exc.IntegrityError:
-            # A concurrent delivery of the same request won the insert: take its job.
-            job = queue()
+        job = queue.enqueue(store, req.submission(), params, cuda, caller=None, owner=owner,
+                            idempotency_key=stored_key)
+    except IdempotencyConflict as exc:
+        raise Rejected(f"{IDEMPOTENCY_ATTRIBUTE} {stored_key!r} was used for a different "
+                       f"job ({exc.job_id}); use a new key for a new job") from None
     except DatabaseUnavailable:
         raise
     except StoreError as exc:
         # The store refusing the request itself (e.g. over a quota) is for good.
         raise Rejected(str(exc.args[0]) if exc.args else str(exc)) from None
-    if (job.pipeline, job.params) != (req.pipeline, params):
-        raise Rejected(f"{IDEMPOTENCY_ATTRIBUTE} {stored_key!r} was used for a different "
-                       f"job ({job.id}); use a new key for a new job")
     store.record_intake(job.id, source=rules.source, message_id=msg.message_id,
                         idempotency_key=key)
     return job
@@ -149,20 +136,24 @@ def _owner(msg: Message, rules: IntakeRules) -> str:
     where = f"attribute {rules.owner_attribute}"
     if not name or len(name) > MAX_OWNER_LENGTH:
         raise Rejected(f"{where}: must be 1 to {MAX_OWNER_LENGTH} characters")
-    _api_check(_check_text, f"attributes.{rules.owner_attribute}", name)
+    _checked_text(f"attributes.{rules.owner_attribute}", name)
     if rules.allowed_owners and name not in rules.allowed_owners:
         raise Rejected(f"{where}: {name!r} is not an owner this intake accepts")
     return name
 
 
-def _api_check(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-    """Call one of the API's checks; its 4xx answer becomes a rejection."""
+def _checked_text(field_: str, value: str) -> None:
     try:
-        return fn(*args, **kwargs)
-    except ApiProblem as exc:
-        if 400 <= exc.status < 500:
-            raise Rejected(exc.detail) from None
-        raise
+        check_text(field_, value)
+    except Invalid as exc:
+        raise Rejected(exc.describe()) from None
+
+
+def _words(exc: Invalid | UnknownPipeline) -> str:
+    """The line the API's 422 answer would have as its detail."""
+    if isinstance(exc, UnknownPipeline):
+        return f"body.pipeline: {exc.args[0]}"
+    return exc.describe("body.")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -59,7 +59,15 @@ class JobStopped(BaseException):
 
 
 class SubmitRefused(ValueError):
-    """A submit-time check failed; the message names the problem."""
+    """A submit-time check failed; the message names the problem.
+
+    ``param`` names the param at fault, when there is one: the API reports it as the
+    field (``body.params.<param>``) without reading it back from the message.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)

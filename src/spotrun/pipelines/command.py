@@ -137,12 +137,13 @@ def _check(params: Any, store: Any) -> None:
     path = params.env.get("PATH", os.environ.get("PATH"))
     if params.cwd is not None and not os.path.isdir(params.cwd):
         raise SubmitRefused(f"param 'cwd': {params.cwd!r} is not a directory on this "
-                            "machine, where the workers of this SQLite database run")
+                            "machine, where the workers of this SQLite database run",
+                            param="cwd")
     try:
         find_program(params.argv[0], path=path, cwd=params.cwd)
     except CommandError as exc:
         raise SubmitRefused(f"param 'argv': {exc} on this machine, where the workers of "
-                            "this SQLite database run") from None
+                            "this SQLite database run", param="argv") from None
 
 
 def parse_progress(text: str) -> tuple[int, int | None, dict[str, Any]]:

@@ -35,13 +35,13 @@ def _check(p: BaseModel, store: Any) -> None:
     # ``store`` shows only the caller's jobs: another user's model is "no job".
     job = store.find(p.model)
     if job is None:
-        raise SubmitRefused(f"param 'model': no job with id {p.model!r}")
+        raise SubmitRefused(f"param 'model': no job with id {p.model!r}", param="model")
     if job.pipeline != "digits-train":
         raise SubmitRefused(f"param 'model': job {p.model} is a {job.pipeline} job, "
-                            "not digits-train")
+                            "not digits-train", param="model")
     if job.state.value != "succeeded":
         raise SubmitRefused(f"param 'model': job {p.model} has not succeeded "
-                            f"(it is {job.state.value})")
+                            f"(it is {job.state.value})", param="model")
 
 
 def _requires_cuda(p: BaseModel) -> bool:

@@ -71,13 +71,13 @@ def _check(p: BaseModel, store: Any) -> None:
         return
     job = store.find(p.model)
     if job is None:
-        raise SubmitRefused(f"param 'model': no job with id {p.model!r}")
+        raise SubmitRefused(f"param 'model': no job with id {p.model!r}", param="model")
     if job.pipeline != "minilm-finetune":
         raise SubmitRefused(f"param 'model': job {p.model} is a {job.pipeline} job, "
-                            "not minilm-finetune")
+                            "not minilm-finetune", param="model")
     if job.state.value != "succeeded":
         raise SubmitRefused(f"param 'model': job {p.model} has not succeeded "
-                            f"(it is {job.state.value})")
+                            f"(it is {job.state.value})", param="model")
 
 
 def _requires_cuda(p: BaseModel) -> bool:

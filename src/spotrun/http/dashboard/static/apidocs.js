@@ -1,4 +1,4 @@
-// Starts Swagger UI on /docs from the files this server ships (see web/apidocs.py).
+// Starts Swagger UI on /docs from the files this server ships (see http/dashboard/apidocs.py).
 "use strict";
 window.addEventListener("DOMContentLoaded", function () {
   var node = document.getElementById("swagger-ui");

@@ -10,6 +10,7 @@ from spotrun.capacity import job_unrunnable
 from spotrun.cost import Prices, job_cost
 from spotrun.jobs import Job, JobState
 from spotrun.policy import ON_DEMAND
+from spotrun.store import JobStore
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,9 @@ def _money(x: float) -> str:
     return f"${x:.4f}" if abs(x) >= 0.01 or x == 0 else f"${x:.6f}"
 
 
-def cost_view(job: Job, store: object) -> CostView | None:
+def cost_view(job: Job, store: JobStore) -> CostView | None:
     """The job's cost from its events and the workers that ran it (None if the prices in
     the environment cannot be read: the page still shows everything else)."""
-    from spotrun.store import JobStore
-
-    assert isinstance(store, JobStore)
     try:
         prices = Prices.from_env()
     except ValueError:
@@ -65,10 +63,7 @@ def worker_words(job: Job) -> str:
     return f"Last ran on worker {job.worker}."
 
 
-def unrunnable(job: Job, store: object) -> str | None:
-    from spotrun.store import JobStore
-
-    assert isinstance(store, JobStore)
+def unrunnable(job: Job, store: JobStore) -> str | None:
     if job.state.is_final:
         return None
     reason = job_unrunnable(job, store.list_workers(include_stopped=False))
@@ -79,11 +74,8 @@ def unrunnable(job: Job, store: object) -> str | None:
 CURVE_MARKS = ("preempted", "lease_expired", "handed_back", "resumed")
 
 
-def curve_data(job: Job, store: object) -> tuple[str, str]:
+def curve_data(job: Job, store: JobStore) -> tuple[str, str]:
     """The job's metric series and the events the curve marks, as JSON for the page."""
-    from spotrun.store import JobStore
-
-    assert isinstance(store, JobStore)
     series = [{"step": p.step, "attempt": p.attempt, "metrics": p.metrics}
               for p in store.metric_series(job.id)]
     marks = [{"kind": e.kind, "attempt": e.attempt, "message": e.message}

@@ -1,4 +1,4 @@
-"""The dashboard: server-rendered pages (Jinja2, autoescaped) with a little JavaScript.
+"""The dashboard's pages: server-rendered (Jinja2, autoescaped) with a little JavaScript.
 
 Pages: the job list with live progress bars, a job's page with its timeline and result,
 a form to submit a pipeline, and the workers with a "simulate preemption" button for
@@ -18,11 +18,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
-from urllib.parse import parse_qs
+from typing import Any, ParamSpec, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -30,11 +28,21 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import ValidationError
 
+from spotrun import cost
+from spotrun.http.auth import session_id_of
+from spotrun.http.context import AppContext
+from spotrun.http.dashboard import jobview, sessions
+from spotrun.http.dashboard.forms import form_fields, params_from_form
+from spotrun.http.schemas import SubmitRequest
 from spotrun.jobs import Job, JobState, OnPreempt, Worker
+from spotrun.pipelines.base import Pipeline
+from spotrun.pipelines.registry import UnknownPipeline, registry
 from spotrun.quotas import QuotaExceeded
-
-if TYPE_CHECKING:
-    from spotrun.api import AppContext, Principal
+from spotrun.service import preempt as preemption
+from spotrun.service import queue
+from spotrun.service.auth import Principal, sign_in, sign_out, visible_job
+from spotrun.service.preempt import LIVE_WORKER_STATES
+from spotrun.service.submission import Forbidden, Invalid, ServiceError
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -107,84 +115,11 @@ def _environment() -> Environment:
     return env
 
 
-# ------------------------------------------------------------------ the form
-
-
-def form_fields(schema: dict[str, Any]) -> list[dict[str, Any]]:
-    """Form fields from a pipeline's params schema (JSON Schema from pydantic)."""
-    required = set(schema.get("required", ()))
-    fields = []
-    for name, prop in schema.get("properties", {}).items():
-        kind, choices = "json", None
-        typ = prop.get("type")
-        if "enum" in prop:
-            kind, choices = "choice", [str(c) for c in prop["enum"]]
-        elif typ == "integer":
-            kind = "int"
-        elif typ == "number":
-            kind = "float"
-        elif typ == "boolean":
-            kind = "bool"
-        elif typ == "string":
-            kind = "text"
-        default = prop.get("default")
-        words = str(prop.get("description", ""))
-        fields.append({
-            "name": name,
-            # The description reads better than a param name ("Adam learning rate", not
-            # "Lr"); the name is shown beside it for those who use the API or the CLI.
-            "label": (words[:1].upper() + words[1:]) if words else
-            name.replace("_", " ").capitalize(),
-            "kind": kind,
-            "choices": choices,
-            "required": name in required,
-            "default": "" if default is None else (
-                json.dumps(default) if kind == "json" else default),
-            "min": prop.get("minimum", prop.get("exclusiveMinimum")),
-            "max": prop.get("maximum", prop.get("exclusiveMaximum")),
-        })
-    return fields
-
-
-def params_from_form(fields: list[dict[str, Any]], form: dict[str, str]
-                     ) -> tuple[dict[str, Any], list[str]]:
-    """The params typed into the form: (params, problems in words). Blank means default."""
-    params: dict[str, Any] = {}
-    problems: list[str] = []
-    for f in fields:
-        name, kind = f["name"], f["kind"]
-        if kind == "bool":
-            params[name] = form.get(name) in ("on", "true", "1")
-            continue
-        raw = form.get(name, "").strip()
-        if raw == "":
-            continue
-        try:
-            if kind == "int":
-                params[name] = int(raw)
-            elif kind == "float":
-                value = float(raw)
-                if not math.isfinite(value):
-                    raise ValueError(raw)
-                params[name] = value
-            elif kind == "json":
-                params[name] = json.loads(raw)
-            else:
-                params[name] = raw
-        except ValueError:
-            what = {"int": "a whole number", "float": "a number",
-                    "json": "valid JSON"}.get(kind, "valid")
-            problems.append(f"{f['label']}: must be {what}")
-    return params, problems
-
-
 # -------------------------------------------------------------------- routes
 
 
 def install(app: FastAPI, ctx: AppContext) -> None:
     """Add the dashboard's pages and static files to ``app``."""
-    from spotrun import api
-
     store = ctx.store
     env = _environment()
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
@@ -195,24 +130,13 @@ def install(app: FastAPI, ctx: AppContext) -> None:
         return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
 
     def viewer(request: Request) -> Principal | None:
-        return api.principal_for_session(store, api.session_id_of(request))
+        return sessions.viewer(store, request)
 
     def to_login() -> Response:
         return RedirectResponse("/login", status_code=303, headers=SECURITY_HEADERS)
 
-    def same_origin(request: Request) -> bool:
-        # SameSite=Strict already keeps the cookie off cross-site requests; this guards
-        # the forms (login included) in browsers that ignore it. A request that shows
-        # neither header is refused: every browser of the last years sends one of them.
-        site = request.headers.get("sec-fetch-site")
-        if site is not None:
-            return site == "same-origin"
-        origin = request.headers.get("origin")
-        return origin is not None and origin == f"{request.url.scheme}://{request.url.netloc}"
-
-    async def form_of(request: Request) -> dict[str, str]:
-        body = (await request.body()).decode("utf-8", errors="replace")
-        return {k: v[-1] for k, v in parse_qs(body, keep_blank_values=True).items()}
+    same_origin = sessions.same_origin
+    form_of = sessions.form_of
 
     def forbidden(request: Request) -> HTMLResponse:
         return page("message.html", request, None, status=403, title="Not allowed",
@@ -229,31 +153,23 @@ def install(app: FastAPI, ctx: AppContext) -> None:
         if not same_origin(request):
             return forbidden(request)
         token = (await form_of(request)).get("token", "").strip()
-        who = await run(api.principal_for_token, store, token)
-        if who is None:
+        signed_in = await run(sign_in, store, token, seconds=ctx.session_seconds)
+        if signed_in is None:
             return page("login.html", request, None, status=401,
                         error="That token is not valid (or it expired or was revoked).")
-        session = await run(store.create_session, who.name, expires_in=ctx.session_seconds)
         response = RedirectResponse("/", status_code=303, headers=SECURITY_HEADERS)
-        # request.url.scheme is https behind a TLS-terminating proxy only when the proxy
-        # is one the operator trusts (SPOTRUN_TRUSTED_PROXIES, given to uvicorn).
-        secure = request.url.scheme == "https"
-        response.set_cookie(api.SECURE_SESSION_COOKIE if secure else api.SESSION_COOKIE,
-                            session, httponly=True, samesite="strict", secure=secure,
-                            path="/", max_age=int(ctx.session_seconds))
+        sessions.set_session_cookie(response, request, signed_in[1], ctx.session_seconds)
         return response
 
     @app.post("/logout", include_in_schema=False)
     async def logout(request: Request) -> Response:
         if not same_origin(request):
             return forbidden(request)
-        session = api.session_id_of(request)
+        session = session_id_of(request)
         if session:
-            await run(store.revoke_session, session)  # a copied cookie dies too
+            await run(sign_out, store, session)  # a copied cookie dies too
         response = RedirectResponse("/login", status_code=303, headers=SECURITY_HEADERS)
-        for name in (api.SESSION_COOKIE, api.SECURE_SESSION_COOKIE):
-            response.delete_cookie(name, path="/", httponly=True, samesite="strict",
-                                   secure=name.startswith("__Host-"))
+        sessions.clear_session_cookies(response)
         return response
 
     # ------------------------------------------------------------------- jobs
@@ -267,10 +183,7 @@ def install(app: FastAPI, ctx: AppContext) -> None:
         return page("jobs.html", request, who, jobs=found)
 
     def visible(job_id: str, who: Principal) -> Job | None:
-        if not api.JOB_ID_RE.match(job_id):
-            return None
-        job = store.find(job_id)
-        return job if job is not None and who.can_see(job) else None
+        return visible_job(store, job_id, who)
 
     def no_such_job(request: Request, who: Principal, job_id: str) -> Response:
         # The same answer for a job that does not exist and one of somebody else's.
@@ -285,8 +198,6 @@ def install(app: FastAPI, ctx: AppContext) -> None:
         job = visible(job_id, who)
         if job is None:
             return no_such_job(request, who, job_id)
-        from spotrun.web import jobview
-
         series, marks = jobview.curve_data(job, store)
         return page("job.html", request, who, job=job, cost=jobview.cost_view(job, store),
                     curve_series=series, curve_marks=marks,
@@ -303,14 +214,12 @@ def install(app: FastAPI, ctx: AppContext) -> None:
         job = await run(visible, job_id, who)
         if job is None:
             return no_such_job(request, who, job_id)
-        await run(store.cancel, job.id)
+        await run(queue.cancel, store, job.id, caller=who)
         return RedirectResponse(f"/jobs/{job.id}", status_code=303, headers=SECURITY_HEADERS)
 
     # ----------------------------------------------------------------- submit
 
-    def pipelines() -> dict[str, Any]:
-        from spotrun.pipelines.registry import registry
-
+    def pipelines() -> dict[str, Pipeline]:
         return registry()
 
     def submit_page(request: Request, who: Principal, name: str, *, status: int = 200,
@@ -350,25 +259,20 @@ def install(app: FastAPI, ctx: AppContext) -> None:
             return submit_page(request, who, name, status=422, values=form,
                                error="; ".join(problems))
         try:
-            req = api.SubmitRequest(pipeline=name, params=params, **options)
-            job_params, cuda = await run(api.validate_job_request, store, req,
-                                         allow_private=ctx.allow_private_callbacks,
-                                         owner=None if who.is_admin else who.name)
+            req = SubmitRequest(pipeline=name, params=params, **options)
         except ValidationError as exc:
             words = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
                               for e in exc.errors())
             return submit_page(request, who, name, status=422, values=form, error=words)
-        except api.ApiProblem as exc:
-            return submit_page(request, who, name, status=422, values=form, error=exc.detail)
-        refused = api.command_refusal(name, job_params, who)
-        if refused:
-            return submit_page(request, who, name, status=403, values=form, error=refused)
         try:
-            job = await run(lambda: store.submit(
-                req.pipeline, job_params, priority=req.priority, on_preempt=req.on_preempt,
-                timeout=req.timeout, requires_cuda=cuda, owner=who.name,
-                max_retries=req.max_retries,
-                quota=None if who.is_admin else store.quota_for(who.name)))
+            job = await run(queue.submit, store, req.submission(), caller=who,
+                            allow_private_callbacks=ctx.allow_private_callbacks)
+        except (Invalid, UnknownPipeline) as exc:
+            words = exc.describe("body.") if isinstance(exc, Invalid) else (
+                f"body.pipeline: {exc.args[0]}")
+            return submit_page(request, who, name, status=422, values=form, error=words)
+        except Forbidden as exc:
+            return submit_page(request, who, name, status=403, values=form, error=str(exc))
         except QuotaExceeded as exc:
             return submit_page(request, who, name, status=429, values=form, error=str(exc))
         return RedirectResponse(f"/jobs/{job.id}", status_code=303, headers=SECURITY_HEADERS)
@@ -386,12 +290,10 @@ def install(app: FastAPI, ctx: AppContext) -> None:
             mine = {j.id for j in store.list_jobs(state=JobState.RUNNING, owner=who.name)}
         report = None
         if who.is_admin:
-            from spotrun import cost
-
             report = cost.summarize(store, "24h")
         return page("workers.html", request, who, status=status, workers=found, mine=mine,
                     show_all=show_all, notice=notice, error=error,
-                    live_states=api.LIVE_WORKER_STATES, cost=report)
+                    live_states=LIVE_WORKER_STATES, cost=report)
 
     @app.get("/workers", include_in_schema=False)
     def workers(request: Request, all: str = "") -> Response:
@@ -415,7 +317,8 @@ def install(app: FastAPI, ctx: AppContext) -> None:
             return await run(workers_page, request, who, status=403,
                              error="Only an administrator can simulate a preemption.")
         try:
-            _w, message = await run(api.simulate_preemption, store, worker_id[:200])
-        except api.ApiProblem as exc:
-            return await run(workers_page, request, who, status=exc.status, error=exc.detail)
+            _w, message = await run(preemption.preempt, store, worker_id[:200])
+        except ServiceError as exc:
+            status = 404 if isinstance(exc, preemption.NoSuchWorker) else 409
+            return await run(workers_page, request, who, status=status, error=str(exc))
         return await run(workers_page, request, who, notice=message)

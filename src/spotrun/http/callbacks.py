@@ -57,6 +57,7 @@ import httpx
 
 from spotrun.jobs import EventKind
 from spotrun.store import JobNotFound, JobStore
+from spotrun.strictjson import json_bytes
 
 log = logging.getLogger("spotrun.callbacks")
 
@@ -407,8 +408,6 @@ class CallbackDeliverer:
     async def _send(self, target: Target, owner: str, body: dict[str, Any],
                     headers: dict[str, str]) -> int:
         """POST to the checked address; the answer's status (its body is never read)."""
-        from spotrun.api import json_bytes
-
         assert self._client is not None
         secret = self._secrets.get(owner)
         if secret is None:

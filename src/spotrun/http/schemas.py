@@ -1,0 +1,200 @@
+"""The API's documents: the pydantic models of its requests and answers (``/openapi.json``).
+
+:class:`SubmitRequest` takes its limits from :mod:`spotrun.service.submission`, the same
+that the CLI's options take, and turns into a :class:`Submission` for the service.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from spotrun.config import check_pool
+from spotrun.http import callbacks
+from spotrun.jobs import JobState, OnPreempt
+from spotrun.service import submission as limits
+from spotrun.service.submission import Submission
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="where the problem is, e.g. body.params.epochs")
+    reason: str
+
+
+class ApiError(BaseModel):
+    """Every error answer: one line for people, and the fields at fault for 422."""
+
+    detail: str
+    errors: list[FieldError] = Field(default_factory=list)
+
+
+class SubmitRequest(BaseModel):
+    """A job to queue. ``params`` are checked against the pipeline's schema
+    (see ``GET /v1/pipelines``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: str = Field(min_length=1, max_length=100, examples=["sleep"],
+                          description="name of a pipeline from GET /v1/pipelines")
+    params: dict[str, Any] = Field(default_factory=dict, examples=[{"seconds": 2}])
+    priority: int = Field(0, ge=limits.PRIORITY[0], le=limits.PRIORITY[1],
+                          description="higher runs first")
+    max_retries: int = Field(4, ge=limits.MAX_RETRIES[0], le=limits.MAX_RETRIES[1],
+                             description="times a lost worker may send the job back")
+    on_preempt: OnPreempt = Field(
+        OnPreempt.RESUME, description="on a preemption notice: resume from the last "
+        "checkpoint, restart from the beginning, or fail")
+    timeout: float | None = Field(None, gt=0, le=limits.TIMEOUT_MAX_SECONDS,
+                                  description="time limit in seconds of running")
+    callback_url: str | None = Field(
+        None, min_length=1, max_length=callbacks.MAX_URL_LENGTH,
+        description="receives a POST of the job as JSON on every state change")
+    pool: str | None = Field(
+        None, min_length=1, max_length=32, examples=["spot"],
+        description="run only on workers of this pool (spot, on-demand, or a name of "
+        "your own: lower-case letters, digits and '-')")
+    checkpoint_every_steps: int | None = Field(
+        None, ge=limits.CHECKPOINT_EVERY_STEPS[0], le=limits.CHECKPOINT_EVERY_STEPS[1],
+        description="checkpoint every N steps")
+    checkpoint_every_seconds: float | None = Field(
+        None, ge=limits.CHECKPOINT_EVERY_SECONDS[0], le=limits.CHECKPOINT_EVERY_SECONDS[1],
+        description="checkpoint every S seconds (default: the Young/Daly interval)")
+    max_preemptions: int | None = Field(
+        None, ge=limits.MAX_PREEMPTIONS[0], le=limits.MAX_PREEMPTIONS[1],
+        description="move to on-demand workers after N preemptions (default: the "
+        "workers' SPOTRUN_MAX_PREEMPTIONS, 5)")
+    deadline: float | None = Field(
+        None, ge=limits.DEADLINE_SECONDS[0], le=limits.DEADLINE_SECONDS[1],
+        description="seconds from now by which the job should be done; it moves to "
+        "on-demand workers when spot progress cannot make it")
+
+    @field_validator("pool")
+    @classmethod
+    def _pool_name(cls, value: str | None) -> str | None:
+        # The CLI's own check (`spotrun submit --pool`), raised as pydantic's ValueError.
+        return None if value is None else check_pool(value)
+
+    def submission(self) -> Submission:
+        """The request for the service."""
+        return Submission(
+            pipeline=self.pipeline, params=self.params, priority=self.priority,
+            max_retries=self.max_retries, on_preempt=self.on_preempt, timeout=self.timeout,
+            pool=self.pool, checkpoint_every_steps=self.checkpoint_every_steps,
+            checkpoint_every_seconds=self.checkpoint_every_seconds,
+            max_preemptions=self.max_preemptions, deadline=self.deadline,
+            callback_url=self.callback_url)
+
+
+class ProgressOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    step: int
+    total: int | None
+
+
+class EventOut(BaseModel):
+    at: str = Field(description="ISO 8601 time, UTC")
+    kind: str
+    worker: str | None
+    attempt: int
+    message: str
+    detail: str | None = Field(
+        None, description="How the message was worked out (a formula and its inputs)")
+
+
+class JobOut(BaseModel):
+    """The job's JSON shape, the same as ``spotrun show --json``."""
+
+    id: str
+    pipeline: str
+    params: dict[str, Any]
+    state: JobState
+    priority: int
+    attempt: int
+    preemptions: int
+    retries: int
+    max_retries: int
+    on_preempt: OnPreempt
+    timeout: float | None
+    worker: str | None
+    progress: ProgressOut
+    result: Any
+    error: str | None
+    created_at: str
+    updated_at: str
+    events: list[EventOut] = Field(
+        default_factory=list, description="the job's history (absent in lists)")
+
+
+class JobPage(BaseModel):
+    jobs: list[JobOut]
+    limit: int
+    offset: int
+    next_offset: int | None = Field(description="offset of the next page; null on the last")
+
+
+class ResultOut(BaseModel):
+    id: str
+    state: JobState
+    result: Any = Field(description="the pipeline's result once the job succeeded")
+    error: str | None
+
+
+class EventsOut(BaseModel):
+    events: list[EventOut]
+
+
+class LogLineOut(BaseModel):
+    at: str
+    attempt: int
+    level: str
+    message: str
+
+
+class LogsOut(BaseModel):
+    logs: list[LogLineOut]
+
+
+class PipelineOut(BaseModel):
+    name: str
+    description: str
+    params: dict[str, Any] = Field(description="JSON Schema of the params")
+
+
+class WorkerOut(BaseModel):
+    id: str
+    name: str
+    host: str
+    pid: int
+    pool: str
+    state: str
+    has_cuda: bool
+    current_job: str | None
+    started_at: str
+    last_heartbeat: str
+
+
+class PreemptOut(BaseModel):
+    worker: str
+    pid: int
+    message: str
+
+
+class CallbackSecretOut(BaseModel):
+    owner: str
+    secret: str = Field(description="the key your jobs' callbacks are signed with")
+    header: str = Field(description="the header that carries the signature")
+    scheme: str = Field(description="how the signature is made")
+
+
+class Status(BaseModel):
+    status: str
+    detail: str | None = None
+
+
+def errors_doc(*codes: int) -> dict[int | str, dict[str, Any]]:
+    words = {401: "no valid token", 403: "not allowed", 404: "not found (or not yours)",
+             409: "cannot be done in the current state", 413: "request body too large",
+             422: "invalid input", 429: "over a limit (the detail names it)",
+             503: "the database cannot be reached"}
+    return {c: {"model": ApiError, "description": words[c]} for c in codes}

@@ -1,0 +1,142 @@
+"""Submit and cancel: the checks and writes behind ``spotrun submit``/``cancel``, ``POST
+/v1/jobs``, the dashboard's forms and the bus intake.
+
+``caller`` is who asks: a :class:`Principal` (a token or a session: their quotas apply,
+their params that name other jobs see only theirs, command jobs need an admin or an
+allowed program), or None for the operator's own tools (the CLI, the intake), which act
+with full rights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import ValidationError
+
+from spotrun.config import ConfigError, check_pool
+from spotrun.http import callbacks
+from spotrun.jobs import Job
+from spotrun.pipelines.base import SubmitRefused
+from spotrun.pipelines.command import may_submit
+from spotrun.pipelines.registry import describe_validation_error, get, validate_submission
+from spotrun.service.auth import JOB_ID_RE, Principal
+from spotrun.service.submission import (
+    Forbidden,
+    IdempotencyConflict,
+    Invalid,
+    Problem,
+    Submission,
+    bad_value,
+)
+from spotrun.store import JobNotFound, JobStore
+
+
+def check(store: JobStore, sub: Submission, *, caller: Principal | None,
+          allow_private_callbacks: bool) -> tuple[dict[str, Any], bool]:
+    """Check a request at the edge: (params as stored, requires CUDA).
+
+    Raises :class:`UnknownPipeline`, :class:`Invalid` naming the fields and why, or
+    :class:`Forbidden` (a command job the caller may not submit).
+    """
+    if sub.pool is not None:
+        try:
+            check_pool(sub.pool)
+        except ConfigError as exc:
+            raise Invalid.one("pool", str(exc)) from None
+    pipe = get(sub.pipeline)
+    bad = bad_value(sub.params, "params")
+    if bad:
+        raise Invalid([bad])
+    try:
+        pipe.validate(sub.params)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            reason = "unknown param" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(Problem(f"params.{loc}" if loc else "params", reason))
+        raise Invalid(problems, describe_validation_error(sub.pipeline, exc)) from None
+    try:
+        _pipe, params, cuda = validate_submission(
+            sub.pipeline, sub.params, store,
+            owner=None if caller is None else caller.owner_filter)
+    except SubmitRefused as exc:
+        message = str(exc.args[0]) if exc.args else str(exc)
+        where = "params" if exc.param is None else f"params.{exc.param}"
+        raise Invalid.one(where, message, message) from None
+    if sub.callback_url is not None:
+        try:
+            callbacks.check_callback_url(sub.callback_url, allow_private=allow_private_callbacks)
+        except callbacks.CallbackRefused as exc:
+            raise Invalid.one("callback_url", str(exc), f"callback_url: {exc}") from None
+    if caller is not None and sub.pipeline == "command":
+        # Command jobs run programs on the workers: an admin, or a program the operator
+        # allowed.
+        refused = may_submit(params, is_admin=caller.is_admin)
+        if refused:
+            raise Forbidden(refused)
+    return params, cuda
+
+
+def submit(store: JobStore, sub: Submission, *, caller: Principal | None,
+           owner: str | None = None, idempotency_key: str | None = None,
+           allow_private_callbacks: bool = False) -> Job:
+    """Check and queue a job; return it as stored.
+
+    Raises what :func:`check` and :func:`enqueue` raise.
+    """
+    params, cuda = check(store, sub, caller=caller,
+                         allow_private_callbacks=allow_private_callbacks)
+    return enqueue(store, sub, params, cuda, caller=caller, owner=owner,
+                   idempotency_key=idempotency_key)
+
+
+def enqueue(store: JobStore, sub: Submission, params: dict[str, Any], requires_cuda: bool,
+            *, caller: Principal | None, owner: str | None = None,
+            idempotency_key: str | None = None) -> Job:
+    """Queue a job that :func:`check` passed (``params`` and ``requires_cuda`` are its
+    answer); return it as stored.
+
+    ``owner`` defaults to the caller's name (none for the operator). With an
+    ``idempotency_key``, a retry returns the job queued first, and a key used for a
+    different job raises :class:`IdempotencyConflict`. A caller over a quota raises
+    :class:`QuotaExceeded`.
+    """
+    if owner is None and caller is not None:
+        owner = caller.name
+    quota = None if caller is None or caller.is_admin else store.quota_for(caller.name)
+    deadline = None if sub.deadline is None else store.now() + sub.deadline
+
+    def queue() -> Job:
+        return store.submit(
+            sub.pipeline, params, priority=sub.priority, max_retries=sub.max_retries,
+            on_preempt=sub.on_preempt, timeout=sub.timeout, requires_cuda=requires_cuda,
+            pool=sub.pool, owner=owner, idempotency_key=idempotency_key,
+            callback_url=sub.callback_url,
+            checkpoint_every_steps=sub.checkpoint_every_steps,
+            checkpoint_every_seconds=sub.checkpoint_every_seconds,
+            max_preemptions=sub.max_preemptions, deadline=deadline, quota=quota)
+
+    try:
+        job = queue()
+    except sa.exc.IntegrityError:
+        if idempotency_key is None:
+            raise
+        # A concurrent retry with the same key won the insert: answer with its job.
+        job = queue()
+    if idempotency_key is not None and (job.pipeline, job.params) != (sub.pipeline, params):
+        raise IdempotencyConflict(job.id)
+    return job
+
+
+def cancel(store: JobStore, job_id: str, *, caller: Principal | None) -> Job:
+    """Cancel a job: at once if queued, at its next step if running; return it.
+
+    Raises :class:`JobNotFound` for a job that does not exist or the caller cannot see.
+    """
+    if caller is not None and not JOB_ID_RE.match(job_id):
+        # What a caller sends is not looked up unless it can be an id (no NUL to the
+        # database); the answer is the same as for a job that does not exist.
+        raise JobNotFound(f"no job with id {job_id[:64]!r}")
+    return store.cancel(job_id, owner=None if caller is None else caller.owner_filter)
