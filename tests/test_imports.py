@@ -164,3 +164,38 @@ def test_the_dashboard_imports_the_service_never_the_apis_routes() -> None:
         http = {t for t in targets if t.startswith("spotrun.http")
                 and not t.startswith("spotrun.http.dashboard")}
         assert http <= allowed, f"{module} imports {sorted(http - allowed)}"
+
+
+def late_imports() -> list[tuple[str, int, str]]:
+    """Each import of a spotrun module inside a function: (file, line, the line), unless
+    the line or the one above says it keeps a start-up fast ("start-up: ...")."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        tree = ast.parse("\n".join(lines), str(path))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    names = ["." if node.level else (node.module or "")]
+                else:
+                    continue
+                if not any(n == "." or n == "spotrun" or n.startswith("spotrun.")
+                           for n in names):
+                    continue
+                said = "\n".join(lines[max(0, node.lineno - 2):node.end_lineno])
+                if "start-up" not in said:
+                    found.append((str(path.relative_to(PACKAGE.parent)), node.lineno,
+                                  lines[node.lineno - 1].strip()))
+    return sorted(set(found))
+
+
+def test_every_import_inside_a_function_says_which_start_up_it_keeps_fast() -> None:
+    found = late_imports()
+    assert not found, (
+        "imports of spotrun modules inside functions (move them to the top, or say on the "
+        "line above which start-up they keep fast: '# start-up: ...'):\n"
+        + "\n".join(f"  {f}:{n}: {line}" for f, n, line in found))

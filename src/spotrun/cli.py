@@ -912,6 +912,7 @@ def audit(
 
     Exit 0 when every check passes, 1 when one fails.
     """
+    # start-up: SQLAlchemy, the store
     from spotrun.chaos import audit as audit_mod
 
     raise typer.Exit(audit_mod.main(db or settings().database_url, as_json=as_json,
@@ -985,6 +986,7 @@ def _base_named(cls: type, name: str) -> type[Exception]:
 
 def main() -> None:
     """The ``spotrun`` command: usage errors are one line on stderr and exit 2."""
+    # start-up: SQLAlchemy, only on a bad URL
     from spotrun.store import BadDatabaseURL
 
     if len(sys.argv) < 2 or sys.argv[1:] in (["--help"], ["-h"]):

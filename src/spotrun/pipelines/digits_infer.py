@@ -53,6 +53,7 @@ def _requires_cuda(p: BaseModel) -> bool:
 def run(ctx: JobContext) -> dict[str, Any]:
     import torch
 
+    # start-up: torch; every command that reads the registry imports this module
     from spotrun.pipelines import digits
 
     p = ctx.params

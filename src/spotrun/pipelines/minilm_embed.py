@@ -54,6 +54,7 @@ class MiniLMEmbedParams(Params):
     @field_validator("texts_file")
     @classmethod
     def _path(cls, v: str | None) -> str | None:
+        # start-up: fsspec; a pipeline module loads when the CLI starts
         from spotrun.checkpoints import check_input_path
 
         return v if v is None else check_input_path(v)
@@ -115,7 +116,10 @@ def chunk_name(i: int, mode: str) -> str:
 def run(ctx: JobContext) -> dict[str, Any]:
     import torch
 
+    # start-up: torch; every command that reads the registry imports this module
     from spotrun.integrations import torch as spt
+
+    # start-up: torch; every command that reads the registry imports this module
     from spotrun.pipelines import digits, minilm
 
     p = ctx.params
@@ -209,6 +213,7 @@ def _join(chunks: list[bytes], mode: str, n: int) -> bytes:
     """The final output: the chunk files joined in order; checks each item is there once."""
     import torch
 
+    # start-up: torch; every command that reads the registry imports this module
     from spotrun.pipelines import digits
 
     if mode == "embed":
@@ -227,6 +232,7 @@ def _join(chunks: list[bytes], mode: str, n: int) -> bytes:
 
 def _classifier(encoder: Any, weights: bytes, labels: list[str], dropout: float,
                 device: Any) -> Any:
+    # start-up: torch; every command that reads the registry imports this module
     from spotrun.pipelines import digits, minilm
 
     tensors = digits.tensors_from_bytes(weights)

@@ -74,7 +74,10 @@ def _train(ctx: JobContext, p: MiniLMFinetuneParams) -> dict[str, Any]:
     import torch.nn.functional as F
     from torch.utils.data import TensorDataset
 
+    # start-up: torch; every command that reads the registry imports this module
     from spotrun.integrations import torch as spt
+
+    # start-up: torch; every command that reads the registry imports this module
     from spotrun.pipelines import digits, minilm
 
     device = digits.pick_device(p.device)
@@ -211,6 +214,7 @@ def _features(ctx: JobContext, encoder: Any, texts: list[str], hidden: bool, dev
     """
     import torch
 
+    # start-up: torch; every command that reads the registry imports this module
     from spotrun.pipelines import digits, minilm
 
     out: dict[str, list[torch.Tensor]] = {"embeddings": [], "hidden": [], "mask": []}

@@ -496,13 +496,18 @@ class JobStore(LeaseWrites):
         return [worker_from_row(r) for r in rows]
 
 
+# Each dialect's module registers its store when the package loads it (spotrun.store
+# imports both), so that this interface never imports its implementations.
+_DIALECTS: dict[str, type[JobStore]] = {}
+
+
+def register_dialect(name: str, store: type[JobStore]) -> None:
+    """Make ``JobStore.open`` give ``store`` for URLs of the SQLAlchemy dialect ``name``."""
+    _DIALECTS[name] = store
+
+
 def _dialect_store(name: str) -> type[JobStore]:
-    if name == "postgresql":
-        from spotrun.store.postgres import PostgresStore
-
-        return PostgresStore
-    if name == "sqlite":
-        from spotrun.store.sqlite import SqliteStore
-
-        return SqliteStore
-    raise StoreError(f"unsupported database {name!r}: use SQLite or PostgreSQL")
+    try:
+        return _DIALECTS[name]
+    except KeyError:
+        raise StoreError(f"unsupported database {name!r}: use SQLite or PostgreSQL") from None

@@ -33,6 +33,7 @@ from spotrun.events import (
 )
 from spotrun.jobs import EventKind, JobState, Progress
 from spotrun.pipelines.base import JobContext, JobStopped, Pipeline, State
+from spotrun.pipelines.registry import get as get_pipeline
 from spotrun.store import ClaimRequest, JobRecord, JobStore, Lease, LeaseLost
 from spotrun.worker.outcome import (
     NOTICES,
@@ -254,8 +255,6 @@ class JobRunner:
                 self.worker.wake()
 
     def _run(self) -> None:
-        from spotrun.pipelines.registry import get as get_pipeline
-
         # Not while the worker's preload imports the ML stack: two threads importing it at
         # once can see half-initialised modules. A stop meanwhile hands the job back.
         if not preload.wait(self.stop_requested):
