@@ -52,6 +52,9 @@ from spotrun.store import JobNotFound
 
 log = logging.getLogger("spotrun.api")
 
+# The document's pattern of text the store cannot keep a NUL of (text_field's rule).
+NO_NUL = "^[^\\x00]*$"
+
 
 def known_query_only(request: Request) -> None:
     """Refuse unknown and repeated query parameters: ``?stat=running`` must not quietly
@@ -164,8 +167,9 @@ def install(app: FastAPI, ctx: AppContext) -> None:
     def list_jobs(
         who: Caller,
         state: Annotated[JobState | None, Query(description="only jobs in this state")] = None,
-        pipeline: Annotated[str | None, Query(max_length=100,
-                                              description="only jobs of this pipeline")] = None,
+        pipeline: Annotated[str | None, Query(
+            max_length=100, description="only jobs of this pipeline",
+            json_schema_extra={"pattern": NO_NUL})] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
     ) -> Response:

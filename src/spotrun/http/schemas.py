@@ -6,7 +6,7 @@ that the CLI's options take, and turns into a :class:`Submission` for the servic
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -29,6 +29,13 @@ class ApiError(BaseModel):
     errors: list[FieldError] = Field(default_factory=list)
 
 
+# The form the server takes (callbacks.URL_PATTERN, which check_callback_url applies
+# with its own messages); pydantic only documents it.
+CallbackUrl = Annotated[str, Field(
+    min_length=1, max_length=callbacks.MAX_URL_LENGTH,
+    json_schema_extra={"format": "uri", "pattern": callbacks.URL_PATTERN})]
+
+
 class SubmitRequest(BaseModel):
     """A job to queue. ``params`` are checked against the pipeline's schema
     (see ``GET /v1/pipelines``)."""
@@ -47,9 +54,12 @@ class SubmitRequest(BaseModel):
         "checkpoint, restart from the beginning, or fail")
     timeout: float | None = Field(None, gt=0, le=limits.TIMEOUT_MAX_SECONDS,
                                   description="time limit in seconds of running")
-    callback_url: str | None = Field(
-        None, min_length=1, max_length=callbacks.MAX_URL_LENGTH,
-        description="receives a POST of the job as JSON on every state change")
+    callback_url: CallbackUrl | None = Field(
+        None, description="receives a POST of the job as JSON on every state change. A URL of "
+        "this form whose destination the server will not call (a name that does not "
+        "resolve and, unless the operator allows it, a port other than 80 and 443 or a "
+        "loopback, private or link-local address) answers 403 naming "
+        "body.callback_url")
     pool: str | None = Field(
         None, min_length=1, max_length=32, examples=["spot"],
         description="run only on workers of this pool (spot, on-demand, or a name of "
@@ -198,3 +208,46 @@ def errors_doc(*codes: int) -> dict[int | str, dict[str, Any]]:
              422: "invalid input", 429: "over a limit (the detail names it)",
              503: "the database cannot be reached"}
     return {c: {"model": ApiError, "description": words[c]} for c in codes}
+
+
+def document_pipelines(doc: dict[str, Any], params_of: dict[str, dict[str, Any]]) -> None:
+    """Say in the API document ``doc`` which pipelines a job may name and, for each, the
+    JSON Schema its ``params`` must meet (``params_of``: name to schema, as
+    ``GET /v1/pipelines`` answers it)."""
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    request = schemas["SubmitRequest"]
+    request["properties"]["pipeline"]["enum"] = sorted(params_of)
+    branches = []
+    for name, schema in sorted(params_of.items()):
+        prefix = "".join(part.title() for part in name.replace("_", "-").split("-"))
+        body = _hoist_defs(schema, prefix, schemas)
+        ref = f"{prefix}Params"
+        schemas[ref] = body
+        required = ["pipeline"] + (["params"] if body.get("required") else [])
+        branches.append({"properties": {"pipeline": {"const": name},
+                                        "params": {"$ref": f"#/components/schemas/{ref}"}},
+                         "required": required})
+    request["oneOf"] = branches
+
+
+def _hoist_defs(schema: dict[str, Any], prefix: str, schemas: dict[str, Any]
+                ) -> dict[str, Any]:
+    """``schema`` with its ``$defs`` moved into the document's components (named with
+    ``prefix``), its references rewritten to match."""
+    schema = dict(schema)
+    defs = schema.pop("$defs", {})
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {k: rewrite(v) for k, v in node.items()}
+            ref = out.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                out["$ref"] = f"#/components/schemas/{prefix}{ref.removeprefix('#/$defs/')}"
+            return out
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    for key, value in defs.items():
+        schemas[f"{prefix}{key}"] = rewrite(value)
+    return dict(rewrite(schema))

@@ -68,6 +68,10 @@ def check(store: JobStore, sub: Submission, *, caller: Principal | None,
     if sub.callback_url is not None:
         try:
             callbacks.check_callback_url(sub.callback_url, allow_private=allow_private_callbacks)
+        except callbacks.CallbackForbidden as exc:
+            # A well-formed URL to a destination the server will not call: not an input
+            # error (the API document's pattern admits it) but a refusal.
+            raise Forbidden(f"callback_url: {exc}", "callback_url") from None
         except callbacks.CallbackRefused as exc:
             raise Invalid.one("callback_url", str(exc), f"callback_url: {exc}") from None
     if caller is not None and sub.pipeline == "command":

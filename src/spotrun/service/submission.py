@@ -81,7 +81,13 @@ class Invalid(ServiceError):
 
 
 class Forbidden(ServiceError):
-    """The caller may not do this (not an admin, a command job); the message says why."""
+    """The caller may not do this (not an admin, a command job, a callback to a private
+    address); the message says why, and ``field`` names the request's field at fault,
+    if one is."""
+
+    def __init__(self, message: str, field_: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field_
 
 
 class IdempotencyConflict(ServiceError):
