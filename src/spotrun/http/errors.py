@@ -21,7 +21,7 @@ from spotrun.http.schemas import ApiError, FieldError
 from spotrun.pipelines.registry import UnknownPipeline
 from spotrun.quotas import QuotaExceeded
 from spotrun.service.preempt import CannotSignal, NoSuchWorker
-from spotrun.service.submission import Forbidden, Invalid, ServiceError
+from spotrun.service.submission import Forbidden, Invalid, Refused, ServiceError
 from spotrun.store import DatabaseUnavailable
 
 log = logging.getLogger("spotrun.api")
@@ -60,6 +60,11 @@ def from_service(exc: ServiceError | UnknownPipeline, prefix: str = "") -> ApiPr
     if isinstance(exc, Invalid):
         return ApiProblem(422, exc.describe(prefix), [
             FieldError(field=f"{prefix}{p.field}", reason=p.reason) for p in exc.problems])
+    if isinstance(exc, Refused):
+        # Well-formed params (the document's schema admits them) that what exists now
+        # refuses: a job they name that does not exist is 404 (another user's job too).
+        return ApiProblem(404 if exc.missing else 409, str(exc), [
+            FieldError(field=f"{prefix}{exc.field}", reason=str(exc))])
     if isinstance(exc, Forbidden):
         return ApiProblem(403, str(exc), [] if exc.field is None else [
             FieldError(field=f"{prefix}{exc.field}", reason=str(exc).removeprefix(

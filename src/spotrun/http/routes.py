@@ -143,7 +143,7 @@ def install(app: FastAPI, ctx: AppContext) -> None:
 
     @app.post("/v1/jobs", tags=["jobs"], status_code=201, response_model=JobOut,
               summary="Queue a job (within the caller's quotas: 429 names the one exceeded)",
-              responses=errors_doc(401, 403, 409, 413, 422, 429, 503))
+              responses=errors_doc(401, 403, 404, 409, 413, 422, 429, 503))
     def submit_job(
         body: SubmitRequest, who: Caller,
         idempotency_key: Annotated[str | None, Header(
@@ -152,7 +152,7 @@ def install(app: FastAPI, ctx: AppContext) -> None:
     ) -> Response:
         text_field("header.Idempotency-Key", idempotency_key)
         try:
-            job = queue.submit(store, body.submission(), caller=who,
+            job = queue.submit(store, body.submission(strict_params=True), caller=who,
                                idempotency_key=idempotency_key,
                                allow_private_callbacks=ctx.allow_private_callbacks)
         except IdempotencyConflict as exc:

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from spotrun.config import check_pool
+from spotrun.config import POOL_PATTERN, check_pool
 from spotrun.http import callbacks
 from spotrun.jobs import JobState, OnPreempt
 from spotrun.service import submission as limits
@@ -34,6 +34,9 @@ class ApiError(BaseModel):
 CallbackUrl = Annotated[str, Field(
     min_length=1, max_length=callbacks.MAX_URL_LENGTH,
     json_schema_extra={"format": "uri", "pattern": callbacks.URL_PATTERN})]
+# check_pool's rule; it answers with its own message, pydantic only documents it.
+PoolName = Annotated[str, Field(min_length=1, max_length=32,
+                                json_schema_extra={"pattern": POOL_PATTERN})]
 
 
 class SubmitRequest(BaseModel):
@@ -60,8 +63,8 @@ class SubmitRequest(BaseModel):
         "resolve and, unless the operator allows it, a port other than 80 and 443 or a "
         "loopback, private or link-local address) answers 403 naming "
         "body.callback_url")
-    pool: str | None = Field(
-        None, min_length=1, max_length=32, examples=["spot"],
+    pool: PoolName | None = Field(
+        None, examples=["spot"],
         description="run only on workers of this pool (spot, on-demand, or a name of "
         "your own: lower-case letters, digits and '-')")
     checkpoint_every_steps: int | None = Field(
@@ -85,15 +88,16 @@ class SubmitRequest(BaseModel):
         # The CLI's own check (`spotrun submit --pool`), raised as pydantic's ValueError.
         return None if value is None else check_pool(value)
 
-    def submission(self) -> Submission:
-        """The request for the service."""
+    def submission(self, *, strict_params: bool = False) -> Submission:
+        """The request for the service; ``strict_params`` for JSON params (the API's),
+        which must be exactly of their schema's types."""
         return Submission(
             pipeline=self.pipeline, params=self.params, priority=self.priority,
             max_retries=self.max_retries, on_preempt=self.on_preempt, timeout=self.timeout,
             pool=self.pool, checkpoint_every_steps=self.checkpoint_every_steps,
             checkpoint_every_seconds=self.checkpoint_every_seconds,
             max_preemptions=self.max_preemptions, deadline=self.deadline,
-            callback_url=self.callback_url)
+            callback_url=self.callback_url, strict_params=strict_params)
 
 
 class ProgressOut(BaseModel):
@@ -203,8 +207,11 @@ class Status(BaseModel):
 
 
 def errors_doc(*codes: int) -> dict[int | str, dict[str, Any]]:
-    words = {401: "no valid token", 403: "not allowed", 404: "not found (or not yours)",
-             409: "cannot be done in the current state", 413: "request body too large",
+    words = {401: "no valid token", 403: "not allowed (the detail says why)",
+             404: "not found, or not yours (a job, or a job a submission's params name)",
+             409: "cannot be done in the current state (a submission: what its params "
+                  "name is not usable now, e.g. a model job that has not succeeded)",
+             413: "request body too large",
              422: "invalid input", 429: "over a limit (the detail names it)",
              503: "the database cannot be reached"}
     return {c: {"model": ApiError, "description": words[c]} for c in codes}
@@ -223,7 +230,9 @@ def document_pipelines(doc: dict[str, Any], params_of: dict[str, dict[str, Any]]
         body = _hoist_defs(schema, prefix, schemas)
         ref = f"{prefix}Params"
         schemas[ref] = body
-        required = ["pipeline"] + (["params"] if body.get("required") else [])
+        # A schema that {} cannot meet (a required param, "one of these") needs params.
+        needs = bool(body.get("required") or body.get("anyOf") or body.get("oneOf"))
+        required = ["pipeline"] + (["params"] if needs else [])
         branches.append({"properties": {"pipeline": {"const": name},
                                         "params": {"$ref": f"#/components/schemas/{ref}"}},
                          "required": required})
