@@ -304,7 +304,38 @@ def test_text_the_database_cannot_carry_is_422_not_500(api: Api) -> None:
     assert r.status_code == 422
 
 
-def test_malformed_json_non_finite_numbers_and_oversized_bodies(sapi: Api) -> None:
+def test_params_are_read_as_their_schema_types_them(sapi: Api) -> None:
+    # The API document says boolean and integer: 0 is not false, text is not a number,
+    # and 3.0 is an integer (as JSON Schema has it).
+    for params, field in (({"fail": 0}, "body.params.fail"),
+                          ({"steps": "3"}, "body.params.steps"),
+                          ({"seconds": "1"}, "body.params.seconds")):
+        r = sapi.post("/v1/jobs", json={"pipeline": "sleep", "params": params})
+        assert r.status_code == 422, (params, r.text)
+        assert r.json()["errors"][0]["field"] == field
+    job = sapi.submit(pipeline="sleep", params={"steps": 3.0, "seconds": 1})
+    assert job["params"]["steps"] == 3 and job["params"]["seconds"] == 1.0
+
+
+def test_well_formed_params_refused_by_what_exists_are_404_or_409(sapi: Api) -> None:
+    model = sapi.submit(pipeline="digits-train", params={"epochs": 1})
+    r = sapi.post("/v1/jobs", json={"pipeline": "digits-infer",
+                                    "params": {"model": model["id"]}})
+    assert r.status_code == 409, r.text
+    assert r.json()["errors"] == [{"field": "body.params.model", "reason": (
+        f"param 'model': job {model['id']} has not succeeded (it is queued)")}]
+    r = sapi.post("/v1/jobs", json={"pipeline": "digits-infer", "params": {"model": "a" * 28}})
+    assert r.status_code == 404 and r.json()["errors"][0]["field"] == "body.params.model"
+
+
+def test_405_allows_every_method_of_the_path(sapi: Api) -> None:
+    # GET and POST /v1/jobs are two routes: Allow names both, as the document does.
+    r = sapi.client.request("DELETE", "/v1/jobs", headers=sapi.h("alice"))
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+    assert r.json()["detail"] == "Method Not Allowed"
+
+
+
     api = sapi
     r = api.post("/v1/jobs", content=b'{"pipeline": ', headers={
         "Content-Type": "application/json"})

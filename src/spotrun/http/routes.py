@@ -23,6 +23,7 @@ from spotrun.http.feed import Subscription, sse
 from spotrun.http.metrics import Metrics
 from spotrun.http.responses import StrictJSONResponse
 from spotrun.http.schemas import (
+    NO_NUL,
     CallbackSecretOut,
     EventsOut,
     JobOut,
@@ -51,9 +52,6 @@ from spotrun.service.submission import (
 from spotrun.store import JobNotFound
 
 log = logging.getLogger("spotrun.api")
-
-# The document's pattern of text the store cannot keep a NUL of (text_field's rule).
-NO_NUL = "^[^\\x00]*$"
 
 
 def known_query_only(request: Request) -> None:

@@ -16,6 +16,10 @@ from spotrun.jobs import JobState, OnPreempt
 from spotrun.service import submission as limits
 from spotrun.service.submission import Submission
 
+# The pattern of text without NUL: the store cannot keep one (bad_value's rule), and the
+# document says so wherever the server checks it.
+NO_NUL = "^[^\\x00]*$"
+
 
 class FieldError(BaseModel):
     field: str = Field(description="where the problem is, e.g. body.params.epochs")
@@ -227,7 +231,7 @@ def document_pipelines(doc: dict[str, Any], params_of: dict[str, dict[str, Any]]
     branches = []
     for name, schema in sorted(params_of.items()):
         prefix = "".join(part.title() for part in name.replace("_", "-").split("-"))
-        body = _hoist_defs(schema, prefix, schemas)
+        body = _hoist_defs(_without_nul(schema), prefix, schemas)
         ref = f"{prefix}Params"
         schemas[ref] = body
         # A schema that {} cannot meet (a required param, "one of these") needs params.
@@ -237,6 +241,20 @@ def document_pipelines(doc: dict[str, Any], params_of: dict[str, dict[str, Any]]
                                         "params": {"$ref": f"#/components/schemas/{ref}"}},
                          "required": required})
     request["oneOf"] = branches
+
+
+def _without_nul(node: Any) -> Any:
+    """``node`` with :data:`NO_NUL` as the pattern of every string that has none (every
+    string of a job's params is checked for NUL; a pattern of its own excludes NUL)."""
+    if isinstance(node, list):
+        return [_without_nul(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _without_nul(v) for k, v in node.items()}
+    if out.get("type") == "string" and "pattern" not in out and "enum" not in out \
+            and "const" not in out:
+        out["pattern"] = NO_NUL
+    return out
 
 
 def _hoist_defs(schema: dict[str, Any], prefix: str, schemas: dict[str, Any]
