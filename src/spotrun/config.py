@@ -35,7 +35,8 @@ def _int(name: str, default: int, *, minimum: int = 0) -> int:
     return int(value)
 
 
-_POOL = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+POOL_PATTERN = "^[a-z0-9][a-z0-9-]{0,31}$"  # the API document's pattern, too
+_POOL = re.compile(POOL_PATTERN.strip("^$"))
 
 
 def check_pool(name: str, where: str = "pool") -> str:

@@ -16,18 +16,19 @@ import contextlib
 import math
 import os
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI
 
 from spotrun.config import ConfigError, Settings
-from spotrun.http import callbacks, routes
+from spotrun.http import callbacks, routes, schemas
 from spotrun.http.context import AppContext
 from spotrun.http.dashboard import apidocs, pages
 from spotrun.http.errors import install_error_handlers
 from spotrun.http.feed import ChangeFeed
 from spotrun.http.limits import BodyLimit
 from spotrun.http.responses import StrictJSONResponse
+from spotrun.pipelines.registry import registry
 from spotrun.store import JobStore
 
 
@@ -91,7 +92,24 @@ def create_app(settings: Settings, *, store: JobStore | None = None,
     routes.install(app, ctx)
     pages.install(app, ctx)
     apidocs.install(app)
+    document_pipelines_of(app)
     return app
+
+
+def document_pipelines_of(app: FastAPI) -> None:
+    """Make ``/openapi.json`` name the pipelines and their params' schemas, as the
+    server checks them (they are known only once the plugins are loaded)."""
+    made = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = made()
+            schemas.document_pipelines(doc, {name: p.schema()
+                                             for name, p in registry().items()})
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def env_number(name: str, default: float, *, low: float) -> float:

@@ -46,6 +46,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import re
 import secrets
 import socket
 import time
@@ -74,6 +75,30 @@ STATE_CHANGES = frozenset({
 
 class CallbackRefused(ValueError):
     """A callback URL may not be used; the message says why, in one line."""
+
+
+class CallbackForbidden(CallbackRefused):
+    """A well-formed callback URL (one :data:`URL_PATTERN` matches) whose destination is
+    refused: a port other than 80 and 443, a name that does not resolve, or an address
+    that is not public."""
+
+
+# The form of every callback URL the server takes, as a regular expression that JSON
+# Schema, ECMA and Python read alike (it is the API document's ``pattern``):
+# http(s), a host (a name of RFC 3986's reg-name characters or a bracketed IPv6 address),
+# an optional port in 0-65535, then anything without spaces or control characters.
+_H16 = "[0-9A-Fa-f]{1,4}"
+_IPV6 = "|".join((
+    f"({_H16}:){{7}}{_H16}", f"({_H16}:){{1,7}}:", f"({_H16}:){{1,6}}:{_H16}",
+    *(f"({_H16}:){{1,{n}}}(:{_H16}){{1,{7 - n}}}" for n in (5, 4, 3, 2)),
+    f"{_H16}:(:{_H16}){{1,6}}", f":((:{_H16}){{1,7}}|:)",
+    # An IPv4 address in IPv6 (::a.b.c.d, ::ffff:a.b.c.d): judged as the IPv4 one.
+    r"::([Ff]{4}:)?(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+    r"(\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}"))
+_PORT = "6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[0-5]?[0-9]{1,4}"
+URL_PATTERN = (rf"^[Hh][Tt][Tt][Pp][Ss]?://(\[({_IPV6})\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)"
+               rf"(:({_PORT}))?([/?#][^\x00-\x20\x7f]*)?$")
+_URL_RE = re.compile(URL_PATTERN)
 
 
 def allow_private_from_env() -> bool:
@@ -135,7 +160,7 @@ def _addresses(host: str, port: int) -> list[str]:
     try:
         return resolve(host, port)
     except (OSError, UnicodeError):
-        raise CallbackRefused(f"cannot resolve host {host!r}") from None
+        raise CallbackForbidden(f"cannot resolve host {host!r}") from None
 
 
 @dataclass(frozen=True)
@@ -162,9 +187,11 @@ class Target:
 def check_callback_url(url: str, *, allow_private: bool) -> Target:
     """The place a callback URL reaches, or :class:`CallbackRefused` saying why not.
 
-    Refuses a malformed URL and, unless ``allow_private``, a non-standard port or a name
-    with any non-public address. Resolves the name once (blocking DNS); the caller
-    connects to ``Target.address``, never to the name again.
+    Refuses a URL that :data:`URL_PATTERN` does not match, and (with
+    :class:`CallbackForbidden`) one whose name does not resolve and, unless
+    ``allow_private``, a non-standard port or a name with any non-public address.
+    Resolves the name once (blocking DNS); the caller connects to ``Target.address``,
+    never to the name again.
     """
     if len(url) > MAX_URL_LENGTH:
         raise CallbackRefused(f"longer than {MAX_URL_LENGTH} characters")
@@ -182,16 +209,21 @@ def check_callback_url(url: str, *, allow_private: bool) -> Target:
         raise CallbackRefused("has no host")
     if parts.username is not None or parts.password is not None:
         raise CallbackRefused("must not carry a user name or password")
+    if not _URL_RE.fullmatch(url):
+        # The checks above name the usual mistakes; this is the rest of the documented form.
+        raise CallbackRefused("is not of the form http(s)://host[:port][/path], with a "
+                              "host name of letters, digits and -._~!$&'()*+,;=% or a "
+                              "bracketed IPv6 address")
     port = port or STANDARD_PORTS[parts.scheme]
     if not allow_private and port not in STANDARD_PORTS.values():
-        raise CallbackRefused(f"uses port {port}: callbacks go to ports 80 and 443 unless "
+        raise CallbackForbidden(f"uses port {port}: callbacks go to ports 80 and 443 unless "
                               f"the operator sets {ALLOW_PRIVATE_ENV}=1")
     path = parts.path or "/"
     if parts.query:
         path += f"?{parts.query}"
     addresses = _addresses(host, port)
     if not addresses:
-        raise CallbackRefused(f"cannot resolve host {host!r}")
+        raise CallbackForbidden(f"cannot resolve host {host!r}")
     if not allow_private:
         literal = addresses == [host]
         for addr in addresses:
@@ -199,7 +231,7 @@ def check_callback_url(url: str, *, allow_private: bool) -> Target:
             if why is not None:
                 # The addresses a name resolved to stay out of the answer: they would
                 # make the server a scanner of what its network's names point at.
-                raise CallbackRefused(
+                raise CallbackForbidden(
                     f"{host} {'is' if literal else 'resolves to'} {why}; callbacks to "
                     f"loopback, private and link-local addresses are refused unless the "
                     f"operator sets {ALLOW_PRIVATE_ENV}=1")

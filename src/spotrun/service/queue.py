@@ -25,6 +25,7 @@ from spotrun.service.submission import (
     IdempotencyConflict,
     Invalid,
     Problem,
+    Refused,
     Submission,
     bad_value,
 )
@@ -48,7 +49,7 @@ def check(store: JobStore, sub: Submission, *, caller: Principal | None,
     if bad:
         raise Invalid([bad])
     try:
-        pipe.validate(sub.params)
+        pipe.validate(sub.params, strict=sub.strict_params)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -63,10 +64,14 @@ def check(store: JobStore, sub: Submission, *, caller: Principal | None,
     except SubmitRefused as exc:
         message = str(exc.args[0]) if exc.args else str(exc)
         where = "params" if exc.param is None else f"params.{exc.param}"
-        raise Invalid.one(where, message, message) from None
+        raise Refused(message, where, missing=exc.missing) from None
     if sub.callback_url is not None:
         try:
             callbacks.check_callback_url(sub.callback_url, allow_private=allow_private_callbacks)
+        except callbacks.CallbackForbidden as exc:
+            # A well-formed URL to a destination the server will not call: not an input
+            # error (the API document's pattern admits it) but a refusal.
+            raise Forbidden(f"callback_url: {exc}", "callback_url") from None
         except callbacks.CallbackRefused as exc:
             raise Invalid.one("callback_url", str(exc), f"callback_url: {exc}") from None
     if caller is not None and sub.pipeline == "command":
