@@ -20,11 +20,11 @@ import pytest
 
 from conftest import wait_until
 from spotrun.config import Settings
-from spotrun.http import callbacks
 from spotrun.http.app import create_app
 from spotrun.http.callbacks import CallbackDeliverer, CallbackRefused, check_callback_url
 from spotrun.jobs import EventKind
 from spotrun.serve import ServerThread
+from spotrun.service import callback_urls
 from spotrun.store import JobStore
 
 
@@ -116,7 +116,7 @@ class ScriptedDNS:
 @pytest.fixture
 def rebinding(monkeypatch: pytest.MonkeyPatch) -> ScriptedDNS:
     dns = ScriptedDNS()
-    real = callbacks.resolve
+    real = callback_urls.resolve
 
     def resolve(host: str, port: int) -> list[str]:
         if host not in dns.answers:
@@ -125,7 +125,7 @@ def rebinding(monkeypatch: pytest.MonkeyPatch) -> ScriptedDNS:
         script = dns.answers[host]
         return [script[min(n, len(script)) - 1]]
 
-    monkeypatch.setattr(callbacks, "resolve", resolve)
+    monkeypatch.setattr(callback_urls, "resolve", resolve)
     return dns
 
 

@@ -623,8 +623,8 @@ def intake_pubsub(
                       "default 15]")] = None,
 ) -> None:
     """Queue the jobs that messages of a Pub/Sub subscription ask for, until SIGTERM."""
-    from spotrun.http import callbacks  # start-up
     from spotrun.intake import pubsub  # start-up
+    from spotrun.service import callback_urls  # start-up
 
     s = settings()
     config = pubsub.PubSubConfig(
@@ -637,7 +637,7 @@ def intake_pubsub(
     with open_store(s) as store:
         code = pubsub.run(store, config, echo=typer.echo,
                           grace_seconds=grace_seconds or s.grace_seconds,
-                          allow_private_callbacks=callbacks.allow_private_from_env())
+                          allow_private_callbacks=callback_urls.allow_private_from_env())
     raise typer.Exit(code)
 
 

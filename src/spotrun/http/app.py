@@ -29,6 +29,7 @@ from spotrun.http.feed import ChangeFeed
 from spotrun.http.limits import BodyLimit
 from spotrun.http.responses import StrictJSONResponse
 from spotrun.pipelines.registry import registry
+from spotrun.service import callback_urls
 from spotrun.store import JobStore
 
 
@@ -43,7 +44,7 @@ def create_app(settings: Settings, *, store: JobStore | None = None,
     owns_store = store is None
     the_store = store if store is not None else JobStore.open(settings.database_url)
     ctx = AppContext(settings=settings, store=the_store, feed=ChangeFeed(the_store),
-                     allow_private_callbacks=callbacks.allow_private_from_env(),
+                     allow_private_callbacks=callback_urls.allow_private_from_env(),
                      stream_recheck_seconds=env_number("SPOTRUN_STREAM_RECHECK_SECONDS",
                                                         15.0, low=0.1),
                      max_streams_per_principal=int(env_number("SPOTRUN_MAX_STREAMS", 20,

@@ -11,8 +11,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from spotrun.config import POOL_PATTERN, check_pool
-from spotrun.http import callbacks
 from spotrun.jobs import JobState, OnPreempt
+from spotrun.service import callback_urls
 from spotrun.service import submission as limits
 from spotrun.service.submission import Submission
 
@@ -33,11 +33,11 @@ class ApiError(BaseModel):
     errors: list[FieldError] = Field(default_factory=list)
 
 
-# The form the server takes (callbacks.URL_PATTERN, which check_callback_url applies
+# The form the server takes (callback_urls.URL_PATTERN, which check_callback_url applies
 # with its own messages); pydantic only documents it.
 CallbackUrl = Annotated[str, Field(
-    min_length=1, max_length=callbacks.MAX_URL_LENGTH,
-    json_schema_extra={"format": "uri", "pattern": callbacks.URL_PATTERN})]
+    min_length=1, max_length=callback_urls.MAX_URL_LENGTH,
+    json_schema_extra={"format": "uri", "pattern": callback_urls.URL_PATTERN})]
 # check_pool's rule; it answers with its own message, pydantic only documents it.
 PoolName = Annotated[str, Field(min_length=1, max_length=32,
                                 json_schema_extra={"pattern": POOL_PATTERN})]
