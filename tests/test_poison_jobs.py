@@ -86,6 +86,23 @@ def test_a_graceful_hand_back_ends_the_run_and_a_live_workers_expiry_is_no_death
     assert "(its process had died)" not in first.message()
 
 
+def test_a_worker_that_had_this_processs_pid_is_dead(store: JobStore, db_url: str) -> None:
+    # A container restarted in its pod: the worker before had the pid this one has.
+    job = store.submit("sleep", {"seconds": 0}, max_retries=1)
+    before = subprocess.run([sys.executable, "-c", (
+        "import os, socket, sys\n"
+        "from spotrun.store import JobStore\n"
+        "s = JobStore.open(sys.argv[1])\n"
+        "print(s.register_worker(name='pod-a', host=socket.gethostname(), pid=os.getppid(),"
+        " pool='spot', has_cuda=False, lease_seconds=10))\n"), db_url],
+        capture_output=True, text=True, check=True).stdout.strip()
+    got = store.claim(worker_id=before, worker_name="pod-a", lease_seconds=10)
+    assert got is not None
+    _lapse(store, job.id)
+    expired = payload_of(store.get(job.id).events[-1])
+    assert isinstance(expired, LeaseExpired) and expired.died
+
+
 # ------------------------------------------------------------- real worker processes
 
 

@@ -41,12 +41,26 @@ from spotrun.store.records import (
 _IDLE_OR_BUSY = (WorkerState.IDLE.value, WorkerState.BUSY.value)
 
 
-def process_gone(host: str | None, pid: int | None) -> bool:
-    """Whether the process ``pid`` of ``host`` is known to be dead: only on this very host
-    (another host's pids cannot be seen), and a zombie not yet reaped is dead. False when
-    not known; a pid reused by another process reads as alive (a plain expiry)."""
-    if not host or not pid or host != socket.gethostname() or pid == os.getpid():
+# The workers this process registered: a row with this process's host and pid that is not
+# one of them was a process before this one with the same pid (a container restarted in
+# its pod: the new worker is pid 1 again), so that process is gone.
+_REGISTERED_HERE: set[str] = set()
+
+
+def registered_here(worker_id: str) -> None:
+    """Note that this process registered ``worker_id`` (see :func:`process_gone`)."""
+    _REGISTERED_HERE.add(worker_id)
+
+
+def process_gone(worker_id: str, host: str | None, pid: int | None) -> bool:
+    """Whether the process of worker ``worker_id`` (``pid`` of ``host``) is known to be
+    dead: only on this very host (another host's pids cannot be seen); a zombie not yet
+    reaped is dead. False when not known; a pid reused by another process reads as alive
+    (a plain expiry)."""
+    if not host or not pid or host != socket.gethostname():
         return False
+    if pid == os.getpid():
+        return worker_id not in _REGISTERED_HERE
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -473,7 +487,7 @@ class LeaseWrites(StoreCore):
             return False
         row = conn.execute(sa.select(workers.c.host, workers.c.pid)
                            .where(workers.c.id == worker_id)).first()
-        return row is not None and process_gone(row.host, row.pid)
+        return row is not None and process_gone(worker_id, row.host, row.pid)
 
     def _crashes_in_a_row(self, conn: Connection, job_id: str) -> int:
         """How many of the job's last attempts ended with their worker's process dead,
