@@ -536,6 +536,9 @@ def worker(
     price_per_hour: Annotated[float | None, typer.Option(
         min=0, help="What this worker costs per hour [env SPOTRUN_PRICE_PER_HOUR]")] = None,
     max_jobs: Annotated[int | None, typer.Option(min=1, help="Exit after N jobs")] = None,
+    memory_limit: Annotated[float | None, typer.Option(
+        min=0.01, help="GB a job may use, CPU workers only: an allocation past it fails the "
+        "job, not the worker [env SPOTRUN_JOB_MEMORY_GB]")] = None,
     preload: Annotated[bool, typer.Option(help="Import the ML libraries at start")] = True,
 ) -> None:
     """Run jobs until stopped. SIGTERM/SIGINT: checkpoint, hand the job back and exit 0.
@@ -557,6 +560,8 @@ def worker(
         changes["pool"] = check_pool(pool, "--pool")
     if price_per_hour is not None:
         changes["price_per_hour"] = price_per_hour
+    if memory_limit is not None:
+        changes["job_memory_gb"] = memory_limit
     if changes:
         s = s.with_(**changes)
     setup_logging()

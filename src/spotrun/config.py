@@ -66,6 +66,9 @@ class Settings:
     max_preemptions: int = 5
     pool: str = "spot"
     price_per_hour: float | None = None
+    # GB a job may use on top of the worker's own address space (RLIMIT_AS, CPU workers
+    # only); None: no limit.
+    job_memory_gb: float | None = None
 
     @classmethod
     def from_env(
@@ -96,6 +99,8 @@ class Settings:
             pool=check_pool(os.environ.get("SPOTRUN_POOL") or "spot", "SPOTRUN_POOL"),
             price_per_hour=(_float("SPOTRUN_PRICE_PER_HOUR", 0.0)
                             if os.environ.get("SPOTRUN_PRICE_PER_HOUR") else None),
+            job_memory_gb=(_float("SPOTRUN_JOB_MEMORY_GB", 0.0, minimum=0.01)
+                           if os.environ.get("SPOTRUN_JOB_MEMORY_GB") else None),
         )
         settings.check()
         return settings

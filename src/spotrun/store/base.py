@@ -38,7 +38,7 @@ from spotrun.store.callbacks import CallbackRecords
 from spotrun.store.connect import create_engine, normalize_url, redact
 from spotrun.store.errors import DatabaseUnavailable, JobNotFound, StoreError, first_line
 from spotrun.store.intake import IntakeRecords
-from spotrun.store.leases import LeaseWrites
+from spotrun.store.leases import LeaseWrites, registered_here
 from spotrun.store.records import (
     JobRecord,
     Lease,
@@ -468,6 +468,7 @@ class JobStore(LeaseWrites):
                 has_cuda=has_cuda, lease_seconds=lease_seconds, price_per_hour=price_per_hour,
                 started_at=self._now,
                 last_heartbeat=self._now))
+        registered_here(worker_id)
         return worker_id
 
     def set_worker_state(self, worker_id: str, state: WorkerState | str) -> None:
