@@ -143,9 +143,11 @@ def finetune_series(store: Any, url: str, base: Path, n: int) -> dict[str, Any]:
     resumed_at = {e.attempt: e.at.timestamp() for e in final.events if e.kind == "resumed"}
     first = {ln.attempt: ln.at.timestamp() for ln in logs if ln.message.startswith(FIRST_STEP)}
     to_step = [first[a] - t for a, t in resumed_at.items() if a in first]
-    checkpoints = [float(e.message.split("checkpoint saved in ")[1].split(" s")[0])
-                   for e in final.events
-                   if e.kind == "preempted" and "checkpoint saved in " in e.message]
+    from spotrun.events import Preempted, ResumeHow, payload_of
+
+    stops = [payload_of(e) for e in final.events if e.kind == "preempted"]
+    checkpoints = [p.saved_seconds for p in stops
+                   if isinstance(p, Preempted) and p.resume.how is ResumeHow.SAVED]
     return {"preemptions": len(exits), "exit_s": exits, "exit_p50_s": pct(exits, 50),
             "exit_p99_s": pct(exits, 99), "exit_max_s": max(exits),
             "resume_to_first_step_s": to_step, "resume_p50_s": pct(to_step, 50),

@@ -55,6 +55,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from spotrun.events import Note
 from spotrun.jobs import EventKind
 from spotrun.store import JobNotFound, JobStore
 from spotrun.strictjson import json_bytes
@@ -429,4 +430,4 @@ class CallbackDeliverer:
     async def _note(self, d: Delivery, message: str) -> None:
         log.warning("job %s: %s", d.job_id, message)
         with contextlib.suppress(Exception):
-            await asyncio.to_thread(self.store.add_note, d.job_id, message)
+            await asyncio.to_thread(self.store.add_note, d.job_id, Note(message))
