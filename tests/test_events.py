@@ -378,12 +378,17 @@ def test_every_event_of_real_runs_records_its_facts(env_factory: Callable[..., E
     st = env.store()
     try:
         broken = submit(env, "sleep", "seconds=0.2", "steps=2", "fail=true")
-        long = submit(env, "sleep", "seconds=120", "steps=1200")
+        # Its checkpoint interval is chosen (a note) once it has run a second.
+        noted = submit(env, "sleep", "seconds=2", "steps=20")
+        long = submit(env, "sleep", "seconds=120", "steps=1200",
+                      extra=("--checkpoint-every-steps", "10"))
         w1 = env.worker("w1", *FAST)
         assert final(st, broken).state is JobState.FAILED
+        assert final(st, noted).state is JobState.SUCCEEDED
         running_on(st, long, min_step=1)
         wait_until(lambda: any(e.kind == EventKind.CHECKPOINT for e in st.events(long)),
-                   60, "a periodic checkpoint", on_fail=w1.log)
+                   60, "a periodic checkpoint",
+                   on_fail=lambda: "\n".join(e.message for e in st.events(long)))
         w1.signal(signal.SIGTERM)
         assert w1.wait(30) == 0, w1.log()
         w2 = env.worker("w2", *FAST)
@@ -394,8 +399,8 @@ def test_every_event_of_real_runs_records_its_facts(env_factory: Callable[..., E
         running_on(st, long, min_step=1)
         env.cli("cancel", long)
         assert final(st, long).state is JobState.CANCELLED
-        seen = _renders_from_its_data(st.events(broken)) | \
-            _renders_from_its_data(st.events(long))
+        seen = set().union(*(_renders_from_its_data(st.events(j))
+                             for j in (broken, noted, long)))
         assert seen >= {"submitted", "started", "failed", "checkpoint", "note", "preempted",
                         "resumed", "handed_back", "cancel_requested", "cancelled"}, seen
     finally:
