@@ -55,6 +55,8 @@ from _common import (
     wait_until,
 )
 
+from spotrun.events import Preempted, ResumeHow, payload_of
+
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            # The job is preempted on purpose many times: keep it in the spot pool.
            "SPOTRUN_MAX_PREEMPTIONS": "100000"}
@@ -172,9 +174,9 @@ def finetune_series(store: Any, url: str, base: Path, n: int,
     first = {(job, ln.attempt): ln.at.timestamp() for job, lines in logs.items()
              for ln in lines if ln.message.startswith(FIRST_STEP)}
     to_step = [first[a] - t for a, t in resumed_at.items() if a in first]
-    checkpoints = [float(e.message.split("checkpoint saved in ")[1].split(" s")[0])
-                   for f in finals for e in f.events
-                   if e.kind == "preempted" and "checkpoint saved in " in e.message]
+    stops = [payload_of(e) for f in finals for e in f.events if e.kind == "preempted"]
+    checkpoints = [p.saved_seconds for p in stops
+                   if isinstance(p, Preempted) and p.resume.how is ResumeHow.SAVED]
     return {"preemptions": len(exits), "jobs": len(jobs), "exit_s": exits,
             "exit_p50_s": pct(exits, 50),
             "exit_p99_s": pct(exits, 99), "exit_max_s": max(exits),

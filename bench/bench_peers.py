@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -182,15 +181,15 @@ class Spotrun:
             "succeeded", "failed") else None)(self.store.get(job.id)), seconds * 4 + 120,
             "the long spotrun job")
         end = next(e.at for e in reversed(final.events) if e.kind == "succeeded").timestamp()
+        from spotrun.events import end_step, payload_of, start_step
+
         redone = 0.0
         for e in final.events:
             if e.kind == "preempted":
-                m = re.search(r"at step (\d+)", e.message)
-                at_step = int(m.group(1)) if m else 0
+                at_step = end_step(payload_of(e)) or 0
                 nxt = next((x for x in final.events if x.kind in ("resumed", "started")
                             and x.at > e.at), None)
-                m2 = re.search(r"from step (\d+)", nxt.message) if nxt else None
-                from_step = int(m2.group(1)) if m2 else 0
+                from_step = start_step(payload_of(nxt)) if nxt else 0
                 redone += (at_step - from_step) / 10.0
         return {"state": final.state.value, "total_s": end - started,
                 "redone_s": redone, "attempts": final.attempt,

@@ -23,6 +23,7 @@ import pytest
 from starlette.exceptions import StarletteDeprecationWarning
 
 from spotrun.config import Settings
+from spotrun.events import Preempted, Resume, ResumeHow
 from spotrun.http.app import create_app
 from spotrun.http.callbacks import CallbackDeliverer
 from spotrun.http.feed import ChangeFeed
@@ -421,7 +422,7 @@ def test_health_readiness_and_metrics(api: Api) -> None:
     job = api.submit()
     api.submit()
     lease = run_job(api.store, job["id"])
-    api.store.hand_back(lease, "preempted on w1 at step 3/10; checkpoint saved in 0.01 s")
+    api.store.hand_back(lease, Preempted("w1", 3, 10, resume=Resume(ResumeHow.SAVED, 3, 0.01)))
     time.sleep(0.05)
     second = run_job(api.store, job["id"], worker="w2")
     assert api.get("/metrics", who=None).status_code == 401
@@ -543,7 +544,7 @@ def test_callbacks_are_posted_on_every_state_change_and_retried(
         api = Api(client, store)
         job = api.submit(callback_url=receiver.url)
         lease = run_job(store, job["id"])
-        store.hand_back(lease, "preempted on w1 at step 2/10; checkpoint saved in 0.01 s")
+        store.hand_back(lease, Preempted("w1", 2, 10, resume=Resume(ResumeHow.SAVED, 2, 0.01)))
         run_job(store, job["id"], worker="w2", result={"slept": 1})
         got = [receiver.got.get(timeout=15) for _ in range(5)]
     assert [kind for kind, _ in got] == ["submitted", "started", "preempted", "started",

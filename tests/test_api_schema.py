@@ -30,6 +30,7 @@ from schemathesis.specs.openapi.checks import (
 from starlette.exceptions import StarletteDeprecationWarning
 
 from spotrun.config import Settings
+from spotrun.events import Failed, Preempted, Resume, ResumeHow
 from spotrun.http.app import create_app
 from spotrun.serve import ServerThread
 from spotrun.store import JobStore, Lease
@@ -56,9 +57,9 @@ def _seed(store: JobStore) -> list[str]:
     lease = claim()
     store.save_progress(lease, 3, 10, {"loss": 0.25}, [(time.time(), "INFO", "hello")])
     store.commit_checkpoint(lease, "mem://ckpt/3", 3)
-    store.hand_back(lease, "preempted on w1 at step 3/10; checkpoint saved in 0.01 s")
+    store.hand_back(lease, Preempted("w1", 3, 10, resume=Resume(ResumeHow.SAVED, 3, 0.01)))
     store.complete(claim(), {"slept": 1, "loss": float("nan")})
-    store.fail(claim(), "boom", "Traceback ...")
+    store.fail(claim(), Failed("boom"), "Traceback ...")
     store.save_progress(claim(), 1, None, {})
     return ids
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -21,7 +22,10 @@ import pytest
 from spotrun import chaos
 from spotrun.chaos import audit, drill, processes, report
 from spotrun.config import Settings
+from spotrun.events import Preempted
 from spotrun.jobs import Event
+from spotrun.store import JobStore, LeaseLost
+from spotrun.worker import refusals
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Enough chaos for every kind of kill several times over in 20 s, on 3 workers.
@@ -110,13 +114,41 @@ def test_quantiles_and_refused_lines(tmp_path: Path) -> None:
     assert report.quantiles([]) == {"count": 0, "p50": None, "p99": None, "max": None}
     q = report.quantiles([float(x) for x in range(1, 101)])
     assert (q["p50"], q["p99"], q["max"]) == (50.0, 99.0, 100.0)
-    (tmp_path / "worker-c1-1.log").write_text(
-        "x WARNING spotrun.worker: heartbeat of job abc refused: attempt 2 no longer holds "
-        "the lease; stopping it\n"
-        "x WARNING spotrun.worker: job abc: progress of job abc refused: attempt 2 no "
-        "longer holds the lease (the job is now queued at attempt 2); stopping it\n"
-        "x WARNING spotrun.worker: worker c1-1: database unreachable (connection refused)\n")
-    assert drill.refused_lines(tmp_path) == {"heartbeat": 1, "progress": 1}
+
+
+def test_refused_writes_are_counted_from_the_workers_records_not_their_words(
+        tmp_path: Path, store: JobStore) -> None:
+    job = store.submit("sleep", {})
+    wid = store.register_worker(name="c1-1", host="h", pid=1, pool="spot", has_cuda=False,
+                                lease_seconds=10)
+    old = store.claim(worker_id=wid, worker_name="c1-1", lease_seconds=10)
+    assert old is not None
+    store.expire_lease_now(job.id)
+    store.sweep_expired()
+    assert store.claim(worker_id=wid, worker_name="c1-1", lease_seconds=10) is not None
+    with pytest.raises(LeaseLost) as refused:
+        store.hand_back(old[0], Preempted("c1-1", 3))
+    assert (refused.value.write, refused.value.job_id, refused.value.attempt) == (
+        "hand-back", job.id, 1)
+    # What a worker's log holds, in the format its processes log with.
+    handler = logging.FileHandler(tmp_path / "worker-c1-1.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    words = logging.getLogger("spotrun.worker")
+    for logger in (refusals.log, words):
+        logger.addHandler(handler)
+    try:
+        refusals.record(refused.value)
+        words.warning("job %s: %s; stopping it", job.id, refused.value)
+        refusals.record(LeaseLost("heartbeat refused", write="heartbeat", job_id=job.id,
+                                  attempt=1))
+        words.warning("worker c1-1: database unreachable (connection refused)")
+    finally:
+        for logger in (refusals.log, words):
+            logger.removeHandler(handler)
+        handler.close()
+    with open(tmp_path / "worker-c1-1.log", "a") as f:
+        f.write("x WARNING spotrun.refused: spotrun-refused {\"wri")  # a worker killed mid-line
+    assert drill.refused_lines(tmp_path) == {"hand-back": 1, "heartbeat": 1}
 
 
 def test_db_restart_without_postgres_is_one_line_and_exit_2(

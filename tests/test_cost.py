@@ -15,6 +15,7 @@ import pytest
 from conftest import Env, wait_until
 from spotrun import cost
 from spotrun.config import ConfigError
+from spotrun.events import Checkpointed, Preempted, Resume, ResumeHow
 from spotrun.jobs import JobState
 from spotrun.store import JobStore, Lease
 
@@ -42,11 +43,10 @@ def _history(store: JobStore) -> dict[str, str]:
     lease = _run(store, spot1, "spot-1")
     store.save_progress(lease, 10, 100, {})
     time.sleep(0.05)
-    store.commit_checkpoint(lease, "ck/10", 10, message="checkpoint at step 10 saved in 0.010 s")
+    store.commit_checkpoint(lease, "ck/10", 10, event=Checkpointed(10, 0.010))
     time.sleep(0.15)
     store.save_progress(lease, 40, 100, {})
-    store.hand_back(lease, "preempted on spot-1 at step 40/100; will resume from the "
-                    "checkpoint at step 10")
+    store.hand_back(lease, Preempted("spot-1", 40, 100, resume=Resume(ResumeHow.KEPT, 10)))
     lease = _run(store, spot2, "spot-2")
     time.sleep(0.1)
     store.save_progress(lease, 100, 100, {})
@@ -67,7 +67,8 @@ def _history(store: JobStore) -> dict[str, str]:
     time.sleep(0.05)
     store.save_progress(lease, 50, 100, {})
     store.commit_checkpoint(lease, "ck/50", 50)  # a notice checkpoint writes no event
-    store.hand_back(lease, "preempted on spot-2 at step 50/100; checkpoint saved in 0.012 s")
+    store.hand_back(lease, Preempted("spot-2", 50, 100,
+                                     resume=Resume(ResumeHow.SAVED, 50, 0.012)))
     return ids
 
 
@@ -144,18 +145,17 @@ def test_redone_from_steps_and_lease_expiry(store: JobStore) -> None:
     lease = _run(store, a, "a")
     store.save_progress(lease, 50, 100, {})
     store.commit_checkpoint(lease, "ck/50", 50)  # a notice checkpoint writes no event
-    store.hand_back(lease, "preempted on a at step 50/100; checkpoint saved in 0.010 s")
+    store.hand_back(lease, Preempted("a", 50, 100, resume=Resume(ResumeHow.SAVED, 50, 0.010)))
     claimed = store.claim(worker_id=b, worker_name="b", lease_seconds=0.4)
     assert claimed is not None
     lease = claimed[0]
     time.sleep(0.1)
     store.save_progress(lease, 80, 100, {})
-    store.hand_back(lease, "preempted on b at step 80/100; will resume from the checkpoint "
-                    "at step 50")
+    store.hand_back(lease, Preempted("b", 80, 100, resume=Resume(ResumeHow.KEPT, 50)))
     claimed = store.claim(worker_id=a, worker_name="a", lease_seconds=0.4)
     assert claimed is not None
     lease = claimed[0]
-    store.commit_checkpoint(lease, "ck/60", 60, message="checkpoint at step 60 saved in 0.001 s")
+    store.commit_checkpoint(lease, "ck/60", 60, event=Checkpointed(60, 0.001))
     store.heartbeat(a, [lease], 0.4)  # the last sign of life of worker a
     time.sleep(0.6)
     assert store.sweep_expired() == [job_id]

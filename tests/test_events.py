@@ -13,12 +13,15 @@ import dataclasses
 import datetime as dt
 import json
 import re
+import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import Env, wait_until
 from spotrun import cost
 from spotrun.events import (
     Cancelled,
@@ -26,6 +29,7 @@ from spotrun.events import (
     CheckpointUnusable,
     Escalated,
     EscalationWhy,
+    FailCause,
     Failed,
     HandBackCause,
     HandedBack,
@@ -48,6 +52,7 @@ from spotrun.jobs import Event, EventKind, Job, JobState, OnPreempt, Progress, W
 from spotrun.policy import escalation, escalation_reason
 from spotrun.store import JobStore, Lease
 from spotrun.worker import StopReason, stop_outcome
+from test_worker import FAST, final, running_on, submit
 
 DATA = Path(__file__).parent / "data"
 RECORDED = sorted(DATA.glob("events-*.json"))
@@ -316,9 +321,8 @@ def test_every_event_the_store_writes_renders_from_what_is_read_back(store: JobS
     job = store.submit("sleep", {}).id
     lease = claim()
     store.save_progress(lease, 10, 20, {})
-    store.commit_checkpoint(lease, "ck/10", 10, message=Checkpointed(10, 0.012).message())
-    store.hand_back(lease, Preempted("w1", 10, 20, resume=Resume(ResumeHow.SAVED, 10, 0.01))
-                    .message())
+    store.commit_checkpoint(lease, "ck/10", 10, event=Checkpointed(10, 0.012))
+    store.hand_back(lease, Preempted("w1", 10, 20, resume=Resume(ResumeHow.SAVED, 10, 0.01)))
     lease = claim()  # resumed, from step 10/20
     store.save_progress(lease, 12, 20, {})
     time.sleep(0.5)
@@ -332,16 +336,72 @@ def test_every_event_the_store_writes_renders_from_what_is_read_back(store: JobS
     lease = claim()
     store.save_progress(lease, 3, None, {})
     store.commit_checkpoint(lease, "ck/3", 3)
-    store.hand_back(lease, Preempted("w1", 3, None, OnPreempt.RESTART).message(),
-                    keep_checkpoint=False)
+    store.hand_back(lease, Preempted("w1", 3, None, OnPreempt.RESTART), keep_checkpoint=False)
     lease = claim()  # restarted from the beginning, attempt 2
-    store.fail(lease, "ValueError: no")
+    store.add_event(lease, Note("interval chosen", "how"))
+    store.add_event(lease, CheckpointUnusable(3, "bad sha256"))
+    store.hand_back(lease, HandedBack("w1", 0, None, resume=Resume(ResumeHow.NONE)))
+    lease = claim()
+    store.hand_back(lease, Preempted("w1", 0), escalation=Escalated(EscalationWhy.DEADLINE_PASSED))
+    lease = claim()
+    store.fail(lease, Failed("ValueError: no", FailCause.PIPELINE, worker="w1", step=0))
+    store.add_note(third, Note("callback not delivered"))
+    fourth = store.submit("sleep", {}).id
+    store.complete(claim(), {"ok": True})
     seen = set()
-    for job_id in (job, other, third):
-        for e in store.events(job_id):
-            p = payload_of(e)
-            assert not isinstance(p, Unread), e.message
-            assert render(p)[:2] == (e.kind, e.message)
-            seen.add(e.kind)
+    for job_id in (job, other, third, fourth):
+        seen |= _renders_from_its_data(store.events(job_id))
     assert seen >= {"submitted", "started", "resumed", "checkpoint", "preempted",
-                    "lease_expired", "cancel_requested", "cancelled", "failed"}
+                    "lease_expired", "cancel_requested", "cancelled", "failed", "note",
+                    "checkpoint_corrupt", "handed_back", "escalated", "succeeded"}
+
+
+def _renders_from_its_data(events: list[Event]) -> set[str]:
+    """Check that every event records its facts and its words are rendered from them;
+    return the kinds seen."""
+    for e in events:
+        assert e.data is not None, (e.kind, e.message)
+        p = payload_of(e)
+        assert not isinstance(p, Unread), e.message
+        assert render(p)[:2] == (e.kind, e.message)
+        assert e.to_json()["data"] == dict(e.data)
+    return {e.kind for e in events}
+
+
+@pytest.mark.slow
+def test_every_event_of_real_runs_records_its_facts(env_factory: Callable[..., Env],
+                                                     db_url: str) -> None:
+    """Real workers fail a job, checkpoint, note their interval, are preempted (SIGTERM)
+    and stopped (SIGINT), and run a job cancelled while it runs: every event they caused
+    reads back with its data, and its words are rendered from it."""
+    env = env_factory(db_url, SPOTRUN_CHECKPOINT_MIN_SECONDS="1")
+    st = env.store()
+    try:
+        broken = submit(env, "sleep", "seconds=0.2", "steps=2", "fail=true")
+        # Its checkpoint interval is chosen (a note) once it has run a second.
+        noted = submit(env, "sleep", "seconds=2", "steps=20")
+        long = submit(env, "sleep", "seconds=120", "steps=1200",
+                      extra=("--checkpoint-every-steps", "10"))
+        w1 = env.worker("w1", *FAST)
+        assert final(st, broken).state is JobState.FAILED
+        assert final(st, noted).state is JobState.SUCCEEDED
+        running_on(st, long, min_step=1)
+        wait_until(lambda: any(e.kind == EventKind.CHECKPOINT for e in st.events(long)),
+                   60, "a periodic checkpoint",
+                   on_fail=lambda: "\n".join(e.message for e in st.events(long)))
+        w1.signal(signal.SIGTERM)
+        assert w1.wait(30) == 0, w1.log()
+        w2 = env.worker("w2", *FAST)
+        running_on(st, long, min_step=1)
+        w2.signal(signal.SIGINT)
+        assert w2.wait(30) == 0, w2.log()
+        env.worker("w3", *FAST)
+        running_on(st, long, min_step=1)
+        env.cli("cancel", long)
+        assert final(st, long).state is JobState.CANCELLED
+        seen = set().union(*(_renders_from_its_data(st.events(j))
+                             for j in (broken, noted, long)))
+        assert seen >= {"submitted", "started", "failed", "checkpoint", "note", "preempted",
+                        "resumed", "handed_back", "cancel_requested", "cancelled"}, seen
+    finally:
+        st.close()

@@ -37,6 +37,7 @@ from spotrun.checkpoints import (  # noqa: E402
     CheckpointStore,
     _storage_options,
 )
+from spotrun.events import end_step, payload_of  # noqa: E402
 from spotrun.jobs import JobState  # noqa: E402
 
 
@@ -205,7 +206,8 @@ def test_a_preempted_job_resumes_from_gcs_on_another_host_bit_identical(
     assert job.state is JobState.QUEUED and job.preemptions == 1
     handed = next(e for e in reversed(job.events) if e.kind == "preempted")
     assert "checkpoint saved in" in handed.message, handed.message
-    step = int(handed.message.split(" at step ")[1].split("/")[0])
+    step = end_step(payload_of(handed))
+    assert step is not None, handed.message
     assert job.checkpoint == f"jobs/{job_id}/a0001-s{step:09d}"
     assert f"ckpts/{job.checkpoint}/{MANIFEST}" in gcs.keys(bucket, f"ckpts/{job.checkpoint}/")
     assert not (host1.home / "checkpoints").exists()

@@ -16,6 +16,7 @@ from starlette.exceptions import StarletteDeprecationWarning
 
 from conftest import wait_until
 from spotrun.config import Settings
+from spotrun.events import Note
 from spotrun.http.app import create_app
 from spotrun.intake import events as bus_events
 from spotrun.intake.requests import IntakeRules, Message, Rejected, submit
@@ -149,7 +150,7 @@ def test_each_jobs_events_are_followed_from_its_own_cursor(store: JobStore) -> N
     assert json.loads(body)["error"] == "cancelled"
     store.intake.mark_published(a.id, cancelled.event_id, done=True)
     store.intake.mark_published(a.id, pending[0].event_id, done=False)  # never back
-    store.add_note(a.id, "after the end")
+    store.add_note(a.id, Note("after the end"))
     assert [e.job_id for e in store.intake.events(RULES.source)] == [b.id]
     assert store.intake.events("pubsub:projects/p/subscriptions/other") == []
 
@@ -165,7 +166,7 @@ def test_an_event_that_commits_after_a_later_one_is_still_published(pg_url: str)
         tx = slow.begin()
         slow.execute(events_table.insert().values(job_id=a.id, at=0.0, kind="note",
                                                   attempt=0, message="slow"))
-        store.add_note(b.id, "fast")  # a later id, committed first
+        store.add_note(b.id, Note("fast"))  # a later id, committed first
         [fast] = store.intake.events(RULES.source)
         assert fast.job_id == b.id
         store.intake.mark_published(b.id, fast.event_id, done=False)

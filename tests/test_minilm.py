@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from conftest import IN_CI, Env, wait_until
+from spotrun.events import end_step, payload_of
 from spotrun.jobs import JobState
 from spotrun.store import JobStore
 from test_worker import exits_within, final, messages, submit
@@ -94,7 +95,9 @@ def _preempt_three_times(env: Env, st: JobStore, job_id: str, total: int,
         assert job.preemptions == round_ + 1, messages(job)
         event = next(e for e in reversed(job.events) if e.kind == "preempted")
         assert "checkpoint saved in" in event.message, event.message
-        handed.append(int(event.message.split("at step ")[1].split("/")[0]))
+        step = end_step(payload_of(event))
+        assert step is not None, event.message
+        handed.append(step)
         if round_ < len(cuts) - 1:  # after the last cut, the spare left finishes the job
             live[f"w{3 + round_}"] = env.worker(f"w{3 + round_}", preload=True)
     return handed

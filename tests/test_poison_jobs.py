@@ -15,7 +15,15 @@ import pytest
 
 import fault_pipelines
 from conftest import Env, WorkerProc, wait_until
-from spotrun.events import FailCause, Failed, LeaseExpired, payload_of
+from spotrun.events import (
+    FailCause,
+    Failed,
+    LeaseExpired,
+    Preempted,
+    Resume,
+    ResumeHow,
+    payload_of,
+)
 from spotrun.jobs import EventKind, JobState
 from spotrun.store import JobStore, Lease
 
@@ -71,7 +79,8 @@ def test_a_graceful_hand_back_ends_the_run_and_a_live_workers_expiry_is_no_death
     _lapse(store, job.id)
     # A preemption hands the job back gracefully: no retry, and the run of deaths restarts.
     lease = _attempt(store, "preempted", _dead_pid())
-    store.hand_back(lease, "preempted on preempted at step 4/10; checkpoint saved in 0.1 s")
+    store.hand_back(lease, Preempted("preempted", 4, 10,
+                                     resume=Resume(ResumeHow.SAVED, 4, 0.1)))
     for name in ("d1", "d2"):
         _attempt(store, name, _dead_pid())
         _lapse(store, job.id)

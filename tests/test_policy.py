@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 
+from spotrun.events import Escalated, EscalationWhy, Preempted
 from spotrun.jobs import JobState
 from spotrun.policy import checkpoint_interval, escalation_reason
 from spotrun.store import JobStore
@@ -51,7 +52,8 @@ def test_escalated_jobs_are_claimed_only_by_on_demand_workers(store: JobStore) -
                                lease_seconds=10)
     got = store.claim(worker_id=spot, worker_name="s", lease_seconds=10, pool="spot")
     assert got is not None
-    store.hand_back(got[0], "preempted", escalate_to="on-demand", escalation="moved: why")
+    store.hand_back(got[0], Preempted("s", 0),
+                   escalation=Escalated(EscalationWhy.DEADLINE_PASSED))
     assert store.claim(worker_id=spot, worker_name="s", lease_seconds=10, pool="spot") is None
     got = store.claim(worker_id=od, worker_name="o", lease_seconds=10, pool="on-demand")
     assert got is not None and got[1].id == job.id
@@ -68,7 +70,7 @@ def test_pool_interruptions_count_only_losses_without_notice(store: JobStore) ->
                                 lease_seconds=10)
     got = store.claim(worker_id=wid, worker_name="s", lease_seconds=10, pool="spot")
     assert got is not None
-    store.hand_back(got[0], "preempted")
+    store.hand_back(got[0], Preempted("s", 0))
     assert store.analytics.pool_interruptions("spot")[1] == 0
     store.claim(worker_id=wid, worker_name="s", lease_seconds=10, pool="spot")
     store.expire_lease_now(job.id)

@@ -21,6 +21,7 @@ import pytest
 from conftest import IN_CI, Env, wait_until
 from s3_server import SECRET_KEY, S3Server, moto_server
 from spotrun.checkpoints import MANIFEST, CheckpointCorrupt, CheckpointStore, _storage_options
+from spotrun.events import end_step, payload_of
 from spotrun.jobs import JobState
 
 _MISSING = [m for m in ("s3fs", "boto3", "moto") if importlib.util.find_spec(m) is None]
@@ -244,7 +245,8 @@ def test_a_job_checkpointed_to_s3_is_resumed_by_another_host_bit_identical(
     assert job.state is JobState.QUEUED and job.preemptions == 1
     handed = next(e for e in reversed(job.events) if e.kind == "preempted")
     assert "checkpoint saved in" in handed.message, handed.message
-    step = int(handed.message.split(" at step ")[1].split("/")[0])
+    step = end_step(payload_of(handed))
+    assert step is not None, handed.message
     assert step >= 40, handed.message
     assert job.checkpoint == f"jobs/{job_id}/a0001-s{step:09d}"
     assert f"ckpts/{job.checkpoint}/{MANIFEST}" in s3.keys(bucket, f"ckpts/{job.checkpoint}/")

@@ -16,6 +16,7 @@ import pytest
 
 import fault_pipelines
 from conftest import Env, WorkerProc, wait_until
+from spotrun.events import end_step, payload_of
 from spotrun.jobs import JobState
 from spotrun.store import JobStore
 from spotrun.worker import EXIT_STUCK
@@ -67,7 +68,8 @@ def test_sigint_hands_back_with_a_checkpoint_and_is_no_preemption(
     assert handed.kind == "handed_back", messages(job)
     assert handed.message.startswith("worker w1 was stopped at step ")
     assert "checkpoint saved in" in handed.message, handed.message
-    at = int(handed.message.split("at step ")[1].split("/")[0])
+    at = end_step(payload_of(handed))
+    assert at is not None, handed.message
     assert job.checkpoint_step == at
     w2 = fenv.worker("w2", *FAST)
     running_on(st, job_id, min_step=at + 1)

@@ -8,6 +8,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
+from spotrun.events import Failed, Note, Preempted, Resume, ResumeHow
 from spotrun.jobs import EventKind, JobState, OnPreempt
 from spotrun.store import DatabaseUnavailable, JobNotFound, JobStore, Lease, LeaseLost
 
@@ -62,10 +63,10 @@ def test_stale_attempt_cannot_write_after_the_job_moved_on(store: JobStore) -> N
     for write in (
         lambda: store.save_progress(old, 5, 10, {}),
         lambda: store.complete(old, {"zombie": True}),
-        lambda: store.fail(old, "zombie"),
-        lambda: store.hand_back(old, "zombie"),
+        lambda: store.fail(old, Failed("zombie")),
+        lambda: store.hand_back(old, Preempted("w1", 5)),
         lambda: store.commit_checkpoint(old, "jobs/x/a1", 3),
-        lambda: store.add_event(old, EventKind.NOTE, "zombie"),
+        lambda: store.add_event(old, Note("zombie")),
     ):
         with pytest.raises(LeaseLost, match="no longer holds the lease"):
             write()
@@ -108,7 +109,7 @@ def test_preemption_hand_back_uses_no_retry(store: JobStore) -> None:
     wid = _worker(store)
     for _ in range(3):
         lease, _ = _claim(store, wid)
-        store.hand_back(lease, "preempted on w1 at step 3/10; checkpoint saved in 0.01 s")
+        store.hand_back(lease, Preempted("w1", 3, 10, resume=Resume(ResumeHow.SAVED, 3, 0.01)))
     got = store.get(job.id)
     assert got.state is JobState.QUEUED and got.preemptions == 3 and got.retries == 0
     assert got.attempt == 3
@@ -165,7 +166,7 @@ def test_checkpoint_pointers_keep_the_last_two(store: JobStore) -> None:
     store.drop_checkpoint_pointer(lease, "c3")
     got = store.get(job.id)
     assert (got.checkpoint, got.checkpoint_prev) == ("c2", None)
-    store.hand_back(lease, "preempted", keep_checkpoint=True)
+    store.hand_back(lease, Preempted("w1", 3), keep_checkpoint=True)
     _lease2, claimed = _claim(store, wid)
     assert claimed.checkpoint == "c2"  # type: ignore[attr-defined]
     assert store.get(job.id).events[-1].message == "resumed on w1 from step 2"
@@ -176,7 +177,8 @@ def test_restart_policy_drops_the_checkpoint(store: JobStore) -> None:
     wid = _worker(store)
     lease, _ = _claim(store, wid)
     store.commit_checkpoint(lease, "c1", 1)
-    store.hand_back(lease, "preempted", keep_checkpoint=False)
+    store.hand_back(lease, Preempted("w1", 1, policy=OnPreempt.RESTART),
+                    keep_checkpoint=False)
     assert store.get(job.id).checkpoint is None
 
 
@@ -243,7 +245,7 @@ def test_every_state_change_the_store_makes_is_in_the_state_machine(store: JobSt
     a = store.submit("sleep", {"seconds": 0}).id
     leases: list[Lease] = []
     step(a, lambda: leases.append(claim()))
-    step(a, lambda: store.hand_back(leases[-1], "preempted"))
+    step(a, lambda: store.hand_back(leases[-1], Preempted("w1", 0)))
     step(a, lambda: leases.append(claim()))
     step(a, lambda: store.complete(leases[-1], {}))
     b = store.submit("sleep", {"seconds": 0}).id
@@ -254,7 +256,7 @@ def test_every_state_change_the_store_makes_is_in_the_state_machine(store: JobSt
     step(c, store.sweep_expired)
     d = store.submit("sleep", {"seconds": 0}).id
     step(d, lambda: leases.append(claim()))
-    step(d, lambda: store.fail(leases[-1], "boom"))
+    step(d, lambda: store.fail(leases[-1], Failed("boom")))
     e = store.submit("sleep", {"seconds": 0}).id
     step(e, lambda: leases.append(claim()))
     store.cancel(e)
@@ -286,7 +288,7 @@ def test_claim_events_say_started_restarted_or_resumed(store: JobStore) -> None:
     lease, _ = _claim(store, w2, "w2")
     store.save_progress(lease, 3, 10, {})
     store.commit_checkpoint(lease, "c3", 3)
-    store.hand_back(lease, "preempted", keep_checkpoint=True)
+    store.hand_back(lease, Preempted("w1", 3), keep_checkpoint=True)
     _claim(store, w1, "w1")
     started = [e.message for e in store.get(job.id).events
                if e.kind in (EventKind.STARTED, EventKind.RESUMED)]
@@ -310,7 +312,7 @@ def test_result_keeps_the_last_progress_and_log_lines_in_order(store: JobStore) 
     assert [ln.message for ln in store.logs(job.id)] == [f"line {i}" for i in range(30)]
     assert got.events[-1].kind == EventKind.SUCCEEDED
     with pytest.raises(LeaseLost, match="attempt 1 no longer holds the lease"):
-        store.fail(lease, "late", "tb")
+        store.fail(lease, Failed("late"), "tb")
     assert store.get(job.id).error is None
 
 
@@ -357,7 +359,7 @@ def test_a_result_can_claim_the_workers_next_job_in_the_same_write(store: JobSto
     assert store.get(third.id).state is JobState.QUEUED
     # An empty queue: the result is written, and there is no next job.
     third_lease, _ = _claim(store, wid)
-    assert store.fail(lease2, "boom", then_claim=req) is None
+    assert store.fail(lease2, Failed("boom"), then_claim=req) is None
     assert store.complete(third_lease, {"n": 3}, then_claim=req) is None
     assert store.get(third.id).state is JobState.SUCCEEDED
     assert store.get(second.id).state is JobState.FAILED

@@ -15,8 +15,12 @@ from spotrun.events import (
     CancelCause,
     Cancelled,
     Failed,
+    HandedBack,
     LeaseExpired,
+    Preempted,
+    Resume,
     Resumed,
+    ResumeHow,
     Started,
     Submitted,
     Succeeded,
@@ -63,12 +67,12 @@ def test_the_claims_event_is_worded_alike_on_both_dialects(store: JobStore) -> N
 
     lease, said = claim()
     assert said == (EventKind.STARTED, "started on w1")
-    store.hand_back(lease, "stopping", preempted=False)
+    store.hand_back(lease, HandedBack("w1", 0))
     lease, said = claim()
     assert said == (EventKind.STARTED, "restarted on w1 from the beginning (attempt 2)")
     store.save_progress(lease, 3, 10, {})
     store.commit_checkpoint(lease, "ckpt/3", 3)
-    store.hand_back(lease, "preempted")
+    store.hand_back(lease, Preempted("w1", 3, 10, resume=Resume(ResumeHow.KEPT, 3)))
     lease, said = claim()
     assert said == (EventKind.RESUMED, "resumed on w1 from step 3/10")
     # The one wording the SQLite claim renders and PostgreSQL's SQL is generated from.

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from conftest import Env, WorkerProc, wait_until
+from spotrun.events import end_step, payload_of
 from spotrun.jobs import Job, JobState
 from spotrun.store import JobStore
 
@@ -246,7 +247,9 @@ def test_sigterm_three_times_resumes_bit_identical(env: Env, st: JobStore) -> No
             e for e in reversed(job.events) if e.kind == "preempted")
         assert handed.message.startswith(f"preempted on {name} at step ")
         assert "checkpoint saved in" in handed.message, handed.message
-        last_step = int(handed.message.split("at step ")[1].split("/")[0])
+        at = end_step(payload_of(handed))
+        assert at is not None, handed.message
+        last_step = at
         assert "exits" in w.log()
         replacement = f"w{3 + round_}"
         live[replacement] = env.worker(replacement, preload=True)

@@ -107,6 +107,9 @@ class Event:
             "attempt": self.attempt,
             "message": self.message,
             "detail": self.detail,
+            # The facts the message is rendered from (spotrun.events' payload, with its
+            # shape's version "v"); null for rows written before payloads existed.
+            "data": None if self.data is None else dict(self.data),
         }
 
 

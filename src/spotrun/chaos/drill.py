@@ -10,7 +10,6 @@ import contextlib
 import functools
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -56,6 +55,7 @@ from spotrun.store import (
     StoreError,
     redact,
 )
+from spotrun.worker import refusals
 
 # Short leases so that a drill of a minute sees several expiries; the heartbeat leaves six
 # beats of slack per lease on a loaded machine.
@@ -915,19 +915,14 @@ def _kill_to_requeue(kills: list[KillRecord], jobs: dict[str, JobRecord]) -> lis
     return out
 
 
-# The store's LeaseLost words, as the worker logs them: "<write> of job <id> refused".
-_REFUSED = re.compile(r"([a-z-]+(?: (?:pointer|result))?) of job \S+ refused")
-
-
 def refused_lines(log_dir: Path) -> dict[str, int]:
-    """Worker log lines reporting a fenced write refused, by the kind of write."""
+    """Fenced writes refused, by the kind of write: the workers' records of them
+    (:mod:`spotrun.worker.refusals`), read as data."""
     counts: dict[str, int] = {}
     for path in sorted(log_dir.glob("worker-*.log")):
         with contextlib.suppress(OSError):
-            for line in path.read_text(errors="replace").splitlines():
-                # Only the store's fencing message: "connection refused" is an outage.
-                m = _REFUSED.search(line) if "refused" in line else None
-                if m is not None:
-                    counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+            for write, n in refusals.count(
+                    path.read_text(errors="replace").splitlines()).items():
+                counts[write] = counts.get(write, 0) + n
     return counts
 

@@ -51,6 +51,7 @@ from typing import Any
 
 import httpx
 
+from spotrun.events import Note
 from spotrun.jobs import EventKind
 from spotrun.service.callback_urls import (
     CallbackRefused,
@@ -290,4 +291,4 @@ class CallbackDeliverer:
     async def _note(self, d: Delivery, message: str) -> None:
         log.warning("job %s: %s", d.job_id, message)
         with contextlib.suppress(Exception):
-            await asyncio.to_thread(self.store.add_note, d.job_id, message)
+            await asyncio.to_thread(self.store.add_note, d.job_id, Note(message))

@@ -118,6 +118,12 @@ class EventOut(BaseModel):
     message: str
     detail: str | None = Field(
         None, description="How the message was worked out (a formula and its inputs)")
+    data: dict[str, Any] | None = Field(
+        None, description="The facts the message is rendered from, by kind: \"v\" (the "
+        "version of their shape, 1) and the fields of the event's kind (a preemption's "
+        "\"worker\", \"step\", \"total\", \"resume\"; a failure's \"error\", \"cause\"; "
+        "...); fields without a value are left out. null for events recorded before "
+        "spotrun stored them")
 
 
 class JobOut(BaseModel):

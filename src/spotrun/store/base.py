@@ -18,11 +18,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from spotrun.events import CancelCause, Cancelled, CancelRequested, Submitted
+from spotrun.events import CancelCause, Cancelled, CancelRequested, Note, Submitted
 from spotrun.jobs import (
     LIVE_WORKER_STATES,
     Event,
-    EventKind,
     Job,
     JobState,
     LogLine,
@@ -376,7 +375,7 @@ class JobStore(LeaseWrites):
         with self._tx(write=False) as conn:
             return int(conn.execute(sa.select(sa.func.max(events.c.id))).scalar() or 0)
 
-    def add_note(self, job_id: str, message: str, *, kind: str = EventKind.NOTE) -> None:
+    def add_note(self, job_id: str, note: Note) -> None:
         """Append an event that changes nothing (e.g. a callback could not be delivered)."""
         with self._tx() as conn:
             # The job's row lock, as every other write that adds an event takes: a job's
@@ -385,7 +384,7 @@ class JobStore(LeaseWrites):
                                .with_for_update()).first()
             if row is None:
                 raise JobNotFound(f"no job with id {job_id!r}")
-            self._event(conn, job_id, kind, message, worker=None, attempt=row.attempt)
+            self._record(conn, job_id, note, worker=None, attempt=row.attempt)
 
     def claim(
         self,

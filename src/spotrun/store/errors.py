@@ -46,7 +46,18 @@ class JobNotFound(StoreError):
 
 
 class LeaseLost(StoreError):
-    """A fenced write was refused: this attempt no longer holds the job's lease."""
+    """A fenced write was refused: this attempt no longer holds the job's lease.
+
+    What was refused is data: ``write`` (the kind of write: ``progress``, ``event``,
+    ``checkpoint pointer``, ``hand-back``, ``heartbeat``, ``<state> result``), the job and
+    the attempt that asked; the message says it in words.
+    """
+
+    def __init__(self, message: str, *, write: str, job_id: str, attempt: int) -> None:
+        super().__init__(message)
+        self.write = write
+        self.job_id = job_id
+        self.attempt = attempt
 
 
 def first_line(exc: BaseException) -> str:

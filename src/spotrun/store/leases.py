@@ -23,7 +23,19 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from spotrun.events import CancelCause, Cancelled, Failed, LeaseExpired, Succeeded
+from spotrun.events import (
+    CancelCause,
+    Cancelled,
+    Checkpointed,
+    Escalated,
+    Failed,
+    HandedBack,
+    LeaseExpired,
+    Payload,
+    Preempted,
+    Succeeded,
+    render,
+)
 from spotrun.jobs import LIVE_WORKER_STATES, EventKind, JobState, Progress, WorkerState
 from spotrun.schema import events, job_logs, job_metrics, jobs, workers
 from spotrun.store.core import StoreCore
@@ -98,8 +110,8 @@ class LeaseWrites(StoreCore):
                 now += f" on {row.worker_name}"
         return LeaseLost(
             f"{what} of job {lease.job_id} refused: attempt {lease.attempt} no longer holds "
-            f"the lease (the job {now})"
-        )
+            f"the lease (the job {now})", write=what, job_id=lease.job_id,
+            attempt=lease.attempt)
 
     def heartbeat(self, worker_id: str, leases: Sequence[Lease], lease_seconds: float
                   ) -> dict[str, bool | None]:
@@ -181,24 +193,25 @@ class LeaseWrites(StoreCore):
                 {"job_id": lease.job_id, "attempt": lease.attempt, "at": at, "level": level,
                  "message": msg} for at, level, msg in logs])
 
-    def add_event(self, lease: Lease, kind: str, message: str, *,
-                  detail: str | None = None) -> None:
-        """Append an event on behalf of the lease holder (refused for a zombie); ``detail``
-        says how its message was worked out."""
+    def add_event(self, lease: Lease, payload: Payload) -> None:
+        """Append the event ``payload`` renders on behalf of the lease holder (refused for
+        a zombie)."""
         with self._tx() as conn:
             n = conn.execute(
                 jobs.update().where(self._fenced(lease)).values(updated_at=self._now)
             ).rowcount
             if n != 1:
                 raise self._refused(conn, lease, "event")
-            self._event(conn, lease.job_id, kind, message, worker=lease.worker_name,
-                        attempt=lease.attempt,
-                        data=None if detail is None else {"detail": detail})
+            self._record(conn, lease.job_id, payload, worker=lease.worker_name,
+                         attempt=lease.attempt)
 
     def commit_checkpoint(
-        self, lease: Lease, path: str, step: int, *, message: str | None = None
+        self, lease: Lease, path: str, step: int, *, event: Checkpointed | None = None
     ) -> str | None:
         """Point the job at a committed checkpoint; return the pointer that fell off.
+
+        ``event``: the history's line for a periodic checkpoint (one saved on a notice is
+        told by the stop's event, so it has none).
 
         Idempotent: a retry of a commit whose reply was lost finds the pointer moved and
         changes nothing. The path returned is named by neither pointer, so its caller may
@@ -226,9 +239,9 @@ class LeaseWrites(StoreCore):
             ).rowcount
             if n != 1:
                 raise self._refused(conn, lease, "checkpoint pointer")
-            if message:
-                self._event(conn, lease.job_id, EventKind.CHECKPOINT, message,
-                            worker=lease.worker_name, attempt=lease.attempt)
+            if event is not None:
+                self._record(conn, lease.job_id, event, worker=lease.worker_name,
+                             attempt=lease.attempt)
             dropped: str | None = row.checkpoint_prev
             return None if dropped in (path, row.checkpoint) else dropped
 
@@ -254,19 +267,19 @@ class LeaseWrites(StoreCore):
     def hand_back(
         self,
         lease: Lease,
-        message: str,
+        event: Preempted | HandedBack,
         *,
-        preempted: bool = True,
         keep_checkpoint: bool = True,
         run_seconds: float = 0.0,
-        escalate_to: str | None = None,
-        escalation: str = "",
+        escalation: Escalated | None = None,
     ) -> None:
-        """Return a running job to the queue (a preemption, or a worker stopping).
+        """Return a running job to the queue: a preemption (``Preempted``, counted in its
+        preemptions) or a worker stopping (``HandedBack``); ``event`` goes into its history.
 
-        With ``escalate_to``, the job may from now on run only on workers of that pool,
-        and ``escalation`` (why) goes into its history.
+        With ``escalation``, the job may from now on run only on workers of its
+        ``to_pool``, and why goes into its history too.
         """
+        preempted = isinstance(event, Preempted)
         values: dict[str, Any] = {
             "state": JobState.QUEUED.value,
             "worker_id": None,
@@ -280,23 +293,22 @@ class LeaseWrites(StoreCore):
         if not keep_checkpoint:
             values.update(checkpoint=None, checkpoint_step=None, checkpoint_prev=None,
                           checkpoint_prev_step=None)
-        if escalate_to is not None:
-            values["pool"] = escalate_to
+        if escalation is not None:
+            values["pool"] = escalation.to_pool
         with self._tx() as conn:
             n = conn.execute(jobs.update().where(self._fenced(lease)).values(**values)).rowcount
             if n != 1:
                 raise self._refused(conn, lease, "hand-back")
-            kind = EventKind.PREEMPTED if preempted else EventKind.HANDED_BACK
-            self._event(conn, lease.job_id, kind, message, worker=lease.worker_name,
-                        attempt=lease.attempt)
-            if escalate_to is not None:
-                self._event(conn, lease.job_id, EventKind.ESCALATED, escalation,
-                            worker=lease.worker_name, attempt=lease.attempt)
+            self._record(conn, lease.job_id, event, worker=lease.worker_name,
+                         attempt=lease.attempt)
+            if escalation is not None:
+                self._record(conn, lease.job_id, escalation, worker=lease.worker_name,
+                             attempt=lease.attempt)
             self._release_worker(conn, lease)
             self._notify(conn, lease.job_id)
 
     def complete(self, lease: Lease, result: Any, *, run_seconds: float = 0.0,
-                 message: str = "succeeded", progress: Progress | None = None,
+                 progress: Progress | None = None,
                  logs: Sequence[tuple[float, str, str]] = (),
                  then_claim: ClaimRequest | None = None) -> tuple[Lease, JobRecord] | None:
         """Record the result, with the last progress and log lines, in one write.
@@ -304,30 +316,30 @@ class LeaseWrites(StoreCore):
         With ``then_claim``, also claim the worker's next job (returned), in the same
         write on PostgreSQL: a worker's loop costs one round trip a job, not two.
         """
-        said = Succeeded(run_seconds=run_seconds)
-        return self._finish(lease, JobState.SUCCEEDED, EventKind.SUCCEEDED, message,
+        return self._finish(lease, JobState.SUCCEEDED, Succeeded(run_seconds=run_seconds),
                             result=dumps(result), run_seconds=run_seconds,
-                            progress=progress, logs=logs, then_claim=then_claim,
-                            data=said.to_json() if message == said.message() else None)
+                            progress=progress, logs=logs, then_claim=then_claim)
 
-    def fail(self, lease: Lease, error: str, traceback: str | None = None, *,
+    def fail(self, lease: Lease, failed: Failed, traceback: str | None = None, *,
              run_seconds: float = 0.0, progress: Progress | None = None,
              logs: Sequence[tuple[float, str, str]] = (),
              then_claim: ClaimRequest | None = None) -> tuple[Lease, JobRecord] | None:
-        """Record the failure; ``then_claim`` as for :meth:`complete`."""
-        return self._finish(lease, JobState.FAILED, EventKind.FAILED, f"failed: {error}",
-                            error=error, error_traceback=traceback, run_seconds=run_seconds,
+        """Record the failure: the job's error is ``failed.error``, its event ``failed``;
+        ``then_claim`` as for :meth:`complete`."""
+        return self._finish(lease, JobState.FAILED, failed, error=failed.error,
+                            error_traceback=traceback, run_seconds=run_seconds,
                             progress=progress, logs=logs, then_claim=then_claim)
 
     def finish_cancelled(self, lease: Lease, *, run_seconds: float = 0.0) -> None:
-        said = Cancelled(CancelCause.RUNNING, run_seconds=run_seconds)
-        self._finish(lease, JobState.CANCELLED, EventKind.CANCELLED, said.message(),
-                     error="cancelled", run_seconds=run_seconds, data=said.to_json())
+        """Record that the running job stopped at its user's request."""
+        self._finish(lease, JobState.CANCELLED,
+                     Cancelled(CancelCause.RUNNING, run_seconds=run_seconds),
+                     error="cancelled", run_seconds=run_seconds)
 
-    def _finish(self, lease: Lease, state: JobState, kind: str, message: str, *,
+    def _finish(self, lease: Lease, state: JobState, event: Payload, *,
                 run_seconds: float, progress: Progress | None = None,
                 logs: Sequence[tuple[float, str, str]] = (),
-                then_claim: ClaimRequest | None = None, data: dict[str, Any] | None = None,
+                then_claim: ClaimRequest | None = None,
                 **values: Any) -> tuple[Lease, JobRecord] | None:
         # The result is recorded with its chained claim's request id: a retry after a lost
         # reply finds both its result and the job it claimed.
@@ -336,6 +348,7 @@ class LeaseWrites(StoreCore):
             self._unsure.discard(rid)
             assert then_claim is not None
             return self._claimed_by(rid, then_claim.worker_id, then_claim.worker_name)
+        kind, message, data = render(event)
         try:
             got = self._finish_once(lease, state, kind, message, run_seconds=run_seconds,
                                     progress=progress, logs=logs, then_claim=then_claim,

@@ -38,7 +38,7 @@ from spotrun.store import (
     LeaseLost,
     Waker,
 )
-from spotrun.worker import memory
+from spotrun.worker import memory, refusals
 from spotrun.worker.outcome import UNWAITED, StopReason
 from spotrun.worker.reporter import Reporter
 from spotrun.worker.retry import Retrier, is_db_error
@@ -371,6 +371,7 @@ class Worker:
                     forced=self.coordinator.stopping)
             return 0
         except LeaseLost as exc:
+            refusals.record(exc)
             log.warning("job %s: %s", r.job.id, exc)
             return 0
         except Exception as exc:

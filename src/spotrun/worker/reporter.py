@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from spotrun.store import DatabaseSlow, LeaseLost
+from spotrun.worker import refusals
 from spotrun.worker.outcome import StopReason
 from spotrun.worker.retry import is_db_error
 
@@ -159,6 +160,7 @@ class Reporter:
             cancel = self.store.save_progress(r.lease, progress.step, progress.total,
                                               progress.metrics, r.logs.take())
         except LeaseLost as exc:
+            refusals.record(exc)
             r.request_stop(StopReason.LEASE_LOST, str(exc))
             log.warning("job %s: %s; stopping it", r.job.id, exc)
             return
@@ -175,6 +177,8 @@ class Reporter:
             if st is None:
                 msg = (f"heartbeat of job {r.job.id} refused: attempt {r.lease.attempt} no "
                        "longer holds the lease")
+                refusals.record(LeaseLost(msg, write="heartbeat", job_id=r.job.id,
+                                          attempt=r.lease.attempt))
                 log.warning("%s; stopping it", msg)
                 r.request_stop(StopReason.LEASE_LOST, msg)
             elif st:

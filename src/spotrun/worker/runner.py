@@ -10,6 +10,7 @@ same thread.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import shutil
@@ -26,15 +27,18 @@ from spotrun.events import (
     Checkpointed,
     CheckpointUnusable,
     Escalated,
+    FailCause,
     Failed,
     HandBackCause,
     HandedBack,
     Note,
+    Preempted,
 )
-from spotrun.jobs import EventKind, JobState, Progress
+from spotrun.jobs import JobState, Progress
 from spotrun.pipelines.base import JobContext, JobStopped, Pipeline, State
 from spotrun.pipelines.registry import get as get_pipeline
 from spotrun.store import ClaimRequest, JobRecord, JobStore, Lease, LeaseLost
+from spotrun.worker import refusals
 from spotrun.worker.memory import allocation_error, out_of_memory
 from spotrun.worker.outcome import (
     NOTICES,
@@ -112,6 +116,7 @@ class JobRunner:
         try:
             self._checkpoint(state, notice)
         except LeaseLost as exc:
+            refusals.record(exc)
             log.warning("job %s: %s; stopping it", self.job.id, exc)
             self.request_stop(StopReason.LEASE_LOST, str(exc))
         except Exception as exc:
@@ -146,9 +151,9 @@ class JobRunner:
                                                  state.step, state.files, state.meta)
         # The pointer moves only after the manifest is written; a refused write means a
         # newer attempt owns the job, and our files are left for its cleanup.
-        message = None if notice else Checkpointed(state.step, saved.seconds).message()
+        event = None if notice else Checkpointed(state.step, saved.seconds)
         dropped = self.worker.db.call(lambda: self.store.commit_checkpoint(
-            self.lease, saved.path, state.step, message=message),
+            self.lease, saved.path, state.step, event=event),
             give_up_at=self.worker.deadline() if notice else None)
         elapsed = time.perf_counter() - start
         if self.schedule.measured(elapsed):
@@ -161,8 +166,7 @@ class JobRunner:
                 self.worker.checkpoints.delete(dropped)
 
     def note(self, message: str) -> None:
-        self.worker.db.call(functools.partial(
-            self.store.add_event, self.lease, EventKind.NOTE, message))
+        self.worker.db.call(functools.partial(self.store.add_event, self.lease, Note(message)))
 
     def save_model(self, files: Mapping[str, bytes], meta: Mapping[str, Any]) -> Saved:
         # Under this attempt's own path: it becomes the job's model only if this attempt's
@@ -192,9 +196,7 @@ class JobRunner:
         chosen = self.schedule.choose(lived_seconds=lived, interruptions=hits)
         if explain:
             note = Note(chosen.summary, chosen.explanation)
-            self.worker.db.call(functools.partial(
-                self.store.add_event, self.lease, EventKind.NOTE, note.message(),
-                detail=note.detail))
+            self.worker.db.call(functools.partial(self.store.add_event, self.lease, note))
 
     def request_stop(self, reason: StopReason, detail: str = "") -> None:
         """Ask the pipeline to stop at its next step boundary; the first request wins."""
@@ -229,6 +231,7 @@ class JobRunner:
         try:
             self._run()
         except LeaseLost as exc:
+            refusals.record(exc)
             log.warning("job %s: %s; stopping it", self.job.id, exc)
         except Exception as exc:
             if is_db_error(exc):
@@ -247,7 +250,7 @@ class JobRunner:
                 # hosts, paths, endpoints) and traceback stay in the worker's log.
                 failed = Failed.worker_error(worker=self.lease.worker_name,
                                              error_type=type(exc).__name__)
-                self.store.fail(self.lease, failed.error, None, run_seconds=self.run_seconds())
+                self.store.fail(self.lease, failed, None, run_seconds=self.run_seconds())
         finally:
             self.logger.removeHandler(self.logs)
             self._settle_model()
@@ -320,9 +323,12 @@ class JobRunner:
             else:
                 error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
                 progress, lines = self._take()
+                run = self.run_seconds()
+                failed = Failed(error, FailCause.PIPELINE, worker=self.lease.worker_name,
+                                step=progress.step, total=progress.total, run_seconds=run)
                 self._finish_then_next(lambda then: self.store.fail(
-                    self.lease, error, tb, run_seconds=self.run_seconds(),
-                    progress=progress, logs=lines, then_claim=then))
+                    self.lease, failed, tb, run_seconds=run, progress=progress,
+                    logs=lines, then_claim=then))
                 return
         if over_limit is not None:
             # Written out of the except block: the pipeline's frames, and what they
@@ -343,10 +349,11 @@ class JobRunner:
         log.warning("job %s: an allocation failed at the job memory limit of %g GB (%s)",
                     self.job.id, limit, error)
         progress, lines = self._take()
+        run = self.run_seconds()
         failed = Failed.memory_limit(limit_gb=limit, error=error, step=progress.step,
                                      total=progress.total)
         self._finish_then_next(lambda then: self.store.fail(
-            self.lease, failed.error, None, run_seconds=self.run_seconds(),
+            self.lease, failed, None, run_seconds=run,
             progress=progress, logs=lines, then_claim=then))
 
     def _finish_then_next(
@@ -376,8 +383,7 @@ class JobRunner:
         self.worker.coordinator.wait(5.0)
         kept = HandedBack(self.lease.worker_name, cause=HandBackCause.CHECKPOINT_UNREADABLE,
                           error=why)
-        self.worker.db.call(lambda: self.store.hand_back(self.lease, kept.message(),
-                                                         preempted=False))
+        self.worker.db.call(lambda: self.store.hand_back(self.lease, kept))
 
     def _load_resume(self, load: Callable[[str], Loaded] | None = None) -> Loaded | None:
         load = load or self.worker.checkpoints.load
@@ -396,8 +402,7 @@ class JobRunner:
                 self.worker.db.call(functools.partial(
                     self.store.drop_checkpoint_pointer, self.lease, path))
                 self.worker.db.call(functools.partial(
-                    self.store.add_event, self.lease, EventKind.CHECKPOINT_CORRUPT,
-                    unusable.message()))
+                    self.store.add_event, self.lease, unusable))
         return None
 
     # ------------------------------------------------------------- the stop
@@ -430,19 +435,20 @@ class JobRunner:
         run = self.run_seconds()
         if out.may_escalate:
             out = out.escalated(self._escalation(None if forced else store))
+        ev = out.event
         if out.action == "cancel":
             self.worker.db.call(lambda: store.finish_cancelled(self.lease, run_seconds=run),
                                 give_up_at=give_up_at)
         elif out.action == "fail":
-            self.worker.db.call(lambda: store.fail(self.lease, out.message, run_seconds=run),
+            assert isinstance(ev, Failed)
+            failed = dataclasses.replace(ev, run_seconds=run)
+            self.worker.db.call(lambda: store.fail(self.lease, failed, run_seconds=run),
                                 give_up_at=give_up_at)
         elif out.action == "hand_back":
+            assert isinstance(ev, Preempted | HandedBack)
             self.worker.db.call(lambda: store.hand_back(
-                self.lease, out.message, preempted=out.preempted,
-                keep_checkpoint=out.keep_checkpoint, run_seconds=run,
-                escalate_to=out.escalate_to,
-                escalation="" if out.escalation is None else out.escalation.message()),
-                give_up_at=give_up_at)
+                self.lease, ev, keep_checkpoint=out.keep_checkpoint, run_seconds=run,
+                escalation=out.escalation), give_up_at=give_up_at)
         if out.cleanup and not forced:  # at the deadline, exiting in time comes first
             self._cleanup()
 
