@@ -344,17 +344,15 @@ class ListenWaker(Waker):
             return True
 
     def busy(self) -> None:
-        """Stop listening until the worker waits again.
+        """Stop listening, and close the connection, until the worker waits again.
 
         PostgreSQL signals every listening session of the database on every NOTIFY, and
         each job's result sends one: busy workers would cost the server a wake-up per job.
+        Closed, not only UNLISTENed: a busy worker holds one connection fewer (its
+        pipeline's needs one then), at the cost of a connect when it next goes idle.
         """
-        if self._listening:
-            try:
-                self._pg.execute("UNLISTEN *")
-                self._listening = False
-            except Exception:
-                self.close()
+        if self._pg is not None:
+            self.close()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
