@@ -8,12 +8,20 @@ from __future__ import annotations
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
 
-from conftest import Env, fresh_pg_database, through_pgbouncer, wait_until
+from conftest import (
+    Env,
+    _pg_admin,
+    _pg_url_for,
+    fresh_pg_database,
+    through_pgbouncer,
+    wait_until,
+)
 from spotrun.jobs import JobState
 from spotrun.store import JobStore
 from spotrun.store.errors import StoreError
@@ -93,6 +101,32 @@ def test_an_idle_worker_polls_or_listens_on_the_direct_url(
             waker.close()
     finally:
         store.close()
+
+
+def test_processes_starting_at_once_migrate_a_new_database_through_the_pooler(
+        pgbouncer_port: int) -> None:
+    """The migration lock is transaction-scoped: it holds through the pooler."""
+    from spotrun import migrations
+
+    name = f"spotrun_m_{uuid.uuid4().hex[:10]}"
+    with _pg_admin() as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        url = through_pgbouncer(_pg_url_for(name), pgbouncer_port)
+        opened: list[JobStore] = []
+        threads = [threading.Thread(target=lambda: opened.append(JobStore.open(url)))
+                   for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(opened) == 3
+        for s in opened:
+            assert s.current_revision() == migrations.head_revision()
+            s.close()
+    finally:
+        with _pg_admin() as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def test_a_bad_pooler_option_is_a_clear_error(direct_url: str) -> None:

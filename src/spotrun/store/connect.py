@@ -177,8 +177,12 @@ _bounds: weakref.WeakKeyDictionary[Engine, PgBounds] = weakref.WeakKeyDictionary
 
 
 def pg_bounds(engine: Engine) -> PgBounds:
-    """The bounds of a PostgreSQL engine :func:`create_engine` made."""
-    return _bounds[engine]
+    """The bounds of a PostgreSQL engine :func:`create_engine` made (none, and direct,
+    for an engine made elsewhere)."""
+    bounds = _bounds.get(engine)
+    if bounds is None:
+        bounds = _bounds[engine] = PgBounds(False, None, None)
+    return bounds
 
 
 def _pooler(u: sa.URL) -> bool:
