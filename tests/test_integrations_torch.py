@@ -316,3 +316,63 @@ def test_digits_train_resumes_a_checkpoint_written_before_the_helpers(tmp_path: 
     assert resumed["steps"] == 90
     assert resumed["weights_sha256"] == run_inline(
         "digits-train", {"epochs": 2, "seed": 4})["weights_sha256"]
+
+
+def test_a_checkpoint_of_the_previous_layout_is_restored_exactly() -> None:
+    """spotrun.torch/1 (RNG states as JSON lists), written by the release before: weights,
+    the gradient in flight, AdamW, the position, every RNG and generator come back."""
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data" / "torch-v1"
+    files = {name: (data / name).read_bytes() for name in ("tensors.safetensors",
+                                                          "state.json")}
+    assert json.loads(files["state.json"])["format"] == "spotrun.torch/1"
+    expected = json.loads((data / "after.json").read_text())
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    ts = TrainState(modules={"net": net}, optimizers={"opt": opt},
+                    generators={"py": random.Random(0), "np": np.random.default_rng(0)})
+    ts.restore(files)
+    saved = load(files["tensors.safetensors"])
+    assert torch.equal(net.weight, saved["module.net.weight"])
+    assert net.weight.grad is not None and torch.equal(net.weight.grad,
+                                                       saved["grad.net.weight"])
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"],
+                       saved["optim.opt.state.0.exp_avg"])
+    assert ts.position == DataPosition(1, 2, 1) and ts.counters == {"step": 1}
+    assert random.random() == expected["python"]
+    assert float(np.random.rand()) == expected["numpy"]
+    assert torch.rand(3).tolist() == expected["torch"]
+    assert ts.generators["py"].random() == expected["py"]
+    assert float(ts.generators["np"].random()) == expected["np"]
+
+
+def test_the_rng_states_are_tensors_and_the_file_is_what_safetensors_writes() -> None:
+    from safetensors.torch import save
+
+    ts = _loop()
+    for i in range(3):
+        _step(ts, i)
+    ts.modules = {**ts.modules, "odd": nn.ModuleDict({  # bf16, empty, 0-dim, tied, strided
+        "bf16": nn.Linear(2, 2).to(torch.bfloat16)})}
+    ts.modules["odd"].register_buffer("empty", torch.zeros(0, 2))
+    ts.modules["odd"].register_buffer("scalar", torch.tensor(3.0))
+    ts.modules["odd"].register_buffer("strided", torch.arange(6.0).reshape(2, 3).t())
+    ts.modules["odd"].register_buffer("tied", ts.modules["odd"]["bf16"].weight)
+    files = ts.capture()
+    tensors = load(files["tensors.safetensors"])
+    assert tensors["rng.python"].dtype == torch.int32 and tensors["rng.python"].numel() == 625
+    assert tensors["rng.numpy"].dtype == torch.int32 and tensors["rng.numpy"].numel() == 624
+    assert len(json.dumps(json.loads(files["state.json"])["rng"])) < 200  # no words as JSON
+    # Byte for byte what safetensors' own torch writer makes of the same tensors.
+    assert files["tensors.safetensors"] == save(tensors)
+    state = random.getstate()
+    random.seed(1)
+    np_state = np.random.get_state()
+    np.random.seed(1)
+    ts.restore(files)
+    assert random.getstate() == state
+    restored = np.random.get_state()
+    assert restored[0] == np_state[0] and np.array_equal(restored[1], np_state[1])
+    assert restored[2:] == np_state[2:]

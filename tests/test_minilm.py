@@ -144,6 +144,33 @@ def test_minilm_finetune_preempted_three_times_ends_with_the_uninterrupted_weigh
     assert [p["label"] for p in predictions] == ["sports", "weather", "food", "technology"]
 
 
+def test_minilm_finetune_trains_on_the_threads_it_is_given_and_puts_them_back(
+        tmp_path: Path) -> None:
+    """The thread count is part of the result (bit-identity depends on it): the job trains
+    on its ``threads`` param, records it, and leaves the worker's own setting as it was."""
+    import torch
+
+    from spotrun.checkpoints import CheckpointStore
+    from spotrun.local import run_inline
+
+    before = torch.get_num_threads()
+    params = {**TUNE, "epochs": 1, "train_last_layer": False}
+    try:
+        torch.set_num_threads(2)
+        result = run_inline("minilm-finetune", params, checkpoint_url=str(tmp_path))
+        assert torch.get_num_threads() == 2
+        manifest = CheckpointStore(str(tmp_path)).load_model("inline", 1).meta
+        assert manifest["env"]["threads"] == 1  # the default
+        assert result["steps"] == 15
+        run_inline("minilm-finetune", {**params, "threads": 0},
+                   checkpoint_url=str(tmp_path / "worker"))
+        assert torch.get_num_threads() == 2
+        manifest = CheckpointStore(str(tmp_path / "worker")).load_model("inline", 1).meta
+        assert manifest["env"]["threads"] == 2  # 0: the worker's setting
+    finally:
+        torch.set_num_threads(before)
+
+
 def _model_file(env: Env, job_id: str, name: str, attempt: int = 1) -> bytes:
     """A file of the job's model: the one its succeeded attempt saved."""
     from spotrun.checkpoints import CheckpointStore

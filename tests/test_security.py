@@ -79,7 +79,7 @@ def test_another_users_model_is_no_such_job_whatever_its_state(served: Served) -
     answers = []
     for target in (bobs_done.id, bobs_queued.id, bobs_sleep.id, nobody):
         r = s.submit("alice", {"pipeline": "digits-infer", "params": {"model": target}})
-        assert r.status_code == 422, r.text
+        assert r.status_code == 404, r.text  # another user's job, as everywhere
         answers.append(r.json()["detail"].replace(target, "ID"))
     # Succeeded, queued, of another pipeline or never used: alice cannot tell them apart.
     assert answers == ["param 'model': no job with id 'ID'"] * 4
@@ -91,7 +91,7 @@ def test_another_users_model_is_no_such_job_whatever_its_state(served: Served) -
     assert s.submit("admin", {"pipeline": "digits-infer",
                               "params": {"model": bobs_done.id}}).status_code == 201
     r = s.submit("bob", {"pipeline": "digits-infer", "params": {"model": bobs_queued.id}})
-    assert r.status_code == 422 and "has not succeeded" in r.json()["detail"]
+    assert r.status_code == 409 and "has not succeeded" in r.json()["detail"]
 
 
 def test_job_id_params_must_look_like_job_ids(served: Served) -> None:
@@ -423,6 +423,13 @@ def test_every_route_answers_404_for_another_users_job(served: Served) -> None:
     app_routes = [r for r in s.app.routes
                   if isinstance(r, APIRoute | Route) and "{job_id}" in r.path]
     assert len(app_routes) >= 8  # the sweep really covers the API and the dashboard
+    # Every route that takes an id in its path is swept; the only others are an admin's
+    # (a worker, which no user owns).
+    with_params = {r.path for r in s.app.routes
+                   if isinstance(r, APIRoute | Route) and "{" in r.path}
+    assert with_params - {r.path for r in app_routes} == {
+        "/v1/workers/{worker}/preempt", "/workers/{worker_id}/preempt"}
+    assert s.client.post("/v1/workers/w1/preempt", headers=s.h("alice")).status_code == 403
     seen = 0
     for route in app_routes:
         for method in sorted(route.methods or ()):
@@ -443,6 +450,15 @@ def test_every_route_answers_404_for_another_users_job(served: Served) -> None:
             assert answers[0] == answers[1], (method, route.path)
             seen += 1
     assert seen >= 8
+    # The routes without an id in the path: bob's job is in no list of alice's, and a
+    # body that names it (a model to load) is answered as one naming no job.
+    listed = s.client.get("/v1/jobs", headers=s.h("alice")).json()["jobs"]
+    assert bobs.id not in [j["id"] for j in listed]
+    named = []
+    for job_id in (bobs.id, nobody):
+        r = s.submit("alice", {"pipeline": "digits-infer", "params": {"model": job_id}})
+        named.append((r.status_code, r.text.replace(job_id, "ID")))
+    assert named[0][0] == 404 and named[0] == named[1], named
     # Nothing happened to bob's job.
     job = s.store.get(bobs.id)
     assert job.state.value == "queued" and not job.cancel_requested
@@ -476,7 +492,8 @@ def test_quotas_refuse_with_429_naming_the_quota_and_queue_nothing(
     assert "limited to 10" in r.json()["detail"]
     r = s.submit("bob", {"pipeline": "digits-infer",
                          "params": {"model": "0" * 28, "inputs": [[1.0] * 64] * 2000}})
-    assert r.status_code in (413, 422, 429)  # never queued, whichever limit says so
+    # Never queued, whichever check says so (404: the model is no job).
+    assert r.status_code in (404, 413, 422, 429)
     # Bob is not affected by alice's quota; an admin has none.
     assert s.submit("bob", body).status_code == 201
     assert s.submit("admin", {**body, "priority": 50}).status_code == 201

@@ -536,6 +536,9 @@ def worker(
     price_per_hour: Annotated[float | None, typer.Option(
         min=0, help="What this worker costs per hour [env SPOTRUN_PRICE_PER_HOUR]")] = None,
     max_jobs: Annotated[int | None, typer.Option(min=1, help="Exit after N jobs")] = None,
+    memory_limit: Annotated[float | None, typer.Option(
+        min=0.01, help="GB a job may use, CPU workers only: an allocation past it fails the "
+        "job, not the worker [env SPOTRUN_JOB_MEMORY_GB]")] = None,
     preload: Annotated[bool, typer.Option(help="Import the ML libraries at start")] = True,
 ) -> None:
     """Run jobs until stopped. SIGTERM/SIGINT: checkpoint, hand the job back and exit 0.
@@ -557,6 +560,8 @@ def worker(
         changes["pool"] = check_pool(pool, "--pool")
     if price_per_hour is not None:
         changes["price_per_hour"] = price_per_hour
+    if memory_limit is not None:
+        changes["job_memory_gb"] = memory_limit
     if changes:
         s = s.with_(**changes)
     setup_logging()
@@ -623,8 +628,8 @@ def intake_pubsub(
                       "default 15]")] = None,
 ) -> None:
     """Queue the jobs that messages of a Pub/Sub subscription ask for, until SIGTERM."""
-    from spotrun.http import callbacks  # start-up
     from spotrun.intake import pubsub  # start-up
+    from spotrun.service import callback_urls  # start-up
 
     s = settings()
     config = pubsub.PubSubConfig(
@@ -637,7 +642,7 @@ def intake_pubsub(
     with open_store(s) as store:
         code = pubsub.run(store, config, echo=typer.echo,
                           grace_seconds=grace_seconds or s.grace_seconds,
-                          allow_private_callbacks=callbacks.allow_private_from_env())
+                          allow_private_callbacks=callback_urls.allow_private_from_env())
     raise typer.Exit(code)
 
 
@@ -912,6 +917,7 @@ def audit(
 
     Exit 0 when every check passes, 1 when one fails.
     """
+    # start-up: SQLAlchemy, the store
     from spotrun.chaos import audit as audit_mod
 
     raise typer.Exit(audit_mod.main(db or settings().database_url, as_json=as_json,
@@ -985,6 +991,7 @@ def _base_named(cls: type, name: str) -> type[Exception]:
 
 def main() -> None:
     """The ``spotrun`` command: usage errors are one line on stderr and exit 2."""
+    # start-up: SQLAlchemy, only on a bad URL
     from spotrun.store import BadDatabaseURL
 
     if len(sys.argv) < 2 or sys.argv[1:] in (["--help"], ["-h"]):

@@ -35,7 +35,8 @@ def _int(name: str, default: int, *, minimum: int = 0) -> int:
     return int(value)
 
 
-_POOL = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+POOL_PATTERN = "^[a-z0-9][a-z0-9-]{0,31}$"  # the API document's pattern, too
+_POOL = re.compile(POOL_PATTERN.strip("^$"))
 
 
 def check_pool(name: str, where: str = "pool") -> str:
@@ -65,6 +66,9 @@ class Settings:
     max_preemptions: int = 5
     pool: str = "spot"
     price_per_hour: float | None = None
+    # GB a job may use on top of the worker's own address space (RLIMIT_AS, CPU workers
+    # only); None: no limit.
+    job_memory_gb: float | None = None
 
     @classmethod
     def from_env(
@@ -95,6 +99,8 @@ class Settings:
             pool=check_pool(os.environ.get("SPOTRUN_POOL") or "spot", "SPOTRUN_POOL"),
             price_per_hour=(_float("SPOTRUN_PRICE_PER_HOUR", 0.0)
                             if os.environ.get("SPOTRUN_PRICE_PER_HOUR") else None),
+            job_memory_gb=(_float("SPOTRUN_JOB_MEMORY_GB", 0.0, minimum=0.01)
+                           if os.environ.get("SPOTRUN_JOB_MEMORY_GB") else None),
         )
         settings.check()
         return settings

@@ -28,6 +28,7 @@ from spotrun.events import (
     start_step,
 )
 from spotrun.jobs import EventKind, Job, Worker, from_epoch, iso
+from spotrun.store import JobStore
 
 # A g4dn.xlarge (one T4, 4 vCPU) in us-east-1; see docs/pricing.md for the source and date.
 DEFAULT_PRICES: dict[str, float] = {"spot": 0.20, "on-demand": 0.526}
@@ -559,8 +560,6 @@ def summarize(store: Any, since: dt.datetime | str | None = None, *,
 def main(settings: Any, *, since: str | None = None, as_json: bool = False,
          per_job: bool = False, echo: Callable[..., Any] | None = None) -> int:
     """``spotrun cost``: print the report; 0, or 2 with one line on bad input."""
-    from spotrun.store import JobStore
-
     if echo is None:
         import typer
 

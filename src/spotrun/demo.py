@@ -18,6 +18,7 @@ from pathlib import Path
 
 from spotrun.config import Settings
 from spotrun.jobs import Job, JobState
+from spotrun.local import run_inline
 from spotrun.store import JobStore
 
 Echo = Callable[[str], None]
@@ -103,8 +104,6 @@ def run_demo(settings: Settings, *, epochs: int = 10, step_delay: float = 0.02,
         return 1
     echo("")
     echo("training the same job uninterrupted, for comparison...")
-    from spotrun.local import run_inline
-
     reference = run_inline("digits-train", {**params, "step_delay": 0})
     resumed_sha = job.result["weights_sha256"]
     echo(f"  weights after preemption and resume: {resumed_sha}")

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 from spotrun import checkpoints, migrations, watchers
 from spotrun.config import ConfigError, Settings
 from spotrun.shutdown import ShutdownCoordinator
-from spotrun.store import DatabaseUnavailable, JobStore, normalize_url, redact
+from spotrun.store import DatabaseUnavailable, JobStore, normalize_url, password_of, redact
 
 Status = Literal["ok", "warn", "fail"]
 T = TypeVar("T")
@@ -225,8 +225,6 @@ def _pg_connect_timeout() -> Iterator[None]:
 
 def _scrub(text: str, url: str) -> str:
     """``text`` with the URL's password removed, whatever printed it."""
-    from spotrun.store import password_of
-
     password = password_of(url)
     return text.replace(str(password), "***") if password else text
 

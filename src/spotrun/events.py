@@ -108,6 +108,8 @@ class FailCause(enum.StrEnum):
     PREEMPTED = "preempted"  # preempted, and on_preempt=fail
     LEASE_EXPIRED = "lease_expired"  # lost its worker more than max_retries times
     WORKER = "worker"  # a fault of the worker itself
+    WORKER_DIED = "worker_died"  # its worker's process died under it, max_retries+1 times
+    MEMORY_LIMIT = "memory_limit"  # an allocation past the worker's per-job memory limit
 
 
 class EscalationWhy(enum.StrEnum):
@@ -272,10 +274,14 @@ class LeaseExpired(_Payload):
     total: int | None = None
     retries: int | None = None  # the job's retries, this one counted
     max_retries: int | None = None
+    # The worker's process was found gone (a dead pid on the sweeper's own host): the
+    # kernel killed it, or it crashed. False: not known (another host, a frozen worker).
+    died: bool = False
 
     def message(self) -> str:
-        return (f"lease of worker {self.worker} expired at {where(self.step, self.total)}; "
-                "back in the queue")
+        how = " (its process had died)" if self.died else ""
+        return (f"lease of worker {self.worker} expired at {where(self.step, self.total)}"
+                f"{how}; back in the queue")
 
 
 @dataclass(frozen=True)
@@ -390,6 +396,27 @@ class Failed(_Payload):
                    f"at {where(step, total)}); giving up after max_retries={max_retries}",
                    FailCause.LEASE_EXPIRED, worker=worker, step=step, total=total,
                    retries=retries, max_retries=max_retries)
+
+    @classmethod
+    def worker_died(cls, *, worker: str, step: int, total: int | None, crashes: int,
+                    retries: int, max_retries: int) -> Failed:
+        """Its worker's process died while running it, ``crashes`` times in a row, and
+        once more than ``max_retries`` allows: a poison job, not retried further."""
+        more = f"; it lost its worker {retries} times in all" if retries > crashes else ""
+        return cls(f"the job's worker died {crashes} times in a row while running it (killed "
+                   f"by the kernel or a crash; last: {worker} at {where(step, total)}){more}; "
+                   f"not retried further (max_retries={max_retries})",
+                   FailCause.WORKER_DIED, worker=worker, step=step, total=total,
+                   retries=retries, max_retries=max_retries)
+
+    @classmethod
+    def memory_limit(cls, *, limit_gb: float, error: str, step: int | None,
+                     total: int | None, run_seconds: float | None = None) -> Failed:
+        """An allocation failed at the worker's per-job memory limit (``error``: what the
+        allocator raised); the worker lives on."""
+        return cls(f"the job used more than {limit_gb:g} GB (its memory limit) at "
+                   f"{where(step, total)}: {error}", FailCause.MEMORY_LIMIT, step=step,
+                   total=total, run_seconds=run_seconds)
 
     @classmethod
     def worker_error(cls, *, worker: str, error_type: str,

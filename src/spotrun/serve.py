@@ -31,10 +31,10 @@ from typing import Any, Literal
 import uvicorn
 
 from spotrun.config import ConfigError, Settings
-from spotrun.http import callbacks
 from spotrun.http.app import create_app
 from spotrun.intake import pubsub
 from spotrun.logconfig import setup_logging
+from spotrun.service import callback_urls
 from spotrun.store import JobStore
 
 Echo = Callable[..., Any]
@@ -272,7 +272,7 @@ def _start_intake(store: JobStore, echo: Echo
         if config is None:
             return None
         intake = pubsub.PubSubIntake(store, config,
-                                     allow_private_callbacks=callbacks.allow_private_from_env())
+                                     allow_private_callbacks=callback_urls.allow_private_from_env())
         intake.start()
     except pubsub.IntakeError as exc:
         echo(f"spotrun: {exc}", err=True)

@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from spotrun.config import ConfigError
+from spotrun.cost import Prices
 from spotrun.policy import young_daly_interval
 
 RESTART = "restart-from-scratch"
@@ -666,9 +668,6 @@ def main(*, as_json: bool = False, calibrate: str | None = None,
          **options: Any) -> int:
     """``spotrun simulate``: options left None take calibrated values, then the defaults
     (prices: SPOTRUN_PRICES, see spotrun.cost). 0, or 2 with one line on bad input."""
-    from spotrun.config import ConfigError
-    from spotrun.cost import Prices
-
     if echo is None:
         import typer
 

@@ -26,6 +26,7 @@ from spotrun.events import (
     start_step,
 )
 from spotrun.jobs import Event, EventKind, Job, JobState
+from spotrun.store import JobStore, redact, sqlite_file
 
 CLAIMS = (EventKind.STARTED.value, EventKind.RESUMED.value)
 ENDS = (EventKind.SUCCEEDED.value, EventKind.FAILED.value, EventKind.CANCELLED.value)
@@ -257,8 +258,6 @@ def main(database_url: str, *, as_json: bool = False,
          echo: Callable[[str], object] = print) -> int:
     """``spotrun audit``: print the findings; 0 when every check passed, 1 if not, 2 when
     there is no store to audit."""
-    from spotrun.store import JobStore, redact, sqlite_file
-
     path = sqlite_file(database_url)
     if path is not None and not Path(path).exists():
         # Opening it would create an empty store, and audit that.

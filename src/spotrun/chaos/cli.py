@@ -134,8 +134,11 @@ def main(settings: Settings, *, workers: int, jobs: int, duration: float,
 
 def reference_main() -> int:
     """Child process: read [{key, params}] on stdin; one JSON line per reference run."""
+    # start-up: the reference child's imports (torch) stay out of `spotrun chaos --help`
     from spotrun.local import run_inline
-    from spotrun.pipelines import digits  # noqa: F401 - import torch before the clock starts
+
+    # start-up: torch, imported here before the clock starts
+    from spotrun.pipelines import digits  # noqa: F401
 
     for item in json.load(sys.stdin):
         start = time.perf_counter()

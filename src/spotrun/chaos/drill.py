@@ -48,6 +48,7 @@ from spotrun.chaos.schedule import KILL_KINDS, PlannedJob, Schedule
 from spotrun.config import Settings
 from spotrun.faultproxy import PgProxy
 from spotrun.jobs import EventKind, JobState
+from spotrun.pipelines.registry import validate_submission
 from spotrun.store import (
     DatabaseError,
     JobRecord,
@@ -448,8 +449,6 @@ class Drill:
                 return
 
     def _submit(self, j: PlannedJob, params: dict[str, Any]) -> str:
-        from spotrun.pipelines.registry import validate_submission
-
         assert self.store is not None
         _pipe, clean, cuda = validate_submission(j.pipeline, params, self.store)
         job = self.store.submit(

@@ -16,18 +16,20 @@ import contextlib
 import math
 import os
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI
 
 from spotrun.config import ConfigError, Settings
-from spotrun.http import callbacks, routes
+from spotrun.http import callbacks, routes, schemas
 from spotrun.http.context import AppContext
 from spotrun.http.dashboard import apidocs, pages
 from spotrun.http.errors import install_error_handlers
 from spotrun.http.feed import ChangeFeed
 from spotrun.http.limits import BodyLimit
 from spotrun.http.responses import StrictJSONResponse
+from spotrun.pipelines.registry import registry
+from spotrun.service import callback_urls
 from spotrun.store import JobStore
 
 
@@ -42,7 +44,7 @@ def create_app(settings: Settings, *, store: JobStore | None = None,
     owns_store = store is None
     the_store = store if store is not None else JobStore.open(settings.database_url)
     ctx = AppContext(settings=settings, store=the_store, feed=ChangeFeed(the_store),
-                     allow_private_callbacks=callbacks.allow_private_from_env(),
+                     allow_private_callbacks=callback_urls.allow_private_from_env(),
                      stream_recheck_seconds=env_number("SPOTRUN_STREAM_RECHECK_SECONDS",
                                                         15.0, low=0.1),
                      max_streams_per_principal=int(env_number("SPOTRUN_MAX_STREAMS", 20,
@@ -91,7 +93,24 @@ def create_app(settings: Settings, *, store: JobStore | None = None,
     routes.install(app, ctx)
     pages.install(app, ctx)
     apidocs.install(app)
+    document_pipelines_of(app)
     return app
+
+
+def document_pipelines_of(app: FastAPI) -> None:
+    """Make ``/openapi.json`` name the pipelines and their params' schemas, as the
+    server checks them (they are known only once the plugins are loaded)."""
+    made = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = made()
+            schemas.document_pipelines(doc, {name: p.schema()
+                                             for name, p in registry().items()})
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def env_number(name: str, default: float, *, low: float) -> float:

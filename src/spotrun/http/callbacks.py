@@ -41,9 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
-import ipaddress
 import logging
 import os
 import secrets
@@ -51,18 +48,22 @@ import socket
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
 from spotrun.jobs import EventKind
+from spotrun.service.callback_urls import (
+    CallbackRefused,
+    Target,
+    check_callback_url,
+    redact_url,
+    signature,
+)
 from spotrun.store import JobNotFound, JobStore
 from spotrun.strictjson import json_bytes
 
 log = logging.getLogger("spotrun.callbacks")
 
-ALLOW_PRIVATE_ENV = "SPOTRUN_CALLBACK_ALLOW_PRIVATE"
-MAX_URL_LENGTH = 2000
 
 # The events that change a job's state (handed_back: a worker stopped and returned it).
 STATE_CHANGES = frozenset({
@@ -70,146 +71,6 @@ STATE_CHANGES = frozenset({
     EventKind.HANDED_BACK, EventKind.LEASE_EXPIRED, EventKind.SUCCEEDED, EventKind.FAILED,
     EventKind.CANCELLED,
 })
-
-
-class CallbackRefused(ValueError):
-    """A callback URL may not be used; the message says why, in one line."""
-
-
-def allow_private_from_env() -> bool:
-    return os.environ.get(ALLOW_PRIVATE_ENV, "").strip().lower() in ("1", "true", "yes")
-
-
-def redact_url(url: str) -> str:
-    """The URL without credentials, query or fragment (they may hold secrets)."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{host}{port}{parts.path}"
-    except ValueError:
-        return "<unparseable URL>"
-
-
-# IPv6 addresses that carry an IPv4 one, which the IPv4 checks would have to judge:
-# IPv4-compatible (deprecated), NAT64 (well-known and local-use), 6to4 and Teredo.
-_EMBEDS_IPV4 = tuple(ipaddress.ip_network(n) for n in (
-    "::/96", "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "2001::/32"))
-STANDARD_PORTS = {"http": 80, "https": 443}
-
-
-def _why_not_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        elif any(ip in net for net in _EMBEDS_IPV4):
-            return "an IPv6 address that embeds an IPv4 one (NAT64, 6to4, Teredo)"
-    if ip.is_loopback:
-        return "a loopback address"
-    if ip.is_link_local:
-        return "a link-local address (where cloud metadata services live)"
-    if ip.is_unspecified:
-        return "an unspecified address"
-    if ip.is_multicast:
-        return "a multicast address"
-    if ip.is_private:
-        return "a private address"
-    if not ip.is_global:
-        return "a reserved address"
-    return None
-
-
-def resolve(host: str, port: int) -> list[str]:
-    """The addresses of ``host`` (the system's resolver), for one delivery."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return sorted({str(info[4][0]).split("%", 1)[0] for info in infos})
-
-
-def _addresses(host: str, port: int) -> list[str]:
-    try:
-        return [str(ipaddress.ip_address(host))]
-    except ValueError:
-        pass
-    try:
-        return resolve(host, port)
-    except (OSError, UnicodeError):
-        raise CallbackRefused(f"cannot resolve host {host!r}") from None
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where one delivery goes: the URL's name, and the one address checked for it."""
-
-    scheme: str
-    host: str
-    port: int
-    address: str
-    path: str
-
-    def url(self) -> str:
-        """The URL with the checked address in place of the name."""
-        addr = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{self.scheme}://{addr}:{self.port}{self.path}"
-
-    def host_header(self) -> str:
-        name = f"[{self.host}]" if ":" in self.host else self.host
-        default = STANDARD_PORTS[self.scheme] == self.port
-        return name if default else f"{name}:{self.port}"
-
-
-def check_callback_url(url: str, *, allow_private: bool) -> Target:
-    """The place a callback URL reaches, or :class:`CallbackRefused` saying why not.
-
-    Refuses a malformed URL and, unless ``allow_private``, a non-standard port or a name
-    with any non-public address. Resolves the name once (blocking DNS); the caller
-    connects to ``Target.address``, never to the name again.
-    """
-    if len(url) > MAX_URL_LENGTH:
-        raise CallbackRefused(f"longer than {MAX_URL_LENGTH} characters")
-    if any(ord(c) < 33 or ord(c) == 127 for c in url):
-        raise CallbackRefused("contains spaces or control characters")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise CallbackRefused(f"not a valid URL ({exc})") from None
-    if parts.scheme not in STANDARD_PORTS:
-        raise CallbackRefused("must start with http:// or https://")
-    host = parts.hostname
-    if not host:
-        raise CallbackRefused("has no host")
-    if parts.username is not None or parts.password is not None:
-        raise CallbackRefused("must not carry a user name or password")
-    port = port or STANDARD_PORTS[parts.scheme]
-    if not allow_private and port not in STANDARD_PORTS.values():
-        raise CallbackRefused(f"uses port {port}: callbacks go to ports 80 and 443 unless "
-                              f"the operator sets {ALLOW_PRIVATE_ENV}=1")
-    path = parts.path or "/"
-    if parts.query:
-        path += f"?{parts.query}"
-    addresses = _addresses(host, port)
-    if not addresses:
-        raise CallbackRefused(f"cannot resolve host {host!r}")
-    if not allow_private:
-        literal = addresses == [host]
-        for addr in addresses:
-            why = _why_not_public(ipaddress.ip_address(addr))
-            if why is not None:
-                # The addresses a name resolved to stay out of the answer: they would
-                # make the server a scanner of what its network's names point at.
-                raise CallbackRefused(
-                    f"{host} {'is' if literal else 'resolves to'} {why}; callbacks to "
-                    f"loopback, private and link-local addresses are refused unless the "
-                    f"operator sets {ALLOW_PRIVATE_ENV}=1")
-    return Target(parts.scheme, host, port, addresses[0], path)
-
-
-def signature(secret: str, timestamp: int, body: bytes) -> str:
-    """The value of ``X-Spotrun-Signature`` for ``body`` sent at ``timestamp``."""
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
-    return f"t={timestamp},v1={mac.hexdigest()}"
 
 
 @dataclass(frozen=True)

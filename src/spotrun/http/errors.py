@@ -13,13 +13,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from spotrun.http.responses import StrictJSONResponse
 from spotrun.http.schemas import ApiError, FieldError
 from spotrun.pipelines.registry import UnknownPipeline
 from spotrun.quotas import QuotaExceeded
 from spotrun.service.preempt import CannotSignal, NoSuchWorker
-from spotrun.service.submission import Forbidden, Invalid, ServiceError
+from spotrun.service.submission import Forbidden, Invalid, Refused, ServiceError
 from spotrun.store import DatabaseUnavailable
 
 log = logging.getLogger("spotrun.api")
@@ -58,13 +59,31 @@ def from_service(exc: ServiceError | UnknownPipeline, prefix: str = "") -> ApiPr
     if isinstance(exc, Invalid):
         return ApiProblem(422, exc.describe(prefix), [
             FieldError(field=f"{prefix}{p.field}", reason=p.reason) for p in exc.problems])
+    if isinstance(exc, Refused):
+        # Well-formed params (the document's schema admits them) that what exists now
+        # refuses: a job they name that does not exist is 404 (another user's job too).
+        return ApiProblem(404 if exc.missing else 409, str(exc), [
+            FieldError(field=f"{prefix}{exc.field}", reason=str(exc))])
     if isinstance(exc, Forbidden):
-        return ApiProblem(403, str(exc))
+        return ApiProblem(403, str(exc), [] if exc.field is None else [
+            FieldError(field=f"{prefix}{exc.field}", reason=str(exc).removeprefix(
+                f"{exc.field}: "))])
     if isinstance(exc, NoSuchWorker):
         return ApiProblem(404, str(exc))
     if isinstance(exc, CannotSignal):
         return ApiProblem(409, str(exc))
     return ApiProblem(409, str(exc))
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the request's path answers."""
+    scope = dict(request.scope, method="")
+    found: set[str] = set()
+    for route in request.app.router.routes:
+        methods = getattr(route, "methods", None)
+        if methods and route.matches(scope)[0] != Match.NONE:
+            found.update(methods)
+    return sorted(found)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -94,8 +113,13 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = "; ".join(f"{e.field}: {e.reason}" for e in errors) or "invalid request"
         return answer(422, detail, errors)
 
-    async def on_http(_r: Request, exc: Exception) -> Response:
+    async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 405:
+            # Starlette's Allow names the methods of the first route of the path only;
+            # GET and POST /v1/jobs are two routes.
+            allowed = allowed_methods(request)
+            return answer(405, str(exc.detail), headers={"Allow": ", ".join(allowed)})
         if exc.status_code == 400:
             # FastAPI's answer to a body it cannot even decode (e.g. not UTF-8): for the
             # client it is invalid input like any other.

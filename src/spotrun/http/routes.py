@@ -23,6 +23,7 @@ from spotrun.http.feed import Subscription, sse
 from spotrun.http.metrics import Metrics
 from spotrun.http.responses import StrictJSONResponse
 from spotrun.http.schemas import (
+    NO_NUL,
     CallbackSecretOut,
     EventsOut,
     JobOut,
@@ -140,7 +141,7 @@ def install(app: FastAPI, ctx: AppContext) -> None:
 
     @app.post("/v1/jobs", tags=["jobs"], status_code=201, response_model=JobOut,
               summary="Queue a job (within the caller's quotas: 429 names the one exceeded)",
-              responses=errors_doc(401, 403, 409, 413, 422, 429, 503))
+              responses=errors_doc(401, 403, 404, 409, 413, 422, 429, 503))
     def submit_job(
         body: SubmitRequest, who: Caller,
         idempotency_key: Annotated[str | None, Header(
@@ -149,7 +150,7 @@ def install(app: FastAPI, ctx: AppContext) -> None:
     ) -> Response:
         text_field("header.Idempotency-Key", idempotency_key)
         try:
-            job = queue.submit(store, body.submission(), caller=who,
+            job = queue.submit(store, body.submission(strict_params=True), caller=who,
                                idempotency_key=idempotency_key,
                                allow_private_callbacks=ctx.allow_private_callbacks)
         except IdempotencyConflict as exc:
@@ -164,8 +165,9 @@ def install(app: FastAPI, ctx: AppContext) -> None:
     def list_jobs(
         who: Caller,
         state: Annotated[JobState | None, Query(description="only jobs in this state")] = None,
-        pipeline: Annotated[str | None, Query(max_length=100,
-                                              description="only jobs of this pipeline")] = None,
+        pipeline: Annotated[str | None, Query(
+            max_length=100, description="only jobs of this pipeline",
+            json_schema_extra={"pattern": NO_NUL})] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
     ) -> Response:

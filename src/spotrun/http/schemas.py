@@ -6,15 +6,19 @@ that the CLI's options take, and turns into a :class:`Submission` for the servic
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from spotrun.config import check_pool
-from spotrun.http import callbacks
+from spotrun.config import POOL_PATTERN, check_pool
 from spotrun.jobs import JobState, OnPreempt
+from spotrun.service import callback_urls
 from spotrun.service import submission as limits
 from spotrun.service.submission import Submission
+
+# The pattern of text without NUL: the store cannot keep one (bad_value's rule), and the
+# document says so wherever the server checks it.
+NO_NUL = "^[^\\x00]*$"
 
 
 class FieldError(BaseModel):
@@ -27,6 +31,16 @@ class ApiError(BaseModel):
 
     detail: str
     errors: list[FieldError] = Field(default_factory=list)
+
+
+# The form the server takes (callback_urls.URL_PATTERN, which check_callback_url applies
+# with its own messages); pydantic only documents it.
+CallbackUrl = Annotated[str, Field(
+    min_length=1, max_length=callback_urls.MAX_URL_LENGTH,
+    json_schema_extra={"format": "uri", "pattern": callback_urls.URL_PATTERN})]
+# check_pool's rule; it answers with its own message, pydantic only documents it.
+PoolName = Annotated[str, Field(min_length=1, max_length=32,
+                                json_schema_extra={"pattern": POOL_PATTERN})]
 
 
 class SubmitRequest(BaseModel):
@@ -47,11 +61,14 @@ class SubmitRequest(BaseModel):
         "checkpoint, restart from the beginning, or fail")
     timeout: float | None = Field(None, gt=0, le=limits.TIMEOUT_MAX_SECONDS,
                                   description="time limit in seconds of running")
-    callback_url: str | None = Field(
-        None, min_length=1, max_length=callbacks.MAX_URL_LENGTH,
-        description="receives a POST of the job as JSON on every state change")
-    pool: str | None = Field(
-        None, min_length=1, max_length=32, examples=["spot"],
+    callback_url: CallbackUrl | None = Field(
+        None, description="receives a POST of the job as JSON on every state change. A URL of "
+        "this form whose destination the server will not call (a name that does not "
+        "resolve and, unless the operator allows it, a port other than 80 and 443 or a "
+        "loopback, private or link-local address) answers 403 naming "
+        "body.callback_url")
+    pool: PoolName | None = Field(
+        None, examples=["spot"],
         description="run only on workers of this pool (spot, on-demand, or a name of "
         "your own: lower-case letters, digits and '-')")
     checkpoint_every_steps: int | None = Field(
@@ -75,15 +92,16 @@ class SubmitRequest(BaseModel):
         # The CLI's own check (`spotrun submit --pool`), raised as pydantic's ValueError.
         return None if value is None else check_pool(value)
 
-    def submission(self) -> Submission:
-        """The request for the service."""
+    def submission(self, *, strict_params: bool = False) -> Submission:
+        """The request for the service; ``strict_params`` for JSON params (the API's),
+        which must be exactly of their schema's types."""
         return Submission(
             pipeline=self.pipeline, params=self.params, priority=self.priority,
             max_retries=self.max_retries, on_preempt=self.on_preempt, timeout=self.timeout,
             pool=self.pool, checkpoint_every_steps=self.checkpoint_every_steps,
             checkpoint_every_seconds=self.checkpoint_every_seconds,
             max_preemptions=self.max_preemptions, deadline=self.deadline,
-            callback_url=self.callback_url)
+            callback_url=self.callback_url, strict_params=strict_params)
 
 
 class ProgressOut(BaseModel):
@@ -193,8 +211,70 @@ class Status(BaseModel):
 
 
 def errors_doc(*codes: int) -> dict[int | str, dict[str, Any]]:
-    words = {401: "no valid token", 403: "not allowed", 404: "not found (or not yours)",
-             409: "cannot be done in the current state", 413: "request body too large",
+    words = {401: "no valid token", 403: "not allowed (the detail says why)",
+             404: "not found, or not yours (a job, or a job a submission's params name)",
+             409: "cannot be done in the current state (a submission: what its params "
+                  "name is not usable now, e.g. a model job that has not succeeded)",
+             413: "request body too large",
              422: "invalid input", 429: "over a limit (the detail names it)",
              503: "the database cannot be reached"}
     return {c: {"model": ApiError, "description": words[c]} for c in codes}
+
+
+def document_pipelines(doc: dict[str, Any], params_of: dict[str, dict[str, Any]]) -> None:
+    """Say in the API document ``doc`` which pipelines a job may name and, for each, the
+    JSON Schema its ``params`` must meet (``params_of``: name to schema, as
+    ``GET /v1/pipelines`` answers it)."""
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    request = schemas["SubmitRequest"]
+    request["properties"]["pipeline"]["enum"] = sorted(params_of)
+    branches = []
+    for name, schema in sorted(params_of.items()):
+        prefix = "".join(part.title() for part in name.replace("_", "-").split("-"))
+        body = _hoist_defs(_without_nul(schema), prefix, schemas)
+        ref = f"{prefix}Params"
+        schemas[ref] = body
+        # A schema that {} cannot meet (a required param, "one of these") needs params.
+        needs = bool(body.get("required") or body.get("anyOf") or body.get("oneOf"))
+        required = ["pipeline"] + (["params"] if needs else [])
+        branches.append({"properties": {"pipeline": {"const": name},
+                                        "params": {"$ref": f"#/components/schemas/{ref}"}},
+                         "required": required})
+    request["oneOf"] = branches
+
+
+def _without_nul(node: Any) -> Any:
+    """``node`` with :data:`NO_NUL` as the pattern of every string that has none (every
+    string of a job's params is checked for NUL; a pattern of its own excludes NUL)."""
+    if isinstance(node, list):
+        return [_without_nul(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _without_nul(v) for k, v in node.items()}
+    if out.get("type") == "string" and "pattern" not in out and "enum" not in out \
+            and "const" not in out:
+        out["pattern"] = NO_NUL
+    return out
+
+
+def _hoist_defs(schema: dict[str, Any], prefix: str, schemas: dict[str, Any]
+                ) -> dict[str, Any]:
+    """``schema`` with its ``$defs`` moved into the document's components (named with
+    ``prefix``), its references rewritten to match."""
+    schema = dict(schema)
+    defs = schema.pop("$defs", {})
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {k: rewrite(v) for k, v in node.items()}
+            ref = out.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                out["$ref"] = f"#/components/schemas/{prefix}{ref.removeprefix('#/$defs/')}"
+            return out
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    for key, value in defs.items():
+        schemas[f"{prefix}{key}"] = rewrite(value)
+    return dict(rewrite(schema))

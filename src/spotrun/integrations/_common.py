@@ -61,6 +61,7 @@ def tree_from_files(files: Mapping[str, bytes], name: str, fmt: str) -> tuple[An
     """The tree :func:`tree_to_files` stored, and the JSON document around it."""
     from safetensors.torch import load
 
+    # start-up: torch; the Lightning and HF callbacks import this module before torch
     from spotrun.integrations.torch import StateMismatch
 
     missing = [f for f in (f"{name}.safetensors", f"{name}.json") if f not in files]

@@ -22,11 +22,14 @@ Imports torch (and NumPy when installed): only a running pipeline imports this m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
 import random
 import re
+import sys
+from array import array
 from collections.abc import Iterator, Mapping, Sized
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,7 +42,10 @@ from spotrun.pipelines.base import State
 if TYPE_CHECKING:
     from spotrun.pipelines.base import JobContext
 
-FORMAT = "spotrun.torch/1"
+FORMAT = "spotrun.torch/2"
+# The layouts restore() reads: /1 kept the Python and NumPy RNG states as JSON lists; /2
+# keeps them as int32 tensors (the uint32 words, bit for bit) in the safetensors file.
+READABLE = ("spotrun.torch/1", FORMAT)
 TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
 # Keys of environment() that decide bit-identity; the others are recorded for the reader.
@@ -93,40 +99,47 @@ class TrainState:
 
     def capture(self) -> dict[str, bytes]:
         """Everything the next step depends on, as ``{file name: bytes}``."""
-        from safetensors.torch import save
-
-        tensors: dict[str, torch.Tensor] = {}
-        doc: dict[str, Any] = {"format": FORMAT, "env": environment(self.device_type()),
-                               "modules": sorted(self.modules)}
-        for name, module in self.modules.items():
-            for key, value in module.state_dict().items():
-                tensors[f"module.{name}.{key}"] = value
-            for key, param in module.named_parameters():
-                if param.grad is not None:
-                    tensors[f"grad.{name}.{key}"] = param.grad
-        doc["optimizers"] = {name: _encode(opt.state_dict(), f"optim.{name}", tensors)
-                             for name, opt in self.optimizers.items()}
-        doc["schedulers"] = {name: _encode(s.state_dict(), f"sched.{name}", tensors)
-                             for name, s in self.schedulers.items()}
-        doc["scaler"] = (None if self.scaler is None
-                         else _encode(self.scaler.state_dict(), "scaler", tensors))
-        doc["rng"] = _capture_global_rngs(tensors)
-        doc["generators"] = {name: _capture_generator(g, f"gen.{name}", tensors)
-                             for name, g in self.generators.items()}
-        doc["position"] = asdict(self.position)
-        doc["counters"] = self.counters
-        try:
-            text = json.dumps(doc, sort_keys=True, allow_nan=True)
-        except TypeError as exc:
-            raise TypeError(f"TrainState.counters must hold JSON values: {exc}") from None
-        return {TENSORS_FILE: save(_for_safetensors(tensors)), STATE_FILE: text.encode()}
+        return self._capture()[0]
 
     def as_state(self, step: int, meta: Mapping[str, Any] | None = None) -> State:
         """A checkpoint for ``ctx.set_state``: the captured files, the environment recorded
         in the manifest too."""
-        files = self.capture()
-        env = json.loads(files[STATE_FILE])["env"]
+        files, env = self._capture()
         return State(step, files, {"format": FORMAT, "env": env, **(meta or {})})
+
+    def _capture(self) -> tuple[dict[str, bytes], dict[str, Any]]:
+        # One pass per module: its state dict, its gradients and its devices. A checkpoint
+        # is taken at every notice, so the fixed cost here is kept to what must be read.
+        tensors: dict[str, torch.Tensor] = {}
+        types: set[str] = set()
+        for name, module in self.modules.items():
+            prefix, grad_prefix = f"module.{name}.", f"grad.{name}."
+            for key, value in module.state_dict().items():
+                tensors[prefix + key] = value
+            for key, param in module.named_parameters():
+                types.add(param.device.type)
+                if param.grad is not None:
+                    tensors[grad_prefix + key] = param.grad
+        env = environment(_device_type(types))
+        doc: dict[str, Any] = {
+            "format": FORMAT, "env": env, "modules": sorted(self.modules),
+            "optimizers": {name: _encode(opt.state_dict(), f"optim.{name}", tensors)
+                           for name, opt in self.optimizers.items()},
+            "schedulers": {name: _encode(s.state_dict(), f"sched.{name}", tensors)
+                           for name, s in self.schedulers.items()},
+            "scaler": (None if self.scaler is None
+                       else _encode(self.scaler.state_dict(), "scaler", tensors)),
+            "rng": _capture_global_rngs(tensors),
+            "generators": {name: _capture_generator(g, f"gen.{name}", tensors)
+                           for name, g in self.generators.items()},
+            "position": asdict(self.position),
+            "counters": self.counters,
+        }
+        try:
+            text = json.dumps(doc, sort_keys=True, allow_nan=True)
+        except TypeError as exc:
+            raise TypeError(f"TrainState.counters must hold JSON values: {exc}") from None
+        return {TENSORS_FILE: _serialize(tensors), STATE_FILE: text.encode()}, env
 
     # ---------------------------------------------------------------- restore
 
@@ -142,9 +155,9 @@ class TrainState:
         if missing:
             raise StateMismatch(f"not a spotrun.torch checkpoint: no {', '.join(missing)}")
         doc = json.loads(files[STATE_FILE])
-        if doc.get("format") != FORMAT:
-            raise StateMismatch(
-                f"checkpoint format {doc.get('format')!r} is not {FORMAT!r}")
+        if doc.get("format") not in READABLE:
+            raise StateMismatch(f"checkpoint format {doc.get('format')!r} is not one of "
+                                f"{', '.join(map(repr, READABLE))}")
         tensors = load(files[TENSORS_FILE])
         # Everything that can be checked is checked before anything changes.
         _same_names("modules", self.modules, doc["modules"])
@@ -194,10 +207,14 @@ class TrainState:
 
     def device_type(self) -> str:
         """``cuda`` if any module has a parameter on a GPU, else the first device seen."""
-        types = {p.device.type for m in self.modules.values() for p in m.parameters()}
-        if "cuda" in types:
-            return "cuda"
-        return sorted(types)[0] if types else "cpu"
+        return _device_type({p.device.type for m in self.modules.values()
+                             for p in m.parameters()})
+
+
+def _device_type(types: set[str]) -> str:
+    if "cuda" in types:
+        return "cuda"
+    return sorted(types)[0] if types else "cpu"
 
 
 # ----------------------------------------------------------------- environment
@@ -206,23 +223,26 @@ class TrainState:
 def environment(device_type: str = "cpu") -> dict[str, Any]:
     """What bit-identity depends on (device type, versions, thread count), plus Python's
     version for the reader. Recorded in every checkpoint."""
-    env: dict[str, Any] = {
-        "device": device_type,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
-    try:
-        import numpy
-
-        env["numpy"] = numpy.__version__
-    except ImportError:  # pragma: no cover - numpy is in the ml extra
-        pass
+    env: dict[str, Any] = {"device": device_type, "threads": torch.get_num_threads(),
+                           **_versions()}
     if device_type == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
         env["cudnn"] = torch.backends.cudnn.version()  # type: ignore[no-untyped-call]
     return env
+
+
+@functools.cache
+def _versions() -> dict[str, str]:
+    """The versions environment() records: fixed for the life of the process."""
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import numpy
+
+        versions["numpy"] = numpy.__version__
+    except ImportError:  # pragma: no cover - numpy is in the ml extra
+        pass
+    return versions
 
 
 def saved_environment(files: Mapping[str, bytes]) -> dict[str, Any]:
@@ -363,9 +383,14 @@ def data_loader(dataset: Dataset[Any], *, seed: int, batch_size: int, shuffle: b
 # ------------------------------------------------------------- the JSON + tensors tree
 
 
+_PLAIN = frozenset({type(None), bool, int, float, str})
+
+
 def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
     """A JSON tree of ``obj`` whose tensors go into ``tensors`` by path, replaced by
     ``{"$tensor": name}``; tuples and non-string keys are kept exactly."""
+    if type(obj) in _PLAIN:  # most leaves: checked first, by the cheapest test
+        return obj
     if isinstance(obj, torch.Tensor):
         tensors[path] = obj
         return {"$tensor": path}
@@ -374,6 +399,8 @@ def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, tuple):
         return {"$tuple": [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]}
     if isinstance(obj, list):
+        if all(type(v) in _PLAIN for v in obj):  # a param group's ids: nothing to walk
+            return list(obj)
         return [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]
     if isinstance(obj, Mapping):
         if all(isinstance(k, str) and not k.startswith("$") for k in obj):
@@ -407,18 +434,61 @@ def _for_safetensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int]] = set()
     for name, t in tensors.items():
-        t = t.detach()
+        if t.requires_grad:  # state dicts and optimizer slots are detached already
+            t = t.detach()
         if t.device.type != "cpu":
             t = t.cpu()
         if not t.is_contiguous():
             t = t.contiguous()
-        storage = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if t.numel() and storage in seen:
-            t = t.clone()
-        elif t.numel():
-            seen.add(storage)
+        if t.numel():
+            storage = t.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+            if key in seen:
+                t = t.clone()
+            else:
+                seen.add(key)
         out[name] = t
     return out
+
+
+def _serialize(tensors: dict[str, torch.Tensor]) -> bytes:
+    """The safetensors file of ``tensors``.
+
+    Written by safetensors' own serializer from each tensor's memory: the same bytes as
+    ``safetensors.torch.save``, without its per-tensor NumPy view and its second search for
+    shared memory (``_for_safetensors`` has made every tensor contiguous, on the CPU and
+    unshared). Where that serializer is not there (safetensors before 0.8) or the machine
+    is big-endian (the format is little-endian), ``save`` itself.
+    """
+    ready = _for_safetensors(tensors)
+    if _TensorSpec is None or sys.byteorder != "little":
+        from safetensors.torch import save
+
+        return save(ready)
+    specs = {}
+    for name, t in ready.items():
+        dtype = _DTYPE_NAMES.get(t.dtype)
+        if dtype is None:
+            dtype = _DTYPE_NAMES[t.dtype] = str(t.dtype).split(".")[-1]
+        size = t.nbytes
+        # An empty tensor may have no memory: point at a live byte, with length 0.
+        specs[name] = _TensorSpec(dtype=dtype, shape=t.shape, data_len=size,
+                                  data_ptr=t.data_ptr() if size else _EMPTY_PTR)
+    # ``ready`` holds every tensor alive until the bytes are copied out.
+    data = bytes(_serialize_specs(specs))
+    del ready
+    return data
+
+
+_TensorSpec: Any
+try:
+    from safetensors import TensorSpec as _TensorSpec
+    from safetensors import serialize as _serialize_specs
+except ImportError:  # pragma: no cover - safetensors before 0.8
+    _TensorSpec = None
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+_EMPTY = torch.zeros(8, dtype=torch.uint8)
+_EMPTY_PTR = _EMPTY.data_ptr()
 
 
 def _same_names(kind: str, mine: Mapping[str, Any], saved: Any) -> None:
@@ -475,15 +545,21 @@ def _restore_module(name: str, module: torch.nn.Module,
 
 
 def _capture_global_rngs(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    # The Mersenne Twister states (625 and 624 words) go into the safetensors file as int32
+    # tensors, bit for bit: as JSON lists they were most of state.json and of the time a
+    # small checkpoint took.
     version, internal, gauss = random.getstate()
-    rng: dict[str, Any] = {"python": [version, list(internal), gauss], "numpy": None}
+    tensors["rng.python"] = _words_tensor(array("I", internal))
+    rng: dict[str, Any] = {"python": {"version": version, "gauss": gauss}, "numpy": None}
     tensors["rng.torch"] = torch.get_rng_state()
     try:
         import numpy
 
         name, keys, pos, has_gauss, cached = numpy.random.get_state(legacy=True)
-        rng["numpy"] = [name, numpy.asarray(keys).tolist(), int(pos), int(has_gauss),
-                        float(cached)]
+        words = numpy.asarray(keys, dtype=numpy.uint32)
+        tensors["rng.numpy"] = torch.from_numpy(words.view(numpy.int32))
+        rng["numpy"] = {"name": name, "pos": int(pos), "has_gauss": int(has_gauss),
+                        "gauss": float(cached)}
     except ImportError:  # pragma: no cover - numpy is in the ml extra
         pass
     # Only devices already in use: asking an untouched GPU for its state would start CUDA.
@@ -495,16 +571,41 @@ def _capture_global_rngs(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     return rng
 
 
+def _words_tensor(words: array[int]) -> torch.Tensor:
+    """uint32 words as an int32 tensor holding the same bits (safetensors' torch side has no
+    uint32 before torch 2.3)."""
+    return torch.frombuffer(bytearray(words), dtype=torch.int32) if len(words) else \
+        torch.zeros(0, dtype=torch.int32)
+
+
+def _tensor_words(t: torch.Tensor) -> tuple[int, ...]:
+    """The uint32 words an int32 tensor of :func:`_words_tensor` holds."""
+    words = array("I")
+    words.frombytes(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return tuple(words)
+
+
 def _restore_global_rngs(rng: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
-    version, internal, gauss = rng["python"]
-    random.setstate((version, tuple(internal), gauss))
+    python = rng["python"]
+    if isinstance(python, list):  # spotrun.torch/1: [version, words, gauss]
+        version, internal, gauss = python
+        random.setstate((version, tuple(internal), gauss))
+    else:
+        random.setstate((python["version"], _tensor_words(tensors["rng.python"]),
+                         python["gauss"]))
     torch.set_rng_state(tensors["rng.torch"])
-    if rng.get("numpy") is not None:
+    saved = rng.get("numpy")
+    if saved is not None:
         import numpy
 
-        name, keys, pos, has_gauss, cached = rng["numpy"]
-        numpy.random.set_state((name, numpy.array(keys, dtype=numpy.uint32), pos, has_gauss,
-                                cached))
+        if isinstance(saved, list):  # spotrun.torch/1: [name, keys, pos, has_gauss, cached]
+            name, keys, pos, has_gauss, cached = saved
+            words = numpy.array(keys, dtype=numpy.uint32)
+        else:
+            name, pos, has_gauss, cached = (saved["name"], saved["pos"], saved["has_gauss"],
+                                            saved["gauss"])
+            words = tensors["rng.numpy"].numpy().view(numpy.uint32).copy()
+        numpy.random.set_state((name, words, pos, has_gauss, cached))
     count = int(rng.get("cuda_devices", 0))
     if count and torch.cuda.is_available():
         # set_rng_state is lazy: it applies when CUDA starts. A machine with fewer GPUs
@@ -563,6 +664,7 @@ def _lists_to_arrays(obj: Any) -> Any:
 
 __all__ = [
     "FORMAT",
+    "READABLE",
     "DataPosition",
     "EpochSampler",
     "ResumableLoader",

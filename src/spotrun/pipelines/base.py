@@ -13,6 +13,7 @@ Nothing here imports an ML library: commands that run no pipeline must start fas
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -63,11 +64,26 @@ class SubmitRefused(ValueError):
 
     ``param`` names the param at fault, when there is one: the API reports it as the
     field (``body.params.<param>``) without reading it back from the message.
+    ``missing``: a job the params name does not exist (or is not the caller's); the API
+    answers 404 for it, and 409 for any other refusal of params that meet the schema.
     """
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None,
+                 missing: bool = False) -> None:
         super().__init__(message)
         self.param = param
+        self.missing = missing
+
+
+def _integral_as_int(value: Any) -> Any:
+    """``value`` with every float that is a whole number made an int."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral_as_int(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral_as_int(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -205,7 +221,14 @@ class Pipeline:
     # directory checkpoint, instead of ``ctx.resume`` files in memory.
     state_dir: bool = False
 
-    def validate(self, raw: Mapping[str, Any]) -> BaseModel:
+    def validate(self, raw: Mapping[str, Any], *, strict: bool = False) -> BaseModel:
+        """The params, or pydantic's ValidationError. ``strict``: values of the types
+        their JSON Schema says (as the API's document does: no text for a number, no 0
+        for false), where the CLI's ``key=value`` needs text read as numbers."""
+        if strict:
+            # A check only, on JSON Schema's terms: 3.0 is an integer there.
+            self.params.model_validate_json(json.dumps(_integral_as_int(dict(raw))),
+                                            strict=True)
         return self.params.model_validate(dict(raw))
 
     def schema(self) -> dict[str, Any]:

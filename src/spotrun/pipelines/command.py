@@ -59,10 +59,20 @@ class CommandError(Exception):
 
 
 class CommandParams(Params):
+    # The schemas say what the validators below check, for the API's document.
     argv: list[str] = Field(min_length=1, max_length=10_000,
-                            description="the program and its arguments")
+                            description="the program and its arguments",
+                            json_schema_extra={
+                                "prefixItems": [{"type": "string", "minLength": 1}],
+                                "items": {"type": "string", "maxLength": 131_072,
+                                          "pattern": "^[^\\x00]*$"}})
     env: dict[str, str] = Field(default_factory=dict,
-                                description="variables added to the worker's environment")
+                                description="variables added to the worker's environment",
+                                json_schema_extra={
+                                    "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$",
+                                                      "not": {"enum": list(RESERVED_ENV)}},
+                                    "additionalProperties": {"type": "string",
+                                                             "pattern": "^[^\\x00]*$"}})
     cwd: str | None = Field(None, min_length=1, max_length=4096,
                             description="working directory on the worker")
     stop_grace_seconds: float = Field(

@@ -64,6 +64,7 @@ def init_net(hidden: int, seed: int) -> Net:
 
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:
     """sha256 over the weights in a canonical order: name, dtype, shape, bytes."""
+    # start-up: torch; every command that reads the registry imports this module
     from spotrun.integrations.torch import weights_sha256 as digest
 
     return digest(state)

@@ -13,6 +13,10 @@ class DigitsInferParams(Params):
     model: JobId = Field(..., description="id of a succeeded digits-train job of yours")
     inputs: list[list[float]] | None = Field(
         None, max_length=10_000,
+        # What _images checks, for the API's document.
+        json_schema_extra={"items": {"type": "array", "minItems": 64, "maxItems": 64,
+                                     "items": {"type": "number", "minimum": 0,
+                                               "maximum": 16}}},
         description="images to classify, each 64 numbers from 0 to 16; "
                     "none: the held-out split")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -35,7 +39,8 @@ def _check(p: BaseModel, store: Any) -> None:
     # ``store`` shows only the caller's jobs: another user's model is "no job".
     job = store.find(p.model)
     if job is None:
-        raise SubmitRefused(f"param 'model': no job with id {p.model!r}", param="model")
+        raise SubmitRefused(f"param 'model': no job with id {p.model!r}", param="model",
+                            missing=True)
     if job.pipeline != "digits-train":
         raise SubmitRefused(f"param 'model': job {p.model} is a {job.pipeline} job, "
                             "not digits-train", param="model")
@@ -53,6 +58,7 @@ def _requires_cuda(p: BaseModel) -> bool:
 def run(ctx: JobContext) -> dict[str, Any]:
     import torch
 
+    # start-up: torch; every command that reads the registry imports this module
     from spotrun.pipelines import digits
 
     p = ctx.params

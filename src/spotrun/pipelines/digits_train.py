@@ -39,6 +39,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
+    # start-up: torch; every command that reads the registry imports this module
     from spotrun.integrations.torch import (
         TrainState,
         environment,
@@ -46,6 +47,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
         note_if_not_identical,
         saved_environment,
     )
+
+    # start-up: torch; every command that reads the registry imports this module
     from spotrun.pipelines import digits
 
     p = ctx.params
@@ -114,6 +117,7 @@ def _is_v0(files: Mapping[str, bytes]) -> bool:
 
 
 def _restore_v0(ctx: JobContext, net: Any, opt: Any, device: Any) -> int:
+    # start-up: torch; every command that reads the registry imports this module
     from spotrun.pipelines import digits
 
     assert ctx.resume is not None

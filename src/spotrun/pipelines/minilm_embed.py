@@ -25,7 +25,14 @@ import json
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from spotrun.pipelines.base import JobContext, Params, State, SubmitRefused, pipeline
 
@@ -38,11 +45,22 @@ PROGRESS = "progress.json"
 Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT)]
 
 
+# What check_input_path takes (parts of letters, digits, '.', '_' and '-', not '.' or
+# '..'), and exactly one of texts and texts_file: for the API's document.
+_PART = r"([A-Za-z0-9_-][A-Za-z0-9._-]*|\.[A-Za-z0-9_-][A-Za-z0-9._-]*|\.\.[A-Za-z0-9._-]+)"
+INPUT_PATH_PATTERN = rf"^inputs/({_PART}/)*{_PART}$"
+
+
 class MiniLMEmbedParams(Params):
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["texts"], "properties": {"texts": {"type": "array"},
+                                               "texts_file": {"type": "null"}}},
+        {"required": ["texts_file"], "properties": {"texts_file": {"type": "string"},
+                                                    "texts": {"type": "null"}}}]})
     texts: list[Text] | None = Field(
         None, min_length=1, max_length=MAX_ITEMS, description="the texts, inline")
     texts_file: str | None = Field(
-        None, max_length=512,
+        None, max_length=512, json_schema_extra={"pattern": INPUT_PATH_PATTERN},
         description="or a UTF-8 file under inputs/ in the checkpoint store, one text a line")
     model: str | None = Field(
         None, min_length=1, max_length=64,
@@ -54,6 +72,7 @@ class MiniLMEmbedParams(Params):
     @field_validator("texts_file")
     @classmethod
     def _path(cls, v: str | None) -> str | None:
+        # start-up: fsspec; a pipeline module loads when the CLI starts
         from spotrun.checkpoints import check_input_path
 
         return v if v is None else check_input_path(v)
@@ -71,7 +90,8 @@ def _check(p: BaseModel, store: Any) -> None:
         return
     job = store.find(p.model)
     if job is None:
-        raise SubmitRefused(f"param 'model': no job with id {p.model!r}", param="model")
+        raise SubmitRefused(f"param 'model': no job with id {p.model!r}", param="model",
+                            missing=True)
     if job.pipeline != "minilm-finetune":
         raise SubmitRefused(f"param 'model': job {p.model} is a {job.pipeline} job, "
                             "not minilm-finetune", param="model")
@@ -115,7 +135,10 @@ def chunk_name(i: int, mode: str) -> str:
 def run(ctx: JobContext) -> dict[str, Any]:
     import torch
 
+    # start-up: torch; every command that reads the registry imports this module
     from spotrun.integrations import torch as spt
+
+    # start-up: torch; every command that reads the registry imports this module
     from spotrun.pipelines import digits, minilm
 
     p = ctx.params
@@ -209,6 +232,7 @@ def _join(chunks: list[bytes], mode: str, n: int) -> bytes:
     """The final output: the chunk files joined in order; checks each item is there once."""
     import torch
 
+    # start-up: torch; every command that reads the registry imports this module
     from spotrun.pipelines import digits
 
     if mode == "embed":
@@ -227,6 +251,7 @@ def _join(chunks: list[bytes], mode: str, n: int) -> bytes:
 
 def _classifier(encoder: Any, weights: bytes, labels: list[str], dropout: float,
                 device: Any) -> Any:
+    # start-up: torch; every command that reads the registry imports this module
     from spotrun.pipelines import digits, minilm
 
     tensors = digits.tensors_from_bytes(weights)

@@ -39,6 +39,9 @@ class MiniLMFinetuneParams(Params):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the head, dropout and order")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train")
     step_delay: float = Field(0, ge=0, le=60, description="seconds slept after each step")
+    threads: int = Field(1, ge=0, le=1024, description=(
+        "torch CPU threads while the job runs (0: the worker's setting); a step this small "
+        "is fastest on one, and on a busy machine several wait on each other at every op"))
 
 
 def _requires_cuda(p: BaseModel) -> bool:
@@ -49,14 +52,34 @@ def _requires_cuda(p: BaseModel) -> bool:
           description="Fine-tune a topic classifier on MiniLM (a pretrained transformer)")
 def run(ctx: JobContext) -> dict[str, Any]:
     import torch
-    import torch.nn.functional as F
-    from torch.utils.data import TensorDataset
-
-    from spotrun.integrations import torch as spt
-    from spotrun.pipelines import digits, minilm
 
     p = ctx.params
     assert isinstance(p, MiniLMFinetuneParams)
+    # One step (16 texts through one layer) is a few dozen small ops: split over two
+    # threads on a machine whose cores are busy, each op waits until both threads get a
+    # core, and a step measured 1.2 s against 35 ms on one thread. The count is part of
+    # what bit-identity depends on (recorded in each checkpoint), so it is a parameter of
+    # the job, set while the job runs and put back for whatever the worker runs next.
+    previous = torch.get_num_threads()
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    try:
+        return _train(ctx, p)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(ctx: JobContext, p: MiniLMFinetuneParams) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import TensorDataset
+
+    # start-up: torch; every command that reads the registry imports this module
+    from spotrun.integrations import torch as spt
+
+    # start-up: torch; every command that reads the registry imports this module
+    from spotrun.pipelines import digits, minilm
+
     device = digits.pick_device(p.device)
     data = minilm.topics()
     encoder = minilm.load_encoder(device)
@@ -191,6 +214,7 @@ def _features(ctx: JobContext, encoder: Any, texts: list[str], hidden: bool, dev
     """
     import torch
 
+    # start-up: torch; every command that reads the registry imports this module
     from spotrun.pipelines import digits, minilm
 
     out: dict[str, list[torch.Tensor]] = {"embeddings": [], "hidden": [], "mask": []}

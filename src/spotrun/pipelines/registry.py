@@ -10,6 +10,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from spotrun.pipelines import (
+    command,
+    digits_infer,
+    digits_train,
+    minilm_embed,
+    minilm_finetune,
+    sleep,
+)
 from spotrun.pipelines.base import JOB_ID_PATTERN, Pipeline, SubmitRefused
 
 log = logging.getLogger("spotrun.pipelines")
@@ -23,15 +31,6 @@ class UnknownPipeline(LookupError):
 @cache
 def registry() -> dict[str, Pipeline]:
     """Every known pipeline by name."""
-    from spotrun.pipelines import (
-        command,
-        digits_infer,
-        digits_train,
-        minilm_embed,
-        minilm_finetune,
-        sleep,
-    )
-
     found: dict[str, Pipeline] = {}
     for p in (digits_train.PIPELINE, digits_infer.PIPELINE, minilm_finetune.PIPELINE,
               minilm_embed.PIPELINE, sleep.PIPELINE, command.PIPELINE):

@@ -14,17 +14,18 @@ from typing import Any
 from pydantic import ValidationError
 
 from spotrun.config import ConfigError, check_pool
-from spotrun.http import callbacks
 from spotrun.jobs import Job
 from spotrun.pipelines.base import SubmitRefused
 from spotrun.pipelines.command import may_submit
 from spotrun.pipelines.registry import describe_validation_error, get, validate_submission
+from spotrun.service import callback_urls
 from spotrun.service.auth import JOB_ID_RE, Principal
 from spotrun.service.submission import (
     Forbidden,
     IdempotencyConflict,
     Invalid,
     Problem,
+    Refused,
     Submission,
     bad_value,
 )
@@ -48,7 +49,7 @@ def check(store: JobStore, sub: Submission, *, caller: Principal | None,
     if bad:
         raise Invalid([bad])
     try:
-        pipe.validate(sub.params)
+        pipe.validate(sub.params, strict=sub.strict_params)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -63,11 +64,16 @@ def check(store: JobStore, sub: Submission, *, caller: Principal | None,
     except SubmitRefused as exc:
         message = str(exc.args[0]) if exc.args else str(exc)
         where = "params" if exc.param is None else f"params.{exc.param}"
-        raise Invalid.one(where, message, message) from None
+        raise Refused(message, where, missing=exc.missing) from None
     if sub.callback_url is not None:
         try:
-            callbacks.check_callback_url(sub.callback_url, allow_private=allow_private_callbacks)
-        except callbacks.CallbackRefused as exc:
+            callback_urls.check_callback_url(sub.callback_url,
+                                             allow_private=allow_private_callbacks)
+        except callback_urls.CallbackForbidden as exc:
+            # A well-formed URL to a destination the server will not call: not an input
+            # error (the API document's pattern admits it) but a refusal.
+            raise Forbidden(f"callback_url: {exc}", "callback_url") from None
+        except callback_urls.CallbackRefused as exc:
             raise Invalid.one("callback_url", str(exc), f"callback_url: {exc}") from None
     if caller is not None and sub.pipeline == "command":
         # Command jobs run programs on the workers: an admin, or a program the operator

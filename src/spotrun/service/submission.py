@@ -45,6 +45,7 @@ class Submission:
     max_preemptions: int | None = None
     deadline: float | None = None
     callback_url: str | None = None
+    strict_params: bool = False  # params exactly of their schema's JSON types (the API)
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,24 @@ class Invalid(ServiceError):
 
 
 class Forbidden(ServiceError):
-    """The caller may not do this (not an admin, a command job); the message says why."""
+    """The caller may not do this (not an admin, a command job, a callback to a private
+    address); the message says why, and ``field`` names the request's field at fault,
+    if one is."""
+
+    def __init__(self, message: str, field_: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field_
+
+
+class Refused(ServiceError):
+    """Params that meet the pipeline's schema, refused by its submit check given what
+    exists now; ``missing`` when a job they name does not exist (or is not the caller's).
+    ``field`` names the param at fault (``params.model``)."""
+
+    def __init__(self, message: str, field_: str, *, missing: bool = False) -> None:
+        super().__init__(message)
+        self.field = field_
+        self.missing = missing
 
 
 class IdempotencyConflict(ServiceError):

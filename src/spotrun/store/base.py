@@ -38,7 +38,7 @@ from spotrun.store.callbacks import CallbackRecords
 from spotrun.store.connect import create_engine, normalize_url, redact
 from spotrun.store.errors import DatabaseUnavailable, JobNotFound, StoreError, first_line
 from spotrun.store.intake import IntakeRecords
-from spotrun.store.leases import LeaseWrites
+from spotrun.store.leases import LeaseWrites, registered_here
 from spotrun.store.records import (
     JobRecord,
     Lease,
@@ -468,6 +468,7 @@ class JobStore(LeaseWrites):
                 has_cuda=has_cuda, lease_seconds=lease_seconds, price_per_hour=price_per_hour,
                 started_at=self._now,
                 last_heartbeat=self._now))
+        registered_here(worker_id)
         return worker_id
 
     def set_worker_state(self, worker_id: str, state: WorkerState | str) -> None:
@@ -496,13 +497,18 @@ class JobStore(LeaseWrites):
         return [worker_from_row(r) for r in rows]
 
 
+# Each dialect's module registers its store when the package loads it (spotrun.store
+# imports both), so that this interface never imports its implementations.
+_DIALECTS: dict[str, type[JobStore]] = {}
+
+
+def register_dialect(name: str, store: type[JobStore]) -> None:
+    """Make ``JobStore.open`` give ``store`` for URLs of the SQLAlchemy dialect ``name``."""
+    _DIALECTS[name] = store
+
+
 def _dialect_store(name: str) -> type[JobStore]:
-    if name == "postgresql":
-        from spotrun.store.postgres import PostgresStore
-
-        return PostgresStore
-    if name == "sqlite":
-        from spotrun.store.sqlite import SqliteStore
-
-        return SqliteStore
-    raise StoreError(f"unsupported database {name!r}: use SQLite or PostgreSQL")
+    try:
+        return _DIALECTS[name]
+    except KeyError:
+        raise StoreError(f"unsupported database {name!r}: use SQLite or PostgreSQL") from None

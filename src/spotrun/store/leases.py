@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import json
 import math
+import os
+import socket
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +25,7 @@ from sqlalchemy.engine import Connection
 
 from spotrun.events import CancelCause, Cancelled, Failed, LeaseExpired, Succeeded
 from spotrun.jobs import LIVE_WORKER_STATES, EventKind, JobState, Progress, WorkerState
-from spotrun.schema import job_logs, job_metrics, jobs, workers
+from spotrun.schema import events, job_logs, job_metrics, jobs, workers
 from spotrun.store.core import StoreCore
 from spotrun.store.errors import DatabaseSlow, LeaseLost, StoreError, first_line
 from spotrun.store.records import (
@@ -36,6 +39,39 @@ from spotrun.store.records import (
 )
 
 _IDLE_OR_BUSY = (WorkerState.IDLE.value, WorkerState.BUSY.value)
+
+
+# The workers this process registered: a row with this process's host and pid that is not
+# one of them was a process before this one with the same pid (a container restarted in
+# its pod: the new worker is pid 1 again), so that process is gone.
+_REGISTERED_HERE: set[str] = set()
+
+
+def registered_here(worker_id: str) -> None:
+    """Note that this process registered ``worker_id`` (see :func:`process_gone`)."""
+    _REGISTERED_HERE.add(worker_id)
+
+
+def process_gone(worker_id: str, host: str | None, pid: int | None) -> bool:
+    """Whether the process of worker ``worker_id`` (``pid`` of ``host``) is known to be
+    dead: only on this very host (another host's pids cannot be seen); a zombie not yet
+    reaped is dead. False when not known; a pid reused by another process reads as alive
+    (a plain expiry)."""
+    if not host or not pid or host != socket.gethostname():
+        return False
+    if pid == os.getpid():
+        return worker_id not in _REGISTERED_HERE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 class LeaseWrites(StoreCore):
@@ -419,26 +455,58 @@ class LeaseWrites(StoreCore):
         lease = Lease(job.id, job.attempt, job.worker_id or "", who)
         cond = self._fenced(lease)
         said: Cancelled | Failed | LeaseExpired
+        died = self._worker_died(conn, job.worker_id)
         if job.cancel_requested:
             said = Cancelled(CancelCause.LEASE_EXPIRED, worker=who, step=step, total=total)
             conn.execute(jobs.update().where(cond).values(
                 state=JobState.CANCELLED.value, error="cancelled", lease_expires_at=None,
                 finished_at=self._now, updated_at=self._now))
         elif job.retries + 1 > job.max_retries:
-            said = Failed.lease_expired(worker=who, step=step, total=total,
-                                        retries=job.retries + 1, max_retries=job.max_retries)
+            crashes = self._crashes_in_a_row(conn, job.id) + 1 if died else 0
+            said = (Failed.worker_died(worker=who, step=step, total=total, crashes=crashes,
+                                       retries=job.retries + 1, max_retries=job.max_retries)
+                    if died else
+                    Failed.lease_expired(worker=who, step=step, total=total,
+                                         retries=job.retries + 1, max_retries=job.max_retries))
             conn.execute(jobs.update().where(cond).values(
                 state=JobState.FAILED.value, retries=jobs.c.retries + 1, error=said.error,
                 lease_expires_at=None, finished_at=self._now, updated_at=self._now))
         else:
             said = LeaseExpired(who, step, total, retries=job.retries + 1,
-                                max_retries=job.max_retries)
+                                max_retries=job.max_retries, died=died)
             conn.execute(jobs.update().where(cond).values(
                 state=JobState.QUEUED.value, retries=jobs.c.retries + 1, worker_id=None,
                 worker_name=None, lease_expires_at=None, updated_at=self._now))
         self._release_worker(conn, lease)
         self._record(conn, job.id, said, worker=job.worker, attempt=job.attempt)
         self._notify(conn, job.id)
+
+    def _worker_died(self, conn: Connection, worker_id: str | None) -> bool:
+        """Whether the process of the worker that held a lapsed lease is known dead."""
+        if not worker_id:
+            return False
+        row = conn.execute(sa.select(workers.c.host, workers.c.pid)
+                           .where(workers.c.id == worker_id)).first()
+        return row is not None and process_gone(worker_id, row.host, row.pid)
+
+    def _crashes_in_a_row(self, conn: Connection, job_id: str) -> int:
+        """How many of the job's last attempts ended with their worker's process dead,
+        newest first: a graceful hand-back or an expiry not known as a death ends the run."""
+        ends = (EventKind.LEASE_EXPIRED.value, EventKind.PREEMPTED.value,
+                EventKind.HANDED_BACK.value)
+        rows = conn.execute(sa.select(events.c.kind, events.c.data)
+                            .where(events.c.job_id == job_id, events.c.kind.in_(ends))
+                            .order_by(events.c.id.desc())).all()
+        n = 0
+        for row in rows:
+            try:
+                data = json.loads(row.data) if row.data else {}
+            except ValueError:
+                data = {}
+            if row.kind != EventKind.LEASE_EXPIRED.value or not data.get("died"):
+                break
+            n += 1
+        return n
 
     def mark_gone_workers(self) -> int:
         """Workers whose heartbeat is older than their own lease length are marked gone."""

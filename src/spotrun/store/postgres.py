@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from spotrun import migrations
 from spotrun.jobs import JobState
-from spotrun.store.base import JobStore, Waker
+from spotrun.schema import jobs
+from spotrun.store.base import JobStore, Waker, register_dialect
 from spotrun.store.claim_event import claim_event_sql
 from spotrun.store.connect import (
     create_engine,
@@ -129,8 +131,6 @@ class PostgresStore(JobStore):
                      {"key": f"spotrun-quota:{owner}"})
 
     def _lock_job(self, conn: Connection, job_id: str) -> None:
-        from spotrun.schema import jobs
-
         conn.execute(sa.select(jobs.c.id).where(jobs.c.id == job_id).with_for_update())
 
     def _bound_on_checkout(self, dbapi_conn: Any, ms: int) -> None:
@@ -155,8 +155,6 @@ class PostgresStore(JobStore):
         return self.engine.url.port or 5432
 
     def migrate(self) -> None:
-        from spotrun import migrations
-
         if self.current_revision() == migrations.head_revision():
             return
         with self.engine.connect() as conn, conn.begin():
@@ -363,3 +361,6 @@ class ListenWaker(Waker):
         if self._direct is not None:
             self._direct.dispose()
             self._direct = None
+
+
+register_dialect("postgresql", PostgresStore)

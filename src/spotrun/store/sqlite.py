@@ -19,9 +19,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from spotrun import migrations
 from spotrun.jobs import JobState
 from spotrun.schema import jobs, quotas
-from spotrun.store.base import JobStore, Waker
+from spotrun.store.base import JobStore, Waker, register_dialect
 from spotrun.store.claim_event import claim_payload
 from spotrun.store.records import ClaimRequest, JobRecord, Lease, job_from_row
 
@@ -41,8 +42,6 @@ class SqliteStore(JobStore):
         dbapi_conn.execute(f"PRAGMA busy_timeout = {ms}")
 
     def migrate(self) -> None:
-        from spotrun import migrations
-
         if self.current_revision() == migrations.head_revision():
             return
         with self._migration_lock(), self.engine.connect() as conn:
@@ -264,3 +263,6 @@ def fair_share_pick(conn: Connection, *, has_cuda: bool, pool: str | None) -> st
     return None
 
 
+
+
+register_dialect("sqlite", SqliteStore)

@@ -38,6 +38,7 @@ from spotrun.store import (
     LeaseLost,
     Waker,
 )
+from spotrun.worker import memory
 from spotrun.worker.outcome import UNWAITED, StopReason
 from spotrun.worker.reporter import Reporter
 from spotrun.worker.retry import Retrier, is_db_error
@@ -127,6 +128,10 @@ class Worker:
     # --------------------------------------------------------------------- run
 
     def run(self) -> int:
+        if self.settings.job_memory_gb is not None:
+            limit = memory.apply_limit(self.settings.job_memory_gb, has_cuda=self.has_cuda)
+            log.info("worker %s: jobs may use %g GB (address space limited to %.1f GB)",
+                     self.name, self.settings.job_memory_gb, limit / memory.GB)
         self.worker_id = self.db.call(lambda: self.store.register_worker(
             name=self.name, host=socket.gethostname(), pid=os.getpid(), pool=self.pool,
             has_cuda=self.has_cuda, lease_seconds=self.settings.lease_seconds,

@@ -33,7 +33,9 @@ from spotrun.events import (
 )
 from spotrun.jobs import EventKind, JobState, Progress
 from spotrun.pipelines.base import JobContext, JobStopped, Pipeline, State
+from spotrun.pipelines.registry import get as get_pipeline
 from spotrun.store import ClaimRequest, JobRecord, JobStore, Lease, LeaseLost
+from spotrun.worker.memory import allocation_error, out_of_memory
 from spotrun.worker.outcome import (
     NOTICES,
     CheckpointState,
@@ -254,8 +256,6 @@ class JobRunner:
                 self.worker.wake()
 
     def _run(self) -> None:
-        from spotrun.pipelines.registry import get as get_pipeline
-
         # Not while the worker's preload imports the ML stack: two threads importing it at
         # once can see half-initialised modules. A stop meanwhile hands the job back.
         if not preload.wait(self.stop_requested):
@@ -295,6 +295,7 @@ class JobRunner:
                          worker=self.lease.worker_name, has_cuda=self.worker.has_cuda,
                          state_dir=state_dir, deadline=self.worker.deadline)
         self.ctx = ctx
+        over_limit: str | None = None
         try:
             result = pipe.run(ctx)
         except JobStopped:
@@ -314,11 +315,19 @@ class JobRunner:
                             "(%s)", self.job.id, unwinding, reason.value)
                 self._stopped(unwinding=unwinding)
                 return
-            error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
-            progress, lines = self._take()
-            self._finish_then_next(lambda then: self.store.fail(
-                self.lease, error, tb, run_seconds=self.run_seconds(), progress=progress,
-                logs=lines, then_claim=then))
+            if self.worker.settings.job_memory_gb is not None and out_of_memory(exc):
+                over_limit = allocation_error(exc)
+            else:
+                error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
+                progress, lines = self._take()
+                self._finish_then_next(lambda then: self.store.fail(
+                    self.lease, error, tb, run_seconds=self.run_seconds(),
+                    progress=progress, logs=lines, then_claim=then))
+                return
+        if over_limit is not None:
+            # Written out of the except block: the pipeline's frames, and what they
+            # allocated, are freed first, so the write has memory to run in.
+            self._over_memory_limit(over_limit)
             return
         if self.state.abandoned or self.state.stop_reason is StopReason.LEASE_LOST:
             return
@@ -327,6 +336,18 @@ class JobRunner:
             self.lease, result, run_seconds=self.run_seconds(), progress=progress,
             logs=lines, then_claim=then))
         self.won = True
+
+    def _over_memory_limit(self, error: str) -> None:
+        """Fail the job that hit the worker's per-job memory limit; the worker goes on."""
+        limit = self.worker.settings.job_memory_gb or 0.0
+        log.warning("job %s: an allocation failed at the job memory limit of %g GB (%s)",
+                    self.job.id, limit, error)
+        progress, lines = self._take()
+        failed = Failed.memory_limit(limit_gb=limit, error=error, step=progress.step,
+                                     total=progress.total)
+        self._finish_then_next(lambda then: self.store.fail(
+            self.lease, failed.error, None, run_seconds=self.run_seconds(),
+            progress=progress, logs=lines, then_claim=then))
 
     def _finish_then_next(
         self, write: Callable[[ClaimRequest | None], tuple[Lease, JobRecord] | None]

@@ -42,7 +42,7 @@ from spotrun.service import preempt as preemption
 from spotrun.service import queue
 from spotrun.service.auth import Principal, sign_in, sign_out, visible_job
 from spotrun.service.preempt import LIVE_WORKER_STATES
-from spotrun.service.submission import Forbidden, Invalid, ServiceError
+from spotrun.service.submission import Forbidden, Invalid, Refused, ServiceError
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -267,9 +267,9 @@ def install(app: FastAPI, ctx: AppContext) -> None:
         try:
             job = await run(queue.submit, store, req.submission(), caller=who,
                             allow_private_callbacks=ctx.allow_private_callbacks)
-        except (Invalid, UnknownPipeline) as exc:
-            words = exc.describe("body.") if isinstance(exc, Invalid) else (
-                f"body.pipeline: {exc.args[0]}")
+        except (Invalid, Refused, UnknownPipeline) as exc:
+            words = exc.describe("body.") if isinstance(exc, Invalid) else str(exc) \
+                if isinstance(exc, Refused) else f"body.pipeline: {exc.args[0]}"
             return submit_page(request, who, name, status=422, values=form, error=words)
         except Forbidden as exc:
             return submit_page(request, who, name, status=403, values=form, error=str(exc))
