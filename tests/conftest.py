@@ -1,5 +1,6 @@
-"""Shared fixtures: a fresh database per test on SQLite and on the real PostgreSQL, and
-helpers that start real ``spotrun`` processes and send them real signals."""
+"""Shared fixtures: a fresh database per test on SQLite and on the real PostgreSQL (also
+through a real PgBouncer in transaction mode, for the modules that ask), and helpers that
+start real ``spotrun`` processes and send them real signals."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 
+import pgbouncer
 from spotrun.chaos.processes import wait_for
 from spotrun.store import JobStore
 
@@ -79,13 +81,53 @@ def _drop_template() -> Iterator[None]:
             conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB} WITH (FORCE)")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(scope="session")
+def pgbouncer_port() -> Iterator[int]:
+    """A real PgBouncer in transaction mode in front of the test PostgreSQL."""
+    if not pgbouncer.available():
+        msg = f"PgBouncer is not installed ({pgbouncer.PGBOUNCER}): apt-get install pgbouncer"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    host_port = PG_URL.rsplit("@", 1)[-1].split("/", 1)[0]
+    host, _, port = host_port.partition(":")
+    with pgbouncer.running(server_host=host or "127.0.0.1",
+                           server_port=int(port or 5432)) as listen_port:
+        yield listen_port
+
+
+def through_pgbouncer(url: str, port: int) -> str:
+    """``url`` (on the test server) through PgBouncer at ``port``, marked as pooled."""
+    base, dbname = url.rsplit("/", 1)
+    user = base.split("://", 1)[1].split("@", 1)[0]
+    return f"postgresql://{user}@127.0.0.1:{port}/{dbname}?spotrun_pooler=transaction"
+
+
+# Modules whose tests on db_url run through PgBouncer too (set PGBOUNCER = True in them).
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    keep, drop = [], []
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        through = spec is not None and spec.params.get("db_url") == "pgbouncer"
+        opted = getattr(getattr(item, "module", None), "PGBOUNCER", False)
+        (drop if through and not opted else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "pgbouncer"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, migrated database: SQLite in a temp dir, or a clone on PostgreSQL."""
+    """A fresh, migrated database: SQLite in a temp dir, or a clone on PostgreSQL, reached
+    directly or through PgBouncer in transaction mode."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'spotrun.db'}"
         JobStore.open(url).close()
         yield url
+    elif request.param == "pgbouncer":
+        port = request.getfixturevalue("pgbouncer_port")
+        with fresh_pg_database() as url:
+            yield through_pgbouncer(url, port)
     else:
         with fresh_pg_database() as url:
             yield url

@@ -44,6 +44,7 @@ listen_addr = 127.0.0.1
 listen_port = {port}
 unix_socket_dir =
 auth_type = trust
+admin_users = postgres
 auth_file = {root / 'userlist.txt'}
 pool_mode = transaction
 default_pool_size = {pool_size}
@@ -83,3 +84,14 @@ ignore_startup_parameters = extra_float_digits
             proc.kill()
             proc.wait()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def drop_clients(port: int, dbname: str) -> None:
+    """Drop every client's (and server) connection to ``dbname`` at the PgBouncer on
+    ``port``, as a pooler's restart would; new ones are let in again at once."""
+    import psycopg
+
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/pgbouncer",
+                         autocommit=True, cursor_factory=psycopg.ClientCursor) as admin:
+        admin.execute(f"KILL {dbname}")
+        admin.execute(f"RESUME {dbname}")

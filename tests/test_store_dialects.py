@@ -38,6 +38,9 @@ from spotrun.store import (
 )
 from spotrun.store.claim_event import claim_event
 
+# The store suite runs through PgBouncer in transaction mode too (see conftest.py).
+PGBOUNCER = True
+
 
 def _worker(store: JobStore, name: str = "w1") -> str:
     return store.register_worker(name=name, host="h", pid=1, pool="spot", has_cuda=False,

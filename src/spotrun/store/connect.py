@@ -4,12 +4,21 @@ Every connection the store opens comes from the engine :func:`create_engine` bui
 PostgreSQL hot path's and the LISTEN wake-up's too (:func:`pg_connection`), so each one
 has what the URL asks (its query string: ``sslmode``, a socket ``host=``,
 ``application_name``) and the timeouts and keepalives below.
+
+Behind a transaction pooler (PgBouncer's ``pool_mode = transaction``, which Cloud SQL and
+RDS users run; say so with ``?spotrun_pooler=transaction`` on the URL or
+``SPOTRUN_DATABASE_POOLER=transaction``) a session's settings would stay on whichever
+server connection ran them: the bounds are then set in each transaction instead
+(:func:`pg_bounds`), no statement is prepared on the server, and LISTEN needs a direct
+URL (``SPOTRUN_LISTEN_URL``) or the idle worker polls.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +40,11 @@ PG_KEEPALIVES: dict[str, Any] = {
     "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
     "tcp_user_timeout": 20_000}
 PG_CONNECT_TIMEOUT = 5
+# The URL's query option (and the variable) that says a transaction pooler is in between.
+POOLER_OPTION = "spotrun_pooler"
+POOLER_ENV = "SPOTRUN_DATABASE_POOLER"
+# A direct URL (past the pooler) for the idle worker's LISTEN.
+LISTEN_URL_ENV = "SPOTRUN_LISTEN_URL"
 
 _BAD_URL = ("the database URL is not one spotrun can use: give sqlite:///PATH "
             "or postgresql://USER@HOST/DB")
@@ -135,28 +149,93 @@ def _sqlite_engine(u: sa.URL, *, pool_size: int) -> Engine:
     return engine
 
 
+@dataclasses.dataclass
+class PgBounds:
+    """The server-side bounds of an engine's connections, and where they are set.
+
+    Directly connected, they are session settings, set once at connect; behind a
+    transaction pooler (``pooled``) each transaction sets them (:meth:`set_local_sql`),
+    the hot path's and the engine's alike. ``lock_ms`` may tighten later (a stop path).
+    """
+
+    pooled: bool
+    statement_ms: int | None
+    lock_ms: int | None
+
+    def set_local_sql(self) -> str:
+        """One statement that sets the bounds for the rest of its transaction only."""
+        # A worker frozen inside a transaction (SIGSTOP, a paused VM) would hold its
+        # job's row lock, and no sweep could requeue the job until it thawed: the
+        # server ends such a transaction instead. spotrun's transactions hold SQL only.
+        sets = [("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION_MS),
+                ("statement_timeout", self.statement_ms), ("lock_timeout", self.lock_ms)]
+        return "SELECT " + ", ".join(f"set_config('{name}', '{ms}', true)"
+                                     for name, ms in sets if ms is not None)
+
+
+_bounds: weakref.WeakKeyDictionary[Engine, PgBounds] = weakref.WeakKeyDictionary()
+
+
+def pg_bounds(engine: Engine) -> PgBounds:
+    """The bounds of a PostgreSQL engine :func:`create_engine` made (none, and direct,
+    for an engine made elsewhere)."""
+    bounds = _bounds.get(engine)
+    if bounds is None:
+        bounds = _bounds[engine] = PgBounds(False, None, None)
+    return bounds
+
+
+def _pooler(u: sa.URL) -> bool:
+    value = u.query.get(POOLER_OPTION, os.environ.get(POOLER_ENV, ""))
+    value = (value[-1] if isinstance(value, tuple) else value).strip().lower()
+    if value not in ("", "none", "transaction"):
+        raise BadDatabaseURL(f"{POOLER_OPTION}={value} is not a pooler spotrun knows: "
+                             "give transaction (PgBouncer's transaction mode) or none")
+    return value == "transaction"
+
+
+def listen_url() -> str | None:
+    """The direct URL an idle worker LISTENs on, if one is set (``SPOTRUN_LISTEN_URL``)."""
+    return os.environ.get(LISTEN_URL_ENV) or None
+
+
 def _pg_engine(u: sa.URL, *, pool_size: int, pre_ping: bool,
                statement_timeout: float | None) -> Engine:
+    pooled = _pooler(u)
     try:
         engine = sa.create_engine(
             u, pool_pre_ping=pre_ping, pool_size=pool_size, max_overflow=10,
-            connect_args={"connect_timeout": PG_CONNECT_TIMEOUT, **PG_KEEPALIVES},
+            # No statement prepared on the server: a pooler may send the next execute
+            # to another server connection (PgBouncer 1.18 does not track them).
+            connect_args={"connect_timeout": PG_CONNECT_TIMEOUT, "prepare_threshold": None,
+                          **PG_KEEPALIVES},
         )
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError):
         raise BadDatabaseURL(_BAD_URL) from None
     bound_ms = None if statement_timeout is None else max(1, int(statement_timeout * 1000))
+    bounds = _bounds[engine] = PgBounds(pooled, bound_ms, bound_ms)
+
+    @sa_event.listens_for(engine, "do_connect")
+    def _strip_option(_dialect: Any, _record: Any, _cargs: Any,
+                      cparams: dict[str, Any]) -> None:
+        cparams.pop(POOLER_OPTION, None)  # spotrun's, not libpq's
+
+    if pooled:
+        @sa_event.listens_for(engine, "begin")
+        def _on_pg_begin(conn: Connection) -> None:
+            conn.exec_driver_sql(bounds.set_local_sql())
+
+        return engine
 
     @sa_event.listens_for(engine, "connect")
     def _on_pg_connect(dbapi_conn: Any, _record: Any) -> None:
-        # A worker frozen inside a transaction (SIGSTOP, a paused VM) would hold its
-        # job's row lock, and no sweep could requeue the job until it thawed: the
-        # server ends such a transaction instead. spotrun's transactions hold SQL only.
+        # Set once for the session: the same bounds set_local_sql gives a transaction
+        # (a statement or lock wait longer than a lease is an outage to its caller).
         autocommit = dbapi_conn.autocommit
         dbapi_conn.autocommit = True
         dbapi_conn.execute(
             f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}")
         if bound_ms is not None:
-            # A statement or lock wait longer than a lease is an outage to its caller.
             dbapi_conn.execute(f"SET statement_timeout = {bound_ms}")
             dbapi_conn.execute(f"SET lock_timeout = {bound_ms}")
         dbapi_conn.autocommit = autocommit

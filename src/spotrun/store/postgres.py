@@ -25,7 +25,13 @@ from spotrun.jobs import JobState
 from spotrun.schema import jobs
 from spotrun.store.base import JobStore, Waker, register_dialect
 from spotrun.store.claim_event import claim_event_sql
-from spotrun.store.connect import pg_connection
+from spotrun.store.connect import (
+    create_engine,
+    listen_url,
+    normalize_url,
+    pg_bounds,
+    pg_connection,
+)
 from spotrun.store.records import ClaimRequest, JobRecord, Lease, dumps, job_from_row
 
 if TYPE_CHECKING:
@@ -128,6 +134,10 @@ class PostgresStore(JobStore):
         conn.execute(sa.select(jobs.c.id).where(jobs.c.id == job_id).with_for_update())
 
     def _bound_on_checkout(self, dbapi_conn: Any, ms: int) -> None:
+        bounds = pg_bounds(self.engine)
+        if bounds.pooled:  # each transaction sets it (the hot path's too)
+            bounds.lock_ms = ms
+            return
         autocommit = dbapi_conn.autocommit
         dbapi_conn.autocommit = True
         dbapi_conn.execute(f"SET lock_timeout = {ms}")
@@ -155,6 +165,12 @@ class PostgresStore(JobStore):
             migrations.upgrade(conn)
 
     def waker(self) -> Waker:
+        direct = listen_url()
+        if direct is not None:
+            return ListenWaker(self, direct)
+        if pg_bounds(self.engine).pooled:
+            # LISTEN is a session's: a transaction pooler would lose it.
+            return PollWaker()
         return ListenWaker(self)
 
     def stall_writes(self, seconds: float) -> None:
@@ -238,7 +254,12 @@ class PostgresStore(JobStore):
             pg = self._hot.pop() if self._hot else None
         if pg is None:
             pg = pg_connection(self.engine)
+        bounds = pg_bounds(self.engine)
         try:
+            if bounds.pooled:
+                # Behind a transaction pooler the bounds hold for one transaction only:
+                # the statement gets one of its own that sets them first.
+                pg.execute("BEGIN; " + bounds.set_local_sql())
             with pg.cursor() as cur:
                 cur.execute(sql, params)
                 row = cur.fetchone()
@@ -246,7 +267,12 @@ class PostgresStore(JobStore):
                 names = self._hot_columns.get(sql)
                 if names is None and cur.description is not None:
                     names = self._hot_columns[sql] = [c.name for c in cur.description]
+            if bounds.pooled:
+                pg.execute("COMMIT")
         except psycopg.Error as exc:
+            if bounds.pooled and not (pg.closed or pg.broken):
+                with contextlib.suppress(psycopg.Error):
+                    pg.rollback()
             lost = pg.closed or pg.broken
             if lost:
                 with contextlib.suppress(Exception):
@@ -267,19 +293,42 @@ class PostgresStore(JobStore):
                 self._hot.append(pg)
 
 
+class PollWaker(Waker):
+    """Behind a transaction pooler with no direct URL to LISTEN on: the idle worker polls
+    at its idle rate (each wait is the caller's timeout)."""
+
+    def wait(self, timeout: float) -> bool:
+        time.sleep(timeout)
+        return True
+
+    def close(self) -> None:
+        pass
+
+
 class ListenWaker(Waker):
     """LISTEN on a connection of its own (opened from the store's engine, so with the
-    URL's every setting); NOTIFY comes with each commit that changes the queue."""
+    URL's every setting, or from ``direct_url``'s, past a pooler); NOTIFY comes with each
+    commit that changes the queue."""
 
-    def __init__(self, store: PostgresStore) -> None:
+    def __init__(self, store: PostgresStore, direct_url: str | None = None) -> None:
         self.store = store
+        self._direct_url = direct_url
+        self._direct: Engine | None = None
         self._pg: Any = None
         self._listening = False
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        if self._direct_url is None:
+            return pg_connection(self.store.engine)
+        if self._direct is None:
+            self._direct = create_engine(normalize_url(self._direct_url), pool_size=1,
+                                         pre_ping=False)
+        return pg_connection(self._direct)
 
     def wait(self, timeout: float) -> bool:
         try:
             if self._pg is None:
-                self._pg = pg_connection(self.store.engine)
+                self._pg = self._connect()
             if not self._listening:
                 self._pg.execute(f"LISTEN {NOTIFY_CHANNEL}")
                 self._listening = True
@@ -293,17 +342,15 @@ class ListenWaker(Waker):
             return True
 
     def busy(self) -> None:
-        """Stop listening until the worker waits again.
+        """Stop listening, and close the connection, until the worker waits again.
 
         PostgreSQL signals every listening session of the database on every NOTIFY, and
         each job's result sends one: busy workers would cost the server a wake-up per job.
+        Closed, not only UNLISTENed: a busy worker holds one connection fewer (its
+        pipeline's needs one then), at the cost of a connect when it next goes idle.
         """
-        if self._listening:
-            try:
-                self._pg.execute("UNLISTEN *")
-                self._listening = False
-            except Exception:
-                self.close()
+        if self._pg is not None:
+            self.close()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -311,6 +358,9 @@ class ListenWaker(Waker):
                 self._pg.close()
         self._pg = None
         self._listening = False
+        if self._direct is not None:
+            self._direct.dispose()
+            self._direct = None
 
 
 register_dialect("postgresql", PostgresStore)
