@@ -13,7 +13,8 @@ class ConfigError(ValueError):
     """A setting has a value spotrun cannot use; the message names it."""
 
 
-def _float(name: str, default: float, *, minimum: float = 0.0) -> float:
+def env_float(name: str, default: float, *, minimum: float = 0.0) -> float:
+    """A number from the environment; a bad value is one clear error at start."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -29,7 +30,7 @@ def _float(name: str, default: float, *, minimum: float = 0.0) -> float:
 
 
 def _int(name: str, default: int, *, minimum: int = 0) -> int:
-    value = _float(name, float(default), minimum=minimum)
+    value = env_float(name, float(default), minimum=minimum)
     if value != int(value) or value > 1_000_000_000:
         raise ConfigError(f"{name}={os.environ.get(name)!r} must be a whole number")
     return int(value)
@@ -85,21 +86,21 @@ class Settings:
             home=home_path,
             database_url=url,
             checkpoint_url=ckpt,
-            heartbeat_seconds=_float("SPOTRUN_HEARTBEAT_SECONDS", 2.0, minimum=0.05),
-            lease_seconds=_float("SPOTRUN_LEASE_SECONDS", 10.0, minimum=0.2),
-            grace_seconds=_float("SPOTRUN_GRACE_SECONDS", 15.0, minimum=0.5),
-            safety_margin_seconds=_float("SPOTRUN_SAFETY_MARGIN_SECONDS", 1.0),
+            heartbeat_seconds=env_float("SPOTRUN_HEARTBEAT_SECONDS", 2.0, minimum=0.05),
+            lease_seconds=env_float("SPOTRUN_LEASE_SECONDS", 10.0, minimum=0.2),
+            grace_seconds=env_float("SPOTRUN_GRACE_SECONDS", 15.0, minimum=0.5),
+            safety_margin_seconds=env_float("SPOTRUN_SAFETY_MARGIN_SECONDS", 1.0),
             checkpoint_every_steps=_int("SPOTRUN_CHECKPOINT_EVERY_STEPS", 0),
             checkpoint_every_seconds=(
-                _float("SPOTRUN_CHECKPOINT_EVERY_SECONDS", 0.0, minimum=0.01)
+                env_float("SPOTRUN_CHECKPOINT_EVERY_SECONDS", 0.0, minimum=0.01)
                 if os.environ.get("SPOTRUN_CHECKPOINT_EVERY_SECONDS") else None),
-            checkpoint_min_seconds=_float("SPOTRUN_CHECKPOINT_MIN_SECONDS", 10.0),
-            checkpoint_max_seconds=_float("SPOTRUN_CHECKPOINT_MAX_SECONDS", 600.0),
+            checkpoint_min_seconds=env_float("SPOTRUN_CHECKPOINT_MIN_SECONDS", 10.0),
+            checkpoint_max_seconds=env_float("SPOTRUN_CHECKPOINT_MAX_SECONDS", 600.0),
             max_preemptions=_int("SPOTRUN_MAX_PREEMPTIONS", 5),
             pool=check_pool(os.environ.get("SPOTRUN_POOL") or "spot", "SPOTRUN_POOL"),
-            price_per_hour=(_float("SPOTRUN_PRICE_PER_HOUR", 0.0)
+            price_per_hour=(env_float("SPOTRUN_PRICE_PER_HOUR", 0.0)
                             if os.environ.get("SPOTRUN_PRICE_PER_HOUR") else None),
-            job_memory_gb=(_float("SPOTRUN_JOB_MEMORY_GB", 0.0, minimum=0.01)
+            job_memory_gb=(env_float("SPOTRUN_JOB_MEMORY_GB", 0.0, minimum=0.01)
                            if os.environ.get("SPOTRUN_JOB_MEMORY_GB") else None),
         )
         settings.check()

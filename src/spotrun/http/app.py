@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
-import os
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI
 
-from spotrun.config import ConfigError, Settings
+from spotrun.config import Settings, env_float
 from spotrun.http import callbacks, routes, schemas
 from spotrun.http.context import AppContext
 from spotrun.http.dashboard import apidocs, pages
@@ -45,12 +43,12 @@ def create_app(settings: Settings, *, store: JobStore | None = None,
     the_store = store if store is not None else JobStore.open(settings.database_url)
     ctx = AppContext(settings=settings, store=the_store, feed=ChangeFeed(the_store),
                      allow_private_callbacks=callback_urls.allow_private_from_env(),
-                     stream_recheck_seconds=env_number("SPOTRUN_STREAM_RECHECK_SECONDS",
-                                                        15.0, low=0.1),
-                     max_streams_per_principal=int(env_number("SPOTRUN_MAX_STREAMS", 20,
-                                                               low=1)),
-                     session_seconds=env_number("SPOTRUN_SESSION_SECONDS", 12 * 3600.0,
-                                                 low=60))
+                     stream_recheck_seconds=env_float("SPOTRUN_STREAM_RECHECK_SECONDS",
+                                                        15.0, minimum=0.1),
+                     max_streams_per_principal=int(env_float("SPOTRUN_MAX_STREAMS", 20,
+                                                               minimum=1)),
+                     session_seconds=env_float("SPOTRUN_SESSION_SECONDS", 12 * 3600.0,
+                                                 minimum=60))
     if deliverer is None:
         deliverer = callbacks.CallbackDeliverer(
             the_store, allow_private=ctx.allow_private_callbacks)
@@ -111,17 +109,3 @@ def document_pipelines_of(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-
-
-def env_number(name: str, default: float, *, low: float) -> float:
-    """A positive number from the environment; a bad value is one clear error at start."""
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if not math.isfinite(value) or value < low:
-        raise ConfigError(f"{name}={raw!r} must be at least {low:g}")
-    return value
