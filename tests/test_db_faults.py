@@ -324,6 +324,29 @@ def test_a_claim_and_a_chained_result_whose_replies_are_lost_are_not_redone(
         st.close()
 
 
+def test_a_plain_result_whose_reply_is_lost_is_not_refused_on_retry(
+        env_factory: Callable[..., Env], pg_url: str) -> None:
+    # The worker's last job (--max-jobs 1) is written without a chained claim: the result
+    # commits, the connection is cut before the worker hears it, and the retry finds the
+    # result it wrote instead of being refused.
+    with pg_proxy(pg_url) as proxy:
+        env = env_factory(proxy.url_for(pg_url))
+        st = JobStore.open(pg_url)
+        job_id = submit(env, "sleep", "seconds=0.2", "steps=3")
+        proxy.cut_after_reply(b"fin_event")
+        w = env.worker("w1", *FAST, "--max-jobs", "1")
+        assert w.wait(90) == 0, w.log()
+        assert proxy.cut == [b"fin_event"], w.log()
+        job = st.get(job_id)
+        history = [e.message for e in job.events]
+        assert job.state is JobState.SUCCEEDED and job.attempt == 1, history
+        kinds = [e.kind for e in job.events]
+        assert kinds.count(EventKind.SUCCEEDED) == 1, history
+        assert EventKind.LEASE_EXPIRED not in kinds, history
+        assert "LeaseLost" not in w.log() and "refused" not in w.log(), w.log()
+        st.close()
+
+
 # ------------------------------------------- callbacks from several server processes
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -341,12 +342,14 @@ class LeaseWrites(StoreCore):
                 logs: Sequence[tuple[float, str, str]] = (),
                 then_claim: ClaimRequest | None = None,
                 **values: Any) -> tuple[Lease, JobRecord] | None:
-        # The result is recorded with its chained claim's request id: a retry after a lost
-        # reply finds both its result and the job it claimed.
-        rid = None if then_claim is None else then_claim.request_id
-        if rid is not None and rid in self._unsure and self._finished_by(lease, state, rid):
+        # The result is recorded with a request id, its chained claim's or else one of its
+        # own (an attempt has one result): a retry after a lost reply finds its result,
+        # and the job it claimed, instead of being refused.
+        rid = then_claim.request_id if then_claim is not None else _result_id(lease)
+        if rid in self._unsure and self._finished_by(lease, state, rid):
             self._unsure.discard(rid)
-            assert then_claim is not None
+            if then_claim is None:
+                return None
             return self._claimed_by(rid, then_claim.worker_id, then_claim.worker_name)
         kind, message, data = render(event)
         try:
@@ -358,8 +361,7 @@ class LeaseWrites(StoreCore):
         except Exception:
             self._unsure_of(rid)
             raise
-        if rid is not None:
-            self._unsure.discard(rid)
+        self._unsure.discard(rid)
         return got
 
     def _finished_by(self, lease: Lease, state: JobState, request_id: str) -> bool:
@@ -533,3 +535,9 @@ class LeaseWrites(StoreCore):
                 workers.update().where(live, stale).values(state=WorkerState.GONE.value,
                                                            current_job=None)
             ).rowcount
+
+
+def _result_id(lease: Lease) -> str:
+    """The request id of an attempt's result written without a chained claim: the same for
+    every try of it, and never a claim's (those are random hex of the same length)."""
+    return hashlib.sha256(f"result:{lease.job_id}:{lease.attempt}".encode()).hexdigest()[:32]
