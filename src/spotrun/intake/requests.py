@@ -19,7 +19,13 @@ from spotrun.http.schemas import SubmitRequest
 from spotrun.jobs import Job
 from spotrun.pipelines.registry import UnknownPipeline
 from spotrun.service import queue
-from spotrun.service.submission import IdempotencyConflict, Invalid, check_text
+from spotrun.service.submission import (
+    Forbidden,
+    IdempotencyConflict,
+    Invalid,
+    Refused,
+    check_text,
+)
 from spotrun.store import DatabaseUnavailable, JobStore, StoreError
 
 IDEMPOTENCY_ATTRIBUTE = "idempotency_key"
@@ -97,10 +103,14 @@ def parse(store: JobStore, msg: Message, rules: IntakeRules
     except ValidationError as exc:
         raise Rejected(describe(exc)) from None
     try:
-        params, cuda = queue.check(store, req.submission(), caller=None,
+        # A message is JSON, as an API request is: its params are read on the same terms.
+        params, cuda = queue.check(store, req.submission(strict_params=True), caller=None,
                                    allow_private_callbacks=rules.allow_private_callbacks)
     except (Invalid, UnknownPipeline) as exc:
         raise Rejected(_words(exc)) from None
+    except (Forbidden, Refused) as exc:
+        # The API answers these 403, 404 or 409 with the same line.
+        raise Rejected(str(exc)) from None
     return req, params, cuda, owner, key
 
 
@@ -114,8 +124,8 @@ def submit(store: JobStore, msg: Message, rules: IntakeRules) -> Job:
     req, params, cuda, owner, key = parse(store, msg, rules)
     stored_key = key if key is not None else f"message:{msg.message_id}"
     try:
-        job = queue.enqueue(store, req.submission(), params, cuda, caller=None, owner=owner,
-                            idempotency_key=stored_key)
+        job = queue.enqueue(store, req.submission(strict_params=True), params, cuda,
+                            caller=None, owner=owner, idempotency_key=stored_key)
     except IdempotencyConflict as exc:
         raise Rejected(f"{IDEMPOTENCY_ATTRIBUTE} {stored_key!r} was used for a different "
                        f"job ({exc.job_id}); use a new key for a new job") from None
