@@ -86,7 +86,8 @@ def _child(args: argparse.Namespace) -> None:
 
     hb_s, lease_s = args.heartbeat, args.lease
     slow = max(hb_s, (lease_s - hb_s) / 2)
-    store = JobStore.open(args.url, migrate=False, pool_size=args.pool)
+    # As the worker's reporter opens its store: no pre-ping (a round trip per checkout).
+    store = JobStore.open(args.url, migrate=False, pool_size=args.pool, pre_ping=False)
     lock = threading.Lock()
     lateness: list[float] = []
     lost = {"heartbeat": 0, "progress": 0}
