@@ -3,10 +3,11 @@ against one PostgreSQL, and what the database pays for them.
 
 Each simulated worker is a schedule, not a thread: a few processes each run a heap of due
 calls and a small pool of threads that make them, so that thousands fit on one machine. A
-busy worker holds one job and, like the real reporter loop, flushes its progress every
-``PROGRESS_FLUSH_SECONDS``, renews its lease every heartbeat and sweeps after each beat; an
-idle worker polls for a claim as the real claim loop does when no wake-up comes. No ML
-libraries, no pipelines: only the store.
+busy worker holds one job and, like the real reporter, beats every heartbeat with its
+progress (one transaction); an idle worker beats every idle heartbeat and polls for a
+claim, jittered, as the real claim loop does when no wake-up comes; the one that holds the
+sweeper lease beats every heartbeat and sweeps. No ML libraries, no pipelines: only the
+store.
 
 Reported per N: database transactions per second (``pg_stat_database``), PostgreSQL's CPU
 (its processes' ``/proc`` times), heartbeat lateness p50/p99 (from when the beat was due
@@ -39,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
 
-IDLE_POLL_SECONDS = 0.1  # the claim loop's wait when no wake-up comes (worker.py)
 IDLE_POOL = "bench-idle"
 
 
@@ -81,8 +81,12 @@ def _xacts(url: str) -> int:
 
 def _child(args: argparse.Namespace) -> None:
     """Simulate ``args.n`` workers (``args.busy`` of them busy) until ``args.until``."""
-    from spotrun.store import ClaimRequest, DatabaseSlow, JobStore, LeaseLost
-    from spotrun.worker import PROGRESS_FLUSH_SECONDS
+    from spotrun.config import Settings
+    from spotrun.jobs import Progress
+    from spotrun.store import Beat, ClaimRequest, DatabaseSlow, JobStore, LeaseLost
+
+    defaults = Settings(home=Path("."), database_url=args.url, checkpoint_url=".")
+    idle_beat_s, idle_poll_s = defaults.idle_heartbeat_seconds, defaults.idle_poll_seconds
 
     hb_s, lease_s = args.heartbeat, args.lease
     slow = max(hb_s, (lease_s - hb_s) / 2)
@@ -117,27 +121,35 @@ def _child(args: argparse.Namespace) -> None:
 
     for i in range(args.n):
         if i in leases:
-            push(start + rng.uniform(0, PROGRESS_FLUSH_SECONDS), "progress", i)
             push(start + rng.uniform(0, hb_s), "beat", i)
         else:
-            push(start + rng.uniform(0, IDLE_POLL_SECONDS), "claim", i)
+            push(start + rng.uniform(0, idle_beat_s), "beat", i)
+            push(start + rng.uniform(0, idle_poll_s), "claim", i)
+    sweeper: set[int] = set()  # the simulated workers that hold the sweeper lease
 
     def run(due: float, action: str, i: int) -> None:
         try:
             if action == "beat":
-                status = store.heartbeat(ids[i], [leases[i]], lease_s)
+                beats = []
+                if i in leases:
+                    step[i] += 1
+                    beats = [Beat(leases[i], Progress(step[i], 10_000,
+                                                      {"loss": 1.0 / step[i]}))]
+                got = store.beat(ids[i], beats, lease_s,
+                                 alive_for=lease_s if beats else 3 * idle_beat_s,
+                                 sweeper=True)
                 late = time.monotonic() - due
-                if status.get(leases[i].job_id) is None:
+                if beats and got.held.get(leases[i].job_id) is None:
                     with lock:
                         lost["heartbeat"] += 1
-                with contextlib.suppress(DatabaseSlow):
-                    store.sweep_expired(within=slow)
-                if due - start >= args.warmup:  # only beats due after the warm-up count
+                with lock:
+                    (sweeper.add if got.sweeper else sweeper.discard)(i)
+                if got.sweeper:
+                    with contextlib.suppress(DatabaseSlow):
+                        store.sweep_expired(within=slow)
+                if beats and due - start >= args.warmup:  # busy beats after the warm-up
                     with lock:
                         lateness.append(late)
-            elif action == "progress":
-                step[i] += 1
-                store.save_progress(leases[i], step[i], 10_000, {"loss": 1.0 / step[i]})
             else:
                 # A pool with nothing queued: an idle worker's claim finds nothing, as in
                 # a fleet whose queue is empty, and never takes a busy worker's job.
@@ -161,8 +173,10 @@ def _child(args: argparse.Namespace) -> None:
                 continue
             heapq.heappop(heap)
             pool.submit(run, due, action, i)
-            period = {"beat": hb_s, "progress": PROGRESS_FLUSH_SECONDS,
-                      "claim": IDLE_POLL_SECONDS}[action]
+            if action == "claim":  # the idle poll, jittered as the worker's
+                period = idle_poll_s * rng.uniform(0.5, 1.5)
+            else:  # busy or the sweeper: every heartbeat; idle: a sign of life
+                period = hb_s if i in leases or i in sweeper else idle_beat_s
             push(due + period, action, i)
     store.close()
     print(json.dumps({"lateness": lateness, "lost": lost, "errors": errors[:20],

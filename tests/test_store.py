@@ -10,8 +10,15 @@ import sqlalchemy as sa
 
 import pgbouncer
 from spotrun.events import Failed, Note, Preempted, Resume, ResumeHow
-from spotrun.jobs import EventKind, JobState, OnPreempt
-from spotrun.store import DatabaseUnavailable, JobNotFound, JobStore, Lease, LeaseLost
+from spotrun.jobs import EventKind, JobState, OnPreempt, Progress
+from spotrun.store import (
+    Beat,
+    DatabaseUnavailable,
+    JobNotFound,
+    JobStore,
+    Lease,
+    LeaseLost,
+)
 
 # The store suite runs through PgBouncer in transaction mode too (see conftest.py).
 PGBOUNCER = True
@@ -216,6 +223,59 @@ def test_worker_marked_gone_when_its_heartbeat_stops(store: JobStore) -> None:
     time.sleep(0.4)
     store.mark_gone_workers()
     assert [(w.id, w.state) for w in store.list_workers()] == [(wid, "gone")]
+
+
+def test_a_heartbeat_carries_the_progress_and_logs_of_the_jobs_that_moved(
+        store: JobStore) -> None:
+    job = store.submit("sleep", {"seconds": 0})
+    wid = _worker(store)
+    lease, _ = _claim(store, wid)
+    before = store.get(job.id).updated_at
+    got = store.beat(wid, [Beat(lease, Progress(3, 9, {"loss": 0.5}),
+                                [(time.time(), "INFO", "epoch 1 done")])], 10.0)
+    assert got.held == {job.id: False}
+    seen = store.get(job.id)
+    assert (seen.progress.step, seen.progress.total) == (3, 9)
+    assert seen.progress.metrics == {"loss": 0.5} and seen.updated_at >= before
+    assert [line.message for line in store.logs(job.id)] == ["epoch 1 done"]
+    # A beat with nothing new only renews the lease: the row's change time stays.
+    store.beat(wid, [Beat(lease)], 10.0)
+    assert store.get(job.id).updated_at == seen.updated_at
+    assert store.get(job.id).progress.step == 3
+    store.cancel(job.id)
+    assert store.beat(wid, [Beat(lease)], 10.0).held == {job.id: True}
+
+
+def test_one_worker_at_a_time_is_the_fleets_sweeper(store: JobStore) -> None:
+    a, b, c = (_worker(store, name) for name in ("a", "b", "c"))
+    assert store.beat(a, [], 0.5, sweeper=True).sweeper
+    assert not store.beat(b, [], 0.5, sweeper=True).sweeper
+    assert not store.beat(c, [], 0.5, sweeper=True).sweeper
+    assert store.beat(a, [], 0.5, sweeper=True).sweeper  # renewed by its holder
+    # The holder stops: the next worker to beat takes over at once.
+    store.set_worker_state(a, "stopping")
+    assert store.beat(b, [], 0.5, sweeper=True).sweeper
+    assert not store.beat(c, [], 0.5, sweeper=True).sweeper
+    # The holder falls silent: its lease lapses and another worker takes it.
+    time.sleep(0.7)
+    assert store.beat(c, [], 0.5, sweeper=True).sweeper
+    assert not store.beat(b, [], 0.5, sweeper=True).sweeper
+
+
+def test_an_idle_worker_is_gone_only_past_the_window_its_heartbeat_promised(
+        store: JobStore) -> None:
+    idle, busy = _worker(store, "idle", lease=0.3), _worker(store, "busy", lease=0.3)
+    store.submit("sleep", {"seconds": 0})
+    lease, _ = _claim(store, busy, "busy", lease=0.3)
+    store.beat(idle, [], 0.3, alive_for=1.5)  # an idle beat: due again within 1.5 s
+    store.beat(busy, [Beat(lease)], 0.3)
+    time.sleep(0.6)
+    store.mark_gone_workers()
+    states = {w.name: w.state for w in store.list_workers()}
+    assert states == {"idle": "idle", "busy": "gone"}
+    time.sleep(1.2)
+    store.mark_gone_workers()
+    assert {w.name: w.state for w in store.list_workers()}["idle"] == "gone"
 
 
 def test_tokens_are_stored_hashed(store: JobStore) -> None:

@@ -44,7 +44,7 @@ from spotrun.worker import (
 from spotrun.worker.outcome import NoticeCheckpoint, escalation_for, resume_of
 from spotrun.worker.reporter import Sweep, SweepGuard
 from spotrun.worker.schedule import CheckpointSchedule, notice_checkpoint_due
-from spotrun.worker.state import PROGRESS_FLUSH_SECONDS, RunnerState
+from spotrun.worker.state import RunnerState
 
 R, P = StopReason, OnPreempt
 MOVED = Escalated(EscalationWhy.MAX_PREEMPTIONS, preemptions=6, max_preemptions=5)
@@ -365,20 +365,17 @@ def test_of_threads_racing_to_stop_a_job_exactly_one_wins() -> None:
     assert wins.count(True) == 1 and st.stop_detail == st.stop_reason.value  # type: ignore[union-attr]
 
 
-def test_progress_is_written_when_it_moved_and_the_last_write_is_old_enough() -> None:
+def test_a_heartbeat_carries_progress_only_when_the_job_moved() -> None:
     st = _state()
-    assert st.where() == "step 3/9" and not st.flush_due(100.0)
+    assert st.where() == "step 3/9" and st.moved() is None
     metrics = {"loss": 0.5}
     st.report(4, 9, metrics)
-    assert st.flush_due(PROGRESS_FLUSH_SECONDS)
-    st.last_flush = 10.0
-    assert not st.flush_due(10.0 + PROGRESS_FLUSH_SECONDS / 2)
-    assert st.flush_due(10.0 + PROGRESS_FLUSH_SECONDS)
-    got = st.take_progress()
+    got = st.moved()
     assert got == Progress(4, 9, {"loss": 0.5}) and got.metrics is not metrics
-    assert not st.flush_due(1e9)  # written: nothing new to write
+    assert st.moved() is None  # written: nothing new to write
     st.report(5, None, {})
     assert st.where() == "step 5" and (st.step, st.total) == (5, None)
+    assert st.take_progress() == Progress(5, None, {}) and st.moved() is None
 
 
 def test_an_advisorys_checkpoint_request_is_taken_once() -> None:

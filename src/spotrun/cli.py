@@ -528,7 +528,7 @@ def worker(
     lease_seconds: Annotated[float | None, typer.Option(
         min=0.2, help="Lease length [env SPOTRUN_LEASE_SECONDS, default 10]")] = None,
     heartbeat_seconds: Annotated[float | None, typer.Option(
-        min=0.05, help="Heartbeat period [env SPOTRUN_HEARTBEAT_SECONDS, default 2]")] = None,
+        min=0.05, help="Heartbeat period [env SPOTRUN_HEARTBEAT_SECONDS, default 2.5]")] = None,
     grace_seconds: Annotated[float | None, typer.Option(
         min=0.5, help="Budget after a notice [env SPOTRUN_GRACE_SECONDS, default 15]")] = None,
     pool: Annotated[str | None, typer.Option(help="spot or on-demand [env SPOTRUN_POOL]")

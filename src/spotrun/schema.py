@@ -144,9 +144,20 @@ workers = sa.Table(
     sa.Column("price_per_hour", sa.Float, nullable=True),
     sa.Column("started_at", sa.Float, nullable=False),
     sa.Column("last_heartbeat", sa.Float, nullable=False),
+    # When the worker is overdue: its last heartbeat plus the window it promised with it
+    # (a busy worker's lease, an idle one's three slow beats). A lapsed one is gone.
+    sa.Column("alive_until", sa.Float, nullable=False, server_default="0"),
     sa.Column("stopped_at", sa.Float, nullable=True),
 )
 sa.Index("ix_workers_name", workers.c.name)
+# The sweeper's look for overdue workers: live ones only, by when they are due, so the
+# table may keep every worker ever started without a scan.
+sa.Index(
+    "ix_workers_live_due",
+    workers.c.alive_until,
+    postgresql_where=sa.text("state IN ('idle', 'busy', 'stopping')"),
+    sqlite_where=sa.text("state IN ('idle', 'busy', 'stopping')"),
+)
 
 api_tokens = sa.Table(
     "api_tokens",
@@ -211,8 +222,8 @@ sa.Index(
     sqlite_where=sa.text("NOT done"),
 )
 
-# Leases that let one process at a time do a singleton's work (the events publisher of a
-# bus source), whichever replica it runs in.
+# Leases that let one process at a time do a singleton's work, whichever replica or worker
+# it runs in: the events publisher of a bus source, the fleet's one sweeper.
 intake_leases = sa.Table(
     "intake_leases",
     metadata,

@@ -1,9 +1,10 @@
 """Live progress for Server-Sent Events: one :class:`ChangeFeed` per server process.
 
 The feed, not each client, watches the store: on PostgreSQL it waits on the store's
-NOTIFY channel through a single LISTEN connection, on SQLite it polls
-:meth:`JobStore.change_marker`; either way it then reads the jobs that changed once and
-fans them out to every client's :class:`Subscription`.
+NOTIFY channel through a single LISTEN connection (a job queued, ended, handed back) and,
+while anyone watches, reads the changed rows every ``poll_seconds`` anyway (progress
+sends no NOTIFY); on SQLite it polls :meth:`JobStore.change_marker`. Either way it then
+reads the jobs that changed once and fans them out to every client's :class:`Subscription`.
 """
 
 from __future__ import annotations
@@ -109,15 +110,21 @@ class ChangeFeed:
             while not self.stopped:
                 try:
                     if waker is not None:
-                        changed = await asyncio.to_thread(waker.wait, 0.25)
+                        heard = await asyncio.to_thread(waker.wait, self.poll_seconds)
+                        # Progress comes with no NOTIFY (it rides on the workers'
+                        # heartbeats): while anyone watches, read the changed rows at the
+                        # feed's own pace too.
+                        changed = heard or bool(self.subscribers)
                     else:
                         await asyncio.sleep(self.poll_seconds)
                         new = await asyncio.to_thread(self.store.change_marker)
-                        changed, marker = new != marker, new
+                        heard = changed = new != marker
+                        marker = new
                     if not changed or self.stopped:
                         continue
-                    for listener in self.listeners:
-                        listener()
+                    if heard:
+                        for listener in self.listeners:
+                            listener()
                     if not self.subscribers:
                         # Nobody watches: forget the watermark rather than read what changed.
                         self._watermark = None

@@ -44,6 +44,8 @@ from spotrun.store.intake import IntakeRecords
 from spotrun.store.postgres import CLAIM_SQL, NOTIFY_CHANNEL, PostgresStore
 from spotrun.store.records import (
     MAX_METRIC_POINTS,
+    Beat,
+    BeatResult,
     ClaimRequest,
     IntakeEvent,
     JobRecord,
@@ -59,7 +61,8 @@ from spotrun.store.tokens import Tokens
 
 __all__ = [
     "CLAIM_SQL", "IDLE_IN_TRANSACTION_MS", "MAX_METRIC_POINTS", "NOTIFY_CHANNEL",
-    "PG_CONNECT_TIMEOUT", "PG_KEEPALIVES", "Analytics", "BadDatabaseURL", "CallbackRecords",
+    "PG_CONNECT_TIMEOUT", "PG_KEEPALIVES", "Analytics", "BadDatabaseURL", "Beat", "BeatResult",
+    "CallbackRecords",
     "ClaimRequest", "Conflict", "DatabaseError", "DatabaseSlow", "DatabaseUnavailable",
     "IntakeEvent", "IntakeRecords", "JobNotFound", "JobRecord", "JobStore", "Lease",
     "LeaseLost", "PostgresStore", "SqliteStore", "StoreError", "Token", "Tokens", "Waker",

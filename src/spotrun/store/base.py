@@ -132,8 +132,10 @@ class JobStore(LeaseWrites):
         """Bring the schema to the newest revision, under a lock that serialises starters."""
 
     @abc.abstractmethod
-    def waker(self) -> Waker:
-        """A waker for an idle worker of this store (it opens its own connection)."""
+    def waker(self, *, shared: bool = False) -> Waker:
+        """A waker for an idle worker of this store: on a connection of its own, or with
+        ``shared`` on one of the store's pool (a worker's, so that it holds no
+        connection more; the pool must then be the waiting thread's alone while idle)."""
 
     @abc.abstractmethod
     def stall_writes(self, seconds: float) -> None:
@@ -466,17 +468,20 @@ class JobStore(LeaseWrites):
                 state=WorkerState.IDLE.value,
                 has_cuda=has_cuda, lease_seconds=lease_seconds, price_per_hour=price_per_hour,
                 started_at=self._now,
-                last_heartbeat=self._now))
+                last_heartbeat=self._now, alive_until=self._now + lease_seconds))
         registered_here(worker_id)
         return worker_id
 
     def set_worker_state(self, worker_id: str, state: WorkerState | str) -> None:
         state = WorkerState(state)
-        values: dict[str, Any] = {"state": state.value, "last_heartbeat": self._now}
+        values: dict[str, Any] = {"state": state.value, "last_heartbeat": self._now,
+                                  "alive_until": self._now + workers.c.lease_seconds}
         if not state.is_live:
             values.update(stopped_at=self._now, current_job=None)
         with self._tx() as conn:
             conn.execute(workers.update().where(workers.c.id == worker_id).values(**values))
+            if state not in (WorkerState.IDLE, WorkerState.BUSY):
+                self._release_sweeper(conn, worker_id)  # a worker that stops sweeps no more
 
     def list_workers(self, *, include_stopped: bool = True) -> list[Worker]:
         query = sa.select(workers).order_by(workers.c.started_at, workers.c.name)

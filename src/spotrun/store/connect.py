@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import os
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -241,6 +242,42 @@ def _pg_engine(u: sa.URL, *, pool_size: int, pre_ping: bool,
         dbapi_conn.autocommit = autocommit
 
     return engine
+
+
+@contextlib.contextmanager
+def pg_checkout(engine: Engine) -> Iterator[psycopg.Connection[Any]]:
+    """A psycopg connection of the engine's pool, in autocommit until it goes back.
+
+    For statements that are their own transaction (the store's hot path), sent without
+    SQLAlchemy's per-call work but on the pool's connections, so that a worker holds no
+    connection beyond its pool. A connection found broken is dropped from the pool; a
+    refused connect raises SQLAlchemy's error, as a pooled connect would.
+    """
+    import psycopg
+
+    try:
+        fairy = engine.raw_connection()
+    except psycopg.Error as exc:
+        # A refused or timed-out connect (a restart, a failover) must reach the caller
+        # as the store's other errors do, or its retrier cannot know it.
+        raise sa.exc.DBAPIError.instance(
+            "connect", None, exc, psycopg.Error, hide_parameters=True,
+            connection_invalidated=True) from exc
+    pg = fairy.driver_connection
+    assert pg is not None
+    try:
+        pg.autocommit = True
+        yield pg
+    finally:
+        usable = not (pg.closed or pg.broken)
+        if usable:
+            try:
+                pg.autocommit = False  # the pool's other users expect transactions
+            except psycopg.Error:
+                usable = False  # left inside a transaction: not fit to hand on
+        if not usable:
+            fairy.invalidate()
+        fairy.close()  # back to the pool (or, invalidated, closed)
 
 
 def pg_connection(engine: Engine) -> psycopg.Connection[Any]:

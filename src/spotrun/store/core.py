@@ -30,6 +30,7 @@ class StoreCore(MapsDriverErrors, abc.ABC):
         self._bounded_ms: int | None = None  # see bound_lock_waits
         # Request ids of writes that raised: committed or not, nobody knows (see claim).
         self._unsure: set[str] = set()
+        self._sweeper_row_seen = False  # see LeaseWrites.beat
         self._now: sa.ColumnElement[float] = self._clock()
 
     # ------------------------------------------------------------ dialect hooks

@@ -37,12 +37,14 @@ from spotrun.events import (
     Succeeded,
     render,
 )
-from spotrun.jobs import LIVE_WORKER_STATES, EventKind, JobState, Progress, WorkerState
-from spotrun.schema import events, job_logs, job_metrics, jobs, workers
+from spotrun.jobs import EventKind, JobState, Progress, WorkerState
+from spotrun.schema import events, intake_leases, job_logs, job_metrics, jobs, workers
 from spotrun.store.core import StoreCore
 from spotrun.store.errors import DatabaseSlow, LeaseLost, StoreError, first_line
 from spotrun.store.records import (
     MAX_METRIC_POINTS,
+    Beat,
+    BeatResult,
     ClaimRequest,
     JobRecord,
     Lease,
@@ -52,6 +54,9 @@ from spotrun.store.records import (
 )
 
 _IDLE_OR_BUSY = (WorkerState.IDLE.value, WorkerState.BUSY.value)
+
+# The named lease of the fleet's one sweeper (see LeaseWrites.beat).
+SWEEPER = "spotrun:sweeper"
 
 
 # The workers this process registered: a row with this process's host and pid that is not
@@ -117,26 +122,109 @@ class LeaseWrites(StoreCore):
     def heartbeat(self, worker_id: str, leases: Sequence[Lease], lease_seconds: float
                   ) -> dict[str, bool | None]:
         """Renew the worker's leases. Per job: cancel requested (bool), or None if lost."""
-        out: dict[str, bool | None] = {}
+        return self.beat(worker_id, [Beat(lease) for lease in leases], lease_seconds).held
+
+    def beat(self, worker_id: str, beats: Sequence[Beat], lease_seconds: float, *,
+             alive_for: float | None = None, sweeper: bool = False) -> BeatResult:
+        """A worker's heartbeat, one transaction for everything it says each beat.
+
+        Renews every lease (fenced), with the progress and the log lines of the jobs that
+        moved; refreshes the worker's row (busy or idle, due again within ``alive_for``
+        seconds, by default one lease); and with ``sweeper``, takes or keeps the fleet's
+        sweeper lease for one lease (:meth:`sweep_expired` is that holder's to call).
+        """
+        held: dict[str, bool | None] = {}
+        leads = False
         with self._tx() as conn:
-            for lease in leases:
+            for b in beats:
+                values: dict[str, Any] = {"lease_expires_at": self._now + lease_seconds}
+                if b.progress is not None:
+                    values.update(
+                        progress_step=b.progress.step, progress_total=b.progress.total,
+                        progress_metrics=dumps(b.progress.metrics) if b.progress.metrics
+                        else None, updated_at=self._now)
                 row = conn.execute(
-                    jobs.update()
-                    .where(self._fenced(lease))
-                    .values(lease_expires_at=self._now + lease_seconds)
+                    jobs.update().where(self._fenced(b.lease)).values(**values)
                     .returning(jobs.c.cancel_requested)
                 ).first()
-                out[lease.job_id] = None if row is None else bool(row[0])
-            held = [lease.job_id for lease in leases if out.get(lease.job_id) is not None]
+                held[b.lease.job_id] = None if row is None else bool(row[0])
+                if row is not None:
+                    self._insert_logs(conn, b.lease, b.logs)
+                    if b.progress is not None:
+                        self._record_metrics(conn, b.lease, b.progress.step,
+                                             b.progress.metrics)
+            mine = [b.lease.job_id for b in beats if held.get(b.lease.job_id) is not None]
             conn.execute(
                 workers.update()
                 .where(workers.c.id == worker_id)
-                .values(last_heartbeat=self._now, current_job=held[0] if held else None,
+                .values(last_heartbeat=self._now,
+                        alive_until=self._now + (lease_seconds if alive_for is None
+                                                 else alive_for),
+                        current_job=mine[0] if mine else None,
                         state=sa.case((workers.c.state.in_(_IDLE_OR_BUSY),
-                                       (WorkerState.BUSY if held else WorkerState.IDLE).value),
+                                       (WorkerState.BUSY if mine else WorkerState.IDLE).value),
                                       else_=workers.c.state))
             )
-        return out
+            if sweeper:
+                leads = self._keep_sweeper(conn, worker_id, lease_seconds)
+            # The sweeper learns in the same transaction whether a sweep has work: a fleet
+            # with nothing lapsed pays nothing for its sweeper but that one row.
+            to_sweep = leads and self._sweep_has_work(conn)
+        if sweeper and not leads and not self._sweeper_row_seen:
+            self._seed_sweeper()  # a new database: the lease's row made, then taken
+            with self._tx() as conn:
+                leads = self._keep_sweeper(conn, worker_id, lease_seconds)
+                to_sweep = leads and self._sweep_has_work(conn)
+        return BeatResult(held, leads, to_sweep)
+
+    def _sweep_has_work(self, conn: Connection) -> bool:
+        """Whether a lease has lapsed or a live worker is overdue (two index probes)."""
+        if conn.execute(sa.select(jobs.c.id).where(self._lapsed()).limit(1)).first():
+            return True
+        return conn.execute(sa.select(workers.c.id).where(*self._overdue()).limit(1)
+                            ).first() is not None
+
+    def _lapsed(self) -> sa.ColumnElement[bool]:
+        """Running jobs whose lease lapsed, by the database clock (the partial index)."""
+        return sa.and_(sa.text("jobs.state = 'running'"), jobs.c.lease_expires_at < self._now)
+
+    def _overdue(self) -> tuple[sa.TextClause, sa.ColumnElement[bool]]:
+        """Live workers past the window their last heartbeat promised (the partial index)."""
+        return (sa.text("workers.state IN ('idle', 'busy', 'stopping')"),
+                workers.c.alive_until < self._now)
+
+    def _keep_sweeper(self, conn: Connection, worker_id: str, seconds: float) -> bool:
+        """Take or renew the sweeper lease for ``worker_id``; whether it holds it.
+
+        A worker that does not hold it matches no row and writes nothing: the lease costs
+        the fleet one row's write a beat, its holder's.
+        """
+        lease = intake_leases
+        n = conn.execute(lease.update().where(
+            lease.c.name == SWEEPER,
+            sa.or_(lease.c.holder == worker_id, lease.c.expires_at < self._now),
+        ).values(holder=worker_id, expires_at=self._now + seconds)).rowcount
+        if n == 1:
+            self._sweeper_row_seen = True
+        return n == 1
+
+    def _seed_sweeper(self) -> None:
+        """Make the sweeper lease's row if there is none (a new database), once a store."""
+        try:
+            with self._tx() as conn:
+                if conn.execute(sa.select(intake_leases.c.name)
+                                .where(intake_leases.c.name == SWEEPER)).first() is None:
+                    conn.execute(intake_leases.insert().values(
+                        name=SWEEPER, holder="", expires_at=0.0))
+        except sa.exc.IntegrityError:
+            pass  # another worker made it first
+        self._sweeper_row_seen = True
+
+    def _release_sweeper(self, conn: Connection, worker_id: str) -> None:
+        """Hand the sweeper lease on at once if ``worker_id`` holds it (else it lapses)."""
+        conn.execute(intake_leases.update().where(
+            intake_leases.c.name == SWEEPER, intake_leases.c.holder == worker_id,
+        ).values(expires_at=0.0))
 
     def save_progress(
         self,
@@ -161,7 +249,7 @@ class LeaseWrites(StoreCore):
             ).first()
             if row is None:
                 raise self._refused(conn, lease, "progress")
-            self._notify(conn, lease.job_id)
+            # No NOTIFY: no waiter needs progress (live views read changed rows).
             self._insert_logs(conn, lease, logs)
             self._record_metrics(conn, lease, step, metrics)
             return bool(row[0])
@@ -421,7 +509,7 @@ class LeaseWrites(StoreCore):
         caller that waits out a stall learns whether the stall goes on.
         """
         start = time.monotonic()
-        expired = sa.and_(sa.text("jobs.state = 'running'"), jobs.c.lease_expires_at < self._now)
+        expired = self._lapsed()
         with self._tx(write=False) as conn:
             any_expired = conn.execute(sa.select(jobs.c.id).where(expired).limit(1)).first()
         moved: list[str] = []
@@ -524,16 +612,16 @@ class LeaseWrites(StoreCore):
         return n
 
     def mark_gone_workers(self) -> int:
-        """Workers whose heartbeat is older than their own lease length are marked gone."""
-        stale = workers.c.last_heartbeat + workers.c.lease_seconds < self._now
-        live = workers.c.state.in_(sorted(s.value for s in LIVE_WORKER_STATES))
+        """Live workers overdue (past the window their last heartbeat promised) are marked
+        gone."""
+        overdue = self._overdue()
         with self._tx(write=False) as conn:
-            if conn.execute(sa.select(workers.c.id).where(live, stale).limit(1)).first() is None:
+            if conn.execute(sa.select(workers.c.id).where(*overdue).limit(1)).first() is None:
                 return 0
         with self._tx() as conn:
             return conn.execute(
-                workers.update().where(live, stale).values(state=WorkerState.GONE.value,
-                                                           current_job=None)
+                workers.update().where(*overdue).values(state=WorkerState.GONE.value,
+                                                        current_job=None)
             ).rowcount
 
 

@@ -42,6 +42,28 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class Beat:
+    """What one heartbeat writes for one lease: the lease renewed and, when the job moved
+    since the last beat, its progress and its buffered log lines."""
+
+    lease: Lease
+    progress: Progress | None = None
+    logs: Sequence[tuple[float, str, str]] = ()
+
+
+@dataclass(frozen=True)
+class BeatResult:
+    """A heartbeat's answer: per job, cancel requested (bool) or None when the lease is
+    lost; whether this worker is the fleet's sweeper until its next beat, and if so
+    whether a sweep would find work."""
+
+    held: dict[str, bool | None]
+    sweeper: bool = False
+    # For the sweeper: a lease has lapsed or a worker is overdue (a sweep has work).
+    to_sweep: bool = False
+
+
+@dataclass(frozen=True)
 class ClaimRequest:
     """What a worker asks of a claim: who it is, how long a lease, what it can run.
 

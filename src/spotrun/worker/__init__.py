@@ -29,7 +29,6 @@ from spotrun.worker.runner import JobRunner
 from spotrun.worker.state import (
     LOG_BYTES_PER_ATTEMPT,
     LOG_LINES_PER_ATTEMPT,
-    PROGRESS_FLUSH_SECONDS,
     JobLogHandler,
 )
 
@@ -40,7 +39,6 @@ __all__ = [
     "EXIT_STUCK",
     "LOG_BYTES_PER_ATTEMPT",
     "LOG_LINES_PER_ATTEMPT",
-    "PROGRESS_FLUSH_SECONDS",
     "CheckpointState",
     "JobLogHandler",
     "JobRunner",

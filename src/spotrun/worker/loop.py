@@ -20,6 +20,7 @@ import functools
 import importlib.util
 import logging
 import os
+import random
 import secrets
 import socket
 import threading
@@ -101,7 +102,9 @@ class Worker:
         while True:
             try:
                 # No pre-ping: a round trip per transaction; the retrier covers restarts.
-                return JobStore.open(settings.database_url, pool_size=self.concurrency + 2,
+                # One connection a job slot (claims, results, checkpoints, events: the
+                # reporter has its own), more only for a moment when threads overlap.
+                return JobStore.open(settings.database_url, pool_size=self.concurrency,
                                      pre_ping=False,
                                      statement_timeout=self._statement_timeout(settings))
             except DatabaseUnavailable as exc:
@@ -143,7 +146,9 @@ class Worker:
         self.coordinator.on_notice(self._bound_waits)
         self.coordinator.on_advisory(self._on_advisory)
         self.reporter.start()
-        waker = self.store.waker()
+        # A worker of one job slot listens on its claims' connection: two connections in
+        # all, the reporter's and that one (the pool is the claim loop's while idle).
+        waker = self.store.waker(shared=self.concurrency == 1)
         # In a Kubernetes pod: scale-downs take idle workers first (kube.py).
         pod_cost = kube.keep_deletion_cost(self.unsaved_seconds)
         try:
@@ -213,19 +218,37 @@ class Worker:
             if pending is None:
                 pending = self._claim_request()
             try:
-                claimed = self.db.call(functools.partial(self._claim_one, pending),
+                claimed = self.db.call(functools.partial(self._claim_one, pending, waker),
                                        give_up_at=time.monotonic() + 2)
                 pending = None
             except Exception as exc:
                 if not is_db_error(exc):
                     raise
                 claimed = False
-            if claimed:
-                waker.busy()
-            else:
-                waker.wait(0.1 if self.db.down_since is None else 1.0)
+            if not claimed:
+                self._idle_wait(waker)
 
-    def _claim_one(self, request: ClaimRequest) -> bool:
+    def _idle_wait(self, waker: Waker) -> None:
+        """Wait for work: until the waker hears that the queue changed, a runner or a
+        notice wakes this loop, or the fallback poll is due.
+
+        The fallback is jittered around ``idle_poll_seconds`` so that a fleet's idle
+        workers do not poll in step; it is what a worker costs the database while idle
+        (a wake-up costs nothing until it comes). While the database is down, a retry a
+        second.
+        """
+        if self.db.down_since is not None:
+            wait = 1.0
+        else:
+            wait = self.settings.idle_poll_seconds * random.uniform(0.5, 1.5)
+        until = time.monotonic() + wait
+        while not self.coordinator.stopping and not self._wake.is_set():
+            left = until - time.monotonic()
+            if left <= 0 or waker.wait(min(left, 0.25)):
+                break
+        self._wake.clear()
+
+    def _claim_one(self, request: ClaimRequest, waker: Waker) -> bool:
         if self.coordinator.stopping:
             return False
         got = self.store.claim(**request.params())
@@ -233,6 +256,7 @@ class Worker:
             return False
         with self._lock:
             self.claimed += 1
+        waker.busy()  # before the job's thread takes the connection the waker listens on
         self.add_runner(*got).start()
         return True
 

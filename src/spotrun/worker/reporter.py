@@ -1,11 +1,14 @@
-"""The reporter thread: renews the leases, writes progress and logs, sweeps lapsed leases.
+"""The reporter thread: the worker's heartbeat, which renews the leases and carries the
+progress and logs; the fleet's sweep of lapsed leases, when this worker is its sweeper.
 
 It has its own engine (the worker's ``hb_store``), so a long step or a busy pipeline
 connection cannot starve it. Each tick it asks a job to stop when it ran past its time
-limit, writes the progress of jobs that moved, and every heartbeat period renews all the
-leases in one call (a refused one stops its job: another attempt owns it; a cancel
-requested stops it too). After the heartbeat it sweeps the leases that lapsed, unless the
-``SweepGuard`` says the database itself was late.
+limit. Every heartbeat period (busy) it writes one transaction: every lease renewed, the
+progress and log lines of the jobs that moved, the worker's row, the sweeper lease (a
+refused lease stops its job: another attempt owns it; a cancel requested stops it too). An
+idle worker beats every ``idle_heartbeat_seconds`` only. The one worker that holds the
+sweeper lease then sweeps the leases that lapsed, unless the ``SweepGuard`` says the
+database itself was late.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from spotrun.store import DatabaseSlow, LeaseLost
+from spotrun.store import Beat, BeatResult, DatabaseSlow, LeaseLost
 from spotrun.worker import refusals
 from spotrun.worker.outcome import StopReason
 from spotrun.worker.retry import is_db_error
@@ -97,43 +100,45 @@ class Reporter:
     def run(self) -> None:
         name = self.worker.name
         down_since: float | None = None
-        next_beat = 0.0
+        last_beat: float | None = None
         tick = min(0.25, self.settings.heartbeat_seconds / 2)
         guard = SweepGuard(lease_seconds=self.settings.lease_seconds,
                            heartbeat_seconds=self.settings.heartbeat_seconds,
                            now=time.monotonic())
+        sweeper = False
         while not self._stop.wait(tick):
             now = time.monotonic()
-            touched = False
             runners = self.worker.reported_runners()
             try:
                 for r in runners:
                     self._check_timeout(r)
-                    if r.state.flush_due(now):
-                        touched = True
-                        self._flush_progress(r)
-                if now >= next_beat:
-                    next_beat = now + self.settings.heartbeat_seconds
-                    touched = True
-                    self._beat(runners)
-                    answered = time.monotonic()
-                    sweep = guard.after_beat(now, answered)
-                    if sweep is Sweep.SLOW:
+                # Busy, or the fleet's sweeper: a beat every heartbeat. Idle: only a sign
+                # of life, rarely (the idle cost per worker is what a fleet pays most of).
+                period = (self.settings.heartbeat_seconds if runners or sweeper
+                          else self.settings.idle_heartbeat_seconds)
+                if last_beat is not None and now - last_beat < period:
+                    continue
+                last_beat = now
+                got = self._beat(runners)
+                sweeper = got.sweeper
+                answered = time.monotonic()
+                sweep = guard.after_beat(now, answered)
+                if sweep is Sweep.SLOW:
+                    if guard.tell_slow():
+                        log.warning("heartbeat of %s: the database took %.1f s to answer; "
+                                    "no sweep until it has answered in time for a lease",
+                                    name, answered - now)
+                elif got.sweeper and got.to_sweep:
+                    try:
+                        self.store.sweep_expired(within=guard.slow,
+                                                 probe=sweep is Sweep.PROBE)
+                    except DatabaseSlow as exc:
+                        guard.sweep_was_slow(time.monotonic())
                         if guard.tell_slow():
-                            log.warning("heartbeat of %s: the database took %.1f s to answer; "
-                                        "no sweep until it has answered in time for a lease",
-                                        name, answered - now)
-                    else:
-                        try:
-                            self.store.sweep_expired(within=guard.slow,
-                                                     probe=sweep is Sweep.PROBE)
-                        except DatabaseSlow as exc:
-                            guard.sweep_was_slow(time.monotonic())
-                            if guard.tell_slow():
-                                log.warning("heartbeat of %s: %s (the database was slow); "
-                                            "no sweep until it has answered in time for a "
-                                            "lease", name, exc)
-                if touched and down_since is not None:
+                            log.warning("heartbeat of %s: %s (the database was slow); "
+                                        "no sweep until it has answered in time for a "
+                                        "lease", name, exc)
+                if down_since is not None:
                     log.warning("heartbeat of %s: database reachable again", name)
                     down_since = None
             except Exception as exc:
@@ -141,6 +146,7 @@ class Reporter:
                     log.exception("reporter error")
                     continue
                 guard.outage()
+                sweeper = False
                 if down_since is None:
                     down_since = now
                     log.warning("heartbeat of %s: database unreachable (%s); retrying",
@@ -153,25 +159,18 @@ class Reporter:
             r.request_stop(StopReason.TIMED_OUT,
                            f"the job ran longer than its time limit of {limit:g} s")
 
-    def _flush_progress(self, r: JobRunner) -> None:
-        progress = r.state.take_progress()
-        r.state.last_flush = time.monotonic()
-        try:
-            cancel = self.store.save_progress(r.lease, progress.step, progress.total,
-                                              progress.metrics, r.logs.take())
-        except LeaseLost as exc:
-            refusals.record(exc)
-            r.request_stop(StopReason.LEASE_LOST, str(exc))
-            log.warning("job %s: %s; stopping it", r.job.id, exc)
-            return
-        if cancel:
-            r.request_stop(StopReason.CANCELLED, "cancel requested")
-
-    def _beat(self, runners: list[JobRunner]) -> None:
-        status = self.store.heartbeat(self.worker.worker_id, [r.lease for r in runners],
-                                      self.settings.lease_seconds)
+    def _beat(self, runners: list[JobRunner]) -> BeatResult:
+        """One heartbeat: the leases, the progress and log lines of the jobs that moved,
+        the worker's row, the sweeper lease."""
+        beats = [Beat(r.lease, r.state.moved(), r.logs.take()) for r in runners]
+        s = self.settings
+        stopping = self.worker.coordinator.stopping
+        got = self.store.beat(
+            self.worker.worker_id, beats, s.lease_seconds,
+            alive_for=s.lease_seconds if runners else 3 * s.idle_heartbeat_seconds,
+            sweeper=not stopping)
         for r in runners:
-            st = status.get(r.job.id)
+            st = got.held.get(r.job.id)
             if st is None and r.state.finishing:
                 continue  # its result was written between our snapshot and this heartbeat
             if st is None:
@@ -183,3 +182,4 @@ class Reporter:
                 r.request_stop(StopReason.LEASE_LOST, msg)
             elif st:
                 r.request_stop(StopReason.CANCELLED, "cancel requested")
+        return got

@@ -20,7 +20,6 @@ from spotrun.worker.outcome import UNWAITED, CheckpointState, StopReason
 
 LOG_LINES_PER_ATTEMPT = 2000
 LOG_BYTES_PER_ATTEMPT = 256_000
-PROGRESS_FLUSH_SECONDS = 0.5
 
 
 class RunnerState:
@@ -30,8 +29,7 @@ class RunnerState:
         self._lock = threading.Lock()
         self._step, self._total = progress.step, progress.total
         self._metrics: dict[str, Any] = {}
-        self._dirty = False
-        self.last_flush = 0.0  # the reporter's alone: when it last wrote the progress
+        self._dirty = False  # progress reported since the last write of it
         self._stop: StopReason | None = None
         self._stop_detail = ""
         self._stop_mono: float | None = None  # when the stop was asked for
@@ -51,10 +49,14 @@ class RunnerState:
         with self._lock:
             self._step, self._total, self._metrics, self._dirty = step, total, metrics, True
 
-    def flush_due(self, now: float) -> bool:
-        """Whether progress not yet written waits and the last write is old enough."""
+    def moved(self) -> Progress | None:
+        """The progress reported since the last one taken (a copy, from now on counted as
+        written), or None: a heartbeat carries it only when the job moved."""
         with self._lock:
-            return self._dirty and now - self.last_flush >= PROGRESS_FLUSH_SECONDS
+            if not self._dirty:
+                return None
+            self._dirty = False
+            return Progress(self._step, self._total, dict(self._metrics))
 
     def take_progress(self) -> Progress:
         """The last progress (a copy), from now on counted as written."""
