@@ -37,9 +37,15 @@ def _xacts(dbname: str) -> int:
     import psycopg
 
     with psycopg.connect(C.PG_ADMIN, autocommit=True) as conn:
-        row = conn.execute("SELECT xact_commit + xact_rollback FROM pg_stat_database "
-                           "WHERE datname = %s", (dbname,)).fetchone()
-    return int(row[0]) if row else 0
+        row = conn.execute("SELECT xact_commit + xact_rollback, sessions FROM "
+                           "pg_stat_database WHERE datname = %s", (dbname,)).fetchone()
+    if row is None:
+        return 0
+    _SESSIONS.append(int(row[1]))
+    return int(row[0])
+
+
+_SESSIONS: list[int] = []  # connections opened to the database, at each count
 
 
 def _connections(dbname: str) -> dict[str, int]:
@@ -65,6 +71,8 @@ def _window(dbname: str, seconds: float, sample: bool) -> tuple[float, dict[str,
             for name, n in _connections(dbname).items():
                 peak[name] = max(peak.get(name, 0), n)
     end, t1 = _xacts(dbname), time.monotonic()
+    print(f"window: {end - start} transactions, {_SESSIONS[-1] - _SESSIONS[-2]} new "
+          f"connections in {t1 - t0:.1f} s", flush=True)
     return (end - start) / (t1 - t0), peak
 
 

@@ -77,7 +77,7 @@ def test_a_busy_and_an_idle_worker_hold_two_connections_each_and_cost_a_beat_or_
         store.close()
     assert most <= 2, f"a worker held {most} connections"
     # 20 s: the busy worker beats 8 times (2.5 s) with its progress; the idle one beats
-    # twice (15 s), or 8 times if it holds the sweeper lease, and polls about twice (10 s,
+    # once (20 s), or 8 times if it holds the sweeper lease, and polls once or twice (15 s,
     # jittered). The database's counters lag by about a second at each end. A progress
     # flush of its own (the old 0.5 s) would be 40 more, a sweep every beat 16, an idle
     # poll every 0.1 s 200.

@@ -62,8 +62,8 @@ class Settings:
     # An idle worker holds no lease: its heartbeat only says it is alive, and it is marked
     # gone after three missed ones. Without a wake-up it looks for work every
     # ``idle_poll_seconds`` on average (jittered), else only when woken.
-    idle_heartbeat_seconds: float = 15.0
-    idle_poll_seconds: float = 10.0
+    idle_heartbeat_seconds: float = 20.0
+    idle_poll_seconds: float = 15.0
     grace_seconds: float = 15.0
     safety_margin_seconds: float = 1.0
     checkpoint_every_steps: int = 0
@@ -95,9 +95,9 @@ class Settings:
             checkpoint_url=ckpt,
             heartbeat_seconds=env_float("SPOTRUN_HEARTBEAT_SECONDS", 2.5, minimum=0.05),
             lease_seconds=env_float("SPOTRUN_LEASE_SECONDS", 10.0, minimum=0.2),
-            idle_heartbeat_seconds=env_float("SPOTRUN_IDLE_HEARTBEAT_SECONDS", 15.0,
+            idle_heartbeat_seconds=env_float("SPOTRUN_IDLE_HEARTBEAT_SECONDS", 20.0,
                                              minimum=0.05),
-            idle_poll_seconds=env_float("SPOTRUN_IDLE_POLL_SECONDS", 10.0, minimum=0.01),
+            idle_poll_seconds=env_float("SPOTRUN_IDLE_POLL_SECONDS", 15.0, minimum=0.01),
             grace_seconds=env_float("SPOTRUN_GRACE_SECONDS", 15.0, minimum=0.5),
             safety_margin_seconds=env_float("SPOTRUN_SAFETY_MARGIN_SECONDS", 1.0),
             checkpoint_every_steps=_int("SPOTRUN_CHECKPOINT_EVERY_STEPS", 0),
