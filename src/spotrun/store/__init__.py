@@ -37,6 +37,7 @@ from spotrun.store.errors import (
     DatabaseSlow,
     DatabaseUnavailable,
     JobNotFound,
+    KeyReused,
     LeaseLost,
     StoreError,
 )
@@ -48,6 +49,7 @@ from spotrun.store.records import (
     IntakeEvent,
     JobRecord,
     Lease,
+    NewJob,
     Token,
     dumps,
     hash_token,
@@ -61,8 +63,8 @@ __all__ = [
     "CLAIM_SQL", "IDLE_IN_TRANSACTION_MS", "MAX_METRIC_POINTS", "NOTIFY_CHANNEL",
     "PG_CONNECT_TIMEOUT", "PG_KEEPALIVES", "Analytics", "BadDatabaseURL", "CallbackRecords",
     "ClaimRequest", "Conflict", "DatabaseError", "DatabaseSlow", "DatabaseUnavailable",
-    "IntakeEvent", "IntakeRecords", "JobNotFound", "JobRecord", "JobStore", "Lease",
-    "LeaseLost", "PostgresStore", "SqliteStore", "StoreError", "Token", "Tokens", "Waker",
-    "create_engine", "dumps", "hash_token", "loads", "new_id", "normalize_url",
-    "password_of", "redact", "sqlite_file",
+    "IntakeEvent", "IntakeRecords", "JobNotFound", "JobRecord", "JobStore", "KeyReused",
+    "Lease", "LeaseLost", "NewJob", "PostgresStore", "SqliteStore", "StoreError", "Token",
+    "Tokens", "Waker", "create_engine", "dumps", "hash_token", "loads", "new_id",
+    "normalize_url", "password_of", "redact", "sqlite_file",
 ]
