@@ -251,3 +251,11 @@ def test_quotas_apply_to_the_whole_batch_through_the_api(api: Api) -> None:
     assert api.batch("alice", [job, job]).status_code == 201
     # An admin has no quota.
     assert api.batch("admin", [{**job, "priority": 50}] * 5).status_code == 201
+
+
+def test_the_batch_path_is_post_only(api: Api) -> None:
+    for method in ("GET", "PUT", "DELETE"):
+        r = api.client.request(method, "/v1/jobs/batch",
+                               headers={"Authorization": f"Bearer {api.tokens['alice']}"})
+        assert r.status_code == 405, (method, r.text)
+        assert r.headers["allow"] == "POST"

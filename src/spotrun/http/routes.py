@@ -223,6 +223,8 @@ def install(app: FastAPI, ctx: AppContext) -> None:
     @app.get("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobOut,
              summary="A job, with its history", responses=errors_doc(401, 404, 503))
     def get_job(job_id: str, who: Caller) -> Response:
+        if job_id == "batch":  # no job id (they are hex): POST /v1/jobs/batch's path
+            raise ApiProblem(405, "Method Not Allowed", headers={"Allow": "POST"})
         return StrictJSONResponse(visible(job_id, who).to_json())
 
     @app.post("/v1/jobs/{job_id}/cancel", tags=["jobs"], response_model=JobOut,
