@@ -110,8 +110,8 @@ WITH fin AS (
             + " LEFT JOIN upd ON true")
 
 
-# The columns a submit writes from each item, with their SQL types (the arrays of one
-# statement, one element per job: see submit_sql).
+# The columns a submit writes from each item, with their SQL types (the fields of the
+# statement's one JSON parameter, an object per job: see submit_sql).
 SUBMIT_COLUMNS: dict[str, str] = {
     "id": "varchar", "pipeline": "varchar", "params": "text", "priority": "int",
     "max_retries": "int", "on_preempt": "varchar", "timeout_seconds": "float8",
@@ -136,9 +136,12 @@ def submit_sql(by_owner: bool, with_keys: bool, with_quota: bool) -> str:
     the transaction (a statement sees the commits from before it began).
     """
     cols = ", ".join(SUBMIT_COLUMNS)
-    arrays = ", ".join(f"%({c})s::{t}[]" for c, t in SUBMIT_COLUMNS.items())
+    typed = ", ".join(f"{c} {t}" for c, t in SUBMIT_COLUMNS.items())
+    # One JSON parameter, not an array per column: psycopg dumps arrays element by
+    # element in Python (6 ms for a batch of 100), json.dumps the list at once.
     sql = f"""WITH item AS (
-    SELECT * FROM unnest({arrays}) WITH ORDINALITY AS i({cols}, n)
+    SELECT * FROM ROWS FROM (json_to_recordset(%(items)s::json) AS ({typed}))
+        WITH ORDINALITY AS i({cols}, n)
 )"""
     guards = []
     if with_keys:
@@ -273,11 +276,13 @@ class PostgresStore(JobStore):
         # of call, one round trip on a connection in autocommit: the SQLAlchemy
         # transaction it replaces cost 2.4 ms of CPU a submit (3.9 ms wall), the
         # statement 0.5 ms. A quota needs the owner's lock first, so a transaction.
-        params: dict[str, Any] = {
-            c: [_as_sql(t, r[c]) for r in rows] for c, t in SUBMIT_COLUMNS.items()}
+        from psycopg.types.json import Json
+
         kind, message, data = render(Submitted())
-        params.update(owner=owner, kind=kind, message=message, data=dumps(data),
-                      max_queued=None if quota is None else quota.max_queued)
+        params: dict[str, Any] = {
+            "items": Json([{c: r[c] for c in SUBMIT_COLUMNS} for r in rows]),
+            "owner": owner, "kind": kind, "message": message, "data": dumps(data),
+            "max_queued": None if quota is None else quota.max_queued}
         sql = submit_sql(owner is not None,
                          any(r["idempotency_key"] is not None for r in rows),
                          quota is not None and owner is not None)
@@ -426,18 +431,6 @@ class PostgresStore(JobStore):
                 pg.close()
             else:
                 self._hot.append(pg)
-
-
-def _as_sql(sql_type: str, value: Any) -> Any:
-    """A value for an array of ``sql_type``: psycopg refuses a list that mixes int and
-    float (a timeout of 5 beside one of 2.5)."""
-    if value is None:
-        return None
-    if sql_type == "float8":
-        return float(value)
-    if sql_type == "int":
-        return int(value)
-    return value
 
 
 class PollWaker(Waker):
