@@ -790,7 +790,7 @@ def main() -> None:
                   r["attempts"], "killed" if r["sigterm_to_exit_s"] is None
                   and "SIGTERM" in r["case"] else (r["sigterm_to_exit_s"] or "-")]
                  for r in b]))
-    run.finish("\n\n".join(mds))
+    run.finish("\n\n".join(mds), extra_versions=("pgqueuer", "asyncpg"))
 
 
 if __name__ == "__main__":
