@@ -134,6 +134,34 @@ def test_concurrent_batches_never_overrun_the_queued_quota(store: JobStore) -> N
     assert len(store.list_jobs(owner="carol", state=JobState.QUEUED)) == 4
 
 
+def test_concurrent_retries_with_one_key_get_one_job(store: JobStore) -> None:
+    # The same batch sent four times at once (a client's retries): one set of jobs.
+    from spotrun.service import queue
+    from spotrun.service.auth import Principal
+    from spotrun.service.submission import Submission
+
+    who = Principal(name="dora", is_admin=False)
+    subs = [Submission("sleep", {"seconds": 1}), Submission("sleep", {"seconds": 2})]
+    answers: list[list[str]] = []
+    lock = threading.Lock()
+    gate = threading.Barrier(4)
+
+    def submit() -> None:
+        s = JobStore(store.engine)
+        gate.wait(10)
+        got = queue.submit_many(s, subs, caller=who, idempotency_keys=["a", "b"])
+        with lock:
+            answers.append([j.id for j in got])
+
+    threads = [threading.Thread(target=submit) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(answers) == 4 and all(a == answers[0] for a in answers), answers
+    assert len(store.list_jobs(owner="dora")) == 2
+
+
 # ------------------------------------------------------------------------- API
 
 
