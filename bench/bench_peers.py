@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""spotrun against Celery (Redis broker) and procrastinate (PostgreSQL), in one run.
+"""spotrun against Celery (Redis broker), procrastinate and PgQueuer (PostgreSQL), in one run.
 
 (a) No-op jobs with 1 and 4 worker processes: throughput, and enqueue-to-start latency
-    with idle workers.
+    with idle workers. ``--rounds`` rounds (default 3), interleaved: each round runs every
+    system once per worker count, in an order rotated from round to round, so that the
+    machine's slow and fast minutes fall on all of them; the table gives the median.
       * spotrun: ``spotrun worker`` processes on PostgreSQL, the ``sleep`` pipeline with
         seconds=0, steps=1. Jobs queued in one transaction (as bench_queue.py).
       * Celery: ``celery worker --pool=solo`` processes (its fastest pool for no-ops),
@@ -11,6 +13,12 @@
         one Redis MULTI, so that all become visible at once.
       * procrastinate: ``procrastinate worker --concurrency 1`` processes; the jobs are
         queued with ``batch_defer`` (one INSERT).
+      * PgQueuer: one ``QueueManager`` per process on its defaults (``run(batch_size=10)``,
+        LISTEN/NOTIFY, the durable schema) over asyncpg, an async no-op task
+        (peers/pgqueuer_bench.py);
+        the jobs are queued with one batch ``enqueue`` (one INSERT). Completion: its log's
+        'successful' rows (written when a worker flushes its finished jobs); latency: the
+        task's first line, as for Celery.
     Throughput = jobs / (commit of the batch -> last completion). Completion: spotrun's
     ``finished_at``, procrastinate's 'succeeded' event (database clock); Celery: the
     moment the queue and its unacked hash are both empty (polled every 5 ms).
@@ -40,14 +48,20 @@
       * procrastinate, tuned: an async task with retry, workers with
         --shutdown-graceful-timeout 0: SIGTERM cancels the task, which is retried at once.
     The scenarios use sleeps, not CPU, so they run concurrently (--serial to not).
+    PgQueuer has no part in (b).
 
-    python bench/bench_peers.py            # full run (~4 minutes)
+(p) One producer, no workers: jobs queued a second, one call a job (spotrun
+    ``JobStore.submit``, PgQueuer ``Queries.enqueue``), and in calls of 100
+    (``JobStore.submit_many``, ``enqueue`` with lists). Interleaved rounds as in (a).
+
+    python bench/bench_peers.py            # full run
     python bench/bench_peers.py --quick    # T=12 s, fewer jobs
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures as cf
 import os
 import secrets
@@ -71,6 +85,7 @@ from _common import (
     drop_pg_database,
     fresh_pg_database,
     install_cleanup,
+    loadavg,
     pct,
     spotrun_argv,
     spotrun_ready_workers,
@@ -139,6 +154,20 @@ class Spotrun:
                                 .where(jobs.c.state == "succeeded")).one()
         return {"jobs": int(ok), "seconds": float(end) - commit,
                 "jobs_per_s": int(ok) / (float(end) - commit)}
+
+    def produce(self, n: int, batch: int) -> dict[str, float]:
+        from spotrun.store import NewJob
+
+        params = {"seconds": 0, "steps": 1}
+        t0 = time.perf_counter()
+        if batch == 1:
+            for _ in range(n):
+                self.store.submit("sleep", params)
+        else:
+            for _ in range(n // batch):
+                self.store.submit_many([NewJob("sleep", params) for _ in range(batch)])
+        dt = time.perf_counter() - t0
+        return {"jobs": n // batch * batch, "seconds": dt, "jobs_per_s": n // batch * batch / dt}
 
     def latency_once(self) -> float:
         import sqlalchemy as sa
@@ -400,6 +429,86 @@ class ProcrastinatePeer:
         return out
 
 
+# ==================================================================== PgQueuer
+
+class PgQueuerPeer:
+    name = "pgqueuer"
+
+    def __init__(self, children: Children, db: str, n: int, tag: str, *,
+                 redis_db: int = 12) -> None:
+        import asyncpg
+        from pgqueuer import AsyncpgDriver, Queries
+
+        self.children, self.tag, self.db = children, tag, db
+        self.url = fresh_pg_database(db)
+        self.r = _redis(redis_db)
+        self.r.flushdb()
+        self.loop = asyncio.new_event_loop()
+        # asyncpg, PgQueuer's primary driver (see peers/pgqueuer_bench.py), for its
+        # producer too.
+        self.aconn = self.loop.run_until_complete(asyncpg.connect(self.url))
+        self.q = Queries(AsyncpgDriver(self.aconn))
+        self.loop.run_until_complete(self.q.install())  # the default: durable
+        self.procs: dict[str, Any] = {}
+        for i in range(n):
+            name = f"{tag}-{i}"
+            self.procs[name] = children.start(
+                [sys.executable, str(PEERS / "pgqueuer_bench.py")],
+                env={"BENCH_PG_URL": self.url, "BENCH_REDIS": f"{REDIS_URL}/{redis_db}",
+                     "BENCH_WORKER": name, "PYTHONPATH": str(PEERS)},
+                log=LOGS / f"peers-{name}.log", cwd=PEERS)
+        wait_until(lambda: self.r.scard("bench:ready:pgqueuer") >= n, 120,
+                   f"{n} pgqueuer workers")
+
+    def _sql(self, q: str, *params: Any) -> list[Any]:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as c:
+            return c.execute(q, params).fetchall()
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            self.children.stop(p)
+        self.loop.run_until_complete(self.aconn.close())
+        self.loop.close()
+        drop_pg_database(self.db)
+        self.r.flushdb()
+
+    def _left(self) -> int:
+        return int(self._sql("SELECT count(*) FROM pgqueuer")[0][0])
+
+    def throughput(self, m: int) -> dict[str, float]:
+        self.loop.run_until_complete(self.q.enqueue(["noop"] * m, [None] * m, [0] * m))
+        commit = time.time()
+        wait_until(lambda: self._left() == 0, 900, "pgqueuer jobs", interval=0.02)
+        (end, ok), = self._sql("SELECT extract(epoch FROM max(created)), count(*) FROM "
+                               "pgqueuer_log WHERE status = 'successful'")
+        return {"jobs": int(ok), "seconds": float(end) - commit,
+                "jobs_per_s": int(ok) / (float(end) - commit)}
+
+    def latency_once(self) -> float:
+        key = f"lat:{secrets.token_hex(4)}"
+        t0 = time.time()
+        self.loop.run_until_complete(self.q.enqueue("noop_latency", key.encode()))
+        _, val = self.r.blpop([key], timeout=60)
+        wait_until(lambda: self._left() == 0, 30, "pgqueuer done", interval=0.002)
+        return float(val) - t0
+
+    def produce(self, n: int, batch: int) -> dict[str, float]:
+        async def go() -> None:
+            if batch == 1:
+                for _ in range(n):
+                    await self.q.enqueue("noop", None)
+            else:
+                for _ in range(n // batch):
+                    await self.q.enqueue(["noop"] * batch, [None] * batch, [0] * batch)
+
+        t0 = time.perf_counter()
+        self.loop.run_until_complete(go())
+        dt = time.perf_counter() - t0
+        return {"jobs": n // batch * batch, "seconds": dt, "jobs_per_s": n // batch * batch / dt}
+
+
 def _peer_long_job(r: Any, procs: dict[str, Any], run: str, seconds: float,
                    kill_at: float | None, grace: float) -> dict[str, Any]:
     first = wait_until(lambda: r.lindex(f"{run}:attempts", 0), 60, "the peer job to start")
@@ -431,33 +540,121 @@ def _peer_long_job(r: Any, procs: dict[str, Any], run: str, seconds: float,
 
 # ===================================================================== driver
 
+def _peer(system: str, children: Children, n: int, tag: str) -> Any:
+    if system == "spotrun":
+        return Spotrun(children, "bench_peers_spotrun", n, tag)
+    if system == "celery":
+        return CeleryPeer(children, 4, n, tag, pool="solo")
+    if system == "pgqueuer":
+        return PgQueuerPeer(children, "bench_peers_pgqueuer", n, tag)
+    return ProcrastinatePeer(children, "bench_peers_procrastinate", n, tag)
+
+
+def _rotated(systems: list[str], rnd: int) -> list[str]:
+    k = rnd % len(systems)
+    return systems[k:] + systems[:k]
+
+
 def part_a(args: argparse.Namespace, children: Children) -> list[dict[str, Any]]:
     rows = []
-    for n in args.workers:
-        for system in args.systems:
-            tag = f"{system[:3]}{n}"
-            if system == "spotrun":
-                peer: Any = Spotrun(children, "bench_peers_spotrun", n, tag)
-            elif system == "celery":
-                peer = CeleryPeer(children, 4, n, tag, pool="solo")
-            else:
-                peer = ProcrastinatePeer(children, "bench_peers_procrastinate", n, tag)
+    for rnd in range(args.rounds):
+        for n in args.workers:
+            for system in _rotated(args.systems, rnd):
+                peer = _peer(system, children, n, f"{system[:3]}{n}r{rnd}")
+                try:
+                    time.sleep(0.5)
+                    tp = peer.throughput(args.jobs)
+                    lats = []
+                    for _ in range(args.samples):
+                        lats.append(peer.latency_once())
+                        time.sleep(args.gap)
+                finally:
+                    peer.close()
+                row = {"system": system, "workers": n, "round": rnd, **tp,
+                       "lat_p50_ms": pct(lats, 50) * 1e3, "lat_p99_ms": pct(lats, 99) * 1e3,
+                       "latencies_ms": [x * 1e3 for x in lats], "loadavg": loadavg()}
+                print(f"  (a) round {rnd + 1} {system} x{n}: {tp['jobs_per_s']:.0f} jobs/s, "
+                      f"latency p50 {row['lat_p50_ms']:.1f} ms p99 {row['lat_p99_ms']:.1f} ms"
+                      f" (load {row['loadavg']})", flush=True)
+                rows.append(row)
+    return rows
+
+
+def summary_a(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per system and worker count: median throughput of the rounds, latency percentiles
+    of all their samples together."""
+    out = []
+    keys = sorted({(r["workers"], r["system"]) for r in rows},
+                  key=lambda k: (k[0], ORDER.index(k[1]) if k[1] in ORDER else 99))
+    for n, system in keys:
+        mine = [r for r in rows if (r["workers"], r["system"]) == (n, system)]
+        lats = [x for r in mine for x in r["latencies_ms"]]
+        out.append({"system": system, "workers": n,
+                    "runs": [r["jobs_per_s"] for r in mine],
+                    "jobs_per_s": pct([r["jobs_per_s"] for r in mine], 50),
+                    "lat_p50_ms": pct(lats, 50), "lat_p99_ms": pct(lats, 99)})
+    return out
+
+
+def part_p(args: argparse.Namespace, children: Children) -> list[dict[str, Any]]:
+    rows = []
+    systems = [s for s in args.systems if s in ("spotrun", "pgqueuer")]
+    for rnd in range(args.rounds):
+        for system in _rotated(systems, rnd):
+            peer = _peer(system, children, 0, f"{system[:3]}p{rnd}")
             try:
-                time.sleep(0.5)
-                tp = peer.throughput(args.jobs)
-                lats = []
-                for _ in range(args.samples):
-                    lats.append(peer.latency_once())
-                    time.sleep(args.gap)
+                for batch in (1, 100):
+                    n = args.produce if batch == 1 else args.produce * 5
+                    got = peer.produce(n, batch)
+                    row = {"system": system, "batch": batch, "round": rnd, **got,
+                           "loadavg": loadavg()}
+                    print(f"  (p) round {rnd + 1} {system}, {batch} a call: "
+                          f"{got['jobs_per_s']:.0f} jobs/s (load {row['loadavg']})",
+                          flush=True)
+                    rows.append(row)
             finally:
                 peer.close()
-            row = {"system": system, "workers": n, **tp,
-                   "lat_p50_ms": pct(lats, 50) * 1e3, "lat_p99_ms": pct(lats, 99) * 1e3,
-                   "samples": len(lats)}
-            print(f"  (a) {system} x{n}: {tp['jobs_per_s']:.0f} jobs/s, latency p50 "
-                  f"{row['lat_p50_ms']:.1f} ms p99 {row['lat_p99_ms']:.1f} ms", flush=True)
-            rows.append(row)
     return rows
+
+
+def summary_p(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for batch in sorted({r["batch"] for r in rows}):
+        for system in ("spotrun", "pgqueuer"):
+            mine = [r for r in rows if (r["batch"], r["system"]) == (batch, system)]
+            if mine:
+                out.append({"system": system, "batch": batch,
+                            "runs": [r["jobs_per_s"] for r in mine],
+                            "jobs_per_s": pct([r["jobs_per_s"] for r in mine], 50)})
+    return out
+
+
+def goals(a: list[dict[str, Any]], p: list[dict[str, Any]]) -> list[list[Any]]:
+    """The issue's goals as ratios of this run's medians (>= 1 holds)."""
+    def get(rows: list[dict[str, Any]], **k: Any) -> dict[str, Any] | None:
+        return next((r for r in rows if all(r[x] == v for x, v in k.items())), None)
+
+    out: list[list[Any]] = []
+    for n in sorted({r["workers"] for r in a}):
+        s, q, c = (get(a, system=x, workers=n) for x in ("spotrun", "pgqueuer", "celery"))
+        if s and q:
+            ratio = s["jobs_per_s"] / q["jobs_per_s"]
+            out.append([f"no-op throughput, {n} worker(s): spotrun ÷ PgQueuer", ratio,
+                        "holds" if ratio >= 1 else "does not hold"])
+        if s and c:
+            ratio = c["lat_p50_ms"] / s["lat_p50_ms"]
+            out.append([f"start latency p50, {n} worker(s): Celery's ÷ spotrun's", ratio,
+                        "holds" if ratio >= 1 else "does not hold"])
+    for batch in (1, 100):
+        s, q = get(p, system="spotrun", batch=batch), get(p, system="pgqueuer", batch=batch)
+        if s and q:
+            ratio = s["jobs_per_s"] / q["jobs_per_s"]
+            out.append([f"one producer, {batch} a call: spotrun ÷ PgQueuer", ratio,
+                        "holds" if ratio >= 1 else "does not hold"])
+    return out
+
+
+ORDER = ["spotrun", "celery", "procrastinate", "pgqueuer"]
 
 
 def part_b(args: argparse.Namespace, children: Children) -> list[dict[str, Any]]:
@@ -529,8 +726,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--parts", default="a,b")
-    ap.add_argument("--systems", default="spotrun,celery,procrastinate")
+    ap.add_argument("--parts", default="a,p,b")
+    ap.add_argument("--systems", default="spotrun,celery,procrastinate,pgqueuer")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (a), (p)")
+    ap.add_argument("--produce", type=int, default=None,
+                    help="jobs one producer queues one at a time in (p) [1000]")
     ap.add_argument("--workers", default="1,4")
     ap.add_argument("--jobs", type=int, default=None, help="no-op jobs per throughput run")
     ap.add_argument("--samples", type=int, default=None, help="latency samples")
@@ -543,6 +743,7 @@ def main() -> None:
     args.systems = args.systems.split(",")
     args.workers = [int(x) for x in args.workers.split(",")]
     args.jobs = args.jobs or (300 if args.quick else 3000)
+    args.produce = args.produce or (200 if args.quick else 1000)
     args.samples = args.samples or (20 if args.quick else 100)
     args.seconds = args.seconds or (12.0 if args.quick else 60.0)
     if args.quick and args.grace == 15.0:
@@ -552,17 +753,33 @@ def main() -> None:
     print(run.header(), flush=True)
     mds = []
     with Children() as children:
+        a: list[dict[str, Any]] = []
+        p: list[dict[str, Any]] = []
         if "a" in args.parts:
-            a = part_a(args, children)
-            run.results["a"] = a
+            run.results["a"] = part_a(args, children)
+            a = summary_a(run.results["a"])
+            run.results["a_summary"] = a
             base = {(r["workers"]): r for r in a if r["system"] == "spotrun"}
             mds.append(table(
-                ["system", "workers", "jobs", "jobs/s", "spotrun's jobs/s ÷ this",
-                 "start latency p50 ms", "p99 ms"],
-                [[r["system"], r["workers"], r["jobs"], round(r["jobs_per_s"]),
+                ["system", "workers", "jobs a run", "jobs/s, median of the rounds",
+                 "each round", "spotrun's jobs/s ÷ this", "start latency p50 ms", "p99 ms"],
+                [[r["system"], r["workers"], args.jobs, r["jobs_per_s"],
+                  ", ".join(f"{x:.0f}" for x in r["runs"]),
                   (base[r["workers"]]["jobs_per_s"] / r["jobs_per_s"])
                   if r["workers"] in base else float("nan"),
                   r["lat_p50_ms"], r["lat_p99_ms"]] for r in a]))
+        if "p" in args.parts:
+            run.results["p"] = part_p(args, children)
+            p = summary_p(run.results["p"])
+            run.results["p_summary"] = p
+            mds.append(table(
+                ["system", "jobs a call", "jobs/s, median of the rounds", "each round"],
+                [[r["system"], r["batch"], r["jobs_per_s"],
+                  ", ".join(f"{x:.0f}" for x in r["runs"])] for r in p]))
+        if a or p:
+            run.results["goals"] = goals(a, p)
+            mds.append(table(["goal", "ratio (>= 1 holds)", "verdict"],
+                             [[g, f"{r:.2f}", v] for g, r, v in run.results["goals"]]))
         if "b" in args.parts:
             b = part_b(args, children)
             run.results["b"] = b
@@ -573,7 +790,7 @@ def main() -> None:
                   r["attempts"], "killed" if r["sigterm_to_exit_s"] is None
                   and "SIGTERM" in r["case"] else (r["sigterm_to_exit_s"] or "-")]
                  for r in b]))
-    run.finish("\n\n".join(mds))
+    run.finish("\n\n".join(mds), extra_versions=("pgqueuer", "asyncpg"))
 
 
 if __name__ == "__main__":

@@ -388,7 +388,9 @@ def test_a_dropped_connection_surfaces_as_a_database_error(store: JobStore) -> N
     worker_store = JobStore.open(store.engine.url.render_as_string(hide_password=False),
                                  pre_ping=False)
     try:
-        job = worker_store.submit("sleep", {"seconds": 0})
+        # Queued by another store: the worker's own connections are then the ones a worker
+        # holds (a submit takes a hot-path connection too, which would be a second one).
+        job = store.submit("sleep", {"seconds": 0})
         lease, _ = _claim(worker_store, _worker(worker_store))
         if "spotrun_pooler" in store.engine.url.query:
             # A pooler hides its server connections' loss: its own client ones are lost.

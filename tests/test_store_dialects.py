@@ -175,9 +175,9 @@ def test_every_connection_keeps_the_urls_query_string(pg_url: str) -> None:
         assert got is not None
         assert beats.heartbeat(wid, [got[0]], 10) == {got[0].job_id: False}
         waker.wait(0.05)  # opens its LISTEN connection
-        # The hot path and the waker took idle connections of the pool for their own
-        # (out of it for good): the pool opens another.
-        store.submit("sleep", {"seconds": 0})
+        # The hot path (claims, results, submits) and the waker took idle connections of
+        # the pool for their own (out of it for good): the pool opens another.
+        store.list_jobs()
         with psycopg.connect(pg_url, autocommit=True) as admin:
             rows = admin.execute(
                 "SELECT application_name, ssl, query FROM pg_stat_activity a "
@@ -186,7 +186,7 @@ def test_every_connection_keeps_the_urls_query_string(pg_url: str) -> None:
             listening = admin.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
                 "AND query LIKE 'LISTEN%%'", (dbname,)).fetchone()
-        # The pool's (submit), the hot path's (claim), the reopened store's (heartbeat)
+        # The pool's (list_jobs), the hot path's (claim), the reopened store's (heartbeat)
         # and the waker's (LISTEN): every one opened with the URL's query string.
         assert len(rows) >= 4, rows
         assert {r[0] for r in rows} == {app}, rows

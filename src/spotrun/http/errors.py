@@ -76,14 +76,19 @@ def from_service(exc: ServiceError | UnknownPipeline, prefix: str = "") -> ApiPr
 
 
 def allowed_methods(request: Request) -> list[str]:
-    """Every method some route of the request's path answers."""
+    """Every method some route of the request's path answers. A path that a route names
+    exactly (``/v1/jobs/batch``) is that route's, not a template's (``/v1/jobs/{job_id}``,
+    whose GET refuses it), as the API document says."""
     scope = dict(request.scope, method="")
     found: set[str] = set()
+    exact: set[str] = set()
     for route in request.app.router.routes:
         methods = getattr(route, "methods", None)
         if methods and route.matches(scope)[0] != Match.NONE:
             found.update(methods)
-    return sorted(found)
+            if not getattr(route, "param_convertors", None):
+                exact.update(methods)
+    return sorted(exact or found)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -24,8 +24,11 @@ from spotrun.http.metrics import Metrics
 from spotrun.http.responses import StrictJSONResponse
 from spotrun.http.schemas import (
     NO_NUL,
+    BatchOut,
+    BatchRequest,
     CallbackSecretOut,
     EventsOut,
+    FieldError,
     JobOut,
     JobPage,
     LogsOut,
@@ -39,12 +42,14 @@ from spotrun.http.schemas import (
 )
 from spotrun.jobs import Job, JobState
 from spotrun.pipelines.registry import UnknownPipeline, registry
+from spotrun.quotas import QuotaExceeded
 from spotrun.service import preempt, queue
 from spotrun.service.auth import Principal, require_admin, visible_job
 from spotrun.service.submission import (
     Forbidden,
     IdempotencyConflict,
     Invalid,
+    ItemError,
     ServiceError,
     bad_value,
     check_text,
@@ -86,6 +91,25 @@ def text_field(field: str, value: str | None) -> None:
         check_text(field, value)
     except Invalid as exc:
         raise from_service(exc) from None
+
+
+def item_problem(exc: ItemError) -> ApiProblem:
+    """The answer to a batch's refused item: as for that job on its own, its fields and
+    its line named ``body.jobs.<index>``."""
+    where = f"body.jobs.{exc.index}"
+    inner = exc.error
+    if isinstance(inner, IdempotencyConflict):
+        reason = f"was used for a different job ({inner.job_id}); use a new key for a new job"
+        return ApiProblem(409, f"{where}.idempotency_key: {reason}",
+                          [FieldError(field=f"{where}.idempotency_key", reason=reason)])
+    if isinstance(inner, QuotaExceeded):
+        return ApiProblem(429, f"{where}: {inner}")
+    if not isinstance(inner, ServiceError | UnknownPipeline):
+        raise inner
+    problem = from_service(inner, f"{where}.")
+    if not problem.detail.startswith(where):
+        problem.detail = f"{where}: {problem.detail}"
+    return problem
 
 
 def admin_only(who: Principal, refusal: str) -> None:
@@ -160,6 +184,22 @@ def install(app: FastAPI, ctx: AppContext) -> None:
             raise from_service(exc, "body.") from None
         return StrictJSONResponse(job.to_json(), status_code=201)
 
+    @app.post("/v1/jobs/batch", tags=["jobs"], status_code=201, response_model=BatchOut,
+              summary="Queue many jobs at once: all of them, or none when any is refused "
+                      "(the error names it as body.jobs.<index>)",
+              responses=errors_doc(401, 403, 404, 409, 413, 422, 429, 503))
+    def submit_batch(body: BatchRequest, who: Caller) -> Response:
+        try:
+            jobs = queue.submit_many(
+                store, [j.submission(strict_params=True) for j in body.jobs], caller=who,
+                idempotency_keys=[j.idempotency_key for j in body.jobs],
+                allow_private_callbacks=ctx.allow_private_callbacks)
+        except ItemError as exc:
+            raise item_problem(exc) from None
+        except ServiceError as exc:
+            raise from_service(exc, "body.") from None
+        return StrictJSONResponse({"jobs": [j.to_json() for j in jobs]}, status_code=201)
+
     @app.get("/v1/jobs", tags=["jobs"], response_model=JobPage, summary="List jobs",
              responses=errors_doc(401, 422, 503))
     def list_jobs(
@@ -183,6 +223,8 @@ def install(app: FastAPI, ctx: AppContext) -> None:
     @app.get("/v1/jobs/{job_id}", tags=["jobs"], response_model=JobOut,
              summary="A job, with its history", responses=errors_doc(401, 404, 503))
     def get_job(job_id: str, who: Caller) -> Response:
+        if job_id == "batch":  # no job id (they are hex): POST /v1/jobs/batch's path
+            raise ApiProblem(405, "Method Not Allowed", headers={"Allow": "POST"})
         return StrictJSONResponse(visible(job_id, who).to_json())
 
     @app.post("/v1/jobs/{job_id}/cancel", tags=["jobs"], response_model=JobOut,

@@ -104,6 +104,27 @@ class SubmitRequest(BaseModel):
             callback_url=self.callback_url, strict_params=strict_params)
 
 
+class BatchJob(SubmitRequest):
+    """One job of a batch: the document of ``POST /v1/jobs``, with its own idempotency
+    key (the header's part for a job on its own)."""
+
+    idempotency_key: str | None = Field(
+        None, min_length=1, max_length=200, json_schema_extra={"pattern": NO_NUL},
+        description="a retried batch with this job's key returns the job queued first; "
+        "a key may appear once in a batch")
+
+
+class BatchRequest(BaseModel):
+    """Jobs to queue at once: all of them, or none when any is refused (the answer names
+    it as ``body.jobs.<index>``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[BatchJob] = Field(min_length=1, max_length=limits.MAX_BATCH,
+                                 description=f"1 to {limits.MAX_BATCH} jobs (and a body "
+                                 "of at most 1 MB)")
+
+
 class ProgressOut(BaseModel):
     model_config = ConfigDict(extra="allow")
     step: int
@@ -148,6 +169,10 @@ class JobOut(BaseModel):
     updated_at: str
     events: list[EventOut] = Field(
         default_factory=list, description="the job's history (absent in lists)")
+
+
+class BatchOut(BaseModel):
+    jobs: list[JobOut] = Field(description="the jobs queued, in the request's order")
 
 
 class JobPage(BaseModel):
@@ -232,8 +257,9 @@ def document_pipelines(doc: dict[str, Any], params_of: dict[str, dict[str, Any]]
     JSON Schema its ``params`` must meet (``params_of``: name to schema, as
     ``GET /v1/pipelines`` answers it)."""
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    request = schemas["SubmitRequest"]
-    request["properties"]["pipeline"]["enum"] = sorted(params_of)
+    requests = [schemas[name] for name in ("SubmitRequest", "BatchJob") if name in schemas]
+    for request in requests:
+        request["properties"]["pipeline"]["enum"] = sorted(params_of)
     branches = []
     for name, schema in sorted(params_of.items()):
         prefix = "".join(part.title() for part in name.replace("_", "-").split("-"))
@@ -246,7 +272,8 @@ def document_pipelines(doc: dict[str, Any], params_of: dict[str, dict[str, Any]]
         branches.append({"properties": {"pipeline": {"const": name},
                                         "params": {"$ref": f"#/components/schemas/{ref}"}},
                          "required": required})
-    request["oneOf"] = branches
+    for request in requests:
+        request["oneOf"] = branches
 
 
 def _without_nul(node: Any) -> Any:

@@ -9,6 +9,7 @@ with full rights.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -17,19 +18,29 @@ from spotrun.config import ConfigError, check_pool
 from spotrun.jobs import Job
 from spotrun.pipelines.base import SubmitRefused
 from spotrun.pipelines.command import may_submit
-from spotrun.pipelines.registry import describe_validation_error, get, validate_submission
+from spotrun.pipelines.registry import (
+    UnknownPipeline,
+    describe_validation_error,
+    get,
+    validate_submission,
+)
+from spotrun.quotas import QuotaExceeded
 from spotrun.service import callback_urls
 from spotrun.service.auth import JOB_ID_RE, Principal
 from spotrun.service.submission import (
+    MAX_BATCH,
     Forbidden,
     IdempotencyConflict,
     Invalid,
+    ItemError,
     Problem,
     Refused,
+    ServiceError,
     Submission,
     bad_value,
+    check_text,
 )
-from spotrun.store import Conflict, JobNotFound, JobStore
+from spotrun.store import Conflict, JobNotFound, JobStore, KeyReused, NewJob, dumps
 
 
 def check(store: JobStore, sub: Submission, *, caller: Principal | None,
@@ -108,31 +119,85 @@ def enqueue(store: JobStore, sub: Submission, params: dict[str, Any], requires_c
     different job raises :class:`IdempotencyConflict`. A caller over a quota raises
     :class:`QuotaExceeded`.
     """
+    try:
+        return _queue(store, [(sub, params, requires_cuda, idempotency_key)],
+                      caller=caller, owner=owner, batch=False)[0]
+    except KeyReused as exc:
+        raise IdempotencyConflict(exc.job_id) from None
+
+
+def submit_many(store: JobStore, subs: Sequence[Submission], *, caller: Principal | None,
+                idempotency_keys: Sequence[str | None] | None = None,
+                allow_private_callbacks: bool = False) -> list[Job]:
+    """Check and queue a batch of jobs in one transaction: all of them or none. Returns
+    them as stored, in order.
+
+    Each job is checked as :func:`submit` checks one, and its idempotency key (its place
+    in ``idempotency_keys``) is honoured as one job's is; a key may appear once a batch.
+    The caller's quotas apply to the whole batch. An item refused raises
+    :class:`ItemError` naming it; over the queued quota raises :class:`QuotaExceeded`.
+    """
+    if not 1 <= len(subs) <= MAX_BATCH:
+        raise Invalid.one("jobs", f"must hold 1 to {MAX_BATCH} jobs, not {len(subs)}")
+    keys = list(idempotency_keys or [None] * len(subs))
+    if len(keys) != len(subs):
+        raise ValueError("one idempotency key (or None) per submission")
+    checked = []
+    first: dict[str, int] = {}
+    for i, (sub, key) in enumerate(zip(subs, keys, strict=True)):
+        try:
+            check_text("idempotency_key", key)
+            if key is not None and key in first:
+                raise Invalid.one("idempotency_key", f"repeats the key of job {first[key]}")
+            params, cuda = check(store, sub, caller=caller,
+                                 allow_private_callbacks=allow_private_callbacks)
+        except (ServiceError, UnknownPipeline) as exc:
+            raise ItemError(i, exc) from None
+        if key is not None:
+            first[key] = i
+        checked.append((sub, params, cuda, key))
+    try:
+        return _queue(store, checked, caller=caller, owner=None, batch=True)
+    except KeyReused as exc:
+        raise ItemError(exc.index, IdempotencyConflict(exc.job_id)) from None
+
+
+def _queue(store: JobStore, checked: Sequence[tuple[Submission, dict[str, Any], bool,
+                                                    str | None]],
+           *, caller: Principal | None, owner: str | None, batch: bool) -> list[Job]:
+    """Queue checked jobs (each: the request, its params as stored, requires CUDA, its
+    key) in one transaction, under the caller's quota; a ``batch``'s item over a quota
+    raises :class:`ItemError`."""
     if owner is None and caller is not None:
         owner = caller.name
     quota = None if caller is None or caller.is_admin else store.quota_for(caller.name)
-    deadline = None if sub.deadline is None else store.now() + sub.deadline
-
-    def queue() -> Job:
-        return store.submit(
-            sub.pipeline, params, priority=sub.priority, max_retries=sub.max_retries,
-            on_preempt=sub.on_preempt, timeout=sub.timeout, requires_cuda=requires_cuda,
-            pool=sub.pool, owner=owner, idempotency_key=idempotency_key,
-            callback_url=sub.callback_url,
-            checkpoint_every_steps=sub.checkpoint_every_steps,
-            checkpoint_every_seconds=sub.checkpoint_every_seconds,
-            max_preemptions=sub.max_preemptions, deadline=deadline, quota=quota)
-
+    if quota is not None and owner is not None:
+        # Checked here too, where the item is known, so that the answer can name it.
+        for i, (sub, params, _cuda, _key) in enumerate(checked):
+            try:
+                quota.check_request(owner, priority=sub.priority, max_retries=sub.max_retries,
+                                    params_bytes=len(dumps(params).encode()))
+            except QuotaExceeded as exc:
+                if not batch:
+                    raise
+                raise ItemError(i, exc) from None
+    now = store.now() if any(sub.deadline is not None for sub, *_ in checked) else 0.0
+    items = [NewJob(
+        sub.pipeline, params, priority=sub.priority, max_retries=sub.max_retries,
+        on_preempt=sub.on_preempt, timeout=sub.timeout, requires_cuda=cuda, pool=sub.pool,
+        idempotency_key=key, callback_url=sub.callback_url,
+        checkpoint_every_steps=sub.checkpoint_every_steps,
+        checkpoint_every_seconds=sub.checkpoint_every_seconds,
+        max_preemptions=sub.max_preemptions,
+        deadline=None if sub.deadline is None else now + sub.deadline)
+        for sub, params, cuda, key in checked]
     try:
-        job = queue()
+        return store.submit_many(items, owner=owner, quota=quota)
     except Conflict:
-        if idempotency_key is None:
+        if all(item.idempotency_key is None for item in items):
             raise
         # A concurrent retry with the same key won the insert: answer with its job.
-        job = queue()
-    if idempotency_key is not None and (job.pipeline, job.params) != (sub.pipeline, params):
-        raise IdempotencyConflict(job.id)
-    return job
+        return store.submit_many(items, owner=owner, quota=quota)
 
 
 def cancel(store: JobStore, job_id: str, *, caller: Principal | None) -> Job:

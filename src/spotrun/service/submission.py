@@ -24,6 +24,8 @@ CHECKPOINT_EVERY_STEPS = (1, 1_000_000_000)
 CHECKPOINT_EVERY_SECONDS = (0.01, 30 * 86_400.0)
 DEADLINE_SECONDS = (1.0, 366 * 86_400.0)  # from now
 TIMEOUT_MAX_SECONDS = 30 * 86_400.0  # the API's bound; the CLI's lowest is 1 ms
+# Jobs one batch submit may queue: a batch is one transaction, and its answer one document.
+MAX_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,17 @@ class IdempotencyConflict(ServiceError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"the idempotency key was used for a different job ({job_id})")
         self.job_id = job_id
+
+
+class ItemError(ServiceError):
+    """Item ``index`` of a batch was refused, so nothing of the batch was queued; ``error``
+    is what refused it, as for a job on its own (:class:`Invalid`, :class:`Forbidden`,
+    :class:`Refused`, :class:`IdempotencyConflict`, an unknown pipeline, a quota)."""
+
+    def __init__(self, index: int, error: Exception) -> None:
+        super().__init__(f"jobs.{index}: {error}")
+        self.index = index
+        self.error = error
 
 
 def bad_value(value: Any, where: str) -> Problem | None:

@@ -37,6 +37,7 @@ from spotrun.store.errors import (
     DatabaseSlow,
     DatabaseUnavailable,
     JobNotFound,
+    KeyReused,
     LeaseLost,
     StoreError,
 )
@@ -50,6 +51,7 @@ from spotrun.store.records import (
     IntakeEvent,
     JobRecord,
     Lease,
+    NewJob,
     Token,
     dumps,
     hash_token,
@@ -64,8 +66,8 @@ __all__ = [
     "PG_CONNECT_TIMEOUT", "PG_KEEPALIVES", "Analytics", "BadDatabaseURL", "Beat", "BeatResult",
     "CallbackRecords",
     "ClaimRequest", "Conflict", "DatabaseError", "DatabaseSlow", "DatabaseUnavailable",
-    "IntakeEvent", "IntakeRecords", "JobNotFound", "JobRecord", "JobStore", "Lease",
-    "LeaseLost", "PostgresStore", "SqliteStore", "StoreError", "Token", "Tokens", "Waker",
-    "create_engine", "dumps", "hash_token", "loads", "new_id", "normalize_url",
-    "password_of", "redact", "sqlite_file",
+    "IntakeEvent", "IntakeRecords", "JobNotFound", "JobRecord", "JobStore", "KeyReused",
+    "Lease", "LeaseLost", "NewJob", "PostgresStore", "SqliteStore", "StoreError", "Token",
+    "Tokens", "Waker", "create_engine", "dumps", "hash_token", "loads", "new_id",
+    "normalize_url", "password_of", "redact", "sqlite_file",
 ]

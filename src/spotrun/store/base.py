@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import abc
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from spotrun.events import CancelCause, Cancelled, CancelRequested, Note, Submitted
+from spotrun.events import CancelCause, Cancelled, CancelRequested, Note, Submitted, render
 from spotrun.jobs import (
     LIVE_WORKER_STATES,
     Event,
@@ -35,12 +35,19 @@ from spotrun.schema import events, job_logs, jobs, quotas, workers
 from spotrun.store.analytics import Analytics
 from spotrun.store.callbacks import CallbackRecords
 from spotrun.store.connect import create_engine, normalize_url, redact
-from spotrun.store.errors import DatabaseUnavailable, JobNotFound, StoreError, first_line
+from spotrun.store.errors import (
+    DatabaseUnavailable,
+    JobNotFound,
+    KeyReused,
+    StoreError,
+    first_line,
+)
 from spotrun.store.intake import IntakeRecords
 from spotrun.store.leases import LeaseWrites, registered_here
 from spotrun.store.records import (
     JobRecord,
     Lease,
+    NewJob,
     dumps,
     job_from_row,
     loads,
@@ -180,51 +187,103 @@ class JobStore(LeaseWrites):
         """Queue a job whose params were already validated; return it as stored.
 
         ``deadline`` is in seconds since the epoch. With ``quota`` (a user's submit) the
-        job must fit it, or :class:`QuotaExceeded` is raised and nothing is queued.
+        job must fit it, or :class:`QuotaExceeded` is raised and nothing is queued. An
+        ``idempotency_key`` that names ``owner``'s job gives that job back; one that names a
+        different job (another pipeline or other params) raises :class:`KeyReused`.
         """
-        job_id = new_id()
+        return self.submit_many([NewJob(
+            pipeline, params, priority=priority, max_retries=max_retries,
+            on_preempt=on_preempt, timeout=timeout, requires_cuda=requires_cuda, pool=pool,
+            idempotency_key=idempotency_key, callback_url=callback_url,
+            checkpoint_every_steps=checkpoint_every_steps,
+            checkpoint_every_seconds=checkpoint_every_seconds,
+            max_preemptions=max_preemptions, deadline=deadline)],
+            owner=owner, quota=quota)[0]
+
+    def submit_many(self, items: Sequence[NewJob], *, owner: str | None = None,
+                    quota: Quota | None = None) -> list[Job]:
+        """Queue jobs whose params were already validated, in one transaction: all of them
+        or none. Returns them as stored, in the items' order.
+
+        An item whose idempotency key names a job of ``owner`` gives that job and queues
+        nothing; items of one batch that share a key are one job. A key that names a
+        different job (another pipeline or other params) raises :class:`KeyReused` naming
+        the item. With ``quota`` (``owner``'s), each job must fit the request limits and
+        the new jobs together the queued limit, or :class:`QuotaExceeded` is raised.
+        Nothing is queued when anything is raised.
+        """
+        if not items:
+            return []
         if quota is not None and owner is not None:
-            quota.check_request(owner, priority=priority, max_retries=max_retries,
-                                params_bytes=len(dumps(params).encode()))
+            for item in items:
+                quota.check_request(owner, priority=item.priority,
+                                    max_retries=item.max_retries,
+                                    params_bytes=len(dumps(item.params).encode()))
+        else:
+            quota = None
+        # One row per key: a batch that repeats a key asks for one job.
+        first: dict[str, int] = {}
+        write: list[int] = []  # the items written, by index
+        slot: list[int] = []  # each item's place in ``write``
+        for i, item in enumerate(items):
+            key = item.idempotency_key
+            if key is not None and key in first:
+                was = items[write[first[key]]]
+                if (was.pipeline, dumps(was.params)) != (item.pipeline, dumps(item.params)):
+                    raise StoreError(f"items {write[first[key]]} and {i} share an "
+                                     "idempotency key but are different jobs")
+                slot.append(first[key])
+                continue
+            if key is not None:
+                first[key] = len(write)
+            slot.append(len(write))
+            write.append(i)
+        rows = [items[i].values(new_id(), owner) for i in write]
+        written = self._insert_jobs(rows, write, owner=owner, quota=quota)
+        return [written[k] for k in slot]
+
+    def _insert_jobs(self, rows: list[dict[str, Any]], indexes: list[int], *,
+                     owner: str | None, quota: Quota | None) -> list[Job]:
+        """Write the rows of new jobs (:meth:`NewJob.values`, distinct keys) as
+        :meth:`submit_many` promises; ``indexes`` are their items' places in the batch.
+        Answers each row's job (the one its key already named, if it did)."""
         with self._tx() as conn:
-            if idempotency_key is not None:
-                existing = conn.execute(
-                    sa.select(jobs.c.id).where(
-                        jobs.c.idempotency_key == idempotency_key,
-                        jobs.c.owner.is_(None) if owner is None else jobs.c.owner == owner,
-                    )
-                ).scalar()
-                if existing is not None:
-                    job_id = existing
-                    return self._get(conn, job_id)
-            if quota is not None and owner is not None:
-                self._check_queued_quota(conn, owner, quota)
-            conn.execute(
-                jobs.insert().values(
-                    id=job_id,
-                    pipeline=pipeline,
-                    params=dumps(params),
-                    state=JobState.QUEUED.value,
-                    priority=priority,
-                    max_retries=max_retries,
-                    on_preempt=on_preempt.value,
-                    timeout_seconds=timeout,
-                    requires_cuda=requires_cuda,
-                    pool=pool,
-                    owner=owner,
-                    idempotency_key=idempotency_key,
-                    callback_url=callback_url,
-                    checkpoint_every_steps=checkpoint_every_steps,
-                    checkpoint_every_seconds=checkpoint_every_seconds,
-                    max_preemptions=max_preemptions,
-                    deadline=deadline,
-                    created_at=self._now,
-                    updated_at=self._now,
-                )
-            )
-            self._record(conn, job_id, Submitted(), worker=None, attempt=0)
-            self._notify(conn, job_id)
-            return self._get(conn, job_id)
+            found = self._keyed_jobs(conn, rows, indexes, owner)
+            fresh = [r for k, r in enumerate(rows) if k not in found]
+            if quota is not None and owner is not None and fresh:
+                self._check_queued_quota(conn, owner, quota, adding=len(fresh))
+            if fresh:
+                conn.execute(jobs.insert().values(
+                    state=JobState.QUEUED.value, created_at=self._now,
+                    updated_at=self._now), fresh)
+                kind, message, data = render(Submitted())
+                conn.execute(events.insert().values(at=self._now), [
+                    {"job_id": r["id"], "kind": kind, "worker": None, "attempt": 0,
+                     "message": message, "data": dumps(data)} for r in fresh])
+                self._notify(conn, fresh[0]["id"])
+            ids = [found.get(k, r["id"]) for k, r in enumerate(rows)]
+            got = self._get_many(conn, ids)
+        return [got[i] for i in ids]
+
+    def _keyed_jobs(self, conn: Connection, rows: list[dict[str, Any]], indexes: list[int],
+                    owner: str | None) -> dict[int, str]:
+        """The rows whose idempotency key names a job of ``owner``: row -> that job's id.
+        A key naming a different job raises :class:`KeyReused`."""
+        keyed = {r["idempotency_key"]: k for k, r in enumerate(rows)
+                 if r["idempotency_key"] is not None}
+        if not keyed:
+            return {}
+        found: dict[int, str] = {}
+        for row in conn.execute(sa.select(
+                jobs.c.id, jobs.c.idempotency_key, jobs.c.pipeline, jobs.c.params).where(
+                jobs.c.owner.is_(None) if owner is None else jobs.c.owner == owner,
+                jobs.c.idempotency_key.in_(sorted(keyed)))):
+            k = keyed[row.idempotency_key]
+            if (row.pipeline, loads(row.params)) != (rows[k]["pipeline"],
+                                                     loads(rows[k]["params"])):
+                raise KeyReused(indexes[k], row.id)
+            found[k] = row.id
+        return found
 
     def _lock_owner(self, conn: Connection, owner: str) -> None:
         """Serialise one owner's submits (their quota check and insert) where writers run
@@ -233,13 +292,14 @@ class JobStore(LeaseWrites):
     def _lock_job(self, conn: Connection, job_id: str) -> None:
         """Lock the job's row for the transaction, where rows lock (see cancel)."""
 
-    def _check_queued_quota(self, conn: Connection, owner: str, quota: Quota) -> None:
+    def _check_queued_quota(self, conn: Connection, owner: str, quota: Quota, *,
+                            adding: int = 1) -> None:
         # Two submits of one user at once must not both fit the last place.
         self._lock_owner(conn, owner)
         queued = int(conn.execute(sa.select(sa.func.count()).select_from(jobs).where(
             jobs.c.owner == owner, jobs.c.state == JobState.QUEUED.value)).scalar_one())
-        if queued + 1 > quota.max_queued:
-            raise QuotaExceeded(owner, "max_queued", quota.max_queued, queued + 1)
+        if queued + adding > quota.max_queued:
+            raise QuotaExceeded(owner, "max_queued", quota.max_queued, queued + adding)
 
     def quota_for(self, owner: str) -> Quota:
         """The limits that apply to ``owner``: the defaults with their own values."""
@@ -274,6 +334,16 @@ class JobStore(LeaseWrites):
         if with_events:
             evs = tuple(self._events(conn, job_id))
         return job_from_row(row, evs)
+
+    def _get_many(self, conn: Connection, job_ids: Sequence[str]) -> dict[str, Job]:
+        """The jobs with these ids, with their histories, by id (two reads, any count)."""
+        wanted = sorted(set(job_ids))
+        evs: dict[str, list[Event]] = {i: [] for i in wanted}
+        for r in conn.execute(sa.select(events).where(events.c.job_id.in_(wanted))
+                              .order_by(events.c.id)).mappings():
+            evs[r["job_id"]].append(_event_of(r))
+        rows = conn.execute(sa.select(jobs).where(jobs.c.id.in_(wanted))).mappings()
+        return {r["id"]: job_from_row(r, tuple(evs[r["id"]])) for r in rows}
 
     def find(self, job_id: str) -> Job | None:
         try:
@@ -317,16 +387,7 @@ class JobStore(LeaseWrites):
             .order_by(events.c.id)
         ).mappings()
         for r in rows:
-            data = loads(r["data"]) if r["data"] else None
-            yield Event(
-                at=from_epoch(r["at"]),
-                kind=r["kind"],
-                worker=r["worker"],
-                attempt=r["attempt"],
-                message=r["message"],
-                detail=data.get("detail") if isinstance(data, dict) else None,
-                data=data if isinstance(data, dict) else None,
-            )
+            yield _event_of(r)
 
     def logs(self, job_id: str) -> list[LogLine]:
         with self._tx(write=False) as conn:
@@ -499,6 +560,20 @@ class JobStore(LeaseWrites):
                 .order_by(workers.c.started_at.desc())
             ).mappings().all()
         return [worker_from_row(r) for r in rows]
+
+
+def _event_of(r: Any) -> Event:
+    """An event from its row."""
+    data = loads(r["data"]) if r["data"] else None
+    return Event(
+        at=from_epoch(r["at"]),
+        kind=r["kind"],
+        worker=r["worker"],
+        attempt=r["attempt"],
+        message=r["message"],
+        detail=data.get("detail") if isinstance(data, dict) else None,
+        data=data if isinstance(data, dict) else None,
+    )
 
 
 # Each dialect's module registers its store when the package loads it (spotrun.store

@@ -45,6 +45,18 @@ class JobNotFound(StoreError):
     pass
 
 
+class KeyReused(StoreError):
+    """An idempotency key already names a different job of its owner (another pipeline or
+    other params): nothing was queued. ``index`` is the item of the batch that carries it
+    (0 for a single submit), ``job_id`` the job the key names."""
+
+    def __init__(self, index: int, job_id: str) -> None:
+        super().__init__(f"the idempotency key of item {index} names a different job "
+                         f"({job_id})")
+        self.index = index
+        self.job_id = job_id
+
+
 class LeaseLost(StoreError):
     """A fenced write was refused: this attempt no longer holds the job's lease.
 

@@ -1,7 +1,7 @@
 """The store on PostgreSQL: its claim, its result, its locks and its LISTEN wake-up.
 
 The queue's hot path is hand-written SQL, one statement per call (data-modifying CTEs),
-sent on psycopg connections of the store's own in autocommit (:meth:`PostgresStore._pg_one`):
+sent with psycopg on the pool's connections in autocommit (:meth:`PostgresStore._pg_one`):
 the claim (:data:`CLAIM_SQL`, its pick is migration 0008's ``spotrun_next_job``) and the
 fenced result, which can claim the worker's next job in the same statement
 (:func:`finish_sql`): one round trip a job. Everything else is the shared SQLAlchemy Core
@@ -20,7 +20,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from spotrun import migrations
-from spotrun.jobs import JobState
+from spotrun.events import Submitted, render
+from spotrun.jobs import Event, Job, JobState, from_epoch
+from spotrun.quotas import Quota, QuotaExceeded
 from spotrun.schema import jobs
 from spotrun.store.base import JobStore, Waker, register_dialect
 from spotrun.store.claim_event import claim_event_sql
@@ -32,6 +34,7 @@ from spotrun.store.connect import (
     pg_checkout,
     pg_connection,
 )
+from spotrun.store.errors import KeyReused, StoreError
 from spotrun.store.records import ClaimRequest, JobRecord, Lease, dumps, job_from_row
 
 if TYPE_CHECKING:
@@ -107,6 +110,89 @@ WITH fin AS (
             + " LEFT JOIN upd ON true")
 
 
+# The columns a submit writes from each item, with their SQL types (the fields of the
+# statement's one JSON parameter, an object per job: see submit_sql).
+SUBMIT_COLUMNS: dict[str, str] = {
+    "id": "varchar", "pipeline": "varchar", "params": "text", "priority": "int",
+    "max_retries": "int", "on_preempt": "varchar", "timeout_seconds": "float8",
+    "requires_cuda": "boolean", "pool": "varchar", "idempotency_key": "varchar",
+    "callback_url": "text", "checkpoint_every_steps": "int",
+    "checkpoint_every_seconds": "float8", "max_preemptions": "int", "deadline": "float8",
+}
+
+
+@functools.cache
+def submit_sql(by_owner: bool, with_keys: bool, with_quota: bool) -> str:
+    """The submit of any number of jobs in one statement: their rows, their 'submitted'
+    events, one NOTIFY. Answers one row, whose ``answer`` is a JSON list with an object
+    per item, in order: ``item_n``; ``old_id`` and ``old_same`` when its idempotency key
+    names a job already (the same pipeline and params, or not); ``queued_now`` (the
+    owner's queued jobs before, ``with_quota``); ``job``, the new job's row (null when
+    nothing was written). One row, so that any batch takes the hot path's one round trip.
+
+    Nothing is written when a key names a different job, or (``with_quota``) when the
+    new jobs would take the owner past ``max_queued``: the caller raises. The quota's
+    count is only safe after the owner's advisory lock, taken by an earlier statement of
+    the transaction (a statement sees the commits from before it began).
+    """
+    cols = ", ".join(SUBMIT_COLUMNS)
+    typed = ", ".join(f"{c} {t}" for c, t in SUBMIT_COLUMNS.items())
+    # One JSON parameter, not an array per column: psycopg dumps arrays element by
+    # element in Python (6 ms for a batch of 100), json.dumps the list at once.
+    sql = f"""WITH item AS (
+    SELECT * FROM ROWS FROM (json_to_recordset(%(items)s::json) AS ({typed}))
+        WITH ORDINALITY AS i({cols}, n)
+)"""
+    guards = []
+    if with_keys:
+        # owner IS NULL, not IS NOT DISTINCT FROM: the unique index serves only the first.
+        owner_is = "j.owner = %(owner)s" if by_owner else "j.owner IS NULL"
+        sql += f""", old AS (
+    SELECT i.n, j.id,
+        (j.pipeline = i.pipeline AND j.params::jsonb = i.params::jsonb) AS same
+    FROM item i JOIN jobs j ON j.idempotency_key = i.idempotency_key AND {owner_is}
+), fresh AS (
+    SELECT * FROM item WHERE n NOT IN (SELECT n FROM old)
+)"""
+        guards.append("NOT EXISTS (SELECT 1 FROM old WHERE NOT old.same)")
+    else:
+        sql += ", fresh AS (SELECT * FROM item)"
+    if with_quota:
+        sql += f""", queued AS (
+    SELECT count(*) AS queued FROM jobs
+    WHERE owner = %(owner)s AND state = '{JobState.QUEUED.value}'
+)"""
+        guards.append("(SELECT queued FROM queued) + (SELECT count(*) FROM fresh)"
+                      " <= %(max_queued)s")
+    where = ("WHERE " + " AND ".join(guards)) if guards else ""
+    sql += f""", clock AS (
+    SELECT {_PG_NOW} AS now
+), ins AS (
+    INSERT INTO jobs ({cols}, owner, state, created_at, updated_at)
+    SELECT {", ".join(f"fresh.{c}" for c in SUBMIT_COLUMNS)}, %(owner)s,
+        '{JobState.QUEUED.value}', clock.now, clock.now
+    FROM fresh, clock {where}
+    ORDER BY fresh.n
+    RETURNING jobs.*
+), ev AS (
+    INSERT INTO events (job_id, at, kind, worker, attempt, message, data)
+    SELECT ins.id, ins.created_at, %(kind)s, NULL, 0, %(message)s, %(data)s
+    FROM ins JOIN item ON item.id = ins.id ORDER BY item.n
+), wake AS (
+    SELECT pg_notify('{NOTIFY_CHANNEL}', min(ins.id)) FROM ins HAVING count(*) > 0
+)
+SELECT json_agg(json_build_object(
+        'item_n', item.n,
+        'old_id', {"old.id" if with_keys else "NULL"},
+        'old_same', {"old.same" if with_keys else "NULL"},
+        'queued_now', {"(SELECT queued FROM queued)" if with_quota else "NULL"},
+        'job', to_json(ins)) ORDER BY item.n) AS answer,
+    (SELECT count(*) FROM wake) AS woke
+FROM item {"LEFT JOIN old ON old.n = item.n" if with_keys else ""}
+LEFT JOIN ins ON ins.id = item.id"""
+    return sql
+
+
 class PostgresStore(JobStore):
     """The queue on PostgreSQL."""
 
@@ -172,6 +258,60 @@ class PostgresStore(JobStore):
             conn.execute(sa.text("LOCK TABLE jobs IN SHARE MODE"))
             time.sleep(seconds)
             conn.rollback()
+
+    # ------------------------------------------------------------------ submit
+
+    def _insert_jobs(self, rows: list[dict[str, Any]], indexes: list[int], *,
+                     owner: str | None, quota: Quota | None) -> list[Job]:
+        # One statement (submit_sql). With no quota to check it is the hot path's kind
+        # of call, one round trip on a connection in autocommit: the SQLAlchemy
+        # transaction it replaces cost 3.0 ms of CPU a submit (4.7 ms wall), this one
+        # 0.4 ms (1.7 ms). A quota needs the owner's lock first, so a transaction.
+        from psycopg.types.json import Json
+
+        kind, message, data = render(Submitted())
+        params: dict[str, Any] = {
+            "items": Json([{c: r[c] for c in SUBMIT_COLUMNS} for r in rows]),
+            "owner": owner, "kind": kind, "message": message, "data": dumps(data),
+            "max_queued": None if quota is None else quota.max_queued}
+        sql = submit_sql(owner is not None,
+                         any(r["idempotency_key"] is not None for r in rows),
+                         quota is not None and owner is not None)
+        if quota is None or owner is None:
+            one = self._pg_one(sql, params)
+        else:
+            with self._tx() as conn:
+                self._lock_owner(conn, owner)
+                got = conn.exec_driver_sql(sql, params).mappings().first()
+                one = None if got is None else dict(got)
+        answer: list[dict[str, Any]] = [] if one is None else list(one["answer"] or [])
+        for row in answer:
+            if row["old_id"] is not None and not row["old_same"]:
+                raise KeyReused(indexes[row["item_n"] - 1], row["old_id"])
+        out: list[Job | None] = []
+        old: list[str] = []
+        for row in answer:
+            if row["old_id"] is not None:
+                old.append(row["old_id"])
+                out.append(None)
+            elif row["job"] is None:
+                assert quota is not None and owner is not None
+                adding = sum(1 for r in answer if r["old_id"] is None)
+                raise QuotaExceeded(owner, "max_queued", quota.max_queued,
+                                    int(row["queued_now"]) + adding)
+            else:
+                job = row["job"]
+                out.append(job_from_row(job, (Event(
+                    at=from_epoch(job["created_at"]), kind=kind, worker=None, attempt=0,
+                    message=message, detail=None, data=data),)))
+        if len(out) != len(rows):
+            raise StoreError("the submit answered for fewer jobs than it was given")
+        if old:
+            with self._tx(write=False) as conn:
+                found = self._get_many(conn, old)
+            it = iter(old)
+            out = [found[next(it)] if j is None else j for j in out]
+        return [j for j in out if j is not None]
 
     # ------------------------------------------------------------------ sweep
 

@@ -85,6 +85,42 @@ class ClaimRequest:
 
 
 @dataclass(frozen=True)
+class NewJob:
+    """One job to queue, its params already validated: what ``JobStore.submit_many``
+    takes for each item (the owner and the quota are the batch's).
+
+    ``deadline`` is in seconds since the epoch; ``idempotency_key`` names the job for its
+    owner, so that a retry finds it instead of queueing it again.
+    """
+
+    pipeline: str
+    params: dict[str, Any]
+    priority: int = 0
+    max_retries: int = 4
+    on_preempt: OnPreempt = OnPreempt.RESUME
+    timeout: float | None = None
+    requires_cuda: bool = False
+    pool: str | None = None
+    idempotency_key: str | None = None
+    callback_url: str | None = None
+    checkpoint_every_steps: int | None = None
+    checkpoint_every_seconds: float | None = None
+    max_preemptions: int | None = None
+    deadline: float | None = None
+
+    def values(self, job_id: str, owner: str | None) -> dict[str, Any]:
+        """The job's row as the submit writes it, but for its state and times."""
+        return {"id": job_id, "pipeline": self.pipeline, "params": dumps(self.params),
+                "priority": self.priority, "max_retries": self.max_retries,
+                "on_preempt": self.on_preempt.value, "timeout_seconds": self.timeout,
+                "requires_cuda": self.requires_cuda, "pool": self.pool, "owner": owner,
+                "idempotency_key": self.idempotency_key, "callback_url": self.callback_url,
+                "checkpoint_every_steps": self.checkpoint_every_steps,
+                "checkpoint_every_seconds": self.checkpoint_every_seconds,
+                "max_preemptions": self.max_preemptions, "deadline": self.deadline}
+
+
+@dataclass(frozen=True)
 class Token:
     name: str
     is_admin: bool
