@@ -84,3 +84,26 @@ def test_a_busy_and_an_idle_worker_hold_two_connections_each_and_cost_a_beat_or_
     assert txs <= 26, f"the two workers sent {txs} transactions in 20 s"
     assert seen.progress.step > step0  # the progress still comes, with the heartbeat
     assert seen.state is JobState.RUNNING and seen.attempt == 1
+
+
+def test_an_idle_worker_hears_a_new_job_on_the_connection_its_claims_use(
+        env_factory: Any, pg_url: str) -> None:
+    env: Env = env_factory(pg_url)
+    # A fallback poll of ten minutes: only the wake-up can start the job in time.
+    w = env.worker("w1", SPOTRUN_IDLE_POLL_SECONDS="600",
+                   SPOTRUN_DATABASE_URL=f"{pg_url}?application_name=t-wake")
+    w.wait_ready()
+    store = env.store()
+    try:
+        time.sleep(2.0)  # the worker waits, listening
+        for n in range(3):  # a first job, and the next ones after it went idle again
+            job = store.submit("sleep", {"seconds": 0, "steps": 1})
+            wait_until(lambda j=job: store.get(j.id).state is JobState.SUCCEEDED, 20,
+                       f"job {n} to run", on_fail=w.log)
+            time.sleep(1.0)
+        with _admin(pg_url) as conn:
+            row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name"
+                               " = 't-wake'").fetchone()
+        assert row is not None and row[0] <= 2
+    finally:
+        store.close()
