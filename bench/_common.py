@@ -292,7 +292,7 @@ def pg_available() -> bool:
 
 def bulk_submit(store: Any, n: int, pipeline: str, params: dict[str, Any]) -> float:
     """Queue ``n`` jobs in ONE transaction (rows exactly as JobStore.submit writes them:
-    the job and its 'submitted' event, then one NOTIFY), so that idle workers see them
+    the job and its 'submitted' event, then the wake-ups), so that idle workers see them
     all at once. Returns the wall-clock time the commit returned."""
     from spotrun.jobs import EventKind, JobState
     from spotrun.schema import events, jobs
@@ -309,10 +309,9 @@ def bulk_submit(store: Any, n: int, pipeline: str, params: dict[str, Any]) -> fl
         conn.execute(events.insert(), [
             {"job_id": i, "at": now, "kind": EventKind.SUBMITTED.value, "worker": None,
              "attempt": 0, "message": "queued"} for i in ids])
-        try:  # a store whose wake-up channel is separate from its change channel
-            store._notify(conn, ids[0], queued=True)
-        except TypeError:
-            store._notify(conn, ids[0])
+        store._notify(conn, ids[0])
+        if hasattr(store, "_wake_idle"):  # a store that wakes only the idle workers needed
+            store._wake_idle(conn, jobs=n)
     return time.time()
 
 

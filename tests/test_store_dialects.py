@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from typing import Any
 
 import psycopg
 import pytest
@@ -32,9 +33,11 @@ from spotrun.store import (
     JobNotFound,
     JobStore,
     Lease,
+    NewJob,
     PostgresStore,
     SqliteStore,
     create_engine,
+    worker_channel,
 )
 from spotrun.store.claim_event import claim_event
 
@@ -194,4 +197,58 @@ def test_every_connection_keeps_the_urls_query_string(pg_url: str) -> None:
     finally:
         waker.close()
         beats.close()
+        store.close()
+
+
+def test_a_queued_job_wakes_as_many_idle_workers_as_it_needs_not_the_fleet(
+        pg_url: str) -> None:
+    """Each idle worker listens on its own channel; a submit, a batch, a hand-back and a
+    lapsed lease wake the idle workers that beat last, one more than the jobs, and only
+    workers that could run them."""
+    store = JobStore.open(pg_url)
+    listeners: dict[str, psycopg.Connection[Any]] = {}
+    try:
+        idle = [_worker(store, f"idle{i}") for i in range(6)]
+        gpu = store.register_worker(name="gpu", host="h", pid=1, pool="spot",
+                                    has_cuda=True, lease_seconds=10)
+        for wid in [*idle, gpu]:
+            store.beat(wid, [], 10.0, alive_for=60.0)
+            conn = psycopg.connect(pg_url, autocommit=True)
+            conn.execute(f"LISTEN {worker_channel(wid)}")
+            listeners[wid] = conn
+
+        def woken() -> set[str]:
+            time.sleep(0.2)
+            out = set()
+            for wid, conn in listeners.items():
+                if list(conn.notifies(timeout=0.3, stop_after=1)):
+                    out.add(wid)
+                    for _ in conn.notifies(timeout=0.05):
+                        pass  # the rest of this worker's wake-ups
+            return out
+
+        job = store.submit("sleep", {"seconds": 0})
+        assert len(woken()) == 2  # one job: two idle workers of the seven
+        store.submit_many([NewJob("sleep", {"seconds": 0}) for _ in range(3)])
+        assert len(woken()) == 4
+        store.submit_many([NewJob("sleep", {"seconds": 0}) for _ in range(20)])
+        assert woken() == set(listeners)  # more jobs than idle workers: every one
+        store.submit("sleep", {"seconds": 0}, requires_cuda=True)
+        assert woken() == {gpu}  # only a worker that could run it
+        # A hand-back and a lapsed lease queue the job again: two wake-ups each.
+        runner = _worker(store, "runner")
+        got = store.claim(worker_id=runner, worker_name="runner", lease_seconds=10)
+        assert got is not None and got[0].job_id == job.id
+        woken()
+        store.hand_back(got[0], HandedBack(worker="runner"))
+        assert len(woken()) == 2
+        got = store.claim(worker_id=runner, worker_name="runner", lease_seconds=10)
+        assert got is not None
+        woken()
+        store.expire_lease_now(got[0].job_id)
+        store.sweep_expired()
+        assert len(woken()) == 2
+    finally:
+        for conn in listeners.values():
+            conn.close()
         store.close()

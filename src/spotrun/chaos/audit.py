@@ -212,8 +212,8 @@ def interruptions(events: tuple[Event, ...], per_step: float, stops: dict[str, l
 
     Seconds redone after an expiry: from the attempt's last checkpoint (or its claim) to
     the moment its worker stopped: ``stops`` (a kill's SIGKILL or SIGSTOP, by worker),
-    else one lease before the expiry. The store's step is the last one flushed (every
-    0.5 s), so after a hard kill the steps are a lower bound and the seconds the better
+    else one lease before the expiry. The store's step is the last one a heartbeat
+    carried, so after a hard kill the steps are a lower bound and the seconds the better
     measure.
     """
     out: list[Interruption] = []

@@ -35,7 +35,7 @@ GOODPUT_DEFINITION = (
 WORK_LOST_DEFINITION = (
     "per interruption, the steps redone: the step the store last recorded when the job was "
     "handed back (SIGTERM) or its lease expired (SIGKILL, freeze), minus the step the next "
-    "attempt resumed from; progress reaches the store every 0.5 s, so after a hard kill "
+    "attempt resumed from; progress reaches the store with each heartbeat, so after a hard kill "
     "this is a lower bound. Seconds: after an expiry, the time from the attempt's last "
     "checkpoint (or its start) to the kill; after a hand-back, steps times the job's "
     "uninterrupted seconds per step.")

@@ -42,7 +42,7 @@ from spotrun.store.errors import (
     StoreError,
 )
 from spotrun.store.intake import IntakeRecords
-from spotrun.store.postgres import CLAIM_SQL, NOTIFY_CHANNEL, PostgresStore
+from spotrun.store.postgres import CLAIM_SQL, NOTIFY_CHANNEL, PostgresStore, worker_channel
 from spotrun.store.records import (
     MAX_METRIC_POINTS,
     Beat,
@@ -69,5 +69,5 @@ __all__ = [
     "IntakeEvent", "IntakeRecords", "JobNotFound", "JobRecord", "JobStore", "KeyReused",
     "Lease", "LeaseLost", "NewJob", "PostgresStore", "SqliteStore", "StoreError", "Token",
     "Tokens", "Waker", "create_engine", "dumps", "hash_token", "loads", "new_id",
-    "normalize_url", "password_of", "redact", "sqlite_file",
+    "normalize_url", "password_of", "redact", "sqlite_file", "worker_channel",
 ]

@@ -139,10 +139,13 @@ class JobStore(LeaseWrites):
         """Bring the schema to the newest revision, under a lock that serialises starters."""
 
     @abc.abstractmethod
-    def waker(self, *, shared: bool = False) -> Waker:
+    def waker(self, *, shared: bool = False, worker_id: str | None = None) -> Waker:
         """A waker for an idle worker of this store: on a connection of its own, or with
         ``shared`` on one of the store's pool (a worker's, so that it holds no
-        connection more; the pool must then be the waiting thread's alone while idle)."""
+        connection more; the pool must then be the waiting thread's alone while idle).
+
+        With ``worker_id``, it hears what wakes that worker alone (a job queued picks the
+        idle workers it wakes); without, every change of the queue (live views)."""
 
     @abc.abstractmethod
     def stall_writes(self, seconds: float) -> None:

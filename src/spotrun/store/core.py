@@ -47,7 +47,12 @@ class StoreCore(MapsDriverErrors, abc.ABC):
         """Bound the lock waits of a connection checked out (see bound_lock_waits)."""
 
     def _notify(self, conn: Connection, payload: str) -> None:
-        """Tell idle workers the queue changed, with the transaction's commit."""
+        """Tell live views the queue changed, with the transaction's commit."""
+
+    def _wake_idle(self, conn: Connection, job_id: str | None = None, *, jobs: int = 1
+                   ) -> None:
+        """Wake, with the commit, as many idle workers as a queued job needs (the one
+        ``job_id`` names, or ``jobs`` jobs any worker may run) and one more: not all."""
 
     def _close_own(self) -> None:
         """Close the connections the dialect holds outside the engine's pool."""

@@ -395,6 +395,7 @@ class LeaseWrites(StoreCore):
                              attempt=lease.attempt)
             self._release_worker(conn, lease)
             self._notify(conn, lease.job_id)
+            self._wake_idle(conn, lease.job_id)
 
     def complete(self, lease: Lease, result: Any, *, run_seconds: float = 0.0,
                  progress: Progress | None = None,
@@ -580,6 +581,7 @@ class LeaseWrites(StoreCore):
             conn.execute(jobs.update().where(cond).values(
                 state=JobState.QUEUED.value, retries=jobs.c.retries + 1, worker_id=None,
                 worker_name=None, lease_expires_at=None, updated_at=self._now))
+            self._wake_idle(conn, job.id)
         self._release_worker(conn, lease)
         self._record(conn, job.id, said, worker=job.worker, attempt=job.attempt)
         self._notify(conn, job.id)

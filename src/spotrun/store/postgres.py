@@ -40,7 +40,28 @@ from spotrun.store.records import ClaimRequest, JobRecord, Lease, dumps, job_fro
 if TYPE_CHECKING:
     import psycopg
 
-NOTIFY_CHANNEL = "spotrun_jobs"
+NOTIFY_CHANNEL = "spotrun_jobs"  # every change of the queue: the live feed's
+
+
+def worker_channel(worker_id: str) -> str:
+    """The channel an idle worker listens on: a job queued wakes only as many idle
+    workers as it needs (see :func:`wake_idle_sql`), not the whole fleet."""
+    return f"spotrun_w_{worker_id}"
+
+
+def wake_idle_sql(jobs_from: str, how_many: str, where: str = "true") -> str:
+    """A query that wakes ``how_many`` idle workers able to run a job ``q`` of
+    ``jobs_from`` (rows with ``pool`` and ``requires_cuda``) where ``where``: the ones
+    that beat last. Callers ask one more than the jobs: a worker's row says idle until its
+    first beat after a claim, and such a worker no longer listens."""
+    return f"""SELECT pg_notify('spotrun_w_' || w.id, '') FROM (
+        SELECT w.id FROM workers w
+        WHERE w.state = 'idle' AND EXISTS (
+            SELECT 1 FROM {jobs_from} WHERE {where} AND (q.pool IS NULL OR q.pool = w.pool)
+                AND (w.has_cuda OR NOT q.requires_cuda))
+        ORDER BY w.alive_until DESC
+        LIMIT {how_many}
+    ) w"""
 _MIGRATION_LOCK_KEY = 0x5370_6F74  # "Spot": the advisory lock that serialises migrations
 _PG_NOW = "extract(epoch FROM clock_timestamp())::float8"
 
@@ -104,7 +125,14 @@ WITH fin AS (
 )"""
     notify = f"SELECT pg_notify('{NOTIFY_CHANNEL}', fin.id) FROM fin"
     if not then_claim:
-        return finish + "\n" + notify
+        # No next job claimed in this statement: a queued job this result lets run (its
+        # owner's running quota) must not wait for an idle worker's poll.
+        waiting = (f"(SELECT * FROM jobs WHERE state = '{JobState.QUEUED.value}' "
+                   "LIMIT 1) q")
+        wake = wake_idle_sql(waiting, "2", "EXISTS (SELECT 1 FROM fin)")
+        return (finish + f", wake_idle AS (\n{wake}\n)\n"
+                + f"SELECT pg_notify('{NOTIFY_CHANNEL}', fin.id), "
+                "(SELECT count(*) FROM wake_idle) AS woke_idle FROM fin")
     return (finish + ",\n" + _CLAIM_CTES.format(pick_from="FROM fin")
             + f"\nSELECT n.finished, upd.* FROM (SELECT count(*) AS finished FROM ({notify}) x) n"
             + " LEFT JOIN upd ON true")
@@ -180,6 +208,8 @@ def submit_sql(by_owner: bool, with_keys: bool, with_quota: bool) -> str:
     FROM ins JOIN item ON item.id = ins.id ORDER BY item.n
 ), wake AS (
     SELECT pg_notify('{NOTIFY_CHANNEL}', min(ins.id)) FROM ins HAVING count(*) > 0
+), wake_idle AS (
+    {wake_idle_sql("ins q", "(SELECT count(*) + 1 FROM ins)")}
 )
 SELECT json_agg(json_build_object(
         'item_n', item.n,
@@ -187,7 +217,7 @@ SELECT json_agg(json_build_object(
         'old_same', {"old.same" if with_keys else "NULL"},
         'queued_now', {"(SELECT queued FROM queued)" if with_quota else "NULL"},
         'job', to_json(ins)) ORDER BY item.n) AS answer,
-    (SELECT count(*) FROM wake) AS woke
+    (SELECT count(*) FROM wake) AS woke, (SELECT count(*) FROM wake_idle) AS woke_idle
 FROM item {"LEFT JOIN old ON old.n = item.n" if with_keys else ""}
 LEFT JOIN ins ON ins.id = item.id"""
     return sql
@@ -209,6 +239,16 @@ class PostgresStore(JobStore):
 
     def _notify(self, conn: Connection, payload: str) -> None:
         conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, payload)))
+
+    def _wake_idle(self, conn: Connection, job_id: str | None = None, *, jobs: int = 1
+                   ) -> None:
+        if job_id is None:  # any idle worker will do
+            sql = wake_idle_sql("(SELECT NULL::varchar AS pool, false AS requires_cuda) q",
+                                str(jobs + 1))
+        else:
+            sql = wake_idle_sql("jobs q", "2", "q.id = :job_id")
+        conn.execute(sa.text(f"SELECT count(*) FROM ({sql}) x"),
+                     {} if job_id is None else {"job_id": job_id})
 
     def _lock_owner(self, conn: Connection, owner: str) -> None:
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
@@ -241,14 +281,17 @@ class PostgresStore(JobStore):
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY)))
             migrations.upgrade(conn)
 
-    def waker(self, *, shared: bool = False) -> Waker:
+    def waker(self, *, shared: bool = False, worker_id: str | None = None) -> Waker:
+        channel = NOTIFY_CHANNEL if worker_id is None else worker_channel(worker_id)
         direct = listen_url()
         if direct is not None:
-            return ListenWaker(self, direct)
+            return ListenWaker(self, direct, channel=channel)
         if pg_bounds(self.engine).pooled:
             # LISTEN is a session's: a transaction pooler would lose it.
             return PollWaker()
-        return PooledListenWaker(self) if shared else ListenWaker(self)
+        if shared:
+            return PooledListenWaker(self, channel=channel)
+        return ListenWaker(self, channel=channel)
 
     def stall_writes(self, seconds: float) -> None:
         with self.engine.connect() as conn:
@@ -424,8 +467,10 @@ class ListenWaker(Waker):
     URL's every setting, or from ``direct_url``'s, past a pooler); NOTIFY comes with each
     commit that changes the queue."""
 
-    def __init__(self, store: PostgresStore, direct_url: str | None = None) -> None:
+    def __init__(self, store: PostgresStore, direct_url: str | None = None, *,
+                 channel: str = NOTIFY_CHANNEL) -> None:
         self.store = store
+        self.channel = channel
         self._direct_url = direct_url
         self._direct: Engine | None = None
         self._pg: Any = None
@@ -444,7 +489,7 @@ class ListenWaker(Waker):
             if self._pg is None:
                 self._pg = self._connect()
             if not self._listening:
-                self._pg.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                self._pg.execute(f"LISTEN {self.channel}")
                 self._listening = True
                 # A job queued before the LISTEN sent a notice nobody heard: look once more.
                 return True
@@ -488,15 +533,16 @@ class PooledListenWaker(Waker):
     fleet would reach its session.
     """
 
-    def __init__(self, store: PostgresStore) -> None:
+    def __init__(self, store: PostgresStore, *, channel: str = NOTIFY_CHANNEL) -> None:
         self.store = store
+        self.channel = channel
         self._on: Any = None  # the psycopg connection that LISTENs
 
     def wait(self, timeout: float) -> bool:
         try:
             with pg_checkout(self.store.engine) as pg:
                 if pg is not self._on:
-                    pg.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    pg.execute(f"LISTEN {self.channel}")
                     self._on = pg
                     # A job queued before the LISTEN sent a notice nobody heard.
                     return True
