@@ -96,8 +96,10 @@ def test_an_idle_worker_hears_a_new_job_on_the_connection_its_claims_use(
     store = env.store()
     try:
         time.sleep(2.0)  # the worker waits, listening
-        for n in range(3):  # a first job, and the next ones after it went idle again
-            job = store.submit("sleep", {"seconds": 0, "steps": 1})
+        # A first job, and the next ones after it went idle again: each runs past a
+        # heartbeat, so that the worker's row said busy before it said idle again.
+        for n in range(3):
+            job = store.submit("sleep", {"seconds": 3, "steps": 3})
             wait_until(lambda j=job: store.get(j.id).state is JobState.SUCCEEDED, 20,
                        f"job {n} to run", on_fail=w.log)
             time.sleep(1.0)

@@ -106,6 +106,7 @@ class Reporter:
                            heartbeat_seconds=self.settings.heartbeat_seconds,
                            now=time.monotonic())
         sweeper = False
+        was_busy = False  # the last beat carried leases
         while not self._stop.wait(tick):
             now = time.monotonic()
             runners = self.worker.reported_runners()
@@ -116,9 +117,12 @@ class Reporter:
                 # of life, rarely (the idle cost per worker is what a fleet pays most of).
                 period = (self.settings.heartbeat_seconds if runners or sweeper
                           else self.settings.idle_heartbeat_seconds)
-                if last_beat is not None and now - last_beat < period:
+                # Gone idle: beat at once, so that the worker's row says idle and a job
+                # queued now wakes it (wake-ups pick the idle workers by their rows).
+                went_idle = was_busy and not runners
+                if last_beat is not None and now - last_beat < period and not went_idle:
                     continue
-                last_beat = now
+                last_beat, was_busy = now, bool(runners)
                 got = self._beat(runners)
                 sweeper = got.sweeper
                 answered = time.monotonic()
