@@ -170,6 +170,10 @@ class Env:
             "SPOTRUN_DATABASE_URL": db_url,
             "SPOTRUN_CHECKPOINT_URL": str(home / "checkpoints"),
             "SPOTRUN_PREEMPTION_SOURCES": "signal",
+            # Progress reaches the store with each heartbeat: tests that watch a job move
+            # (and stop it at a step) see it every 0.5 s, not every 2.5 s (the default;
+            # tests/test_worker_load.py runs its workers at the defaults).
+            "SPOTRUN_HEARTBEAT_SECONDS": "0.5",
             "PYTHONUNBUFFERED": "1",
             **extra,
         }

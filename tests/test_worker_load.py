@@ -59,9 +59,11 @@ def test_a_busy_and_an_idle_worker_hold_two_connections_each_and_cost_a_beat_or_
             conn.execute(f'ALTER TABLE "{table}" SET (autovacuum_enabled = false)')
     store = env.store()
     job = store.submit("sleep", {"seconds": 600, "steps": 6000})
-    # Defaults everywhere: only the pool of the idle worker differs (nothing runs there).
-    busy = env.worker("busy", SPOTRUN_DATABASE_URL=f"{pg_url}?application_name=t-busy")
-    idle = env.worker("idle", "--pool", "nowhere",
+    # Defaults everywhere (the tests' short heartbeat unset): only the pool of the idle
+    # worker differs (nothing runs there).
+    busy = env.worker("busy", SPOTRUN_HEARTBEAT_SECONDS="",
+                      SPOTRUN_DATABASE_URL=f"{pg_url}?application_name=t-busy")
+    idle = env.worker("idle", "--pool", "nowhere", SPOTRUN_HEARTBEAT_SECONDS="",
                       SPOTRUN_DATABASE_URL=f"{pg_url}?application_name=t-idle")
     busy.wait_ready()
     idle.wait_ready()
