@@ -107,6 +107,14 @@ def _redis(db: int) -> Any:
 
 # ===================================================================== spotrun
 
+def _sql(url: str, q: str, *params: Any) -> list[Any]:
+    """The rows of one query on a connection of its own (a peer's tables)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as c:
+        return c.execute(q, params).fetchall()
+
+
 class Spotrun:
     name = "spotrun"
 
@@ -354,10 +362,7 @@ class ProcrastinatePeer:
         time.sleep(0.3)
 
     def _sql(self, q: str, *params: Any) -> list[Any]:
-        import psycopg
-
-        with psycopg.connect(self.url, autocommit=True) as c:
-            return c.execute(q, params).fetchall()
+        return _sql(self.url, q, *params)
 
     def close(self) -> None:
         for p in self.procs.values():
@@ -461,10 +466,7 @@ class PgQueuerPeer:
                    f"{n} pgqueuer workers")
 
     def _sql(self, q: str, *params: Any) -> list[Any]:
-        import psycopg
-
-        with psycopg.connect(self.url, autocommit=True) as c:
-            return c.execute(q, params).fetchall()
+        return _sql(self.url, q, *params)
 
     def close(self) -> None:
         for p in self.procs.values():

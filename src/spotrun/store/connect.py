@@ -244,6 +244,20 @@ def _pg_engine(u: sa.URL, *, pool_size: int, pre_ping: bool,
     return engine
 
 
+def _checkout(engine: Engine) -> Any:
+    """A connection of the engine's pool (SQLAlchemy's proxy of the driver's)."""
+    import psycopg
+
+    try:
+        return engine.raw_connection()
+    except psycopg.Error as exc:
+        # A refused or timed-out connect (a restart, a failover) must reach the caller
+        # as the store's other errors do, or its retrier cannot know it.
+        raise sa.exc.DBAPIError.instance(
+            "connect", None, exc, psycopg.Error, hide_parameters=True,
+            connection_invalidated=True) from exc
+
+
 @contextlib.contextmanager
 def pg_checkout(engine: Engine) -> Iterator[psycopg.Connection[Any]]:
     """A psycopg connection of the engine's pool, in autocommit until it goes back.
@@ -255,14 +269,7 @@ def pg_checkout(engine: Engine) -> Iterator[psycopg.Connection[Any]]:
     """
     import psycopg
 
-    try:
-        fairy = engine.raw_connection()
-    except psycopg.Error as exc:
-        # A refused or timed-out connect (a restart, a failover) must reach the caller
-        # as the store's other errors do, or its retrier cannot know it.
-        raise sa.exc.DBAPIError.instance(
-            "connect", None, exc, psycopg.Error, hide_parameters=True,
-            connection_invalidated=True) from exc
+    fairy = _checkout(engine)
     pg = fairy.driver_connection
     assert pg is not None
     try:
@@ -287,16 +294,7 @@ def pg_connection(engine: Engine) -> psycopg.Connection[Any]:
     timeouts, the session settings), then detached: the caller owns and closes it.
     A refused connect raises SQLAlchemy's error, as a pooled connect would.
     """
-    import psycopg
-
-    try:
-        fairy = engine.raw_connection()
-    except psycopg.Error as exc:
-        # A refused or timed-out connect (a restart, a failover) must reach the caller
-        # as the store's other errors do, or its retrier cannot know it.
-        raise sa.exc.DBAPIError.instance(
-            "connect", None, exc, psycopg.Error, hide_parameters=True,
-            connection_invalidated=True) from exc
+    fairy = _checkout(engine)
     pg = fairy.driver_connection
     assert pg is not None
     fairy.detach()  # ours until closed: out of the pool's size and its resets
