@@ -174,6 +174,9 @@ class Env:
             # (and stop it at a step) see it every 0.5 s, not every 2.5 s (the default;
             # tests/test_worker_load.py runs its workers at the defaults).
             "SPOTRUN_HEARTBEAT_SECONDS": "0.5",
+            # And an idle worker beats (so may take over the fleet's sweeping, after a
+            # sweeper that died) every 2 s, not every 20 s.
+            "SPOTRUN_IDLE_HEARTBEAT_SECONDS": "2",
             "PYTHONUNBUFFERED": "1",
             **extra,
         }

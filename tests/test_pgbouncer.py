@@ -92,6 +92,8 @@ def test_an_idle_worker_polls_or_listens_on_the_direct_url(
         waker = store.waker()
         assert isinstance(waker, ListenWaker)
         try:
+            assert waker.wait(0.2)  # it starts listening: look once more, a job queued
+            # before the LISTEN sent a notice nobody heard
             assert not waker.wait(0.2)  # listening, nothing changed
             threading.Timer(0.3, store.submit, args=("sleep", {"seconds": 0})).start()
             t0 = time.monotonic()
@@ -138,7 +140,9 @@ def test_a_bad_pooler_option_is_a_clear_error(direct_url: str) -> None:
 def test_workers_hand_a_job_back_and_finish_it_through_the_pooler(
         pooled_url: str, env_factory: Callable[..., Env]) -> None:
     """The drill: real workers, no LISTEN (they poll), a SIGTERM mid-job, a resume."""
-    env = env_factory(pooled_url)
+    # Behind a pooler with no direct URL the poll is an idle worker's only wake-up: a
+    # small fleet lowers it (docs/deploy-gke.md).
+    env = env_factory(pooled_url, SPOTRUN_IDLE_POLL_SECONDS="1")
     st = env.store()
     try:
         params = {"epochs": 4, "seed": 3, "step_delay": 0.03}

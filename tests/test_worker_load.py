@@ -59,11 +59,12 @@ def test_a_busy_and_an_idle_worker_hold_two_connections_each_and_cost_a_beat_or_
             conn.execute(f'ALTER TABLE "{table}" SET (autovacuum_enabled = false)')
     store = env.store()
     job = store.submit("sleep", {"seconds": 600, "steps": 6000})
-    # Defaults everywhere (the tests' short heartbeat unset): only the pool of the idle
+    # Defaults everywhere (the tests' short heartbeats unset): only the pool of the idle
     # worker differs (nothing runs there).
-    busy = env.worker("busy", SPOTRUN_HEARTBEAT_SECONDS="",
+    defaults = {"SPOTRUN_HEARTBEAT_SECONDS": "", "SPOTRUN_IDLE_HEARTBEAT_SECONDS": ""}
+    busy = env.worker("busy", **defaults,
                       SPOTRUN_DATABASE_URL=f"{pg_url}?application_name=t-busy")
-    idle = env.worker("idle", "--pool", "nowhere", SPOTRUN_HEARTBEAT_SECONDS="",
+    idle = env.worker("idle", "--pool", "nowhere", **defaults,
                       SPOTRUN_DATABASE_URL=f"{pg_url}?application_name=t-idle")
     busy.wait_ready()
     idle.wait_ready()
