@@ -26,6 +26,22 @@ class FaultParams(Params):
     flag: str = ""
 
 
+def _recorded(ctx: JobContext, step: int, timeout: float = 60.0) -> None:
+    """Wait until the store shows the job at ``step`` (the worker's database, read as a
+    test reads it), so that a crash next leaves that step in the history."""
+    from spotrun.store import JobStore
+
+    store = JobStore.open(os.environ["SPOTRUN_DATABASE_URL"], migrate=False)
+    try:
+        until = time.monotonic() + timeout
+        while store.get(ctx.job_id, with_events=False).progress.step < step:
+            if time.monotonic() > until:
+                raise TimeoutError(f"step {step} never reached the store")
+            time.sleep(0.05)
+    finally:
+        store.close()
+
+
 @pipeline("faults", params=FaultParams, description="Misbehaves as asked (tests)")
 def run(ctx: JobContext) -> dict[str, Any]:
     p = ctx.params
@@ -39,7 +55,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     ctx.set_state(state)
     if p.mode == "segfault":
         ctx.progress(1, p.steps)
-        time.sleep(3 * p.step_seconds)  # the progress reaches the database first
+        _recorded(ctx, 1)  # a heartbeat carries the progress to the database first
         ctypes.string_at(0)  # a native library's bug: SIGSEGV kills the whole worker
     if p.mode == "allocate-torch":
         import torch

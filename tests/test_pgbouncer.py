@@ -157,7 +157,7 @@ def test_workers_hand_a_job_back_and_finish_it_through_the_pooler(
         job = final(st, job_id, 120)
         assert job.state is JobState.SUCCEEDED, messages(job)
         assert job.preemptions == 1 and job.retries == 0
-        assert job.result["weights_sha256"] == reference_sha(epochs=4, seed=3)
+        assert job.result["weights_sha256"] == reference_sha(epochs=4, seed=3), messages(job)
         for q in quick:
             assert final(st, q).state is JobState.SUCCEEDED
         wait_until(lambda: all("ready" in p.log() for p in live.values()), 30, "ready")
