@@ -20,6 +20,7 @@ from spotrun.http.app import create_app
 from spotrun.jobs import JobState
 from spotrun.quotas import Quota, QuotaExceeded
 from spotrun.store import JobStore, KeyReused, NewJob
+from test_api import Api as ApiTokens
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
@@ -165,20 +166,11 @@ def test_concurrent_retries_with_one_key_get_one_job(store: JobStore) -> None:
 # ------------------------------------------------------------------------- API
 
 
-class Api:
-    def __init__(self, client: httpx.Client, store: JobStore) -> None:
-        self.client = client
-        self.store = store
-        self.tokens = {"admin": store.tokens.create("admin", admin=True),
-                       "alice": store.tokens.create("alice"),
-                       "bob": store.tokens.create("bob")}
+class Api(ApiTokens):
+    """test_api's client with its three tokens, and the batch call."""
 
     def batch(self, who: str, jobs: Any) -> httpx.Response:
-        return self.client.post("/v1/jobs/batch", json={"jobs": jobs},
-                                headers={"Authorization": f"Bearer {self.tokens[who]}"})
-
-    def get(self, who: str, path: str) -> httpx.Response:
-        return self.client.get(path, headers={"Authorization": f"Bearer {self.tokens[who]}"})
+        return self.client.post("/v1/jobs/batch", json={"jobs": jobs}, headers=self.h(who))
 
 
 @pytest.fixture
@@ -201,8 +193,8 @@ def test_a_batch_answers_201_with_its_jobs_in_order_and_they_are_the_callers(
     assert all(j["state"] == "queued" and j["events"][0]["kind"] == "submitted"
                for j in jobs)
     # The same shape as GET /v1/jobs/{id}; other users cannot see them.
-    assert api.get("alice", f"/v1/jobs/{jobs[0]['id']}").json() == jobs[0]
-    assert api.get("bob", f"/v1/jobs/{jobs[0]['id']}").status_code == 404
+    assert api.get(f"/v1/jobs/{jobs[0]['id']}", "alice").json() == jobs[0]
+    assert api.get(f"/v1/jobs/{jobs[0]['id']}", "bob").status_code == 404
     assert {j.owner for j in api.store.list_jobs()} == {"alice"}
 
 
