@@ -62,7 +62,11 @@ ignore_startup_parameters = extra_float_digits
         for f in root.iterdir():
             os.chown(f, pwd.getpwnam(user).pw_uid, -1)
         argv[1:1] = ["-u", user]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # PgBouncer in the foreground writes every log line to stderr as well as to its log
+    # file: a pipe nobody reads fills after some hundred connections and then blocks it in
+    # write(2), with clients queued unaccepted. stderr goes to a file instead.
+    stderr = (root / "stderr.log").open("wb")
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -72,8 +76,7 @@ ignore_startup_parameters = extra_float_digits
             if proc.poll() is not None or time.monotonic() > deadline:
                 log = (root / "pgbouncer.log")
                 raise RuntimeError("PgBouncer did not start: " + (
-                    log.read_text()[-2000:] if log.exists() else
-                    (proc.stderr.read().decode() if proc.stderr else "")))
+                    log if log.exists() else root / "stderr.log").read_text()[-2000:])
             time.sleep(0.05)
         yield port
     finally:
@@ -83,6 +86,7 @@ ignore_startup_parameters = extra_float_digits
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        stderr.close()
         shutil.rmtree(root, ignore_errors=True)
 
 

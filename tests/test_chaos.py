@@ -307,9 +307,12 @@ def test_ctrl_c_stops_workers_and_removes_temp_dirs(sqlite_url: str, tmp_path: P
     cmd = [sys.executable, "-m", "spotrun", "chaos", "--workers", "2", "--jobs", "6",
            "--duration", "600", "--seed", "4", "--freeze-rate", "1", "--sigterm-rate", "0",
            "--sigkill-rate", "0"]
-    proc = subprocess.Popen(["sh", "-c", 'trap "" INT; exec "$@"', "sh", *cmd],
-                            env=_env(tmp_path, sqlite_url), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    # stderr goes to a file: a pipe read only at the end could fill and block the drill.
+    err_path = tmp_path / "chaos.err"
+    with err_path.open("w") as err_file:
+        proc = subprocess.Popen(["sh", "-c", 'trap "" INT; exec "$@"', "sh", *cmd],
+                                env=_env(tmp_path, sqlite_url), stdout=subprocess.PIPE,
+                                stderr=err_file, text=True)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:  # the drill's running log: wait until a worker is frozen
@@ -317,10 +320,11 @@ def test_ctrl_c_stops_workers_and_removes_temp_dirs(sqlite_url: str, tmp_path: P
                 break
         proc.send_signal(signal.SIGINT)
         # The drill would run for 600 s: ending at all is ending on the Ctrl-C.
-        _out, err = proc.communicate(timeout=60)
+        proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
+    err = err_path.read_text()
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not _leftovers(tmp_path)
