@@ -10,10 +10,12 @@ import datetime as dt
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +172,9 @@ def test_db_restart_without_postgres_is_one_line_and_exit_2(
 
 def _env(home: Path, db_url: str | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTRUN_")}
-    env.update(SPOTRUN_HOME=str(home), PYTHONUNBUFFERED="1")
+    # A temporary folder of the drill's own: what it leaves there is its alone, whatever
+    # else runs on the machine meanwhile.
+    env.update(SPOTRUN_HOME=str(home), PYTHONUNBUFFERED="1", TMPDIR=str(_tmpdir(home)))
     if db_url is not None:
         env["SPOTRUN_DATABASE_URL"] = db_url
     return env
@@ -191,13 +195,33 @@ def _leftovers(home: Path) -> list[str]:
     return found
 
 
-def _temp_dirs() -> set[str]:
-    return {p.name for p in Path(tempfile.gettempdir()).glob("spotrun-chaos-*")}
+_TMPDIRS: dict[Path, Path] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_tmpdirs() -> Iterator[None]:
+    yield
+    for folder in _TMPDIRS.values():
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _tmpdir(home: Path) -> Path:
+    # Outside pytest's tmp_path, whose parents only root may enter: the drill's private
+    # PostgreSQL runs as the postgres user in a folder under it.
+    if home not in _TMPDIRS:
+        folder = Path(tempfile.mkdtemp(prefix="spotrun-test-chaos-"))
+        folder.chmod(0o1777)
+        _TMPDIRS[home] = folder
+    return _TMPDIRS[home]
+
+
+def _temp_dirs(home: Path) -> set[str]:
+    return {p.name for p in _tmpdir(home).glob("spotrun-chaos-*")}
 
 
 def _drill(home: Path, db_url: str | None, *args: str, timeout: float = 170,
            **extra_env: str) -> dict[str, Any]:
-    before = _temp_dirs()
+    before = _temp_dirs(home)
     proc = subprocess.run([sys.executable, "-m", "spotrun", "chaos", *args, "--json"],
                           env={**_env(home, db_url), **extra_env}, capture_output=True,
                           text=True, timeout=timeout)
@@ -213,7 +237,7 @@ def _drill(home: Path, db_url: str | None, *args: str, timeout: float = 170,
     assert report["metrics"]["jobs"]["succeeded"] == report["config"]["jobs"]
     assert report["metrics"]["replacements"] >= 3  # every kill but the freezes replaced
     assert not _leftovers(home)
-    assert _temp_dirs() <= before, "the drill left temporary directories behind"
+    assert _temp_dirs(home) <= before, "the drill left temporary directories behind"
     if "--db-restart" not in args:
         # The audit on its own, on the store the drill left: every check of it passes.
         audit = subprocess.run([sys.executable, "-m", "spotrun", "audit", "--json"],
@@ -303,7 +327,7 @@ def test_ctrl_c_stops_workers_and_removes_temp_dirs(sqlite_url: str, tmp_path: P
     """Ctrl-C ends a long drill while it holds a worker frozen, even when the drill was
     started with SIGINT ignored, as the background jobs of a non-interactive shell are (a
     CI runner's, ``cmd &`` in a script): Python then raises no KeyboardInterrupt."""
-    before = _temp_dirs()
+    before = _temp_dirs(tmp_path)
     cmd = [sys.executable, "-m", "spotrun", "chaos", "--workers", "2", "--jobs", "6",
            "--duration", "600", "--seed", "4", "--freeze-rate", "1", "--sigterm-rate", "0",
            "--sigkill-rate", "0"]
@@ -328,4 +352,4 @@ def test_ctrl_c_stops_workers_and_removes_temp_dirs(sqlite_url: str, tmp_path: P
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not _leftovers(tmp_path)
-    assert _temp_dirs() <= before
+    assert _temp_dirs(tmp_path) <= before
