@@ -104,6 +104,12 @@ def through_pgbouncer(url: str, port: int) -> str:
     return f"postgresql://{user}@127.0.0.1:{port}/{dbname}?spotrun_pooler=transaction"
 
 
+# The modules that take longest (measured serially: the image build alone is minutes).
+LONGEST_FIRST = ("test_image", "test_worker", "test_db_faults", "test_pubsub", "test_chaos",
+                 "test_stop_paths", "test_api_schema", "test_minilm", "test_cli",
+                 "test_store", "test_example_plain_loop")
+
+
 # Modules whose tests on db_url run through PgBouncer too (set PGBOUNCER = True in them).
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     keep, drop = [], []
@@ -115,6 +121,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # pytest-xdist (``--dist loadfile``) hands out the modules in this order: the
+        # longest first, the image's build above all, so that the run does not end on one.
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(getattr(getattr(item, "module", None),
+                                                     "__name__", ""), len(rank)))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -45,7 +45,9 @@ def test_audit_of_a_store_after_real_workers_then_of_a_broken_history(
                       SPOTRUN_HEARTBEAT_SECONDS="0.5")
     w1 = env.worker("w1")
     w1.wait_ready()
-    long = env.cli("submit", "sleep", "-p", "seconds=3", "-p", "steps=30").stdout.strip()
+    # Long enough that the notice comes well before its end on a loaded machine: progress
+    # is seen here a heartbeat late, and a job that ends first is not preempted at all.
+    long = env.cli("submit", "sleep", "-p", "seconds=8", "-p", "steps=80").stdout.strip()
     short = env.cli("submit", "sleep", "-p", "seconds=0.2").stdout.strip()
     store = env.store()
     try:
