@@ -17,7 +17,6 @@ from typing import Any
 import psycopg
 import pytest
 
-import image_build
 import pgbouncer
 from spotrun.chaos.processes import wait_for
 from spotrun.store import JobStore
@@ -127,22 +126,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
         items.sort(key=lambda item: rank.get(getattr(getattr(item, "module", None),
                                                      "__name__", ""), len(rank)))
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    # The image takes minutes to build: start it now, behind the other tests, when the
-    # image tests are among those that will run (see image_build). Under pytest-xdist
-    # every worker collects every test, so there the image tests' worker builds it when
-    # it gets them, while the other workers go on.
-    if session.config.option.collectonly or os.environ.get("PYTEST_XDIST_WORKER"):
-        return
-    if any(getattr(getattr(item, "module", None), "__name__", "") == "test_image"
-           for item in session.items):
-        image_build.start()
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    image_build.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgresql", "pgbouncer"])

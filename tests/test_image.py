@@ -17,6 +17,8 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,6 @@ from typing import Any
 
 import pytest
 
-import image_build
 from conftest import IN_CI, wait_until
 from spotrun.jobs import JobState
 from spotrun.store import JobStore
@@ -61,11 +62,15 @@ def _run(*cmd: str, timeout: float = 60) -> str:
 
 @pytest.fixture(scope="module")
 def image() -> Iterator[Image]:
-    # Started when the session was collected (see conftest), so mostly done by now.
-    code, out, err, seconds = image_build.result(timeout=1100)
-    assert code == 0, err[-5000:]
-    tag = out.strip().splitlines()[-1]
-    print(f"\nimage {tag} built in {seconds:.0f} s (in the background)")
+    start = time.monotonic()
+    # At the lowest CPU priority: under pytest-xdist the other process's tests, some of
+    # which race a grace period, get the processors first.
+    build = subprocess.run(["nice", "-n", "19", str(ROOT / ".ci" / "image")],
+                           capture_output=True, text=True, timeout=1100,
+                           env={**os.environ, "PYTHON": sys.executable})
+    assert build.returncode == 0, build.stderr[-5000:]
+    tag = build.stdout.strip().splitlines()[-1]
+    print(f"\nimage {tag} built in {time.monotonic() - start:.0f} s")
     config = json.loads(_run("buildah", "inspect", "--type", "image", tag))["OCIv1"]["config"]
     ctr = _run("buildah", "from", "--pull-never", tag).strip()
     try:
