@@ -7,8 +7,9 @@ import itertools
 
 import pytest
 
+from spotrun.jobs import Progress
 from spotrun.schema import jobs
-from spotrun.store import MAX_METRIC_POINTS, JobStore, LeaseLost
+from spotrun.store import MAX_METRIC_POINTS, Beat, JobStore, LeaseLost
 
 
 def _claimed(store: JobStore) -> tuple[str, object]:
@@ -20,12 +21,18 @@ def _claimed(store: JobStore) -> tuple[str, object]:
     return job.id, got[0]
 
 
-def test_the_series_stays_bounded_and_spans_the_whole_run(store: JobStore) -> None:
+@pytest.mark.parametrize("via", ["progress", "heartbeat"])
+def test_the_series_stays_bounded_and_spans_the_whole_run(store: JobStore, via: str) -> None:
     job_id, lease = _claimed(store)
     steps = 4 * MAX_METRIC_POINTS + 7
     for step in range(1, steps + 1):
-        store.save_progress(lease, step, steps, {"loss": 1.0 / step, "acc": step / steps,  # type: ignore[arg-type]
-                                                "phase": "train", "flag": True})
+        metrics = {"loss": 1.0 / step, "acc": step / steps, "phase": "train", "flag": True}
+        if via == "progress":
+            store.save_progress(lease, step, steps, metrics)  # type: ignore[arg-type]
+        else:  # the worker's way: progress rides on the beat
+            got = store.beat(lease.worker_id, [Beat(lease, Progress(step, steps, metrics))],  # type: ignore[attr-defined]
+                             30.0)
+            assert got.held == {job_id: False}
     series = store.analytics.metric_series(job_id)
     assert MAX_METRIC_POINTS // 2 <= len(series) <= MAX_METRIC_POINTS
     got = [p.step for p in series]

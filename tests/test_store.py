@@ -19,6 +19,7 @@ from spotrun.store import (
     Lease,
     LeaseLost,
 )
+from spotrun.store.leases import SWEEP_BATCH
 
 # The store suite runs through PgBouncer in transaction mode too (see conftest.py).
 PGBOUNCER = True
@@ -244,6 +245,59 @@ def test_a_heartbeat_carries_the_progress_and_logs_of_the_jobs_that_moved(
     assert store.get(job.id).progress.step == 3
     store.cancel(job.id)
     assert store.beat(wid, [Beat(lease)], 10.0).held == {job.id: True}
+
+
+def test_a_heartbeat_renews_each_lease_it_holds_and_none_it_lost(store: JobStore) -> None:
+    first, second = store.submit("sleep", {"seconds": 0}), store.submit("sleep", {"seconds": 0})
+    wid = _worker(store)
+    a, _ = _claim(store, wid)
+    b, _ = _claim(store, wid)
+    store.expire_lease_now(a.job_id)
+    assert store.sweep_expired() == [a.job_id]  # a's job went back to the queue
+    got = store.beat(wid, [Beat(a, Progress(5, 9, {"loss": 0.1}), [(time.time(), "INFO", "x")]),
+                           Beat(b, Progress(7, 9, {"loss": 0.2}), [(time.time(), "INFO", "y")])],
+                     10.0)
+    assert got.held == {a.job_id: None, b.job_id: False}
+    # The zombie's progress, logs and metric point were refused; the holder's written.
+    assert store.get(a.job_id).progress.step != 5 and store.logs(a.job_id) == []
+    assert [line.message for line in store.logs(b.job_id)] == ["y"]
+    assert [p.step for p in store.analytics.metric_series(b.job_id)] == [7]
+    assert [p.step for p in store.analytics.metric_series(a.job_id)] == []
+    (me,) = store.list_workers()
+    assert (me.state, me.current_job) == ("busy", b.job_id)
+    assert {first.id, second.id} == {a.job_id, b.job_id}
+
+
+def test_a_sweep_of_more_lapsed_leases_than_a_batch_moves_each_once(store: JobStore) -> None:
+    # A zone's workers gone at once: the sweep moves them all, a batch a transaction.
+    n = 2 * SWEEP_BATCH + 7
+    for _ in range(n):
+        store.submit("sleep", {"seconds": 0})
+    wid = _worker(store)
+    held = [_claim(store, wid)[0] for _ in range(n)]
+    for lease in held:
+        store.expire_lease_now(lease.job_id)
+    moved = store.sweep_expired(within=30.0)
+    assert sorted(moved) == sorted(lease.job_id for lease in held)
+    assert {store.get(lease.job_id).state for lease in held} == {JobState.QUEUED}
+    assert all([e.kind for e in store.events(lease.job_id)].count(EventKind.LEASE_EXPIRED) == 1
+               for lease in held)
+    assert store.sweep_expired() == []
+
+
+def test_the_sweeper_learns_from_its_beat_whether_a_sweep_has_work(store: JobStore) -> None:
+    store.submit("sleep", {"seconds": 0})
+    wid = _worker(store)
+    lease, _ = _claim(store, wid)
+    got = store.beat(wid, [Beat(lease)], 10.0, sweeper=True)
+    assert got.sweeper and not got.to_sweep
+    other = _worker(store, "other")
+    store.expire_lease_now(lease.job_id)
+    got = store.beat(other, [], 10.0, alive_for=60.0, sweeper=True)
+    assert not got.sweeper and not got.to_sweep  # not the sweeper: told nothing
+    assert store.beat(wid, [], 10.0, alive_for=60.0, sweeper=True).to_sweep
+    assert store.sweep_expired() == [lease.job_id]
+    assert not store.beat(wid, [], 10.0, alive_for=60.0, sweeper=True).to_sweep
 
 
 def test_one_worker_at_a_time_is_the_fleets_sweeper(store: JobStore) -> None:

@@ -58,6 +58,18 @@ _IDLE_OR_BUSY = (WorkerState.IDLE.value, WorkerState.BUSY.value)
 # The named lease of the fleet's one sweeper (see LeaseWrites.beat).
 SWEEPER = "spotrun:sweeper"
 
+# The most lapsed leases a sweep moves in one transaction (see LeaseWrites.sweep_expired).
+SWEEP_BATCH = 100
+
+
+def series_point(metrics: dict[str, Any]) -> str | None:
+    """A progress's point of the job's metric series (its finite numbers, as JSON), or
+    None when it has none to plot."""
+    numeric = {k: float(v) for k, v in metrics.items()
+               if isinstance(v, int | float) and not isinstance(v, bool)
+               and math.isfinite(v)}
+    return dumps(numeric) if numeric else None
+
 
 # The workers this process registered: a row with this process's host and pid that is not
 # one of them was a process before this one with the same pid (a container restarted in
@@ -257,23 +269,25 @@ class LeaseWrites(StoreCore):
     def _record_metrics(self, conn: Connection, lease: Lease, step: int,
                         metrics: dict[str, Any]) -> None:
         """Add a point to the job's metric series, thinned by half past the bound."""
-        numeric = {k: float(v) for k, v in metrics.items()
-                   if isinstance(v, int | float) and not isinstance(v, bool)
-                   and math.isfinite(v)}
-        if not numeric:
+        point = series_point(metrics)
+        if point is None:
             return
         conn.execute(job_metrics.insert().values(
             job_id=lease.job_id, attempt=lease.attempt, step=step, at=self._now,
-            metrics=dumps(numeric)))
+            metrics=point))
         count = conn.execute(sa.select(sa.func.count()).select_from(job_metrics)
                              .where(job_metrics.c.job_id == lease.job_id)).scalar_one()
         if count > MAX_METRIC_POINTS:
-            rows = conn.execute(sa.select(job_metrics.c.id, job_metrics.c.step)
-                                .where(job_metrics.c.job_id == lease.job_id)
-                                .order_by(job_metrics.c.step, job_metrics.c.id)).all()
-            keep = even_sample([r.step for r in rows], MAX_METRIC_POINTS // 2)
-            conn.execute(job_metrics.delete().where(job_metrics.c.id.in_(
-                [r.id for i, r in enumerate(rows) if i not in keep])))
+            self._thin_metrics(conn, lease.job_id)
+
+    def _thin_metrics(self, conn: Connection, job_id: str) -> None:
+        """Halve a job's metric series, evenly over its whole span of steps."""
+        rows = conn.execute(sa.select(job_metrics.c.id, job_metrics.c.step)
+                            .where(job_metrics.c.job_id == job_id)
+                            .order_by(job_metrics.c.step, job_metrics.c.id)).all()
+        keep = even_sample([r.step for r in rows], MAX_METRIC_POINTS // 2)
+        conn.execute(job_metrics.delete().where(job_metrics.c.id.in_(
+            [r.id for i, r in enumerate(rows) if i not in keep])))
 
     def _insert_logs(self, conn: Connection, lease: Lease,
                      logs: Sequence[tuple[float, str, str]]) -> None:
@@ -514,24 +528,36 @@ class LeaseWrites(StoreCore):
         with self._tx(write=False) as conn:
             any_expired = conn.execute(sa.select(jobs.c.id).where(expired).limit(1)).first()
         moved: list[str] = []
-        if any_expired is not None:
-            pick = self._lock_expired(sa.select(jobs).where(expired))
+        # In batches, a transaction each: many leases lapsed at once (a zone's workers
+        # gone together) must not hold the fleet's rows, and the heartbeats waiting on
+        # them, for the whole sweep; ``within`` bounds each batch, checked as it goes.
+        pick = self._lock_expired(sa.select(jobs).where(expired).order_by(
+            jobs.c.lease_expires_at).limit(SWEEP_BATCH))
+        batch_start = start  # the first batch's bound counts the look before it
+        while any_expired is not None:
             try:
                 with self._sweep_tx(within) as conn:
                     if probe:
                         self._probe_locks(conn)
                         return []  # nothing written: the commit only ends the probe
-                    for row in conn.execute(pick).mappings().all():
+                    rows = conn.execute(pick).mappings().all()
+                    for row in rows:
                         self._expire(conn, row)
-                        moved.append(row["id"])
-                    took = time.monotonic() - start
-                    if within is not None and took > within:
-                        raise DatabaseSlow(f"a sweep took {took:.1f} s; rolled back")
+                        took = time.monotonic() - batch_start
+                        if within is not None and took > within:
+                            raise DatabaseSlow(f"a sweep's batch took {took:.1f} s; "
+                                               "rolled back")
+                moved += [row["id"] for row in rows]
             except sa.exc.OperationalError as exc:
                 if within is None:
                     raise
                 raise DatabaseSlow(f"a sweep could not take its locks at once "
                                    f"({first_line(exc)}); rolled back") from None
+            if len(rows) < SWEEP_BATCH:
+                break
+            batch_start = time.monotonic()
+            if within is not None and batch_start - start > 4 * within:
+                break  # the rest is the next beat's sweep: this one yields the thread
         if probe:
             return moved
         self.mark_gone_workers()
