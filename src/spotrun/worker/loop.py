@@ -142,8 +142,9 @@ class Worker:
         log.info("worker %s (%s) ready: pool %s, lease %.1f s, heartbeat %.1f s%s",
                  self.name, self.worker_id, self.pool, self.settings.lease_seconds,
                  self.settings.heartbeat_seconds, ", CUDA" if self.has_cuda else "")
-        self.coordinator.on_notice(self._on_notice)
+        # The deadline armed first: nothing a later listener does can delay it.
         self.coordinator.on_notice(self._bound_waits)
+        self.coordinator.on_notice(self._on_notice)
         self.coordinator.on_advisory(self._on_advisory)
         self.reporter.start()
         # A worker of one job slot listens on its claims' connection: two connections in
