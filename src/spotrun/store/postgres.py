@@ -4,8 +4,9 @@ The queue's hot path is hand-written SQL, one statement per call (data-modifying
 sent with psycopg on the pool's connections in autocommit (:meth:`PostgresStore._pg_one`):
 the claim (:data:`CLAIM_SQL`, its pick is migration 0008's ``spotrun_next_job``) and the
 fenced result, which can claim the worker's next job in the same statement
-(:func:`finish_sql`): one round trip a job. Everything else is the shared SQLAlchemy Core
-code of :mod:`spotrun.store.base` and :mod:`spotrun.store.leases`, with row locks.
+(:func:`finish_sql`): one round trip a job; and the heartbeat (:func:`beat_sql`), one
+round trip a beat. Everything else is the shared SQLAlchemy Core code of
+:mod:`spotrun.store.base` and :mod:`spotrun.store.leases`, with row locks.
 """
 
 from __future__ import annotations
