@@ -142,9 +142,13 @@ class Worker:
         log.info("worker %s (%s) ready: pool %s, lease %.1f s, heartbeat %.1f s%s",
                  self.name, self.worker_id, self.pool, self.settings.lease_seconds,
                  self.settings.heartbeat_seconds, ", CUDA" if self.has_cuda else "")
-        # The deadline armed first: nothing a later listener does can delay it.
-        self.coordinator.on_notice(self._bound_waits)
+        # In this order: the deadline armed first and the jobs told to stop next, so that
+        # nothing a later listener may wait on (the stores' bounds register on their
+        # engines) can delay either. Seen in the chaos drills: a worker noticed just after
+        # its start reached neither its hand-back nor its deadline's exit in the grace.
+        self.coordinator.on_notice(self._arm_deadline)
         self.coordinator.on_notice(self._on_notice)
+        self.coordinator.on_notice(self._bound_waits)
         self.coordinator.on_advisory(self._on_advisory)
         self.reporter.start()
         # A worker of one job slot listens on its claims' connection: two connections in
@@ -180,6 +184,9 @@ class Worker:
         """
         for st in (self.store, self.hb_store):
             st.bound_lock_waits(max(0.1, self.coordinator.time_left() / 4))
+
+    def _arm_deadline(self, notice: Notice) -> None:
+        """Start the thread that exits the process at the deadline (see _bound_waits)."""
         if self.exit_at_deadline and not self._deadline_armed:
             self._deadline_armed = True
             threading.Thread(target=self._exit_at_deadline, name="spotrun-deadline",
