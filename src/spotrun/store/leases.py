@@ -183,11 +183,16 @@ class LeaseWrites(StoreCore):
             # with nothing lapsed pays nothing for its sweeper but that one row.
             to_sweep = leads and self._sweep_has_work(conn)
         if sweeper and not leads and not self._sweeper_row_seen:
-            self._seed_sweeper()  # a new database: the lease's row made, then taken
-            with self._tx() as conn:
-                leads = self._keep_sweeper(conn, worker_id, lease_seconds)
-                to_sweep = leads and self._sweep_has_work(conn)
+            leads, to_sweep = self._first_sweeper_beat(worker_id, lease_seconds)
         return BeatResult(held, leads, to_sweep)
+
+    def _first_sweeper_beat(self, worker_id: str, lease_seconds: float) -> tuple[bool, bool]:
+        """A new database has no sweeper lease yet: its row made, then taken. Whether this
+        worker leads the sweep, and whether a sweep would find work."""
+        self._seed_sweeper()
+        with self._tx() as conn:
+            leads = self._keep_sweeper(conn, worker_id, lease_seconds)
+            return leads, leads and self._sweep_has_work(conn)
 
     def _sweep_has_work(self, conn: Connection) -> bool:
         """Whether a lease has lapsed or a live worker is overdue (two index probes)."""

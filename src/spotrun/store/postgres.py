@@ -170,7 +170,7 @@ _BEAT_MANY = """b AS (
 @functools.cache
 def beat_sql(leases: int, with_logs: bool, with_points: bool) -> str:
     """The beat of a worker holding ``leases`` leases (0, 1, or 2 for any more): one
-    statement, its parameters :func:`beat_params`'. The shape of each case is its own:
+    statement, its parameters those of :func:`beat_params`. The shape of each case is its own:
     the array form of many leases costs the server twice the CPU of one lease's scalars
     (measured 1.5 against 0.67 ms a beat), and an idle beat touches no job."""
     ctes = [f"clock AS (\n    SELECT {_PG_NOW} AS now\n)"]
@@ -459,10 +459,7 @@ class PostgresStore(JobStore):
         if leads:
             self._sweeper_row_seen = True
         elif sweeper and not self._sweeper_row_seen:
-            self._seed_sweeper()  # a new database: the lease's row made, then taken
-            with self._tx() as conn:
-                leads = self._keep_sweeper(conn, worker_id, lease_seconds)
-                to_sweep = leads and self._sweep_has_work(conn)
+            leads, to_sweep = self._first_sweeper_beat(worker_id, lease_seconds)
         return BeatResult(held, leads, to_sweep)
 
     # ------------------------------------------------------------------ submit
