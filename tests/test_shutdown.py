@@ -61,6 +61,17 @@ def test_the_earlier_deadline_wins(coordinator: ShutdownCoordinator) -> None:
     assert coordinator.notice is not None and coordinator.notice.reason == "aws: terminate"
 
 
+def test_the_budget_runs_from_when_the_notice_arrived_not_from_when_it_was_seen(
+        coordinator: ShutdownCoordinator) -> None:
+    # A loaded machine may let the signal watcher run seconds after the signal.
+    arrived = time.monotonic() - 4
+    notice = coordinator.notify("SIGTERM", source="signal", since_mono=arrived)
+    assert notice.received_mono == arrived
+    assert notice.deadline_mono == pytest.approx(arrived + 15 - 1)
+    assert 9.5 < coordinator.time_left() <= 10
+    assert abs(notice.received_at - (time.time() - 4)) < 0.5
+
+
 def test_hooks_run_once_in_order_and_failures_do_not_stop_the_rest(
         coordinator: ShutdownCoordinator) -> None:
     ran: list[tuple[str, float]] = []

@@ -41,6 +41,7 @@ from spotrun.worker import (
     decide,
     stop_outcome,
 )
+from spotrun.worker.loop import HAND_BACK_RESERVE_SECONDS, hand_back_reserve
 from spotrun.worker.outcome import NoticeCheckpoint, escalation_for, resume_of
 from spotrun.worker.reporter import Sweep, SweepGuard
 from spotrun.worker.schedule import CheckpointSchedule, notice_checkpoint_due
@@ -658,6 +659,32 @@ def test_the_deadline_forces_the_same_outcome_on_a_step_still_in_flight(
     assert job.preemptions == (1 if (reason, policy) == (R.PREEMPTED, P.RESUME) else 0)
     # At the deadline exiting in time comes first: the files are left for the next owner.
     assert _files(wk, r.job.id)
+
+
+def test_the_reserve_for_ending_stuck_jobs_is_a_share_of_a_short_budget() -> None:
+    assert hand_back_reserve(2.0) == pytest.approx(0.4)
+    assert hand_back_reserve(14.0) == HAND_BACK_RESERVE_SECONDS
+    assert hand_back_reserve(-1.0) == 0.0
+
+
+def test_a_job_stuck_past_the_notice_is_handed_back_before_the_deadline(
+        worker_on: Callable[..., Worker]) -> None:
+    # A pipeline still in a step, or still starting (importing torch on a loaded machine),
+    # when the notice comes: the stop path ends it inside the budget, not at its end.
+    w = worker_on(grace_seconds=3.0, safety_margin_seconds=1.0)
+    r = _running(w, P.RESUME, earlier=True)
+    notice = w.coordinator.notify("SIGTERM", source="signal")
+    assert w._stop() == 0
+    job = w.store.get(r.job.id)
+    assert job.state is JobState.QUEUED and r.state.abandoned
+    handed = job.events[-1]
+    assert handed.message.startswith("preempted on w1 at step 4/9 before the step in flight "
+                                     "finished; will resume from the checkpoint at step 2")
+    budget = notice.deadline_mono - notice.received_mono
+    since = handed.at.timestamp() - notice.received_at
+    # Ended at about 1.6 s of the 2 s budget (its reserve: 0.4 s), well before its end.
+    assert budget == pytest.approx(2.0, abs=0.01) and since < budget - 0.1, since
+    assert w._handed_back == 0  # the deadline's exit, were it to come, would exit 0
 
 
 def test_the_interval_is_chosen_once_and_explained_on_the_first_attempt_only(

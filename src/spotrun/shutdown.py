@@ -67,6 +67,7 @@ class ShutdownCoordinator:
         self._hooks: list[_Hook] = []
         self._hooks_ran = False
         self._signals_seen = 0
+        self._first_signal_mono: float | None = None
         self._installed: dict[int, object] = {}
         self._wakeup_r: socket.socket | None = None
         self._wakeup_w: socket.socket | None = None
@@ -92,14 +93,19 @@ class ShutdownCoordinator:
             return float("inf")
         return n.deadline_mono - time.monotonic()
 
-    def notify(self, reason: str, *, source: str = "api",
-               deadline: float | None = None) -> Notice:
-        """Record a notice (thread-safe). ``deadline`` is a wall-clock time, if known.
+    def notify(self, reason: str, *, source: str = "api", deadline: float | None = None,
+               since_mono: float | None = None) -> Notice:
+        """Record a notice (thread-safe). ``deadline`` is a wall-clock time, if known;
+        ``since_mono`` when the notice arrived, if earlier than now (a signal).
 
         The first notice sets the budget: the earlier of notice + grace and the reported
         deadline, minus the safety margin. A later notice can only bring it forward.
         """
         now_wall, now_mono = time.time(), time.monotonic()
+        if since_mono is not None and since_mono < now_mono:
+            # The grace runs from the signal, not from when a busy machine let this
+            # thread see it.
+            now_wall, now_mono = now_wall - (now_mono - since_mono), since_mono
         limit = now_mono + self.grace_seconds
         if deadline is not None:
             limit = min(limit, now_mono + (deadline - now_wall))
@@ -119,7 +125,7 @@ class ShutdownCoordinator:
             by = (f"deadline given by {source}" if deadline is not None
                   and deadline - now_wall < self.grace_seconds else "grace period")
             log.warning("shutdown notice: %s; %.1f s to hand work back (%s)", reason,
-                        max(0.0, notice.deadline_mono - now_mono), by)
+                        max(0.0, notice.deadline_mono - time.monotonic()), by)
         for fn in listeners:
             try:
                 fn(notice)
@@ -173,7 +179,10 @@ class ShutdownCoordinator:
 
     def _record_signal(self, signum: int, frame: object) -> None:
         # Runs in the main thread between bytecodes. Record only: the wake-up fd has
-        # already told the watcher thread, which does everything else.
+        # already told the watcher thread, which does everything else. The time is the
+        # budget's start: on a loaded machine the watcher may only run later.
+        if self._first_signal_mono is None:
+            self._first_signal_mono = time.monotonic()
         self._signals_seen += 1
 
     def _watch_wakeup_fd(self) -> None:
@@ -190,10 +199,10 @@ class ShutdownCoordinator:
                 count += 1
                 name = _signal_name(signum)
                 if count == 1:
-                    self.notify(name, source="signal")
+                    self.notify(name, source="signal", since_mono=self._first_signal_mono)
                 else:
                     log.error("second signal (%s): exiting now", name)
-                    _flush_logs()
+                    flush_logs()
                     self._exit(128 + signum)
 
     # ------------------------------------------------------------------ hooks
@@ -265,7 +274,7 @@ def _signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-def _flush_logs() -> None:
+def flush_logs() -> None:
     for h in logging.getLogger().handlers:
         with contextlib.suppress(Exception):
             h.flush()

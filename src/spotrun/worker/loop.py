@@ -15,7 +15,6 @@ checkpoint store and the shutdown coordinator, and never speaks SQL.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import logging
@@ -25,11 +24,12 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from spotrun import kube
 from spotrun.checkpoints import CheckpointStore
 from spotrun.config import Settings
-from spotrun.shutdown import Notice, ShutdownCoordinator
+from spotrun.shutdown import Notice, ShutdownCoordinator, flush_logs
 from spotrun.store import (
     ClaimRequest,
     DatabaseUnavailable,
@@ -49,6 +49,18 @@ log = logging.getLogger("spotrun.worker")
 
 # The exit status of a worker that left a pipeline thread it could not stop.
 EXIT_STUCK = 3
+
+# After a notice the stop path waits for its jobs to reach a step boundary, but not to the
+# deadline itself: ending a job still stuck (in a step, or in a pipeline's start such as a
+# slow import) is a write to the database too, and it must land inside the budget. The
+# wait ends this long before the deadline, at most this share of the budget.
+HAND_BACK_RESERVE_SECONDS = 1.5
+HAND_BACK_RESERVE_SHARE = 0.2
+
+
+def hand_back_reserve(budget: float) -> float:
+    """Seconds of a notice's budget kept for ending the jobs that did not stop in time."""
+    return min(HAND_BACK_RESERVE_SECONDS, max(0.0, budget) * HAND_BACK_RESERVE_SHARE)
 
 
 def detect_cuda() -> bool:
@@ -74,6 +86,9 @@ class Worker:
         # A process of its own (the CLI's) may end itself at a notice's deadline.
         self.exit_at_deadline = exit_at_deadline
         self._deadline_armed = False
+        # The exit code once every job is handed back (or could not be): from then on
+        # the deadline's exit is no failure (see _exit_at_deadline).
+        self._handed_back: int | None = None
         self._stopped = threading.Event()
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.concurrency = max(1, concurrency)
@@ -198,14 +213,19 @@ class Worker:
                                          + self.settings.safety_margin_seconds / 2)):
             if self.coordinator.time_left() + self.settings.safety_margin_seconds / 2 > 0:
                 continue  # a later notice moved the deadline
+            done = self._handed_back
+            if done is not None:
+                # Only the stop path's last steps (hooks, the worker's row) were left.
+                log.warning("worker %s: its jobs are handed back; exiting at the deadline "
+                            "before the rest of its stop", self.name)
+                flush_logs()
+                os._exit(done | self.exit_code)
             with self._lock:
                 held = [r.job.id for r in self.runners.values() if not r.state.done.is_set()]
             log.error("worker %s: the database did not answer before the deadline; exiting "
                       "now: the lease will expire and bring back %s", self.name,
                       ", ".join(held) if held else "its jobs")
-            for h in logging.getLogger().handlers:
-                with contextlib.suppress(Exception):
-                    h.flush()
+            flush_logs()
             os._exit(1)
 
     def _claim_loop(self, waker: Waker) -> None:
@@ -340,15 +360,18 @@ class Worker:
                 # Handing the jobs back matters more than showing "stopping".
                 log.warning("could not mark worker %s stopping: %s", self.name,
                             str(exc).splitlines()[0][:200])
-            runners = self._wait_runners(notice.deadline_mono)
+            reserve = hand_back_reserve(notice.deadline_mono - notice.received_mono)
+            runners = self._wait_runners(lambda: self._deadline() - reserve)
             for r in runners:
                 if r.state.abandoned:
                     continue  # already ended without its stuck thread
                 if not r.state.done.is_set():
-                    code |= self._force_stop(r, r.state.stop_reason or
-                                             self._reason_for(notice))
+                    code |= self._force_stop(
+                        r, r.state.stop_reason or self._reason_for(notice),
+                        give_up_at=max(time.monotonic() + 0.2, self._deadline()))
                 elif r.state.write_failed:
                     code |= 1
+            self._handed_back = code
         else:
             self._wait_runners(None)
         self.reporter.stop()
@@ -358,9 +381,13 @@ class Worker:
             if outcome:
                 log.info("shutdown hooks: %s", ", ".join(f"{k} {v}" for k, v in
                                                           outcome.items()))
+        # Showing "stopped" is worth a second, but after a notice not the deadline's exit.
+        give_up = time.monotonic() + 1.0
+        if notice is not None:
+            give_up = min(give_up, max(time.monotonic() + 0.1, self._deadline()))
         try:
             self.db.call(lambda: self.store.set_worker_state(self.worker_id, "stopped"),
-                         give_up_at=time.monotonic() + 1.0)
+                         give_up_at=give_up)
         except Exception:
             log.warning("could not mark worker %s stopped", self.name)
         if notice is not None:
@@ -368,8 +395,14 @@ class Worker:
                      time.monotonic() - notice.received_mono, notice.reason)
         return code
 
-    def _wait_runners(self, deadline_mono: float | None) -> list[JobRunner]:
-        """Wait for every runner, including one a finishing runner started meanwhile."""
+    def _deadline(self) -> float:
+        """The notice's deadline (monotonic; a later notice may bring it forward)."""
+        d = self.deadline()
+        return float("inf") if d is None else d
+
+    def _wait_runners(self, until: Callable[[], float] | None) -> list[JobRunner]:
+        """Wait for every runner, including one a finishing runner started meanwhile, up
+        to ``until()`` (monotonic, read again as the wait goes on)."""
         seen: list[JobRunner] = []
         while True:
             with self._lock:
@@ -378,11 +411,17 @@ class Worker:
             if not new:
                 return seen
             for r in new:
-                r.state.done.wait(None if deadline_mono is None
-                                  else max(0.0, deadline_mono - time.monotonic()))
+                while until is not None and not r.state.done.is_set():
+                    left = until() - time.monotonic()
+                    if left <= 0:
+                        break
+                    r.state.done.wait(min(left, 0.5))
+                if until is None:
+                    r.state.done.wait()
             seen += new
 
-    def _force_stop(self, r: JobRunner, reason: StopReason) -> int:
+    def _force_stop(self, r: JobRunner, reason: StopReason, *,
+                    give_up_at: float | None = None) -> int:
         """End a job whose pipeline is stuck in a step, by the policy of a step boundary.
 
         From here on the runner is abandoned: the reporter no longer renews its lease and
@@ -399,7 +438,8 @@ class Worker:
             return 0  # another attempt owns the job: nothing of this one may be written
         out = r.outcome(in_flight=True, reason=reason)
         try:
-            r.apply(out, self.hb_store, give_up_at=time.monotonic() + 1.0,
+            r.apply(out, self.hb_store,
+                    give_up_at=time.monotonic() + 1.0 if give_up_at is None else give_up_at,
                     forced=self.coordinator.stopping)
             return 0
         except LeaseLost as exc:
