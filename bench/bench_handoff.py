@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,7 @@ def preempt_series(name: str, n: int, args: argparse.Namespace,
             except TypeError:  # a spotrun without max_preemptions
                 job = store.submit(pipeline, params, max_retries=1000)
             wait_until(lambda: stepping(job.id, 0), 300, "the job to step")
+            extra_mb: list[float] = []
             spare = dict([start(children)])
             procs.update(spare)
             for i in range(n):
@@ -166,10 +168,16 @@ def preempt_series(name: str, n: int, args: argparse.Namespace,
                 time.sleep(rng.uniform(1.0, 2.0))
                 j = store.get(job.id, with_events=False)
                 proc = procs.pop(j.worker)
+                rss0 = _status_kb(proc.pid, "VmRSS")
+                _reset_peak(proc.pid)
+                peak = _PeakWatch(proc.pid)
                 t0 = time.monotonic()
                 os.kill(proc.pid, signal.SIGTERM)
                 proc.wait(120)
                 exits.append(time.monotonic() - t0)
+                hwm = peak.stop()
+                if rss0 is not None and hwm is not None:
+                    extra_mb.append(max(0, hwm - rss0) / 1024)
                 t_exit = time.time()
                 # The job is now queued or already claimed by the spare; note when it
                 # steps again.
@@ -204,9 +212,60 @@ def preempt_series(name: str, n: int, args: argparse.Namespace,
         "resume_p99_s": pct(handoffs, 99),
         "exit_to_stepping_s": moving_again,
         "exit_to_stepping_p50_s": pct(moving_again, 50),
+        # The worker's peak resident memory from just before the notice to its exit,
+        # above its resident memory then (which holds the state): what the checkpoint
+        # and the hand-back add. As a multiple of the state: (state + added) / state.
+        "notice_extra_memory_mb": extra_mb,
+        "notice_extra_memory_mb_max": max(extra_mb) if extra_mb else None,
+        "notice_peak_over_state": ((state_mb + max(extra_mb)) / state_mb
+                                   if extra_mb and state_mb >= 1 else None),
         "notice_checkpoint_s": ck_secs,
         "notice_checkpoint_MBps_p50": (state_mb / pct(ck_secs, 50)) if ck_secs else None,
     }
+
+
+def _status_kb(pid: int, field: str) -> int | None:
+    """A /proc/PID/status figure in kB (VmRSS, VmHWM), or None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak(pid: int) -> None:
+    # Writing 5 resets VmHWM (Linux >= 4.0): the job's own start (its state built in
+    # chunks, then joined) must not count as the checkpoint's peak.
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+class _PeakWatch:
+    """Samples a process's VmHWM every 5 ms until it exits; the last value seen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.hwm = pid, _status_kb(pid, "VmHWM")
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(0.005):
+            v = _status_kb(self.pid, "VmHWM")
+            if v is None:
+                return
+            self.hwm = v
+
+    def stop(self) -> int | None:
+        self._done.set()
+        self._thread.join()
+        return self.hwm
 
 
 def main() -> None:
@@ -248,11 +307,16 @@ def main() -> None:
     run.results = {"disk": disk, "series": series}
     md1 = table(["workload", "preemptions", "notice → exit p50 s", "p99 s", "max s",
                  "preempted → resumed p50 s", "p99 s", "exit → stepping again p50 s",
-                 "notice checkpoint MB/s (p50)"],
+                 "notice checkpoint MB/s (p50)", "memory added at the notice, max MB",
+                 "peak ÷ state"],
                 [[s["workload"], s["preemptions"], s["exit_p50_s"], s["exit_p99_s"],
                   s["exit_max_s"], s["resume_p50_s"], s["resume_p99_s"],
                   s["exit_to_stepping_p50_s"],
                   s["notice_checkpoint_MBps_p50"] if s["notice_checkpoint_MBps_p50"]
+                  else float("nan"),
+                  s["notice_extra_memory_mb_max"] if s["notice_extra_memory_mb_max"]
+                  is not None else float("nan"),
+                  s["notice_peak_over_state"] if s["notice_peak_over_state"]
                   else float("nan")] for s in series])
     py, dd, ck = (pct(disk[k], 50) for k in ("python_fsync_MBps", "dd_fsync_MBps",
                                               "checkpoint_save_MBps"))

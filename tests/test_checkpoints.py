@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 from pathlib import Path
 
@@ -25,6 +26,27 @@ def test_round_trip_and_layout(tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / saved.path / MANIFEST).read_text())
     assert manifest["files"]["a.bin"]["size"] == 1000
     assert manifest["attempt"] == 2 and manifest["job"] == "job1"
+
+
+@pytest.mark.parametrize("extra", [0, 4096, 12345], ids=["blocks", "a-block-more", "a-tail"])
+def test_a_large_state_written_past_the_page_cache_reads_back_whole(
+        tmp_path: Path, extra: int) -> None:
+    # From 64 MiB on, files go to disk through one aligned buffer (O_DIRECT) and the last
+    # partial block through the cache: every byte and the hash must come back as written.
+    size = 64 * 2**20 + extra
+    data = hashlib.sha256(str(extra).encode()).digest() * (size // 32) + b"t" * (size % 32)
+    store = CheckpointStore(str(tmp_path))
+    saved = store.save("job1", 1, 7, {"state.bin": data, "small.json": b"{}"})
+    on_disk = tmp_path / saved.path / "state.bin"
+    assert on_disk.stat().st_size == size
+    listing = json.loads((tmp_path / saved.path / MANIFEST).read_text())["files"]
+    assert listing["state.bin"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert store.load(saved.path).files["state.bin"] == data
+    with open(on_disk, "r+b") as fh:  # and damage is still found
+        fh.seek(size - 1)
+        fh.write(b"!")
+    with pytest.raises(CheckpointCorrupt, match="sha256"):
+        store.load(saved.path)
 
 
 @pytest.mark.parametrize("damage, reason", [

@@ -28,9 +28,12 @@ chain (environment, profile, instance identity); an S3 endpoint other than AWS c
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 import re
 import secrets
@@ -48,6 +51,11 @@ MANIFEST = "MANIFEST.json"
 DIR_FILES = "files"  # a directory checkpoint's files live under this prefix
 FORMAT_VERSION = 1
 _CHUNK = 8 << 20
+# Files from this size on are written past the page cache (O_DIRECT): copying a large
+# state into fresh cache pages ran at 0.4-0.8 GB/s on our VMs, the direct write at 1.6 GB/s,
+# and a notice's budget is what a large checkpoint is short of. Smaller ones gain nothing.
+_DIRECT_MIN = 64 << 20
+_DIRECT_ALIGN = 4096  # what O_DIRECT asks of offsets and lengths on common file systems
 _FILE_THREADS = 4  # files of a directory checkpoint copied at once
 # Object stores: no directories to make (making one can create the bucket), no rename.
 _OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs"})
@@ -201,11 +209,12 @@ class CheckpointStore:
             if self.local:
                 # Plain files, fsynced: on a local disk the manifest must not reach the disk
                 # before the data it vouches for.
-                with open(path, "wb") as fh:
-                    for i in range(0, len(view), _CHUNK):
-                        fh.write(view[i:i + _CHUNK])
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                if len(view) < _DIRECT_MIN or not _write_direct(path, view):
+                    with open(path, "wb") as fh:
+                        for i in range(0, len(view), _CHUNK):
+                            fh.write(view[i:i + _CHUNK])
+                        fh.flush()
+                        os.fsync(fh.fileno())
             else:
                 # One call that writes the whole object or fails: a file object opened "wb"
                 # would upload what it holds when an error leaves its `with` block.
@@ -497,6 +506,52 @@ def _regular_files(root: str) -> Iterator[tuple[str, str]]:
             if os.path.islink(path) or not os.path.isfile(path):
                 continue
             yield os.path.relpath(path, root).replace(os.sep, "/"), path
+
+
+def _write_direct(path: str, view: memoryview) -> bool:
+    """Write ``view`` as the file ``path`` past the page cache, fsynced. False, with
+    nothing lost, where the file system refuses O_DIRECT: the caller writes it plainly.
+
+    Whole blocks go through one page-aligned buffer of ``_CHUNK`` bytes (the only copy);
+    the last partial block, and anything after a short write, goes through the cache.
+    """
+    direct = getattr(os, "O_DIRECT", 0)
+    if not direct:
+        return False
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    try:
+        fd = os.open(path, flags | direct, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return False
+        raise
+    try:
+        whole = len(view) - len(view) % _DIRECT_ALIGN
+        off = 0
+        with mmap.mmap(-1, _CHUNK) as buf:
+            aligned = memoryview(buf)
+            try:
+                while off < whole:
+                    n = min(_CHUNK, whole - off)
+                    aligned[:n] = view[off:off + n]
+                    done = os.write(fd, aligned[:n])
+                    off += done
+                    if done != n:
+                        break  # the rest may be unaligned now: through the cache
+            except OSError as exc:
+                if off or exc.errno != errno.EINVAL:
+                    raise
+                return False  # refused at the first write (some FUSE and network mounts)
+            finally:
+                aligned.release()
+        if off < len(view):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~direct)
+            while off < len(view):
+                off += os.write(fd, view[off:off + _CHUNK])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
 
 
 def _hard_link(src: str, dst: str) -> bool:
