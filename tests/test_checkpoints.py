@@ -5,11 +5,12 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from spotrun.checkpoints import MANIFEST, CheckpointCorrupt, CheckpointStore
+from spotrun.checkpoints import MANIFEST, CheckpointCorrupt, CheckpointStore, _write_direct
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "spotrun"
 
@@ -28,6 +29,15 @@ def test_round_trip_and_layout(tmp_path: Path) -> None:
     assert manifest["attempt"] == 2 and manifest["job"] == "job1"
 
 
+def _takes_o_direct(folder: Path) -> bool:
+    try:
+        fd = os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
 @pytest.mark.parametrize("extra", [0, 4096, 12345], ids=["blocks", "a-block-more", "a-tail"])
 def test_a_large_state_written_past_the_page_cache_reads_back_whole(
         tmp_path: Path, extra: int) -> None:
@@ -35,6 +45,11 @@ def test_a_large_state_written_past_the_page_cache_reads_back_whole(
     # partial block through the cache: every byte and the hash must come back as written.
     size = 64 * 2**20 + extra
     data = hashlib.sha256(str(extra).encode()).digest() * (size // 32) + b"t" * (size % 32)
+    # The direct writer itself, where this file system takes O_DIRECT (ext4, xfs do).
+    if _takes_o_direct(tmp_path):
+        direct = tmp_path / "direct.bin"
+        assert _write_direct(str(direct), memoryview(data))
+        assert direct.read_bytes() == data
     store = CheckpointStore(str(tmp_path))
     saved = store.save("job1", 1, 7, {"state.bin": data, "small.json": b"{}"})
     on_disk = tmp_path / saved.path / "state.bin"

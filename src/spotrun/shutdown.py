@@ -275,6 +275,7 @@ def _signal_name(signum: int) -> str:
 
 
 def flush_logs() -> None:
+    """Flush every root handler: what a process says before ``os._exit`` must be kept."""
     for h in logging.getLogger().handlers:
         with contextlib.suppress(Exception):
             h.flush()

@@ -411,13 +411,11 @@ class Worker:
             if not new:
                 return seen
             for r in new:
-                while until is not None and not r.state.done.is_set():
-                    left = until() - time.monotonic()
-                    if left <= 0:
-                        break
-                    r.state.done.wait(min(left, 0.5))
                 if until is None:
                     r.state.done.wait()
+                    continue
+                while not r.state.done.is_set() and (left := until() - time.monotonic()) > 0:
+                    r.state.done.wait(min(left, 0.5))  # until() may move: read it again
             seen += new
 
     def _force_stop(self, r: JobRunner, reason: StopReason, *,
