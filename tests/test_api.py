@@ -123,6 +123,24 @@ def test_no_token_bad_token_and_revoked_token_get_401(api: Api) -> None:
     assert api.get("/healthz", who=None).json() == {"status": "ok"}
 
 
+def test_a_token_revoked_elsewhere_stops_working_within_the_check_cache(api: Api) -> None:
+    """Token checks are remembered briefly; a revoke by another process (the CLI) is
+    seen within that time, one through the server's own store at once (above)."""
+    api.store.tokens.cache_seconds = 1.0
+    assert api.get("/v1/jobs", "alice").status_code == 200
+    other = api.store.reopen(pool_size=1)  # another process's store
+    try:
+        other.tokens.revoke("alice")
+    finally:
+        other.close()
+    revoked_at = time.monotonic()
+    wait_until(lambda: api.get("/v1/jobs", "alice").status_code == 401, 10,
+               "the revoked token to be refused")
+    # Refused once the remembered check ran out (1 s), not whenever it is next evicted.
+    assert time.monotonic() - revoked_at <= 1.0 + 2.0
+    assert api.get("/v1/jobs", "bob").status_code == 200  # the others are untouched
+
+
 def test_users_see_and_cancel_only_their_own_jobs_admin_sees_all(api: Api) -> None:
     mine = api.submit("alice", params={"seconds": 1})
     theirs = api.submit("bob", params={"seconds": 1})

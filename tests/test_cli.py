@@ -142,6 +142,25 @@ def test_commands_that_run_no_pipeline_import_no_ml_library(cli_env: Env) -> Non
     assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
 
 
+def test_help_pages_load_neither_the_database_layer_nor_rich(cli_env: Env) -> None:
+    """What made `spotrun --help` take 0.6 s: SQLAlchemy and rich's help formatting."""
+    code = (
+        "import sys\n"
+        "from spotrun.cli import main\n"
+        "sys.argv = ['spotrun', *sys.argv[1:]]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('HEAVY', [m for m in ('sqlalchemy', 'rich', 'psycopg') if m in sys.modules])\n"
+    )
+    for args in ([], ["--help"], ["submit", "--help"], ["token", "--help"]):
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                              text=True, env=cli_env.vars, timeout=60)
+        assert "Usage: spotrun" in proc.stdout + proc.stderr, (args, proc.stdout, proc.stderr)
+        assert "HEAVY []" in proc.stdout, (args, proc.stdout, proc.stderr)
+
+
 def test_preempt_names_the_host_of_a_remote_worker(cli_env: Env) -> None:
     store = cli_env.store()
     store.register_worker(name="far", host="another-host", pid=1, pool="spot",

@@ -81,7 +81,9 @@ def test_an_idle_worker_polls_or_listens_on_the_direct_url(
     store = JobStore.open(pooled_url)
     try:
         monkeypatch.delenv("SPOTRUN_LISTEN_URL", raising=False)
-        poll = store.waker()
+        wid = _worker(store)
+        store.beat(wid, [], 10.0, alive_for=60.0)  # idle: a submit wakes it
+        poll = store.waker(wid)
         assert isinstance(poll, PollWaker)
         t0 = time.monotonic()
         assert not poll.wait(0.2)  # no wake-up comes through a pooler: only the poll's time
@@ -89,7 +91,7 @@ def test_an_idle_worker_polls_or_listens_on_the_direct_url(
         poll.close()
 
         monkeypatch.setenv("SPOTRUN_LISTEN_URL", direct_url)
-        waker = store.waker()
+        waker = store.waker(wid)
         assert isinstance(waker, ListenWaker)
         try:
             assert waker.wait(0.2)  # it starts listening: look once more, a job queued
@@ -97,7 +99,7 @@ def test_an_idle_worker_polls_or_listens_on_the_direct_url(
             assert not waker.wait(0.2)  # listening, nothing changed
             threading.Timer(0.3, store.submit, args=("sleep", {"seconds": 0})).start()
             t0 = time.monotonic()
-            assert waker.wait(10)  # the submit's NOTIFY, through the pooler
+            assert waker.wait(10)  # the submit's wake-up of the idle worker, past the pooler
             assert time.monotonic() - t0 < 5
         finally:
             waker.close()

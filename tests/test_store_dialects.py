@@ -169,11 +169,11 @@ def test_every_connection_keeps_the_urls_query_string(pg_url: str) -> None:
     app = f"spotrun_qs_{uuid.uuid4().hex[:8]}"
     dbname = pg_url.rsplit("/", 1)[1]
     store = JobStore.open(f"{pg_url}?sslmode=disable&application_name={app}")
-    waker = store.waker()
+    wid = _worker(store)
+    waker = store.waker(wid)
     beats = store.reopen(pool_size=1, pre_ping=False, statement_timeout=5)
     try:
         store.submit("sleep", {"seconds": 0})
-        wid = _worker(store)
         got = store.claim(worker_id=wid, worker_name="w1", lease_seconds=10)  # hot path
         assert got is not None
         assert beats.heartbeat(wid, [got[0]], 10) == {got[0].job_id: False}

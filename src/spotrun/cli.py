@@ -43,6 +43,9 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Plain help pages: rich's formatting (with pygments and markdown) took longer to
+    # import than the rest of the CLI together.
+    rich_markup_mode=None,
     help="Run machine-learning jobs on preemptible / spot workers without losing work.",
 )
 token_app = typer.Typer(no_args_is_help=True, help="Manage API tokens.")
@@ -833,11 +836,14 @@ def doctor(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 def server(
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on")] = 8000,
+    processes: Annotated[int, typer.Option(
+        min=1, max=64, help="Processes serving the one port (about one per core)")] = 1,
 ) -> None:
     """Serve the HTTP API and the dashboard."""
     from spotrun import serve  # start-up: uvicorn and FastAPI
 
-    raise typer.Exit(serve.serve(settings(), host=host, port=port, echo=typer.echo))
+    raise typer.Exit(serve.serve(settings(), host=host, port=port, echo=typer.echo,
+                                 processes=processes))
 
 
 @app.command()
@@ -991,9 +997,6 @@ def _base_named(cls: type, name: str) -> type[Exception]:
 
 def main() -> None:
     """The ``spotrun`` command: usage errors are one line on stderr and exit 2."""
-    # start-up: SQLAlchemy, only on a bad URL
-    from spotrun.store import BadDatabaseURL
-
     if len(sys.argv) < 2 or sys.argv[1:] in (["--help"], ["-h"]):
         app()  # the help page
         return
@@ -1013,12 +1016,17 @@ def main() -> None:
     except ConfigError as exc:
         typer.echo(f"spotrun: {exc}", err=True)
         sys.exit(EXIT_BAD_INPUT)
-    except BadDatabaseURL:
-        typer.echo("spotrun: the database URL is not one spotrun can use: give "
-                   "sqlite:///PATH or postgresql://USER@HOST/DB", err=True)
-        sys.exit(EXIT_BAD_INPUT)
     except OSError as exc:
         typer.echo(f"spotrun: {exc.strerror or exc}"
                    + (f": {exc.filename}" if exc.filename else ""), err=True)
         sys.exit(1)
+    except Exception as exc:
+        # Only the store raises it, so it is looked up only if the store was imported:
+        # importing it here would cost every command SQLAlchemy's import.
+        errors = sys.modules.get("spotrun.store.errors")
+        if errors is None or not isinstance(exc, errors.BadDatabaseURL):
+            raise
+        typer.echo("spotrun: the database URL is not one spotrun can use: give "
+                   "sqlite:///PATH or postgresql://USER@HOST/DB", err=True)
+        sys.exit(EXIT_BAD_INPUT)
     sys.exit(code if isinstance(code, int) else 0)

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import uvicorn
 
 from spotrun.config import ConfigError, Settings
-from spotrun.http.app import create_app
+from spotrun.http.app import API_THREADS, create_app
 from spotrun.intake import pubsub
 from spotrun.logconfig import setup_logging
 from spotrun.service import callback_urls
@@ -57,9 +57,10 @@ def trusted_proxies() -> list[str]:
 class ServerThread:
     """uvicorn serving ``app`` on an already bound socket, on a thread of its own."""
 
-    def __init__(self, app: Any, host: str, port: int, *, access_log: bool = True) -> None:
+    def __init__(self, app: Any, host: str, port: int, *, access_log: bool = True,
+                 sock: socket.socket | None = None) -> None:
         self.app = app
-        self.sock = _bind(host, port)
+        self.sock = sock if sock is not None else _bind(host, port)
         self.port = int(self.sock.getsockname()[1])
         # X-Forwarded-For/-Proto are believed only from the proxies the operator names
         # (SPOTRUN_TRUSTED_PROXIES, addresses or networks): behind a TLS-terminating
@@ -171,9 +172,71 @@ def _print_urls(echo: Echo, url: str, token: str | None) -> None:
         echo("  sign in with a token from `spotrun token create NAME [--admin]`")
 
 
-def serve(settings: Settings, *, host: str, port: int, echo: Echo) -> int:
-    """Serve the API and the dashboard until SIGINT/SIGTERM; return the exit status."""
-    return _run(settings, host=host, port=port, echo=echo, workers=0, command="server")
+# Set for the server processes beyond the first: the listening socket they inherit.
+_LISTEN_FD_ENV = "SPOTRUN_SERVER_LISTEN_FD"
+
+
+def serve(settings: Settings, *, host: str, port: int, echo: Echo, processes: int = 1) -> int:
+    """Serve the API and the dashboard until SIGINT/SIGTERM; return the exit status.
+
+    With ``processes`` above 1 that many processes serve one listening socket (the
+    kernel hands each connection to one of them): Python serves a request on one core at
+    a time, so this is how a server uses more. The first process starts the others,
+    passes its signal on to them and waits for them.
+    """
+    fd = os.environ.pop(_LISTEN_FD_ENV, None)
+    if fd is not None:
+        return _serve_inherited(settings, int(fd))
+    return _run(settings, host=host, port=port, echo=echo, workers=0, command="server",
+                processes=processes)
+
+
+def _serve_inherited(settings: Settings, fd: int) -> int:
+    """One more process of ``spotrun server --processes N``, on its parent's socket."""
+    setup_logging()
+    _die_with_parent()
+    store = JobStore.open(settings.database_url, pool_size=API_THREADS, pre_ping=False)
+    try:
+        sock = socket.socket(fileno=fd)
+        srv = ServerThread(create_app(settings, store=store), "", 0, sock=sock)
+        with _Signals().installed() as signals:
+            srv.start()
+            while signals.received is None and srv.alive:
+                time.sleep(0.1)
+            srv.stop()
+        return 0 if signals.received is not None else 1
+    finally:
+        store.close()
+
+
+def _start_server_process(settings: Settings, sock: socket.socket) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "SPOTRUN_HOME": str(settings.home),
+           "SPOTRUN_DATABASE_URL": settings.database_url,
+           "SPOTRUN_CHECKPOINT_URL": settings.checkpoint_url,
+           _LISTEN_FD_ENV: str(sock.fileno())}
+    return subprocess.Popen([sys.executable, "-m", "spotrun", "server"], env=env,
+                            pass_fds=[sock.fileno()], start_new_session=True,
+                            preexec_fn=_die_with_parent)
+
+
+def _stop_servers(procs: list[subprocess.Popen[bytes]], timeout: float, echo: Echo) -> bool:
+    """SIGTERM the other server processes, wait for them; SIGKILL stragglers."""
+    clean = True
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+    give_up = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            clean = proc.wait(max(0.1, give_up - time.monotonic())) == 0 and clean
+        except subprocess.TimeoutExpired:
+            echo(f"spotrun: server process {proc.pid} did not stop in {timeout:g} s: "
+                 "killing it", err=True)
+            proc.kill()
+            proc.wait(5)
+            clean = False
+    return clean
 
 
 def up(settings: Settings, *, workers: int, host: str, port: int, echo: Echo) -> int:
@@ -182,14 +245,15 @@ def up(settings: Settings, *, workers: int, host: str, port: int, echo: Echo) ->
 
 
 def _run(settings: Settings, *, host: str, port: int, echo: Echo, workers: int,
-         command: str) -> int:
+         command: str, processes: int = 1) -> int:
     setup_logging()
-    store = JobStore.open(settings.database_url)
+    store = JobStore.open(settings.database_url, pool_size=API_THREADS, pre_ping=False)
     token_name: str | None = None
     token: str | None = None
     if command == "up" or _embedded(settings):
         token_name, token = _session_token(store, command)
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    servers: list[subprocess.Popen[bytes]] = []
     code = 0
     try:
         app = create_app(settings, store=store)
@@ -209,8 +273,12 @@ def _run(settings: Settings, *, host: str, port: int, echo: Echo, workers: int,
                 _stop_workers(procs, settings.grace_seconds + 5.0, echo)
                 srv.stop()
                 return 1
+            servers = [_start_server_process(settings, srv.sock)
+                       for _ in range(processes - 1)]
             url = base_url(host, srv.port)
             _print_urls(echo, url, token)
+            if servers:
+                echo(f"  serving in {processes} processes")
             intake = _start_intake(store, echo)
             if intake is False:
                 _stop_workers(procs, settings.grace_seconds + 5.0, echo)
@@ -234,6 +302,11 @@ def _run(settings: Settings, *, host: str, port: int, echo: Echo, workers: int,
                         reported.add(name)
                         echo(f"spotrun: worker {name} exited with status {proc.returncode}",
                              err=True)
+                for server in servers:
+                    if server.poll() is not None and str(server.pid) not in reported:
+                        reported.add(str(server.pid))
+                        echo(f"spotrun: server process {server.pid} exited with status "
+                             f"{server.returncode}", err=True)
                 if intake is not None:
                     intake.watch()
                 time.sleep(0.1)
@@ -248,8 +321,14 @@ def _run(settings: Settings, *, host: str, port: int, echo: Echo, workers: int,
                 code = 1
             if not _stop_workers(procs, settings.grace_seconds + 5.0, echo):
                 code = 1
+            if not _stop_servers(servers, 20.0, echo):
+                code = 1
             srv.stop()
     finally:
+        for server in servers:
+            if server.poll() is None:
+                server.kill()
+                server.wait(5)
         for _name, proc in procs:
             if proc.poll() is None:
                 proc.kill()

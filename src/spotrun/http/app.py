@@ -16,6 +16,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI
 
 from spotrun.config import Settings, env_float
@@ -30,6 +31,10 @@ from spotrun.pipelines.registry import registry
 from spotrun.service import callback_urls
 from spotrun.store import JobStore
 
+API_THREADS = 16
+"""The requests served at once (each on a thread); the store's pool should hold as many
+connections, or connections beyond its size are opened and closed for every request."""
+
 
 def create_app(settings: Settings, *, store: JobStore | None = None,
                deliverer: callbacks.CallbackDeliverer | Literal[False] | None = None
@@ -40,7 +45,8 @@ def create_app(settings: Settings, *, store: JobStore | None = None,
     ``deliverer`` is None, none if it is False).
     """
     owns_store = store is None
-    the_store = store if store is not None else JobStore.open(settings.database_url)
+    the_store = (store if store is not None
+                 else JobStore.open(settings.database_url, pool_size=API_THREADS))
     ctx = AppContext(settings=settings, store=the_store, feed=ChangeFeed(the_store),
                      allow_private_callbacks=callback_urls.allow_private_from_env(),
                      stream_recheck_seconds=env_float("SPOTRUN_STREAM_RECHECK_SECONDS",
@@ -58,6 +64,7 @@ def create_app(settings: Settings, *, store: JobStore | None = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
         feed = asyncio.create_task(ctx.feed.run(), name="spotrun-live-feed")
         delivering = None
         if ctx.deliverer is not None:

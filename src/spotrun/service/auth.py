@@ -37,7 +37,7 @@ def principal_for_token(store: JobStore, token: str | None) -> Principal | None:
     """The principal of an API token; None for a missing, unknown, expired or revoked one."""
     if not token or len(token) > MAX_CREDENTIAL_LENGTH:
         return None
-    found = store.tokens.verify(token)
+    found = store.tokens.verify(token, cached=True)
     return None if found is None else Principal(found.name, found.is_admin)
 
 

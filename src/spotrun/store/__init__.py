@@ -42,7 +42,7 @@ from spotrun.store.errors import (
     StoreError,
 )
 from spotrun.store.intake import IntakeRecords
-from spotrun.store.postgres import CLAIM_SQL, NOTIFY_CHANNEL, PostgresStore, worker_channel
+from spotrun.store.postgres import CLAIM_SQL, PostgresStore, worker_channel
 from spotrun.store.records import (
     MAX_METRIC_POINTS,
     Beat,
@@ -62,7 +62,7 @@ from spotrun.store.sqlite import SqliteStore
 from spotrun.store.tokens import Tokens
 
 __all__ = [
-    "CLAIM_SQL", "IDLE_IN_TRANSACTION_MS", "MAX_METRIC_POINTS", "NOTIFY_CHANNEL",
+    "CLAIM_SQL", "IDLE_IN_TRANSACTION_MS", "MAX_METRIC_POINTS",
     "PG_CONNECT_TIMEOUT", "PG_KEEPALIVES", "Analytics", "BadDatabaseURL", "Beat", "BeatResult",
     "CallbackRecords",
     "ClaimRequest", "Conflict", "DatabaseError", "DatabaseSlow", "DatabaseUnavailable",

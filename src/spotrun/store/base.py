@@ -139,13 +139,13 @@ class JobStore(LeaseWrites):
         """Bring the schema to the newest revision, under a lock that serialises starters."""
 
     @abc.abstractmethod
-    def waker(self, *, shared: bool = False, worker_id: str | None = None) -> Waker:
-        """A waker for an idle worker of this store: on a connection of its own, or with
+    def waker(self, worker_id: str, *, shared: bool = False) -> Waker:
+        """A waker for the idle worker ``worker_id``: on a connection of its own, or with
         ``shared`` on one of the store's pool (a worker's, so that it holds no
         connection more; the pool must then be the waiting thread's alone while idle).
 
-        With ``worker_id``, it hears what wakes that worker alone (a job queued picks the
-        idle workers it wakes); without, every change of the queue (live views)."""
+        It hears what wakes that worker alone: a write that queues jobs wakes as many
+        idle workers as the jobs need, not every waker."""
 
     @abc.abstractmethod
     def stall_writes(self, seconds: float) -> None:
@@ -263,7 +263,6 @@ class JobStore(LeaseWrites):
                 conn.execute(events.insert().values(at=self._now), [
                     {"job_id": r["id"], "kind": kind, "worker": None, "attempt": 0,
                      "message": message, "data": dumps(data)} for r in fresh])
-                self._notify(conn, fresh[0]["id"])
             ids = [found.get(k, r["id"]) for k, r in enumerate(rows)]
             got = self._get_many(conn, ids)
         return [got[i] for i in ids]
@@ -344,7 +343,7 @@ class JobStore(LeaseWrites):
         evs: dict[str, list[Event]] = {i: [] for i in wanted}
         for r in conn.execute(sa.select(events).where(events.c.job_id.in_(wanted))
                               .order_by(events.c.id)).mappings():
-            evs[r["job_id"]].append(_event_of(r))
+            evs[r["job_id"]].append(event_of(r))
         rows = conn.execute(sa.select(jobs).where(jobs.c.id.in_(wanted))).mappings()
         return {r["id"]: job_from_row(r, tuple(evs[r["id"]])) for r in rows}
 
@@ -390,7 +389,7 @@ class JobStore(LeaseWrites):
             .order_by(events.c.id)
         ).mappings()
         for r in rows:
-            yield _event_of(r)
+            yield event_of(r)
 
     def logs(self, job_id: str) -> list[LogLine]:
         with self._tx(write=False) as conn:
@@ -403,13 +402,12 @@ class JobStore(LeaseWrites):
                 for r in rows
             ]
 
-    def change_marker(self) -> tuple[int, float]:
-        """A cheap value that changes whenever any job changes (for live views)."""
+    def change_marker(self) -> float:
+        """A cheap value that moves whenever a job is added or changes (for live views):
+        the newest ``updated_at``, read off its index."""
         with self._tx(write=False) as conn:
-            row = conn.execute(
-                sa.select(sa.func.count(), sa.func.max(jobs.c.updated_at))
-            ).one()
-            return int(row[0]), float(row[1] or 0.0)
+            return float(conn.execute(sa.select(sa.func.max(jobs.c.updated_at))
+                                      ).scalar() or 0.0)
 
     def jobs_updated_since(self, since: float, *, limit: int = 1000) -> list[Job]:
         """Jobs whose row changed at or after ``since`` (database clock), oldest change first.
@@ -512,7 +510,6 @@ class JobStore(LeaseWrites):
                                      "try again")
                 self._record(conn, job_id, Cancelled(CancelCause.QUEUED),
                              worker=None, attempt=job.attempt)
-                self._notify(conn, job_id)
             elif job.state is JobState.RUNNING and not job.cancel_requested:
                 conn.execute(
                     jobs.update().where(jobs.c.id == job_id)
@@ -565,7 +562,7 @@ class JobStore(LeaseWrites):
         return [worker_from_row(r) for r in rows]
 
 
-def _event_of(r: Any) -> Event:
+def event_of(r: Any) -> Event:
     """An event from its row."""
     data = loads(r["data"]) if r["data"] else None
     return Event(

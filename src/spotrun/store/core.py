@@ -46,9 +46,6 @@ class StoreCore(MapsDriverErrors, abc.ABC):
     def _bound_on_checkout(self, dbapi_conn: Any, ms: int) -> None:
         """Bound the lock waits of a connection checked out (see bound_lock_waits)."""
 
-    def _notify(self, conn: Connection, payload: str) -> None:
-        """Tell live views the queue changed, with the transaction's commit."""
-
     def _wake_idle(self, conn: Connection, job_id: str | None = None, *, jobs: int = 1
                    ) -> None:
         """Wake, with the commit, as many idle workers as a queued job needs (the one

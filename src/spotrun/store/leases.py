@@ -413,7 +413,6 @@ class LeaseWrites(StoreCore):
                 self._record(conn, lease.job_id, escalation, worker=lease.worker_name,
                              attempt=lease.attempt)
             self._release_worker(conn, lease)
-            self._notify(conn, lease.job_id)
             self._wake_idle(conn, lease.job_id)
 
     def complete(self, lease: Lease, result: Any, *, run_seconds: float = 0.0,
@@ -615,7 +614,6 @@ class LeaseWrites(StoreCore):
             self._wake_idle(conn, job.id)
         self._release_worker(conn, lease)
         self._record(conn, job.id, said, worker=job.worker, attempt=job.attempt)
-        self._notify(conn, job.id)
 
     def _worker_died(self, conn: Connection, worker_id: str | None) -> bool:
         """Whether the process of the worker that held a lapsed lease is known dead."""

@@ -25,7 +25,7 @@ from spotrun.events import Submitted, render
 from spotrun.jobs import Event, Job, JobState, WorkerState, from_epoch
 from spotrun.quotas import Quota, QuotaExceeded
 from spotrun.schema import jobs
-from spotrun.store.base import JobStore, Waker, register_dialect
+from spotrun.store.base import JobStore, Waker, event_of, register_dialect
 from spotrun.store.claim_event import claim_event_sql
 from spotrun.store.connect import (
     create_engine,
@@ -35,7 +35,7 @@ from spotrun.store.connect import (
     pg_checkout,
     pg_connection,
 )
-from spotrun.store.errors import KeyReused, StoreError
+from spotrun.store.errors import JobNotFound, KeyReused, StoreError
 from spotrun.store.leases import SWEEPER, series_point
 from spotrun.store.records import (
     MAX_METRIC_POINTS,
@@ -51,7 +51,15 @@ from spotrun.store.records import (
 if TYPE_CHECKING:
     import psycopg
 
-NOTIFY_CHANNEL = "spotrun_jobs"  # every change of the queue: the live feed's
+# A job with its history in one statement (one round trip, one snapshot): the API's
+# most frequent read. The events come as one JSON array of [at, kind, ...] rows.
+_EVENT_FIELDS = ("at", "kind", "worker", "attempt", "message", "data")
+_GET_JOB_SQL = "SELECT * FROM jobs WHERE id = %(id)s"
+_GET_JOB_WITH_EVENTS_SQL = (
+    "SELECT jobs.*, (SELECT json_agg(json_build_array("
+    + ", ".join(f"e.{f}" for f in _EVENT_FIELDS)
+    + ") ORDER BY e.id) FROM events e WHERE e.job_id = jobs.id) AS spotrun_history "
+    "FROM jobs WHERE jobs.id = %(id)s")
 
 
 def worker_channel(worker_id: str) -> str:
@@ -134,7 +142,6 @@ WITH fin AS (
                      %(log_message)s::text[]) WITH ORDINALITY AS l(at, level, message, n)
     ORDER BY l.n
 )"""
-    notify = f"SELECT pg_notify('{NOTIFY_CHANNEL}', fin.id) FROM fin"
     if not then_claim:
         # No next job claimed in this statement: a queued job this result lets run (its
         # owner's running quota) must not wait for an idle worker's poll.
@@ -142,10 +149,10 @@ WITH fin AS (
                    "LIMIT 1) q")
         wake = wake_idle_sql(waiting, "2", "EXISTS (SELECT 1 FROM fin)")
         return (finish + f", wake_idle AS (\n{wake}\n)\n"
-                + f"SELECT pg_notify('{NOTIFY_CHANNEL}', fin.id), "
-                "(SELECT count(*) FROM wake_idle) AS woke_idle FROM fin")
+                + "SELECT 1 AS finished, (SELECT count(*) FROM wake_idle) AS woke_idle "
+                "FROM fin")
     return (finish + ",\n" + _CLAIM_CTES.format(pick_from="FROM fin")
-            + f"\nSELECT n.finished, upd.* FROM (SELECT count(*) AS finished FROM ({notify}) x) n"
+            + "\nSELECT n.finished, upd.* FROM (SELECT count(*) AS finished FROM fin) n"
             + " LEFT JOIN upd ON true")
 
 
@@ -309,8 +316,6 @@ def submit_sql(by_owner: bool, with_keys: bool, with_quota: bool) -> str:
     INSERT INTO events (job_id, at, kind, worker, attempt, message, data)
     SELECT ins.id, ins.created_at, %(kind)s, NULL, 0, %(message)s, %(data)s
     FROM ins JOIN item ON item.id = ins.id ORDER BY item.n
-), wake AS (
-    SELECT pg_notify('{NOTIFY_CHANNEL}', min(ins.id)) FROM ins HAVING count(*) > 0
 ), wake_idle AS (
     {wake_idle_sql("ins q", "(SELECT count(*) + 1 FROM ins)")}
 )
@@ -320,7 +325,7 @@ SELECT json_agg(json_build_object(
         'old_same', {"old.same" if with_keys else "NULL"},
         'queued_now', {"(SELECT queued FROM queued)" if with_quota else "NULL"},
         'job', to_json(ins)) ORDER BY item.n) AS answer,
-    (SELECT count(*) FROM wake) AS woke, (SELECT count(*) FROM wake_idle) AS woke_idle
+    (SELECT count(*) FROM wake_idle) AS woke_idle
 FROM item {"LEFT JOIN old ON old.n = item.n" if with_keys else ""}
 LEFT JOIN ins ON ins.id = item.id"""
     return sql
@@ -367,8 +372,14 @@ class PostgresStore(JobStore):
     def _clock(self) -> sa.ColumnElement[float]:
         return sa.cast(sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Float)
 
-    def _notify(self, conn: Connection, payload: str) -> None:
-        conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, payload)))
+    def get(self, job_id: str, *, with_events: bool = True) -> Job:
+        row = self._pg_one(_GET_JOB_WITH_EVENTS_SQL if with_events else _GET_JOB_SQL,
+                           {"id": job_id})
+        if row is None:
+            raise JobNotFound(f"no job with id {job_id!r}")
+        history = row.get("spotrun_history") or ()
+        return job_from_row(row, tuple(event_of(dict(zip(_EVENT_FIELDS, e, strict=True)))
+                                       for e in history))
 
     def _wake_idle(self, conn: Connection, job_id: str | None = None, *, jobs: int = 1
                    ) -> None:
@@ -411,8 +422,8 @@ class PostgresStore(JobStore):
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY)))
             migrations.upgrade(conn)
 
-    def waker(self, *, shared: bool = False, worker_id: str | None = None) -> Waker:
-        channel = NOTIFY_CHANNEL if worker_id is None else worker_channel(worker_id)
+    def waker(self, worker_id: str, *, shared: bool = False) -> Waker:
+        channel = worker_channel(worker_id)
         direct = listen_url()
         if direct is not None:
             return ListenWaker(self, direct, channel=channel)
@@ -625,10 +636,10 @@ class PollWaker(Waker):
 class ListenWaker(Waker):
     """LISTEN on a connection of its own (opened from the store's engine, so with the
     URL's every setting, or from ``direct_url``'s, past a pooler); NOTIFY comes with each
-    commit that changes the queue."""
+    commit that queues work for the worker whose channel it hears."""
 
     def __init__(self, store: PostgresStore, direct_url: str | None = None, *,
-                 channel: str = NOTIFY_CHANNEL) -> None:
+                 channel: str) -> None:
         self.store = store
         self.channel = channel
         self._direct_url = direct_url
@@ -693,7 +704,7 @@ class PooledListenWaker(Waker):
     fleet would reach its session.
     """
 
-    def __init__(self, store: PostgresStore, *, channel: str = NOTIFY_CHANNEL) -> None:
+    def __init__(self, store: PostgresStore, *, channel: str) -> None:
         self.store = store
         self.channel = channel
         self._on: Any = None  # the psycopg connection that LISTENs

@@ -63,7 +63,7 @@ class SqliteStore(JobStore):
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def waker(self, *, shared: bool = False, worker_id: str | None = None) -> Waker:
+    def waker(self, worker_id: str, *, shared: bool = False) -> Waker:
         return DataVersionWaker(self)
 
     def stall_writes(self, seconds: float) -> None:

@@ -2,14 +2,23 @@
 
 Reached as ``store.tokens``. A token or session id is returned once, when made; only its
 SHA-256 is stored.
+
+The API checks a token on every request; :meth:`Tokens.verify` with ``cached=True``
+answers from a short memory of recent good checks (``SPOTRUN_TOKEN_CACHE_SECONDS``,
+default 2 s, 0 for none). A revoke through this store forgets them at once; one made by
+another process (``spotrun token revoke``) takes effect here within that time. An expiry
+is never stretched: a token is remembered only while its own expiry is still ahead.
 """
 
 from __future__ import annotations
 
 import secrets
+import threading
+import time
 
 import sqlalchemy as sa
 
+from spotrun.config import env_float
 from spotrun.jobs import from_epoch
 from spotrun.schema import api_tokens, web_sessions
 from spotrun.store.core import StoreCore
@@ -20,8 +29,20 @@ from spotrun.store.records import Token, hash_token
 class Tokens(MapsDriverErrors):
     """API tokens and the dashboard's sessions."""
 
+    # Remembered good checks at most: a flood of distinct tokens cannot grow it further.
+    _CACHE_MAX = 4096
+
     def __init__(self, store: StoreCore) -> None:
         self._s = store
+        self.cache_seconds = env_float("SPOTRUN_TOKEN_CACHE_SECONDS", 2.0, minimum=0.0)
+        # token hash -> (its record, monotonic time until which it may be answered from here)
+        self._known: dict[str, tuple[Token, float]] = {}
+        self._known_lock = threading.Lock()
+
+    def forget_checks(self) -> None:
+        """Forget every remembered check: the next ``verify`` asks the database."""
+        with self._known_lock:
+            self._known.clear()
 
     def create(self, name: str, *, admin: bool = False,
                expires_in: float | None = None) -> str:
@@ -47,6 +68,7 @@ class Tokens(MapsDriverErrors):
             ).values(expires_at=self._s._now + expires_in)).rowcount
             if n != 1:
                 raise StoreError(f"no active token named {name!r}")
+        self.forget_checks()  # the expiry may have moved closer
 
     def list(self) -> list[Token]:
         with self._s._tx(write=False) as conn:
@@ -63,19 +85,42 @@ class Tokens(MapsDriverErrors):
             ).values(revoked_at=self._s._now)).rowcount
             if n != 1:
                 raise StoreError(f"no active token named {name!r}")
+        self.forget_checks()
 
-    def verify(self, token: str) -> Token | None:
-        """The token's record if it is known, not revoked and not expired; else None."""
+    def verify(self, token: str, *, cached: bool = False) -> Token | None:
+        """The token's record if it is known, not revoked and not expired; else None.
+
+        With ``cached``, a good answer of the last ``cache_seconds`` may be given again
+        without asking the database (never past the token's expiry); bad tokens are
+        always looked up.
+        """
+        key = hash_token(token)
+        if cached and self.cache_seconds > 0:
+            hit = self._known.get(key)
+            if hit is not None and time.monotonic() < hit[1]:
+                return hit[0]
         with self._s._tx(write=False) as conn:
-            r = conn.execute(sa.select(api_tokens).where(
-                api_tokens.c.token_hash == hash_token(token),
-                api_tokens.c.revoked_at.is_(None),
-                sa.or_(api_tokens.c.expires_at.is_(None), api_tokens.c.expires_at > self._s._now),
-            )).mappings().first()
+            r = conn.execute(sa.select(api_tokens.c.name, api_tokens.c.is_admin,
+                                       api_tokens.c.created_at, api_tokens.c.expires_at,
+                                       (api_tokens.c.expires_at - self._s._now).label("left"))
+                             .where(api_tokens.c.token_hash == key,
+                                    api_tokens.c.revoked_at.is_(None),
+                                    sa.or_(api_tokens.c.expires_at.is_(None),
+                                           api_tokens.c.expires_at > self._s._now),
+                                    )).mappings().first()
         if r is None:
             return None
-        return Token(r["name"], bool(r["is_admin"]), from_epoch(r["created_at"]), False,
-                     None if r["expires_at"] is None else from_epoch(r["expires_at"]))
+        found = Token(r["name"], bool(r["is_admin"]), from_epoch(r["created_at"]), False,
+                      None if r["expires_at"] is None else from_epoch(r["expires_at"]))
+        if cached and self.cache_seconds > 0:
+            # Judged by the database clock, as the check itself is.
+            keep = self.cache_seconds if r["left"] is None else min(self.cache_seconds,
+                                                                    float(r["left"]))
+            with self._known_lock:
+                if len(self._known) >= self._CACHE_MAX:
+                    self._known.clear()
+                self._known[key] = (found, time.monotonic() + keep)
+        return found
 
     def create_session(self, token_name: str, *, expires_in: float) -> str:
         """Start a dashboard session for an active token; return its id (once)."""

@@ -168,7 +168,7 @@ class Worker:
         self.reporter.start()
         # A worker of one job slot listens on its claims' connection: two connections in
         # all, the reporter's and that one (the pool is the claim loop's while idle).
-        waker = self.store.waker(shared=self.concurrency == 1, worker_id=self.worker_id)
+        waker = self.store.waker(self.worker_id, shared=self.concurrency == 1)
         # In a Kubernetes pod: scale-downs take idle workers first (kube.py).
         pod_cost = kube.keep_deletion_cost(self.unsaved_seconds)
         try:
