@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -482,3 +483,29 @@ def sa_select_events(events: Any, jobs: Any, kinds: frozenset[str]) -> Any:
 
     return (sa.select(events.c.id).join(jobs, jobs.c.id == events.c.job_id)
             .where(jobs.c.callback_url.is_not(None), events.c.kind.in_(sorted(kinds))))
+
+
+def test_the_servers_store_reads_a_job_at_once_after_a_database_restart(
+        private_pg: PrivatePostgres) -> None:
+    """The server's pool pings no connection on checkout (one round trip a request
+    less): after a restart, a job read that meets a dead connection is sent again on a
+    new one, and the pool's other dead connections are dropped with it."""
+    from spotrun.http.app import API_THREADS
+
+    store = JobStore.open(private_pg.url, pool_size=API_THREADS, pre_ping=False)
+    try:
+        job_id = store.submit("sleep", {}).id
+
+        def read_many() -> None:
+            # Concurrent reads, so that several of the pool's connections are in it.
+            with ThreadPoolExecutor(8) as pool:
+                for job in pool.map(lambda _: store.get(job_id), range(32)):
+                    assert job.id == job_id and job.events[0].kind == EventKind.SUBMITTED.value
+
+        read_many()
+        assert store.engine.pool.checkedin() > 1  # type: ignore[attr-defined]
+        restart(private_pg, 1.0)
+        read_many()  # no DatabaseUnavailable
+        store.tokens.list()  # the others went with the first: not one fails now
+    finally:
+        store.close()

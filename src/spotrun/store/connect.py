@@ -264,8 +264,10 @@ def pg_checkout(engine: Engine) -> Iterator[psycopg.Connection[Any]]:
 
     For statements that are their own transaction (the store's hot path), sent without
     SQLAlchemy's per-call work but on the pool's connections, so that a worker holds no
-    connection beyond its pool. A connection found broken is dropped from the pool; a
-    refused connect raises SQLAlchemy's error, as a pooled connect would.
+    connection beyond its pool. A connection found broken is dropped with every other
+    connection of the pool (after a restart or a failover they are all dead, and a pool
+    without a ping on checkout would fail once for each); a refused connect raises
+    SQLAlchemy's error, as a pooled connect would.
     """
     import psycopg
 
@@ -285,6 +287,8 @@ def pg_checkout(engine: Engine) -> Iterator[psycopg.Connection[Any]]:
         if not usable:
             fairy.invalidate()
         fairy.close()  # back to the pool (or, invalidated, closed)
+        if not usable:
+            engine.dispose()  # the others' turn comes as they go back
 
 
 def pg_connection(engine: Engine) -> psycopg.Connection[Any]:

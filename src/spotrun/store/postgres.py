@@ -373,8 +373,15 @@ class PostgresStore(JobStore):
         return sa.cast(sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Float)
 
     def get(self, job_id: str, *, with_events: bool = True) -> Job:
-        row = self._pg_one(_GET_JOB_WITH_EVENTS_SQL if with_events else _GET_JOB_SQL,
-                           {"id": job_id})
+        sql = _GET_JOB_WITH_EVENTS_SQL if with_events else _GET_JOB_SQL
+        try:
+            row = self._pg_one(sql, {"id": job_id})
+        except sa.exc.DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            # A connection that died while idle in the pool (a restart): a read can be
+            # sent again, on a new one.
+            row = self._pg_one(sql, {"id": job_id})
         if row is None:
             raise JobNotFound(f"no job with id {job_id!r}")
         history = row.get("spotrun_history") or ()
