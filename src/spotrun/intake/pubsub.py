@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import logging
 import os
 import secrets
@@ -176,6 +177,7 @@ class PubSubIntake:
         self._future: Any = None
         self._events: EventPublisher | None = None
         self._resubscribe_at: float | None = None
+        self._stop_by = float("inf")
 
     # ---------------------------------------------------------------- start
 
@@ -232,15 +234,29 @@ class PubSubIntake:
 
         from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 
+        class Scheduler(ThreadScheduler):  # type: ignore[misc]  # untyped client
+            """Sets ``pulled`` when the client shuts it down: it does so once the stream
+            has stopped receiving, before it waits for the callbacks in hand."""
+
+            def __init__(self, executor: ThreadPoolExecutor, pulled: threading.Event
+                         ) -> None:
+                super().__init__(executor)
+                self.pulled = pulled
+
+            def shutdown(self, await_msg_callbacks: bool = False) -> Any:
+                self.pulled.set()
+                return super().shutdown(await_msg_callbacks=await_msg_callbacks)
+
         cfg = self.config
         executor = ThreadPoolExecutor(max_workers=cfg.threads,
                                       thread_name_prefix="spotrun-intake")
+        pulled = threading.Event()
         self._future = self._subscriber.subscribe(
-            cfg.subscription_path, self._on_message,
+            cfg.subscription_path, functools.partial(self._on_message, pulled),
             flow_control=pubsub_v1.types.FlowControl(
                 max_messages=cfg.max_messages, max_bytes=cfg.max_bytes,
                 max_duration_per_lease_extension=cfg.lease_extension_seconds),
-            scheduler=ThreadScheduler(executor), await_callbacks_on_shutdown=True)
+            scheduler=Scheduler(executor, pulled), await_callbacks_on_shutdown=True)
 
     def watch(self) -> None:
         """Pull again, 5 s after the stream ended on an error Pub/Sub does not retry itself.
@@ -266,15 +282,25 @@ class PubSubIntake:
 
     # ------------------------------------------------------------- messages
 
-    def _on_message(self, message: Any) -> None:
+    def _nack(self, message: Any, pulled: threading.Event) -> None:
+        """Nack now; once stopping, only after the stream has stopped receiving.
+
+        A message nacked while its stream still receives is delivered to that stream again
+        at once, dropped as the stream closes, and hidden until that delivery's lease runs
+        out (each time one more delivery attempt towards the dead-letter policy)."""
+        if self._stopping.is_set():
+            pulled.wait(max(0.0, self._stop_by - time.monotonic()))
+        message.nack()
+
+    def _on_message(self, pulled: threading.Event, message: Any) -> None:
         msg = Message(message.message_id, bytes(message.data), dict(message.attributes))
         if self._stopping.is_set():
-            message.nack()
+            self._nack(message, pulled)
             return
         try:
             job = submit_request(self.store, msg, self.rules)
         except Rejected as exc:
-            self._reject(message, msg, exc.reason)
+            self._reject(message, msg, exc.reason, pulled)
             return
         except Exception as exc:
             # The database is away, or something else passing: never lose the request.
@@ -283,14 +309,15 @@ class PubSubIntake:
             log.warning("message %s not taken now (%s); nacked, Pub/Sub redelivers it",
                         msg.message_id, _first_line(exc))
             self._stopping.wait(pause)
-            message.nack()
+            self._nack(message, pulled)
             return
         self._backoff.succeeded()
         message.ack()
         self.counts.add("queued")
         log.debug("message %s: job %s", msg.message_id, job.id)
 
-    def _reject(self, message: Any, msg: Message, reason: str) -> None:
+    def _reject(self, message: Any, msg: Message, reason: str, pulled: threading.Event
+                ) -> None:
         log.warning("message %s rejected: %s", msg.message_id, reason)
         key = msg.attributes.get(IDEMPOTENCY_ATTRIBUTE)
         try:
@@ -314,7 +341,7 @@ class PubSubIntake:
             log.warning("message %s: cannot report its rejection (%s); nacked",
                         msg.message_id, _first_line(exc))
             self._stopping.wait(self._backoff.failed())
-            message.nack()
+            self._nack(message, pulled)
             return
         message.ack()
         self.counts.add("rejected")
@@ -322,11 +349,14 @@ class PubSubIntake:
     # ----------------------------------------------------------------- stop
 
     def stop(self, timeout: float) -> bool:
-        """Stop pulling, let the messages in hand finish (or nack them), stop publishing.
+        """Stop pulling, let the messages in hand finish (or nack them once the stream no
+        longer receives, so that Pub/Sub gives them to another subscriber at once), stop
+        publishing.
 
         True if all of it ended inside ``timeout`` seconds.
         """
         give_up = time.monotonic() + timeout
+        self._stop_by = give_up
         self._stopping.set()
         clean = True
         if self._future is not None:
