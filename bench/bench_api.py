@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
 
-from spotrun.chaos.processes import free_port
+from spotrun.chaos.processes import children_of, free_port
 
 _POST_LUA = """
 wrk.method = "POST"
@@ -117,7 +117,7 @@ def main() -> None:
                      ("GET /v1/jobs?limit=50", "get.lua", f"{base}/v1/jobs?limit=50")]
             for r in range(args.rounds):
                 for case, script, target in cases[r % 3:] + cases[:r % 3]:
-                    pids = [server.pid, *_children(server.pid)]
+                    pids = [server.pid, *children_of(server.pid)]
                     cpu0, t0 = sum(map(_cpu_s, pids)), time.monotonic()
                     out = subprocess.run(
                         ["wrk", f"-t{args.threads}", f"-c{args.connections}",
@@ -144,20 +144,6 @@ def main() -> None:
                    s["p99_ms"], s["server_cpu_cores"], s["non_2xx"]] for s in summary])
     run.results = {"rows": rows, "summary": summary}
     run.finish(md)
-
-
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (the server's other processes)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
 
 
 def _up(base: str) -> bool:

@@ -13,19 +13,7 @@ from pathlib import Path
 import httpx
 
 from conftest import wait_until
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
+from spotrun.chaos.processes import children_of
 
 
 def test_the_processes_share_the_port_and_stop_together(pg_url: str,
@@ -54,7 +42,7 @@ def test_the_processes_share_the_port_and_stop_together(pg_url: str,
                    60, "three server processes to start")
         url = next(x.split()[5] for x in lines if x.startswith("spotrun: API and dashboard"))
         assert any("serving in 3 processes" in x for x in lines), lines
-        helpers = _children(proc.pid)
+        helpers = children_of(proc.pid)
         assert len(helpers) == 2, lines
 
         # With the first process stopped, the other two still answer on its port.

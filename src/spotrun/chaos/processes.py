@@ -33,6 +33,20 @@ def free_port() -> int:
         return port
 
 
+def children_of(pid: int) -> list[int]:
+    """The ids of the processes whose parent is ``pid`` (read from ``/proc``)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # it ended meanwhile
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
 def wait_for(cond: Callable[[], Any], timeout: float, what: str,
              interval: float = 0.05) -> Any:
     """Poll ``cond`` until it is truthy and return its value; TimeoutError naming ``what``
