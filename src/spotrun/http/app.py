@@ -55,6 +55,8 @@ def create_app(settings: Settings, *, store: JobStore | None = None,
                                                                minimum=1)),
                      session_seconds=env_float("SPOTRUN_SESSION_SECONDS", 12 * 3600.0,
                                                  minimum=60))
+    the_store.tokens.cache_seconds = env_float("SPOTRUN_TOKEN_CACHE_SECONDS", 2.0,
+                                               minimum=0.0)
     if deliverer is None:
         deliverer = callbacks.CallbackDeliverer(
             the_store, allow_private=ctx.allow_private_callbacks)

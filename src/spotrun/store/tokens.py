@@ -4,10 +4,11 @@ Reached as ``store.tokens``. A token or session id is returned once, when made; 
 SHA-256 is stored.
 
 The API checks a token on every request; :meth:`Tokens.verify` with ``cached=True``
-answers from a short memory of recent good checks (``SPOTRUN_TOKEN_CACHE_SECONDS``,
-default 2 s, 0 for none). A revoke through this store forgets them at once; one made by
-another process (``spotrun token revoke``) takes effect here within that time. An expiry
-is never stretched: a token is remembered only while its own expiry is still ahead.
+answers from a short memory of recent good checks (``cache_seconds``: 2 s, or the
+server's ``SPOTRUN_TOKEN_CACHE_SECONDS``; 0 for none). A revoke through this store
+forgets them at once; one made by another process (``spotrun token revoke``) takes
+effect here within that time. An expiry is never stretched: a token is remembered only
+while its own expiry is still ahead.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import time
 
 import sqlalchemy as sa
 
-from spotrun.config import env_float
 from spotrun.jobs import from_epoch
 from spotrun.schema import api_tokens, web_sessions
 from spotrun.store.core import StoreCore
@@ -34,7 +34,7 @@ class Tokens(MapsDriverErrors):
 
     def __init__(self, store: StoreCore) -> None:
         self._s = store
-        self.cache_seconds = env_float("SPOTRUN_TOKEN_CACHE_SECONDS", 2.0, minimum=0.0)
+        self.cache_seconds = 2.0  # the API sets it from SPOTRUN_TOKEN_CACHE_SECONDS
         # token hash -> (its record, monotonic time until which it may be answered from here)
         self._known: dict[str, tuple[Token, float]] = {}
         self._known_lock = threading.Lock()
