@@ -220,23 +220,10 @@ def _start_server_process(settings: Settings, sock: socket.socket) -> subprocess
 
 
 def _stop_servers(procs: list[subprocess.Popen[bytes]], timeout: float, echo: Echo) -> bool:
-    """SIGTERM the other server processes, wait for them; SIGKILL stragglers."""
-    clean = True
-    for proc in procs:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-    give_up = time.monotonic() + timeout
-    for proc in procs:
-        try:
-            clean = proc.wait(max(0.1, give_up - time.monotonic())) == 0 and clean
-        except subprocess.TimeoutExpired:
-            echo(f"spotrun: server process {proc.pid} did not stop in {timeout:g} s: "
-                 "killing it", err=True)
-            proc.kill()
-            proc.wait(5)
-            clean = False
-    return clean
+    """SIGTERM the other server processes, wait for them; SIGKILL stragglers. True if
+    all exited 0."""
+    return _stop_children([(f"server process {p.pid}", p) for p in procs], signal.SIGTERM,
+                          timeout, echo, need_zero=True)
 
 
 def up(settings: Settings, *, workers: int, host: str, port: int, echo: Echo) -> int:
@@ -381,19 +368,28 @@ def _die_with_parent() -> None:
 
 def _stop_workers(procs: list[tuple[str, subprocess.Popen[bytes]]], timeout: float,
                   echo: Echo) -> bool:
-    """SIGINT each live worker, wait for them; SIGKILL stragglers. True if all exited 0."""
+    """SIGINT each live worker, wait for them; SIGKILL stragglers. True if none had to be
+    killed."""
+    return _stop_children([(f"worker {n}", p) for n, p in procs], signal.SIGINT, timeout,
+                          echo, need_zero=False)
+
+
+def _stop_children(procs: list[tuple[str, subprocess.Popen[bytes]]], sig: int,
+                   timeout: float, echo: Echo, *, need_zero: bool) -> bool:
+    """Send ``sig`` to each live child, wait for them; SIGKILL stragglers. True if none had
+    to be killed (and, with ``need_zero``, each exited 0)."""
     clean = True
-    for _name, proc in procs:
+    for _what, proc in procs:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(sig)
     give_up = time.monotonic() + timeout
-    for name, proc in procs:
+    for what, proc in procs:
         try:
-            proc.wait(max(0.1, give_up - time.monotonic()))
+            code = proc.wait(max(0.1, give_up - time.monotonic()))
+            clean = clean and (code == 0 or not need_zero)
         except subprocess.TimeoutExpired:
-            echo(f"spotrun: worker {name} did not stop in {timeout:g} s: killing it",
-                 err=True)
+            echo(f"spotrun: {what} did not stop in {timeout:g} s: killing it", err=True)
             proc.kill()
             proc.wait(5)
             clean = False
