@@ -49,3 +49,24 @@ def test_many_processes_migrating_postgres_at_once(pg_url: str) -> None:
         conn.execute(sa.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
     engine.dispose()
     _open_from_six_processes_at_once(pg_url)
+
+
+def test_a_running_store_keeps_working_when_a_newer_release_adds_a_column(
+        pg_url: str) -> None:
+    # The hot path's statements are prepared on their connections, and some answer
+    # jobs.*: a column that a newer release's migration adds under a running worker (a
+    # rolling upgrade) changes their answer's shape, which PostgreSQL refuses for a
+    # prepared statement until it is prepared again.
+    store = JobStore.open(pg_url, pool_size=1)
+    try:
+        first = store.submit("sleep", {"seconds": 0})
+        assert store.get(first.id).id == first.id
+        engine = sa.create_engine(normalize_url(pg_url))
+        with engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN added_later integer"))
+        engine.dispose()
+        second = store.submit("sleep", {"seconds": 1})
+        assert store.get(second.id).params == {"seconds": 1}
+        assert [j.id for j in store.list_jobs()] == [second.id, first.id]
+    finally:
+        store.close()

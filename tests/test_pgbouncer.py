@@ -167,3 +167,32 @@ def test_workers_hand_a_job_back_and_finish_it_through_the_pooler(
             assert "Traceback" not in p.log(), p.log()
     finally:
         st.close()
+
+
+def test_a_pooler_the_url_does_not_declare_is_named_in_one_line(
+        direct_url: str, pgbouncer_port: int) -> None:
+    # Directly connected, the hot path prepares its statements on the connection; through
+    # a transaction pooler the next execute may reach another server session, where the
+    # statement is unknown. The user learns which setting they missed, and nothing is
+    # half-written.
+    undeclared = through_pgbouncer(direct_url, pgbouncer_port).split("?", 1)[0]
+    store = JobStore.open(undeclared, pool_size=1)
+    holder = psycopg.connect(undeclared)
+    try:
+        store.submit("sleep", {"seconds": 0})  # prepared on the server session it got
+        # Another client holds that session (the pooler hands out the one freed last),
+        # so the store's next statement goes to a session that never saw it prepared.
+        holder.execute("SELECT 1")
+        with pytest.raises(StoreError) as raised:
+            store.submit("sleep", {"seconds": 1})
+        message = str(raised.value)
+        assert "spotrun_pooler=transaction" in message and "\n" not in message
+        holder.rollback()
+        direct = JobStore.open(direct_url)
+        try:
+            assert [j.params for j in direct.list_jobs()] == [{"seconds": 0}]
+        finally:
+            direct.close()
+    finally:
+        holder.close()
+        store.close()

@@ -462,6 +462,30 @@ def test_a_dropped_connection_surfaces_as_a_database_error(store: JobStore) -> N
     assert store.get(job.id).state is JobState.SUCCEEDED
 
 
+def test_a_connection_that_died_while_idle_is_replaced_before_its_next_use(
+        store: JobStore) -> None:
+    """A producer's store (the default ``pre_ping``) pings a connection that sat in the
+    pool past a second, and uses a fresh one when the ping fails: its caller never sees
+    a restart that happened while it was idle."""
+    if not store.is_postgres:
+        pytest.skip("terminating a server connection is a PostgreSQL test")
+    producer = JobStore.open(store.engine.url.render_as_string(hide_password=False))
+    try:
+        producer.submit("sleep", {"seconds": 0})
+        if "spotrun_pooler" in store.engine.url.query:
+            pgbouncer.drop_clients(store.engine.url.port or 0, store.engine.url.database or "")
+        else:
+            with store.engine.connect() as conn:
+                conn.execute(sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+        time.sleep(1.2)  # past PING_AFTER_IDLE_SECONDS
+        again = producer.submit("sleep", {"seconds": 1})
+        assert producer.get(again.id).params == {"seconds": 1}
+    finally:
+        producer.close()
+
+
 def test_a_result_can_claim_the_workers_next_job_in_the_same_write(store: JobStore) -> None:
     from spotrun.store import ClaimRequest
 

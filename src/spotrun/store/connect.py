@@ -9,8 +9,9 @@ Behind a transaction pooler (PgBouncer's ``pool_mode = transaction``, which Clou
 RDS users run; say so with ``?spotrun_pooler=transaction`` on the URL or
 ``SPOTRUN_DATABASE_POOLER=transaction``) a session's settings would stay on whichever
 server connection ran them: the bounds are then set in each transaction instead
-(:func:`pg_bounds`), no statement is prepared on the server, and LISTEN needs a direct
-URL (``SPOTRUN_LISTEN_URL``) or the idle worker polls.
+(:func:`pg_bounds`), no statement is prepared on the server (directly connected the hot
+path's are), and LISTEN needs a direct URL (``SPOTRUN_LISTEN_URL``) or the idle worker
+polls.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,7 +96,8 @@ def _create_private(path: Path) -> None:
 
 def create_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True,
                   statement_timeout: float | None = None) -> Engine:
-    """An engine tuned for the queue: WAL and a busy timeout on SQLite, pre-ping on PG.
+    """An engine tuned for the queue: WAL and a busy timeout on SQLite; on PostgreSQL a
+    ping of connections that sat idle (``pre_ping``, see :func:`_ping_when_idle`).
 
     On PostgreSQL every connection has a connect timeout and TCP keepalives, and with
     ``statement_timeout`` (seconds) a bound on each statement and each lock wait.
@@ -200,15 +203,23 @@ def listen_url() -> str | None:
     return os.environ.get(LISTEN_URL_ENV) or None
 
 
+# psycopg's threshold for preparing a statement by itself, set out of reach: directly
+# connected, only the hot path's statements are prepared, at their first use
+# (PostgresStore._pg_one asks for it), because planning them was most of the server's
+# work (the submit's statement: 1.6 ms a call unprepared, 0.65 ms prepared). Behind a
+# transaction pooler nothing is prepared (None): the pooler may send the next execute
+# to another server connection (PgBouncer 1.18 does not track them).
+PREPARE_ONLY_WHEN_ASKED = 2**31 - 1
+
+
 def _pg_engine(u: sa.URL, *, pool_size: int, pre_ping: bool,
                statement_timeout: float | None) -> Engine:
     pooled = _pooler(u)
     try:
         engine = sa.create_engine(
-            u, pool_pre_ping=pre_ping, pool_size=pool_size, max_overflow=10,
-            # No statement prepared on the server: a pooler may send the next execute
-            # to another server connection (PgBouncer 1.18 does not track them).
-            connect_args={"connect_timeout": PG_CONNECT_TIMEOUT, "prepare_threshold": None,
+            u, pool_size=pool_size, max_overflow=10,
+            connect_args={"connect_timeout": PG_CONNECT_TIMEOUT,
+                          "prepare_threshold": None if pooled else PREPARE_ONLY_WHEN_ASKED,
                           **PG_KEEPALIVES},
         )
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError):
@@ -220,6 +231,9 @@ def _pg_engine(u: sa.URL, *, pool_size: int, pre_ping: bool,
     def _strip_option(_dialect: Any, _record: Any, _cargs: Any,
                       cparams: dict[str, Any]) -> None:
         cparams.pop(POOLER_OPTION, None)  # spotrun's, not libpq's
+
+    if pre_ping:
+        _ping_when_idle(engine)
 
     if pooled:
         @sa_event.listens_for(engine, "begin")
@@ -242,6 +256,39 @@ def _pg_engine(u: sa.URL, *, pool_size: int, pre_ping: bool,
         dbapi_conn.autocommit = autocommit
 
     return engine
+
+
+# A connection back in the pool for less than this is handed out again unpinged.
+PING_AFTER_IDLE_SECONDS = 1.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Ping a connection on checkout when it has sat in the pool a while.
+
+    SQLAlchemy's ``pool_pre_ping`` pings on every checkout: a round trip per call, which
+    was 45 % of a producer's loop of submits. A connection that died (a restart, a
+    failover) has almost always sat idle first; one that dies within the second after its
+    last use fails its next statement, and the store's retriers and callers see that as
+    any other outage.
+    """
+    import psycopg
+
+    @sa_event.listens_for(engine, "connect")
+    @sa_event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_conn: Any, record: Any) -> None:
+        record.info["spotrun_back_at"] = time.monotonic()
+
+    @sa_event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        back_at = record.info.get("spotrun_back_at")
+        if back_at is not None and time.monotonic() - back_at < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except psycopg.Error:
+            # The pool drops this connection and checks out another (SQLAlchemy's
+            # protocol for a checkout listener).
+            raise sa.exc.DisconnectionError() from None
 
 
 def _checkout(engine: Engine) -> Any:

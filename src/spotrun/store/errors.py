@@ -86,8 +86,20 @@ def is_transient(exc: BaseException) -> bool:
         isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated)
 
 
+# A prepared statement missing or already there: the connection's statements went to
+# another server session, which only a transaction pooler does.
+_POOLER_SQLSTATES = ("26000", "42P05")
+_UNDECLARED_POOLER = (
+    "the database lost this connection's prepared statements between two statements, as "
+    "a transaction pooler (PgBouncer's pool_mode = transaction) does: add "
+    "?spotrun_pooler=transaction to the database URL or set "
+    "SPOTRUN_DATABASE_POOLER=transaction")
+
+
 def translate(exc: sa.exc.SQLAlchemyError) -> DatabaseError:
     """The store's error for a driver error."""
+    if getattr(getattr(exc, "orig", None), "sqlstate", None) in _POOLER_SQLSTATES:
+        return DatabaseError(_UNDECLARED_POOLER)
     if isinstance(exc, sa.exc.IntegrityError):
         return Conflict(first_line(exc))
     if is_transient(exc):

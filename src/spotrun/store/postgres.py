@@ -599,6 +599,10 @@ class PostgresStore(JobStore):
         a job); the pool's connection, not one of its own, keeps a worker at two
         connections. Driver errors are raised as SQLAlchemy's, as the rest of the store's
         code raises them (the store's edge maps them to its own errors).
+
+        Directly connected, the statement is prepared on the connection at its first use
+        (see ``PREPARE_ONLY_WHEN_ASKED``); one whose answer's columns changed under it (a
+        newer release's migration added a column to ``jobs.*``) is prepared again, once.
         """
         import psycopg
 
@@ -610,7 +614,16 @@ class PostgresStore(JobStore):
                     # only: the statement gets one of its own that sets them first.
                     pg.execute("BEGIN; " + bounds.set_local_sql())
                 with pg.cursor() as cur:
-                    cur.execute(sql, params)
+                    try:
+                        cur.execute(sql, params, prepare=True)
+                    except psycopg.errors.FeatureNotSupported as exc:
+                        if "cached plan" not in str(exc) or bounds.pooled:
+                            raise
+                        # The failed statement did nothing; DEALLOCATE ALL also empties
+                        # psycopg's own cache of the connection's prepared statements.
+                        pg.execute("DEALLOCATE ALL")
+                        self._hot_columns.pop(sql, None)
+                        cur.execute(sql, params, prepare=True)
                     row = cur.fetchone()
                     # Column names decoded once per statement, not once per row.
                     names = self._hot_columns.get(sql)
