@@ -291,27 +291,12 @@ def pg_available() -> bool:
 # ------------------------------------------------------------ spotrun helpers
 
 def bulk_submit(store: Any, n: int, pipeline: str, params: dict[str, Any]) -> float:
-    """Queue ``n`` jobs in ONE transaction (rows exactly as JobStore.submit writes them:
-    the job and its 'submitted' event, then the wake-ups), so that idle workers see them
-    all at once. Returns the wall-clock time the commit returned."""
-    from spotrun.jobs import EventKind, JobState
-    from spotrun.schema import events, jobs
-    from spotrun.store import dumps, new_id
+    """Queue ``n`` jobs in ONE transaction (``JobStore.submit_many``: the jobs, their
+    'submitted' events and the idle workers' wake-ups), so that idle workers see them all
+    at once. Returns the wall-clock time the commit returned."""
+    from spotrun.store import NewJob
 
-    ids = [new_id() for _ in range(n)]
-    now = store.now()
-    body = dumps(params)
-    with store._tx() as conn:
-        conn.execute(jobs.insert(), [
-            {"id": i, "pipeline": pipeline, "params": body, "state": JobState.QUEUED.value,
-             "priority": 0, "max_retries": 4, "on_preempt": "resume", "requires_cuda": False,
-             "created_at": now, "updated_at": now} for i in ids])
-        conn.execute(events.insert(), [
-            {"job_id": i, "at": now, "kind": EventKind.SUBMITTED.value, "worker": None,
-             "attempt": 0, "message": "queued"} for i in ids])
-        store._notify(conn, ids[0])
-        if hasattr(store, "_wake_idle"):  # a store that wakes only the idle workers needed
-            store._wake_idle(conn, jobs=n)
+    store.submit_many([NewJob(pipeline, params) for _ in range(n)])
     return time.time()
 
 
