@@ -434,6 +434,18 @@ def test_result_keeps_the_last_progress_and_log_lines_in_order(store: JobStore) 
     assert store.get(job.id).error is None
 
 
+def _drop_other_connections(store: JobStore) -> None:
+    """End every other session of the store's database, as a restart would."""
+    if "spotrun_pooler" in store.engine.url.query:
+        # A pooler hides its server connections' loss: its own client ones are lost.
+        pgbouncer.drop_clients(store.engine.url.port or 0, store.engine.url.database or "")
+        return
+    with store.engine.connect() as conn:
+        conn.execute(sa.text(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+
+
 def test_a_dropped_connection_surfaces_as_a_database_error(store: JobStore) -> None:
     """The worker retries what the store calls DatabaseUnavailable; the hot path too."""
     if not store.is_postgres:
@@ -446,14 +458,7 @@ def test_a_dropped_connection_surfaces_as_a_database_error(store: JobStore) -> N
         # holds (a submit takes a hot-path connection too, which would be a second one).
         job = store.submit("sleep", {"seconds": 0})
         lease, _ = _claim(worker_store, _worker(worker_store))
-        if "spotrun_pooler" in store.engine.url.query:
-            # A pooler hides its server connections' loss: its own client ones are lost.
-            pgbouncer.drop_clients(store.engine.url.port or 0, store.engine.url.database or "")
-        else:
-            with store.engine.connect() as conn:
-                conn.execute(sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+        _drop_other_connections(store)
         with pytest.raises(DatabaseUnavailable):
             worker_store.complete(lease, {"ok": True})
         worker_store.complete(lease, {"ok": True})  # the broken connection left the pool
@@ -472,13 +477,7 @@ def test_a_connection_that_died_while_idle_is_replaced_before_its_next_use(
     producer = JobStore.open(store.engine.url.render_as_string(hide_password=False))
     try:
         producer.submit("sleep", {"seconds": 0})
-        if "spotrun_pooler" in store.engine.url.query:
-            pgbouncer.drop_clients(store.engine.url.port or 0, store.engine.url.database or "")
-        else:
-            with store.engine.connect() as conn:
-                conn.execute(sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+        _drop_other_connections(store)
         time.sleep(1.2)  # past PING_AFTER_IDLE_SECONDS
         again = producer.submit("sleep", {"seconds": 1})
         assert producer.get(again.id).params == {"seconds": 1}
