@@ -168,8 +168,6 @@ def main() -> None:
     run.finish(md)
 
 
-HEARTBEAT_SECONDS = 2.5  # the worker's default
-
 # The learners' side: one connection per stream, the events' delays from the jobs'
 # updated_at (the same host clock). Reads streams.json, prints one JSON line at the end.
 _SSE_CLIENT = r"""
@@ -241,15 +239,17 @@ def _sse_case(store: Any, learners: list[tuple[str, str, Any]], port: int, serve
               seconds: float, tmp: Path) -> dict[str, Any]:
     import threading
 
+    from spotrun.config import Settings
     from spotrun.jobs import Progress
     from spotrun.store import Beat
 
     stop = threading.Event()
     worker_id = learners[0][2].worker_id
+    every = Settings.heartbeat_seconds  # the worker's default beat
 
     def beat() -> None:
         step = 0
-        while not stop.wait(HEARTBEAT_SECONDS):
+        while not stop.wait(every):
             step += 1
             store.beat(worker_id, [Beat(lease, Progress(step, 10_000, {"loss": 1 / step}))
                                    for _, _, lease in learners], 60)

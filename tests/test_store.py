@@ -19,6 +19,7 @@ from spotrun.store import (
     Lease,
     LeaseLost,
 )
+from spotrun.store.connect import PING_AFTER_IDLE_SECONDS
 from spotrun.store.leases import SWEEP_BATCH
 
 # The store suite runs through PgBouncer in transaction mode too (see conftest.py).
@@ -478,7 +479,7 @@ def test_a_connection_that_died_while_idle_is_replaced_before_its_next_use(
     try:
         producer.submit("sleep", {"seconds": 0})
         _drop_other_connections(store)
-        time.sleep(1.2)  # past PING_AFTER_IDLE_SECONDS
+        time.sleep(PING_AFTER_IDLE_SECONDS + 0.2)
         again = producer.submit("sleep", {"seconds": 1})
         assert producer.get(again.id).params == {"seconds": 1}
     finally:

@@ -617,7 +617,7 @@ class PostgresStore(JobStore):
                     try:
                         cur.execute(sql, params, prepare=True)
                     except psycopg.errors.FeatureNotSupported as exc:
-                        if "cached plan" not in str(exc) or bounds.pooled:
+                        if "cached plan" not in str(exc):  # (never prepared if pooled)
                             raise
                         # The failed statement did nothing; DEALLOCATE ALL also empties
                         # psycopg's own cache of the connection's prepared statements.
