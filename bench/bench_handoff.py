@@ -11,8 +11,9 @@ is stepping again; a fresh idle worker is started for the next round.
   (written and fsynced, then its pointer committed), the hand-back and the process exit.
 * hand-back-to-resume: from the job's 'preempted' event to its next 'resumed' event
   (database clock): how long the job sits in the queue with an idle worker waiting.
-  Also: 'preempted' to the moment this script saw the job's progress move again (the
-  resumed worker has loaded the checkpoint and is stepping), polled every 20 ms.
+  Also: exit to stepping again, from the old worker's exit to the resuming worker's log
+  line for the job's first step after loading (and verifying) the checkpoint. (The store
+  shows that step only at the next heartbeat, up to 2.5 s later at the defaults.)
 * checkpoint write throughput: ``CheckpointStore.save`` of a 1 GB state to the local
   checkpoint directory, against the raw sequential write speed of the same disk in the
   same run (Python 8 MiB writes + fsync, and ``dd bs=8M conv=fsync``); plus the
@@ -131,6 +132,7 @@ def preempt_series(name: str, n: int, args: argparse.Namespace,
     rng = random.Random(1)
     exits: list[float] = []
     moving_again: list[float] = []
+    claim_to_step: list[float] = []
     k = 0
 
     def start(children: Children) -> tuple[str, Any]:
@@ -140,8 +142,14 @@ def preempt_series(name: str, n: int, args: argparse.Namespace,
         argv = [*spotrun_argv(url), "worker", "--name", wname]
         if pipeline != "digits-train":
             argv.append("--no-preload")
-        return wname, children.start(argv, env=env,
-                                     log=RESULTS / "logs" / f"handoff-{wname}.log")
+        return wname, children.start(argv, env=env, log=_log(wname))
+
+    def _log(wname: str) -> Path:
+        return RESULTS / "logs" / f"handoff-{wname}.log"
+
+    def resumed_by(job_id: str, old: str | None) -> bool:
+        j = store.get(job_id, with_events=False)
+        return j.state.value == "running" and j.worker not in (None, old)
 
     def stepping(job_id: str, after_step: int) -> bool:
         j = store.get(job_id, with_events=False)
@@ -171,21 +179,27 @@ def preempt_series(name: str, n: int, args: argparse.Namespace,
                 rss0 = _status_kb(proc.pid, "VmRSS")
                 _reset_peak(proc.pid)
                 peak = _PeakWatch(proc.pid)
-                t0 = time.monotonic()
+                t0, t_kill = time.monotonic(), time.time()
                 os.kill(proc.pid, signal.SIGTERM)
-                proc.wait(120)
+                # No timeout: Popen.wait(timeout) polls with sleeps of up to 50 ms, which
+                # would be in the figure. The worker exits at the notice's deadline anyway.
+                proc.wait()
                 exits.append(time.monotonic() - t0)
+                t_exit = time.time()
                 hwm = peak.stop()
                 if rss0 is not None and hwm is not None:
                     extra_mb.append(max(0, hwm - rss0) / 1024)
-                t_exit = time.time()
                 # The job is now queued or already claimed by the spare; note when it
                 # steps again.
-                j2 = store.get(job.id, with_events=False)
-                ck_step = j2.checkpoint_step or 0
-                wait_until(lambda s=ck_step: stepping(job.id, s), 300, "the job to resume",
-                           interval=0.02)
-                moving_again.append(time.time() - t_exit)
+                wait_until(lambda old=j.worker: resumed_by(job.id, old), 300,
+                           "the job to be claimed again", interval=0.005)
+                by = store.get(job.id, with_events=False).worker
+                assert by is not None
+                at, since_claim = wait_until(
+                    lambda w=by, t=t_kill: _stepping_again_at(_log(w), job.id, t), 300,
+                    "the job to step again", interval=0.02)
+                moving_again.append(at - t_exit)
+                claim_to_step.append(since_claim)
                 print(f"    {name} #{i + 1}: exit {exits[-1]:.3f} s", flush=True)
                 procs.update(dict([start(children)]))
             final = store.get(job.id)
@@ -212,6 +226,11 @@ def preempt_series(name: str, n: int, args: argparse.Namespace,
         "resume_p99_s": pct(handoffs, 99),
         "exit_to_stepping_s": moving_again,
         "exit_to_stepping_p50_s": pct(moving_again, 50),
+        "exit_to_stepping_p99_s": pct(moving_again, 99),
+        # The resuming worker's own count, from its claim to the first step after loading.
+        "claim_to_step_s": claim_to_step,
+        "claim_to_step_p50_s": pct(claim_to_step, 50),
+        "claim_to_step_p99_s": pct(claim_to_step, 99),
         # The worker's peak resident memory from just before the notice to its exit,
         # above its resident memory then (which holds the state): what the checkpoint
         # and the hand-back add. As a multiple of the state: (state + added) / state.
@@ -222,6 +241,28 @@ def preempt_series(name: str, n: int, args: argparse.Namespace,
         "notice_checkpoint_s": ck_secs,
         "notice_checkpoint_MBps_p50": (state_mb / pct(ck_secs, 50)) if ck_secs else None,
     }
+
+
+_STEPPING = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO spotrun\.worker: "
+                       r"job (\S+): stepping again from step \d+, ([\d.]+) s after its claim")
+
+
+def _stepping_again_at(log: Path, job_id: str, after: float) -> tuple[float, float] | None:
+    """(wall time, seconds since its claim) of the worker's 'stepping again' line for
+    ``job_id`` (its first step after loading the checkpoint) logged after ``after``, or
+    None while there is none."""
+    try:
+        text = log.read_text()
+    except FileNotFoundError:
+        return None
+    for line in text.splitlines():
+        m = _STEPPING.match(line)
+        if m and m.group(3) == job_id:
+            at = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + \
+                int(m.group(2)) / 1000
+            if at >= after - 0.002:  # (the log's clock has millisecond steps)
+                return at, float(m.group(4))
+    return None
 
 
 def _status_kb(pid: int, field: str) -> int | None:
@@ -307,11 +348,13 @@ def main() -> None:
     run.results = {"disk": disk, "series": series}
     md1 = table(["workload", "preemptions", "notice → exit p50 s", "p99 s", "max s",
                  "preempted → resumed p50 s", "p99 s", "exit → stepping again p50 s",
+                 "p99 s", "claim → first step p50 s", "p99 s",
                  "notice checkpoint MB/s (p50)", "memory added at the notice, max MB",
                  "peak ÷ state"],
                 [[s["workload"], s["preemptions"], s["exit_p50_s"], s["exit_p99_s"],
                   s["exit_max_s"], s["resume_p50_s"], s["resume_p99_s"],
-                  s["exit_to_stepping_p50_s"],
+                  s["exit_to_stepping_p50_s"], s["exit_to_stepping_p99_s"],
+                  s["claim_to_step_p50_s"], s["claim_to_step_p99_s"],
                   s["notice_checkpoint_MBps_p50"] if s["notice_checkpoint_MBps_p50"]
                   else float("nan"),
                   s["notice_extra_memory_mb_max"] if s["notice_extra_memory_mb_max"]
@@ -324,7 +367,7 @@ def main() -> None:
                  "÷ raw (python+fsync)", "÷ raw (dd conv=fsync)"],
                 [["python 8 MiB writes + fsync", py, 1.0, py / dd],
                  ["dd bs=8M conv=fsync", dd, dd / py, 1.0],
-                 ["CheckpointStore.save (sha256 + write + fsync + manifest)", ck, ck / py,
+                 ["CheckpointStore.save (blake3 + write + fsync + manifest)", ck, ck / py,
                   ck / dd]])
     run.finish(md1 + "\n\n" + md2)
 

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import blake3
 import pytest
 
 from spotrun.checkpoints import MANIFEST, CheckpointCorrupt, CheckpointStore, _write_direct
@@ -55,17 +56,17 @@ def test_a_large_state_written_past_the_page_cache_reads_back_whole(
     on_disk = tmp_path / saved.path / "state.bin"
     assert on_disk.stat().st_size == size
     listing = json.loads((tmp_path / saved.path / MANIFEST).read_text())["files"]
-    assert listing["state.bin"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert listing["state.bin"]["blake3"] == blake3.blake3(data).hexdigest()
     assert store.load(saved.path).files["state.bin"] == data
     with open(on_disk, "r+b") as fh:  # and damage is still found
         fh.seek(size - 1)
         fh.write(b"!")
-    with pytest.raises(CheckpointCorrupt, match="sha256"):
+    with pytest.raises(CheckpointCorrupt, match="blake3"):
         store.load(saved.path)
 
 
 @pytest.mark.parametrize("damage, reason", [
-    ("flip", "sha256"),
+    ("flip", "blake3 check"),
     ("truncate", "truncated"),
     ("no-manifest", "manifest is missing"),
     ("bad-manifest", "not valid JSON"),
@@ -90,6 +91,52 @@ def test_damage_is_detected_not_loaded(tmp_path: Path, damage: str, reason: str)
         data.unlink()
     with pytest.raises(CheckpointCorrupt, match=reason):
         store.load(saved.path)
+
+
+def _record_sha256_instead(directory: Path) -> None:
+    """Rewrite a manifest as spotrun wrote it before BLAKE3: a sha256 for every file."""
+    manifest = json.loads((directory / MANIFEST).read_text())
+    for name, info in manifest["files"].items():
+        del info["blake3"]
+        info["sha256"] = hashlib.sha256((directory / name).read_bytes()).hexdigest()
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_checkpoint_an_earlier_release_wrote_with_sha256_still_loads(
+        tmp_path: Path) -> None:
+    # Workers of a fleet being upgraded resume the checkpoints of the release before.
+    store = CheckpointStore(str(tmp_path))
+    state = bytes(range(256)) * 4096
+    saved = store.save("job1", 1, 10, {"t.bin": state, "state.json": b"{}"})
+    _record_sha256_instead(tmp_path / saved.path)
+    assert store.load(saved.path).files["t.bin"] == state
+    raw = bytearray(state)
+    raw[5] ^= 1
+    (tmp_path / saved.path / "t.bin").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointCorrupt, match=r"t\.bin fails its sha256 check"):
+        store.load(saved.path)
+
+
+def test_a_directory_checkpoint_with_sha256_restores_and_a_file_without_a_digest_is_refused(
+        tmp_path: Path) -> None:
+    source, store = tmp_path / "work", CheckpointStore(str(tmp_path / "store"))
+    (source / "sub").mkdir(parents=True)
+    (source / "sub" / "model.txt").write_text("weights")
+    saved = store.save_dir("job1", 1, 3, source)
+    directory = tmp_path / "store" / saved.path
+    _record_sha256_instead(directory)
+    dest = tmp_path / "restored"
+    dest.mkdir()
+    store.restore_dir(saved.path, dest)
+    assert (dest / "sub" / "model.txt").read_text() == "weights"
+    manifest = json.loads((directory / MANIFEST).read_text())
+    del manifest["files"]["files/sub/model.txt"]["sha256"]
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+    again = tmp_path / "again"
+    again.mkdir()
+    with pytest.raises(CheckpointCorrupt, match=r"no checksum for file files/sub/model\.txt"):
+        store.restore_dir(saved.path, again)
+    assert list(again.iterdir()) == []
 
 
 def test_delete_and_delete_job(tmp_path: Path) -> None:

@@ -168,7 +168,7 @@ def test_a_directory_checkpoint_comes_back_byte_for_byte_or_not_at_all(
     fs.pipe_file(f"{base}/files/weights.bin", bytes(data))
     bad = tmp_path / "bad"
     bad.mkdir()
-    with pytest.raises(CheckpointCorrupt, match="fails its sha256 check"):
+    with pytest.raises(CheckpointCorrupt, match="fails its blake3 check"):
         ckpt_store.restore_dir(again.path, bad)
     assert list(bad.iterdir()) == []
     fs.pipe_file(f"{base}/files/weights.bin", bytes(data[:100]))
@@ -450,7 +450,7 @@ def test_a_corrupt_directory_checkpoint_is_refused_and_the_previous_one_restored
     assert job.state is JobState.SUCCEEDED, describe(st, job_id)
     assert job.result == {"restored": "weights at step 2"}
     assert any(m.startswith("checkpoint at step 3 is unusable: file files/model.txt fails "
-                            "its sha256 check") and "previous checkpoint at step 2" in m
+                            "its blake3 check") and "previous checkpoint at step 2" in m
                for m in messages(job)), messages(job)
 
 

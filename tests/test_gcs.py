@@ -109,7 +109,7 @@ def test_the_emulator_is_used_anonymously(gcs: GCSServer, gcs_env: dict[str, str
 
 
 @pytest.mark.parametrize("damage, reason", [
-    ("flip", "fails its sha256 check"),
+    ("flip", "fails its blake3 check"),
     ("truncate", "(truncated?)"),
     ("no-manifest", "manifest is missing"),
     ("bad-manifest", "not valid JSON"),

@@ -98,7 +98,7 @@ def test_round_trip_model_delete_and_probe(s3: S3Server, bucket: str,
 
 
 @pytest.mark.parametrize("damage, reason", [
-    ("flip", "fails its sha256 check"),
+    ("flip", "fails its blake3 check"),
     ("truncate", "(truncated?)"),
     ("no-manifest", "manifest is missing"),
     ("bad-manifest", "not valid JSON"),

@@ -280,7 +280,7 @@ def _damage(path: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize("how, why", [
-    ("flip", "fails its sha256 check"),
+    ("flip", "fails its blake3 check"),
     ("truncate", "(truncated?)"),
     ("no-manifest", "manifest is missing"),
 ])

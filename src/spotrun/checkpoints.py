@@ -12,7 +12,8 @@ files are streamed from and to a local directory, never held in memory, and each
 gets a path of its own, so a commit never writes over the one the job points to.
 
 A checkpoint exists for readers only once its manifest is written. The manifest lists every
-file's size and sha256; a load verifies both, so a truncated, corrupt or half-written
+file's size and BLAKE3 digest (``sha256`` in manifests written before spotrun used BLAKE3,
+which are still read); a load verifies both, so a truncated, corrupt or half-written
 checkpoint is reported, never loaded. Paths carry the job and the attempt, so files a zombie
 worker leaves behind can never be taken for the lease holder's: a job's model is the one of
 the attempt whose result the store accepted (a fenced write), never the last one written.
@@ -45,6 +46,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import blake3
+
 log = logging.getLogger("spotrun.checkpoints")
 
 MANIFEST = "MANIFEST.json"
@@ -57,6 +60,11 @@ _CHUNK = 8 << 20
 _DIRECT_MIN = 64 << 20
 _DIRECT_ALIGN = 4096  # what O_DIRECT asks of offsets and lengths on common file systems
 _FILE_THREADS = 4  # files of a directory checkpoint copied at once
+# The digest new manifests record. BLAKE3 hashes at ~6 GB/s on one core against sha256's
+# ~1.4 GB/s (with SHA-NI): hashed beside a 1.7 GB/s direct write, sha256 was what a
+# notice's large checkpoint waited on. Manifests that name "sha256" are still verified.
+DIGEST = "blake3"
+_DIGESTS = ("blake3", "sha256")
 # Object stores: no directories to make (making one can create the bucket), no rename.
 _OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs"})
 INPUTS = "inputs/"
@@ -177,7 +185,7 @@ class CheckpointStore:
         listing: dict[str, dict[str, Any]] = {}
         total = 0
         for name, data in files.items():
-            listing[name] = {"size": len(data), "sha256": self._write_file(
+            listing[name] = {"size": len(data), DIGEST: self._write_file(
                 f"{directory}/{name}", data)}
             total += len(data)
         manifest = {
@@ -194,7 +202,7 @@ class CheckpointStore:
         return Saved(rel, step, total, time.perf_counter() - start)
 
     def _write_file(self, path: str, data: bytes) -> str:
-        digest = hashlib.sha256()
+        digest = _new_digest(DIGEST)
         view = memoryview(data)
         # Hash on another thread while writing: both release the GIL, so a large checkpoint
         # costs the slower of the two instead of their sum.
@@ -222,7 +230,7 @@ class CheckpointStore:
         finally:
             if hasher is not None:
                 hasher.join()
-        return digest.hexdigest()
+        return str(digest.hexdigest())
 
     # ------------------------------------------------- directory checkpoints
 
@@ -246,7 +254,7 @@ class CheckpointStore:
         with ThreadPoolExecutor(_FILE_THREADS, "spotrun-checkpoint") as pool:
             done = list(pool.map(
                 lambda f: self._put_file(f[1], f"{directory}/{f[0]}", link=final), files))
-        listing = {name: {"size": size, "sha256": digest}
+        listing = {name: {"size": size, DIGEST: digest}
                    for (name, _path), (size, digest) in zip(files, done, strict=True)}
         total = sum(size for size, _digest in done)
         manifest = {"format": FORMAT_VERSION, "job": job_id, "attempt": attempt,
@@ -260,7 +268,7 @@ class CheckpointStore:
 
     def restore_dir(self, rel: str, dest: str | os.PathLike[str]) -> Loaded:
         """Write the files of the directory checkpoint ``rel`` into the empty local
-        directory ``dest``, verifying each file's size and sha256 as it streams.
+        directory ``dest``, verifying each file's size and digest as it streams.
 
         Raises :class:`CheckpointCorrupt` (``dest`` emptied again) if any file fails; the
         returned :class:`Loaded` has no files in memory, only the step and the meta.
@@ -292,8 +300,8 @@ class CheckpointStore:
         return Loaded(rel, step, {}, dict(manifest.get("meta") or {}))
 
     def _put_file(self, src: str, dst: str, *, link: bool = False) -> tuple[int, str]:
-        """Copy a local file to ``dst`` in the store: (bytes, sha256 of those bytes)."""
-        digest = hashlib.sha256()
+        """Copy a local file to ``dst`` in the store: (bytes, digest of those bytes)."""
+        digest = _new_digest(DIGEST)
         size = 0
         if self.local:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
@@ -325,7 +333,8 @@ class CheckpointStore:
 
     def _get_file(self, src: str, dst: str, name: str, info: Mapping[str, Any]) -> None:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        digest = hashlib.sha256()
+        algo = _digest_of(name, info)
+        digest = _new_digest(algo)
         try:
             if self.local:
                 with open(src, "rb") as fin, open(dst, "wb") as fout:
@@ -349,8 +358,8 @@ class CheckpointStore:
         if size != info.get("size"):
             raise CheckpointCorrupt(f"file {name} has {size} bytes, the manifest says "
                                     f"{info.get('size')} (truncated?)")
-        if digest.hexdigest() != info.get("sha256"):
-            raise CheckpointCorrupt(f"file {name} fails its sha256 check (corrupted)")
+        if digest.hexdigest() != info[algo]:
+            raise CheckpointCorrupt(f"file {name} fails its {algo} check (corrupted)")
 
     # ----------------------------------------------------------------- reading
 
@@ -371,13 +380,14 @@ class CheckpointStore:
             raise CheckpointCorrupt(f"format version {fmt!r} is not {FORMAT_VERSION}")
         files: dict[str, bytes] = {}
         for name, info in files_meta.items():
+            algo = _digest_of(name, info)
             data = self._read(f"{directory}/{name}", f"file {name}")
             if len(data) != info.get("size"):
                 raise CheckpointCorrupt(
                     f"file {name} has {len(data)} bytes, the manifest says {info.get('size')}"
                     " (truncated?)")
-            if hashlib.sha256(data).hexdigest() != info.get("sha256"):
-                raise CheckpointCorrupt(f"file {name} fails its sha256 check (corrupted)")
+            if _new_digest(algo, data).hexdigest() != info[algo]:
+                raise CheckpointCorrupt(f"file {name} fails its {algo} check (corrupted)")
             files[name] = data
         return Loaded(rel, step, files, dict(manifest.get("meta") or {}))
 
@@ -552,6 +562,22 @@ def _write_direct(path: str, view: memoryview) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+def _new_digest(algo: str, data: bytes = b"") -> Any:  # (blake3 and hashlib objects)
+    """A fresh hasher of ``algo`` (one of ``_DIGESTS``), fed ``data``."""
+    if algo == "blake3":
+        return blake3.blake3(data)
+    return hashlib.sha256(data)
+
+
+def _digest_of(name: str, info: Any) -> str:
+    """The digest a manifest's entry for file ``name`` records, or CheckpointCorrupt."""
+    if isinstance(info, Mapping):
+        for algo in _DIGESTS:
+            if isinstance(info.get(algo), str):
+                return algo
+    raise CheckpointCorrupt(f"its manifest gives no checksum for file {name}")
 
 
 def _hard_link(src: str, dst: str) -> bool:

@@ -86,11 +86,19 @@ class JobRunner:
         self.ctx: JobContext | None = None  # set once, before the pipeline starts
         self.model_saved = False  # the pipeline wrote a final model (of this attempt)
         self.won = False  # the store accepted this attempt's result
+        # (step, seconds) of the checkpoint this attempt resumed from, until its first
+        # step is logged: the store sees that step only at the next heartbeat.
+        self._resumed: tuple[int, float] | None = None
 
     # ------------------------------------------------------------- Driver API
 
     def report(self, step: int, total: int | None, metrics: dict[str, Any]) -> None:
         self.state.report(step, total, metrics)
+        if self._resumed is not None:
+            (from_step, loaded_s), self._resumed = self._resumed, None
+            log.info("job %s: stepping again from step %d, %.3f s after its claim "
+                     "(checkpoint loaded in %.3f s)", self.job.id, from_step,
+                     time.monotonic() - self.started, loaded_s)
 
     def stop_requested(self) -> bool:
         return self.state.stop_reason is not None
@@ -283,6 +291,7 @@ class JobRunner:
         return work / "checkpoint"
 
     def _run_pipeline(self, pipe: Pipeline, params: Any, state_dir: Path | None) -> None:
+        loading = time.monotonic()
         try:
             if state_dir is None:
                 resume = self._load_resume()
@@ -293,6 +302,8 @@ class JobRunner:
         except CheckpointUnavailable as exc:
             self._store_unavailable(str(exc))
             return
+        if resume is not None:
+            self._resumed = (resume.step, time.monotonic() - loading)
         ctx = JobContext(job_id=self.job.id, attempt=self.lease.attempt, params=params,
                          driver=self, resume=resume, logger=self.logger,
                          worker=self.lease.worker_name, has_cuda=self.worker.has_cuda,
