@@ -29,7 +29,7 @@ from spotrun.http.callbacks import CallbackDeliverer
 from spotrun.http.feed import ChangeFeed
 from spotrun.jobs import EventKind
 from spotrun.serve import ServerThread
-from spotrun.store import JobRecord, JobStore, Lease, create_engine
+from spotrun.store import JobRecord, JobStore, Lease, NewJob, create_engine
 
 with warnings.catch_warnings():
     # starlette asks for httpx2 when only httpx is installed; the client works either way.
@@ -716,6 +716,24 @@ def test_live_streams_follow_the_store(served: tuple[str, Api, ChangeFeed]) -> N
     finally:
         for reader in (*lists, one):
             reader.close()
+
+
+def test_a_burst_of_more_changes_than_one_read_does_not_stall_the_streams(
+        served: tuple[str, Api, ChangeFeed]) -> None:
+    url, api, feed = served
+    feed.page = 5  # reads of five jobs: the burst below spans three
+    job = api.submit("alice", params={"seconds": 1, "steps": 10})
+    one = SSEReader(f"{url}/v1/stream/jobs/{job['id']}", api.tokens["alice"])
+    try:
+        one.until(lambda ev, data: ev == "job" and data["id"] == job["id"])
+        wait_until(lambda: feed.subscribers, 10, "the stream's subscription")
+        # Twelve jobs changed within the feed's slack (one batch: one time for all).
+        api.store.submit_many([NewJob("sleep", {}) for _ in range(12)], owner="bob")
+        lease = run_job(api.store, job["id"])
+        api.store.save_progress(lease, 4, 10, {"loss": 0.5})
+        one.until(lambda ev, data: ev == "job" and data["progress"]["step"] == 4)
+    finally:
+        one.close()
 
 
 def test_one_feed_serves_every_client(served: tuple[str, Api, ChangeFeed]) -> None:

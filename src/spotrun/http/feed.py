@@ -64,8 +64,10 @@ class ChangeFeed:
     """
 
     def __init__(self, store: JobStore, *, poll_seconds: float = 0.25,
-                 settle_seconds: float = 0.1, slack_seconds: float = 5.0) -> None:
+                 settle_seconds: float = 0.1, slack_seconds: float = 5.0,
+                 page: int = 1000) -> None:
         self.store = store
+        self.page = page  # jobs a read
         self.poll_seconds = poll_seconds
         self.settle_seconds = settle_seconds
         self.slack_seconds = slack_seconds
@@ -153,14 +155,23 @@ class ChangeFeed:
         if self._watermark is None:
             self._watermark = self.store.now() - self.slack_seconds
             self._seen.clear()
-        found = self.store.jobs_updated_since(self._watermark - self.slack_seconds)
         out: list[Job] = []
-        for job in found:
-            t = job.updated_at.timestamp()
-            if self._seen.get(job.id) != t:
-                self._seen[job.id] = t
-                out.append(job)
-            self._watermark = max(self._watermark, t)
+        since, after_id = self._watermark - self.slack_seconds, None
+        while True:
+            # Page by page to the newest change: a burst of more changes than one page
+            # within the slack would otherwise be read again at every poll, and nothing
+            # after it ever (the watermark stays inside the burst).
+            found = self.store.jobs_updated_since(since, after_id=after_id,
+                                                  limit=self.page)
+            for job in found:
+                t = job.updated_epoch
+                if self._seen.get(job.id) != t:
+                    self._seen[job.id] = t
+                    out.append(job)
+                self._watermark = max(self._watermark, t)
+            if len(found) < self.page:
+                break
+            since, after_id = found[-1].updated_epoch, found[-1].id
         cutoff = self._watermark - self.slack_seconds
         self._seen = {k: v for k, v in self._seen.items() if v >= cutoff}
         return out

@@ -409,12 +409,20 @@ class JobStore(LeaseWrites):
             return float(conn.execute(sa.select(sa.func.max(jobs.c.updated_at))
                                       ).scalar() or 0.0)
 
-    def jobs_updated_since(self, since: float, *, limit: int = 1000) -> list[Job]:
-        """Jobs whose row changed at or after ``since`` (database clock), oldest change first.
+    def jobs_updated_since(self, since: float, *, after_id: str | None = None,
+                           limit: int = 1000) -> list[JobRecord]:
+        """Jobs whose row changed at or after ``since`` (database clock), oldest change
+        first (by ``updated_at``, then id), at most ``limit``.
 
-        For live views: they follow a watermark instead of re-reading every job.
+        For live views: they follow a watermark instead of re-reading every job. With
+        ``after_id`` the read goes on after the job (``since``, ``after_id``), the last one
+        of the page before: a batch stamps its jobs with one time, so a time alone cannot
+        say where the next page begins.
         """
-        query = (sa.select(jobs).where(jobs.c.updated_at >= since)
+        after = (jobs.c.updated_at >= since if after_id is None else
+                 sa.or_(jobs.c.updated_at > since,
+                        sa.and_(jobs.c.updated_at == since, jobs.c.id > after_id)))
+        query = (sa.select(jobs).where(after)
                  .order_by(jobs.c.updated_at, jobs.c.id).limit(limit))
         with self._tx(write=False) as conn:
             return [job_from_row(r, ()) for r in conn.execute(query).mappings()]

@@ -208,6 +208,7 @@ def job_from_row(row: Any, evs: tuple[Event, ...]) -> JobRecord:
         deadline=row["deadline"],
         started_at=None if row["started_at"] is None else float(row["started_at"]),
         created_epoch=float(row["created_at"]),
+        updated_epoch=float(row["updated_at"]),
     )
 
 
@@ -225,6 +226,7 @@ class JobRecord(Job):
     deadline: float | None = None
     started_at: float | None = None
     created_epoch: float = 0.0
+    updated_epoch: float = 0.0  # ``updated_at`` exactly as stored (a page's bound)
 
 
 @dataclass(frozen=True)
