@@ -44,7 +44,7 @@ import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import blake3
 
@@ -230,7 +230,7 @@ class CheckpointStore:
         finally:
             if hasher is not None:
                 hasher.join()
-        return str(digest.hexdigest())
+        return digest.hexdigest()
 
     # ------------------------------------------------- directory checkpoints
 
@@ -564,7 +564,15 @@ def _write_direct(path: str, view: memoryview) -> bool:
     return True
 
 
-def _new_digest(algo: str, data: bytes = b"") -> Any:  # (blake3 and hashlib objects)
+class _Hasher(Protocol):
+    """What hashlib's and blake3's hashers both offer."""
+
+    def update(self, data: bytes | memoryview, /) -> object: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def _new_digest(algo: str, data: bytes = b"") -> _Hasher:
     """A fresh hasher of ``algo`` (one of ``_DIGESTS``), fed ``data``."""
     if algo == "blake3":
         return blake3.blake3(data)
@@ -610,7 +618,7 @@ def _chunks(fh: Any) -> Iterator[bytes]:
         yield chunk
 
 
-def _hash_beside(digest: Any, chunk: bytes, write: Any) -> None:
+def _hash_beside(digest: _Hasher, chunk: bytes, write: Any) -> None:
     """Write ``chunk`` while another thread hashes it: both release the GIL."""
     if len(chunk) < _CHUNK:
         digest.update(chunk)
@@ -625,7 +633,7 @@ def _hash_beside(digest: Any, chunk: bytes, write: Any) -> None:
         hasher.join()
 
 
-def _hash_file(path: str, digest: Any) -> None:
+def _hash_file(path: str, digest: _Hasher) -> None:
     with open(path, "rb") as fh:
         for chunk in _chunks(fh):
             digest.update(chunk)
