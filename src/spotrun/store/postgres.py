@@ -71,8 +71,8 @@ def worker_channel(worker_id: str) -> str:
 def wake_idle_sql(jobs_from: str, how_many: str, where: str = "true") -> str:
     """A query that wakes ``how_many`` idle workers able to run a job ``q`` of
     ``jobs_from`` (rows with ``pool`` and ``requires_cuda``) where ``where``: the ones
-    that beat last. Callers ask one more than the jobs: a worker's row says idle until its
-    first beat after a claim, and such a worker no longer listens."""
+    that beat last. Callers ask one more than the jobs: a worker woken by an earlier
+    wake-up says idle until its claim commits."""
     return f"""SELECT pg_notify('spotrun_w_' || w.id, '') FROM (
         SELECT w.id FROM workers w
         WHERE w.state = 'idle' AND EXISTS (
@@ -108,6 +108,14 @@ pick AS (
         {_CLAIM_MESSAGE},
         {_CLAIM_DATA}
     FROM upd
+), busy AS (
+    -- The worker's row says busy at once, not at its next beat: wake-ups pick idle
+    -- workers by their rows, and a burst of submits would otherwise keep waking the few
+    -- that claimed first while the rest sleep until their fallback poll.
+    UPDATE workers SET state = '{WorkerState.BUSY.value}',
+        current_job = coalesce(workers.current_job, upd.id)
+    FROM upd
+    WHERE workers.id = %(worker_id)s AND workers.state = '{WorkerState.IDLE.value}'
 )"""
 
 # The claim, on its own: the parameters of ClaimRequest.params(); answers the job's row.
