@@ -238,7 +238,8 @@ async def _simulate(args: argparse.Namespace, store: Any, ids: list[str],
                 # A pool with nothing queued: an idle worker's claim finds nothing, as in
                 # a fleet whose queue is empty, and never takes a busy worker's job.
                 await one(CLAIM_SQL, ClaimRequest(ids[i], f"sim-{i}", lease_s, False,
-                                                  IDLE_POOL, uuid.uuid4().hex).params())
+                                                  IDLE_POOL, uuid.uuid4().hex,
+                                                  idle_if_empty=True).params())
             except Exception as exc:
                 errors.append(f"claim: {type(exc).__name__}: {str(exc)[:120]}")
             due += idle_poll_s * rng.uniform(0.5, 1.5)  # jittered, as the worker's

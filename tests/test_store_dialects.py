@@ -200,6 +200,32 @@ def test_every_connection_keeps_the_urls_query_string(pg_url: str) -> None:
         store.close()
 
 
+def test_a_claim_keeps_its_workers_row_true_for_the_wake_ups(pg_url: str) -> None:
+    """The row says busy from a claim that took a job, so that the next job queued wakes
+    another worker; idle again from a claim that found nothing for a worker that holds
+    nothing else, and left as it is for one that still runs a job."""
+    store = JobStore.open(pg_url)
+    try:
+        wid = _worker(store, "solo")
+
+        def state() -> str:
+            return next(w.state.value for w in store.list_workers() if w.id == wid)
+
+        def claim(idle_if_empty: bool) -> object:
+            return store.claim(worker_id=wid, worker_name="solo", lease_seconds=10,
+                               idle_if_empty=idle_if_empty)
+
+        job = store.submit("sleep", {"seconds": 0})
+        assert state() == "idle"
+        assert claim(True) is not None
+        assert state() == "busy"
+        assert next(w.current_job for w in store.list_workers() if w.id == wid) == job.id
+        assert claim(False) is None and state() == "busy"  # it still runs the job
+        assert claim(True) is None and state() == "idle"
+    finally:
+        store.close()
+
+
 def test_a_queued_job_wakes_as_many_idle_workers_as_it_needs_not_the_fleet(
         pg_url: str) -> None:
     """Each idle worker listens on its own channel; a submit, a batch, a hand-back and a

@@ -114,6 +114,28 @@ def test_an_idle_worker_hears_a_new_job_on_the_connection_its_claims_use(
         store.close()
 
 
+def test_an_idle_worker_hears_the_next_job_after_one_shorter_than_its_reporters_tick(
+        env_factory: Any, pg_url: str) -> None:
+    """Jobs of no time at all, one after another, each queued once the last has ended:
+    each starts on its wake-up. The claim marked the worker's row busy and no beat saw the
+    job, so the claim that found nothing next must mark it idle again, or no later job
+    would wake it."""
+    env: Env = env_factory(pg_url)
+    w = env.worker("w1", SPOTRUN_IDLE_POLL_SECONDS="600")
+    w.wait_ready()
+    store = env.store()
+    try:
+        time.sleep(1.0)
+        for n in range(5):
+            job = store.submit("sleep", {"seconds": 0, "steps": 1})
+            wait_until(lambda j=job: store.get(j.id).state is JobState.SUCCEEDED, 10,
+                       f"job {n} to run", on_fail=w.log)
+            time.sleep(0.3)  # the worker waits again, listening
+    finally:
+        env.stop_all()
+        store.close()
+
+
 def test_a_burst_of_jobs_starts_every_idle_worker_not_only_the_first_woken(
         env_factory: Any, pg_url: str) -> None:
     """Four idle workers, four jobs queued one after another within milliseconds: all four

@@ -467,12 +467,17 @@ class JobStore(LeaseWrites):
         has_cuda: bool = False,
         pool: str | None = None,
         request_id: str | None = None,
+        idle_if_empty: bool = False,
     ) -> tuple[Lease, JobRecord] | None:
         """Take the next queued job in (priority, first-in) order, with a fresh lease.
 
         With ``request_id``, the claim is recorded with it: if a call raised (a reply lost
         after the commit: a cut connection, a failover), its retry with the same id first
         looks for the job that call claimed, instead of taking a second one.
+
+        On PostgreSQL, where a job queued wakes idle workers picked by their rows, the
+        worker's row says busy from a claim that took a job, and idle from one that took
+        none with ``idle_if_empty`` (the worker holds no other job).
         """
         if request_id is not None and request_id in self._unsure:
             mine = self._claimed_by(request_id, worker_id, worker_name)
@@ -482,7 +487,7 @@ class JobStore(LeaseWrites):
         try:
             got = self._claim(worker_id=worker_id, worker_name=worker_name,
                               lease_seconds=lease_seconds, has_cuda=has_cuda, pool=pool,
-                              request_id=request_id)
+                              request_id=request_id, idle_if_empty=idle_if_empty)
         except Exception:
             self._unsure_of(request_id)
             raise
@@ -492,8 +497,8 @@ class JobStore(LeaseWrites):
 
     @abc.abstractmethod
     def _claim(self, *, worker_id: str, worker_name: str, lease_seconds: float,
-               has_cuda: bool, pool: str | None, request_id: str | None
-               ) -> tuple[Lease, JobRecord] | None:
+               has_cuda: bool, pool: str | None, request_id: str | None,
+               idle_if_empty: bool) -> tuple[Lease, JobRecord] | None:
         """The claim itself, in one transaction: pick, lease, and the claim's event."""
 
     def cancel(self, job_id: str, *, owner: str | None = None) -> Job:

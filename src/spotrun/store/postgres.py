@@ -108,14 +108,19 @@ pick AS (
         {_CLAIM_MESSAGE},
         {_CLAIM_DATA}
     FROM upd
-), busy AS (
-    -- The worker's row says busy at once, not at its next beat: wake-ups pick idle
-    -- workers by their rows, and a burst of submits would otherwise keep waking the few
-    -- that claimed first while the rest sleep until their fallback poll.
-    UPDATE workers SET state = '{WorkerState.BUSY.value}',
-        current_job = coalesce(workers.current_job, upd.id)
-    FROM upd
-    WHERE workers.id = %(worker_id)s AND workers.state = '{WorkerState.IDLE.value}'
+), me_now AS (
+    -- The worker's row follows the claim at once, not at its next beat: wake-ups pick
+    -- idle workers by their rows. Busy once it took a job (a burst of submits would
+    -- otherwise keep waking the few that claimed first while the rest slept until their
+    -- fallback poll); idle again once a claim of a worker holding nothing else finds
+    -- nothing (a job shorter than the reporter's tick is never seen by a beat).
+    UPDATE workers SET
+        state = CASE WHEN EXISTS (SELECT 1 FROM upd) THEN '{WorkerState.BUSY.value}'
+                     ELSE '{WorkerState.IDLE.value}' END,
+        current_job = (SELECT upd.id FROM upd)
+    WHERE workers.id = %(worker_id)s AND CASE WHEN EXISTS (SELECT 1 FROM upd)
+        THEN workers.state = '{WorkerState.IDLE.value}'
+        ELSE %(idle_if_empty)s::boolean AND workers.state = '{WorkerState.BUSY.value}' END
 )"""
 
 # The claim, on its own: the parameters of ClaimRequest.params(); answers the job's row.
@@ -564,10 +569,11 @@ class PostgresStore(JobStore):
     # ------------------------------------------------------- claim and result
 
     def _claim(self, *, worker_id: str, worker_name: str, lease_seconds: float,
-               has_cuda: bool, pool: str | None, request_id: str | None
-               ) -> tuple[Lease, JobRecord] | None:
+               has_cuda: bool, pool: str | None, request_id: str | None,
+               idle_if_empty: bool) -> tuple[Lease, JobRecord] | None:
         picked = self._pg_one(CLAIM_SQL, ClaimRequest(
-            worker_id, worker_name, lease_seconds, has_cuda, pool, request_id).params())
+            worker_id, worker_name, lease_seconds, has_cuda, pool, request_id,
+            idle_if_empty).params())
         if picked is None:
             return None
         job = job_from_row(picked, ())

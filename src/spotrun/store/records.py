@@ -69,6 +69,8 @@ class ClaimRequest:
 
     ``request_id`` names this one request: retried with the same id after an error, the
     claim (or the result that chains it) finds its own write if that had committed.
+    ``idle_if_empty`` says the worker holds no other job: a claim that finds nothing then
+    marks its row idle, so that the next job queued wakes it (see :func:`claim`).
     """
 
     worker_id: str
@@ -77,11 +79,13 @@ class ClaimRequest:
     has_cuda: bool = False
     pool: str | None = None
     request_id: str | None = None
+    idle_if_empty: bool = False
 
     def params(self) -> dict[str, Any]:
         return {"worker_id": self.worker_id, "worker_name": self.worker_name,
                 "lease_seconds": float(self.lease_seconds), "has_cuda": self.has_cuda,
-                "pool": self.pool, "request_id": self.request_id}
+                "pool": self.pool, "request_id": self.request_id,
+                "idle_if_empty": self.idle_if_empty}
 
 
 @dataclass(frozen=True)

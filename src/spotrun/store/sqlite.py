@@ -100,8 +100,8 @@ class SqliteStore(JobStore):
     # ------------------------------------------------------- claim and result
 
     def _claim(self, *, worker_id: str, worker_name: str, lease_seconds: float,
-               has_cuda: bool, pool: str | None, request_id: str | None
-               ) -> tuple[Lease, JobRecord] | None:
+               has_cuda: bool, pool: str | None, request_id: str | None,
+               idle_if_empty: bool) -> tuple[Lease, JobRecord] | None:
         stmt = (
             jobs.update()
             .where(jobs.c.id == sa.bindparam("picked"), sa.text("jobs.state = 'queued'"))
@@ -130,7 +130,8 @@ class SqliteStore(JobStore):
                                  checkpoint_step=job.checkpoint_step,
                                  progress_total=job.progress.total)
             # The worker's row (busy, current job) follows at its next heartbeat: the claim
-            # is the queue's hot path, and keeps to the job's row and its event.
+            # is the queue's hot path, and keeps to the job's row and its event (on SQLite
+            # every idle worker sees each commit, so no wake-up depends on the row).
             self._record(conn, job.id, said, worker=worker_name, attempt=job.attempt)
         return Lease(job.id, job.attempt, worker_id, worker_name), job
 

@@ -244,7 +244,9 @@ class Worker:
                 self._wake.clear()
                 continue
             if pending is None:
-                pending = self._claim_request()
+                with self._lock:
+                    holding = bool(self.runners)  # reaped above: the live ones
+                pending = self._claim_request(holding=holding)
             try:
                 claimed = self.db.call(functools.partial(self._claim_one, pending, waker),
                                        give_up_at=time.monotonic() + 2)
@@ -288,18 +290,23 @@ class Worker:
         self.add_runner(*got).start()
         return True
 
-    def _claim_request(self) -> ClaimRequest:
+    def _claim_request(self, *, holding: bool) -> ClaimRequest:
+        """A claim with a new request id; ``holding``: the worker runs another job."""
         return ClaimRequest(self.worker_id, self.name, self.settings.lease_seconds,
-                            self.has_cuda, self.pool, secrets.token_hex(16))
+                            self.has_cuda, self.pool, secrets.token_hex(16),
+                            idle_if_empty=not holding)
 
-    def reserve_claim(self) -> ClaimRequest | None:
-        """A claim for a finishing runner to make, unless this worker takes no more jobs."""
+    def reserve_claim(self, finishing: JobRunner) -> ClaimRequest | None:
+        """A claim for ``finishing``, a runner writing its outcome, to make in the same
+        write, unless this worker takes no more jobs."""
         with self._lock:
             if self.coordinator.stopping or (
                     self.max_jobs is not None and self.claimed >= self.max_jobs):
                 return None
             self.claimed += 1  # reserved: given back if nothing was claimed
-        return self._claim_request()
+            holding = any(r is not finishing and not r.state.done.is_set()
+                          for r in self.runners.values())
+        return self._claim_request(holding=holding)
 
     def release_claim(self, request: ClaimRequest | None) -> None:
         if request is not None:

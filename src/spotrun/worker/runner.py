@@ -371,7 +371,7 @@ class JobRunner:
         self, write: Callable[[ClaimRequest | None], tuple[Lease, JobRecord] | None]
     ) -> None:
         """Write the outcome and, in the same write, claim this worker's next job."""
-        then = self.worker.reserve_claim()
+        then = self.worker.reserve_claim(self)
         try:
             nxt = self.worker.db.call(lambda: write(then))
         except BaseException:
