@@ -4,6 +4,7 @@ uvicorn server."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.server
 import json
@@ -26,9 +27,10 @@ from spotrun.config import Settings
 from spotrun.events import Preempted, Resume, ResumeHow
 from spotrun.http.app import create_app
 from spotrun.http.callbacks import CallbackDeliverer
-from spotrun.http.feed import ChangeFeed
+from spotrun.http.feed import ChangeFeed, Subscription
 from spotrun.jobs import EventKind
 from spotrun.serve import ServerThread
+from spotrun.service.auth import Principal
 from spotrun.store import JobRecord, JobStore, Lease, NewJob, create_engine
 
 with warnings.catch_warnings():
@@ -571,6 +573,46 @@ def test_callbacks_are_posted_on_every_state_change_and_retried(
     assert set(got[-1][1]) == set(job) - {"events"}  # the job's JSON shape
     assert got[-1][1]["state"] == "succeeded"
     assert receiver.requests == 6  # the first attempt failed and was retried
+
+
+def test_the_callback_deliverer_stops_when_cancelled_as_it_is_woken(
+        sqlite_url: str) -> None:
+    """A server stopping while a job changed: the deliverer is poked and cancelled in the
+    same turn of the event loop, and must stop, not go on polling (which held a stopping
+    server, and a test's client, for good)."""
+    store = JobStore.open(sqlite_url)
+
+    async def go() -> bool:
+        deliverer = CallbackDeliverer(store, allow_private=False, poll_seconds=30.0)
+        task = asyncio.create_task(deliverer.run())
+        await asyncio.sleep(0.5)  # in its wait for a poke or the next poll
+        deliverer.poke()
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=5.0)
+        if not done:
+            task.cancel()  # let the loop end either way
+            await asyncio.wait([task], timeout=5.0)
+        return task in done and task.cancelled()
+
+    try:
+        assert asyncio.run(go()), "the deliverer went on after it was cancelled"
+    finally:
+        store.close()
+
+
+def test_a_live_stream_ends_when_cancelled_as_a_change_arrives() -> None:
+    """The same race in a stream's wait for changes (a client gone as its job moved)."""
+    sub = Subscription(Principal("p", is_admin=False), None)
+
+    async def go() -> bool:
+        task = asyncio.create_task(sub.next(30.0))
+        await asyncio.sleep(0.1)
+        sub.offer({"id": "j"})
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=5.0)
+        return task in done and task.cancelled()
+
+    assert asyncio.run(go()), "the stream's wait returned instead of ending"
 
 
 def test_an_undeliverable_callback_is_noted_and_never_blocks_the_job(

@@ -52,6 +52,7 @@ from typing import Any
 import httpx
 
 from spotrun.events import Note
+from spotrun.http.feed import wait_set
 from spotrun.jobs import EventKind
 from spotrun.service.callback_urls import (
     CallbackRefused,
@@ -143,8 +144,7 @@ class CallbackDeliverer:
                     if not failing:
                         log.warning("callbacks: cannot read the event feed: %s", exc)
                     failing = True
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+                await wait_set(self._wake, self.poll_seconds)
                 self._wake.clear()
         finally:
             self._leading_until = 0.0

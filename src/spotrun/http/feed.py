@@ -22,6 +22,18 @@ from spotrun.service.auth import Principal
 from spotrun.store import JobNotFound, JobStore
 from spotrun.strictjson import json_bytes
 
+
+async def wait_set(event: asyncio.Event, timeout: float) -> None:
+    """Wait until ``event`` is set or ``timeout`` seconds pass; a cancel always ends it.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it returns normally when the event is set in
+    the loop turn that cancels the waiting task, and the cancel is lost (a stopping server
+    hung in the callback deliverer's loop, which went on polling).
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+
 log = logging.getLogger("spotrun.api")
 
 
@@ -45,8 +57,7 @@ class Subscription:
 
     async def next(self, timeout: float) -> list[dict[str, Any]] | None:
         """The jobs changed since the last call; [] on timeout; None once closed."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._ready.wait(), timeout)
+        await wait_set(self._ready, timeout)
         self._ready.clear()
         if self.closed:
             return None
