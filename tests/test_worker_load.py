@@ -135,28 +135,3 @@ def test_an_idle_worker_hears_the_next_job_after_one_shorter_than_its_reporters_
         env.stop_all()
         store.close()
 
-
-def test_a_burst_of_jobs_starts_every_idle_worker_not_only_the_first_woken(
-        env_factory: Any, pg_url: str) -> None:
-    """Four idle workers, four jobs queued one after another within milliseconds: all four
-    run at once. A wake-up picks idle workers by their rows, so a row that still said idle
-    after its worker had claimed would take every later wake-up, and the others would sleep
-    until their fallback poll (ten minutes here)."""
-    env: Env = env_factory(pg_url)
-    workers = [env.worker(f"w{i}", SPOTRUN_IDLE_POLL_SECONDS="600") for i in range(4)]
-    for w in workers:
-        w.wait_ready()
-    store = env.store()
-    try:
-        time.sleep(1.0)  # every worker waits, listening
-        ids = [store.submit("sleep", {"seconds": 8, "steps": 8}).id for _ in range(4)]
-
-        def running() -> set[str]:
-            return {j.worker or "" for j in map(store.get, ids)
-                    if j.state is JobState.RUNNING}
-
-        wait_until(lambda: len(running()) == 4, 6, "the four jobs to run at once",
-                   on_fail=lambda: f"running on {sorted(running())}")
-    finally:
-        env.stop_all()
-        store.close()
