@@ -585,7 +585,13 @@ def test_the_callback_deliverer_stops_when_cancelled_as_it_is_woken(
     async def go() -> bool:
         deliverer = CallbackDeliverer(store, allow_private=False, poll_seconds=30.0)
         task = asyncio.create_task(deliverer.run())
-        await asyncio.sleep(0.5)  # in its wait for a poke or the next poll
+        # Past its first read of the feed (it leads once that read began), then in its
+        # wait for a poke or the next poll.
+        for _ in range(200):
+            if deliverer.leading():
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
         deliverer.poke()
         task.cancel()
         done, _ = await asyncio.wait([task], timeout=5.0)

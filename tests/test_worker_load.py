@@ -134,4 +134,3 @@ def test_an_idle_worker_hears_the_next_job_after_one_shorter_than_its_reporters_
     finally:
         env.stop_all()
         store.close()
-

@@ -22,6 +22,8 @@ from spotrun.service.auth import Principal
 from spotrun.store import JobNotFound, JobStore
 from spotrun.strictjson import json_bytes
 
+log = logging.getLogger("spotrun.api")
+
 
 async def wait_set(event: asyncio.Event, timeout: float) -> None:
     """Wait until ``event`` is set or ``timeout`` seconds pass; a cancel always ends it.
@@ -33,8 +35,6 @@ async def wait_set(event: asyncio.Event, timeout: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout):
             await event.wait()
-
-log = logging.getLogger("spotrun.api")
 
 
 class Subscription:
